@@ -1,0 +1,17 @@
+"""softmaxkit: the softmax family of functions and losses, from the textbook formula to the fastest kernel.
+
+The public functions live here (``softmaxkit.cross_entropy``, ...); modules in :mod:`softmaxkit.nn`, the
+NumPy float64 oracle in :mod:`softmaxkit.reference`.
+"""
+
+from .functional import cross_entropy, log_softmax, logsumexp, softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "cross_entropy",
+    "log_softmax",
+    "logsumexp",
+    "softmax",
+]

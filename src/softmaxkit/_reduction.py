@@ -1,0 +1,58 @@
+"""The one place where ``mean`` / ``sum`` / ``none``, class weights and ignore masks meet.
+
+Conventions (PyTorch's, with one deliberate difference):
+
+* ``"none"`` returns the per-element loss, ``0`` at ignored positions.
+* ``"sum"`` adds them.
+* ``"mean"`` divides the sum by the *summed weight* of the non-ignored targets (their count without
+  class weights). When that total is 0 (every target ignored, or an empty batch) the mean is ``0`` with
+  zero gradient; PyTorch returns NaN there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def safe_divide(total: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``total / denominator``, and exactly 0 (with zero gradient) where ``denominator == 0``.
+
+    No host sync: the zero case is handled with tensor ops so it stays graph-capturable.
+    """
+    zero = denominator == 0
+    safe = torch.where(zero, torch.ones_like(denominator), denominator)
+    return torch.where(zero, torch.zeros_like(total), total / safe)
+
+
+def reduce_loss(
+    loss: torch.Tensor, reduction: str, denominator: torch.Tensor | float | int | None = None
+) -> torch.Tensor:
+    """Reduce an elementwise loss.
+
+    Args:
+        loss: per-element loss, already 0 where ignored.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        denominator: what ``"mean"`` divides by; ``None`` means the number of elements.
+    """
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if denominator is None:
+        denominator = loss.numel()
+    if not isinstance(denominator, torch.Tensor):
+        denominator = torch.tensor(float(denominator), dtype=total.dtype, device=total.device)
+    return safe_divide(total, denominator.to(total.dtype))
+
+
+def target_weight(
+    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element weight ``w[y]`` (0 where ignored) and the ignore mask ``target != ignore_index``."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.to(dtype), valid
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
+    w = weight.to(dtype)[safe_target]
+    return torch.where(valid, w, torch.zeros_like(w)), valid

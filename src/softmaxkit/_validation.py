@@ -1,0 +1,162 @@
+"""Input validation: every user error softmaxkit raises is raised here.
+
+Each helper raises ``ValueError`` (a bad value) or ``TypeError`` (a bad type) with a message that names the
+argument, says what was given and what is expected. Checks that need the data (target ranges) cost one
+reduction over the target, never a pass over the ``(N, C)`` logits, and are skipped while a CUDA graph is
+being captured or under ``torch.compile`` tracing, where a host sync is not allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _data_checks_enabled(tensor: torch.Tensor) -> bool:
+    """Whether value checks that read tensor data (and so sync with the device) may run now."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_reduction(reduction: object, allowed: Sequence[str] = REDUCTIONS) -> str:
+    if not isinstance(reduction, str) or reduction not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"`reduction` must be one of {choices}, but got {reduction!r}")
+    return reduction
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, but got {type(value).__name__}")
+    return value
+
+
+def check_floating(name: str, tensor: object) -> torch.Tensor:
+    tensor = check_tensor(name, tensor)
+    if not tensor.is_floating_point():
+        raise TypeError(f"`{name}` must have a floating-point dtype, but has dtype {tensor.dtype}")
+    return tensor
+
+
+def check_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = float(value)
+        else:
+            raise TypeError(f"`{name}` must be a real number, but got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"`{name}` must be a real number, but got nan")
+    return value
+
+
+def check_positive(name: str, value: object, *, allow_inf: bool = False) -> float:
+    value = check_number(name, value)
+    if not value > 0 or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"`{name}` must be a finite number > 0, but got {value}")
+    return value
+
+
+def check_non_negative(name: str, value: object) -> float:
+    value = check_number(name, value)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a finite number >= 0, but got {value}")
+    return value
+
+
+def check_in_range(
+    name: str, value: object, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> float:
+    value = check_number(name, value)
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"`{name}` must lie in {interval}, but got {value}")
+    return value
+
+
+def check_label_smoothing(value: object) -> float:
+    return check_in_range("label_smoothing", value, 0.0, 1.0)
+
+
+def check_softcap(value: object) -> float | None:
+    if value is None:
+        return None
+    return check_positive("softcap", value)
+
+
+def check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, but got {type(value).__name__}")
+    return value
+
+
+def check_dim(dim: object, ndim: int, name: str = "dim") -> int:
+    """Normalise ``dim`` into ``[0, ndim)`` (negative dims count from the end)."""
+    dim = check_int(name, dim)
+    size = max(ndim, 1)
+    if not -size <= dim < size:
+        raise ValueError(f"`{name}` must lie in [{-size}, {size - 1}] for a {ndim}-d input, but got {dim}")
+    return dim % size
+
+
+def check_class_weight(
+    weight: object, num_classes: int, logits: torch.Tensor, name: str = "weight"
+) -> torch.Tensor | None:
+    """A per-class weight vector of length ``C`` (negative entries allowed, as in PyTorch)."""
+    if weight is None:
+        return None
+    weight = check_floating(name, weight)
+    if weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise ValueError(
+            f"`{name}` must be a 1-d tensor with one entry per class ({num_classes}), "
+            f"but has shape {tuple(weight.shape)}"
+        )
+    if weight.device != logits.device:
+        raise ValueError(f"`{name}` is on {weight.device} but `logits` on {logits.device}")
+    return weight
+
+
+def check_class_target(
+    target: torch.Tensor, num_classes: int, ignore_index: int, name: str = "target"
+) -> None:
+    """Every entry of an integer target is a class in ``[0, C)`` or ``ignore_index``.
+
+    One fused reduction over the target (``N`` integers), and one host sync; skipped while capturing.
+    """
+    if target.numel() == 0 or not _data_checks_enabled(target):
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        position = int(bad.reshape(-1).nonzero()[0, 0])
+        value = int(target.reshape(-1)[position])
+        raise ValueError(
+            f"`{name}` must hold class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
+            f"but holds {value} at position {position}"
+        )
+
+
+def check_probability_target(target: torch.Tensor, logits: torch.Tensor, name: str = "target") -> None:
+    if not target.is_floating_point():
+        raise TypeError(
+            f"`{name}` with the same shape as `logits` holds class probabilities and must be floating point, "
+            f"but has dtype {target.dtype}"
+        )
+
+
+def check_target_dtype(target: torch.Tensor, name: str = "target") -> None:
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(
+            f"`{name}` holding class indices must have an integer dtype (int64), but has dtype {target.dtype}"
+        )
+
+
+def check_same_device(name: str, tensor: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if tensor.device != other.device:
+        raise ValueError(f"`{name}` is on {tensor.device} but `{other_name}` on {other.device}")

@@ -1,0 +1,192 @@
+r"""Fused, memory-lean cross-entropy for 2-D logits and class-index targets, in chunked PyTorch ops.
+
+Forward keeps only the per-row log-sum-exp (``N`` floats), never log-probabilities. Backward writes
+
+.. math:: \frac{\partial ℓ_i}{\partial z_{ij}} = g_i\big[(A_i + 2λ\,\mathrm{LSE}_i)\,p_{ij} − a_{ij}\big]
+
+into one ``(N, C)`` buffer (or, with ``inplace_backward``, into the logits themselves), row chunk by row
+chunk so the working set stays in cache. ``a_{ij} = w_j((1−ε)δ_{j y_i} + ε/C)`` (0 on ignored rows) and
+``A_i = Σ_j a_{ij}``. The transform ``z = softcap(x) / T`` is recomputed per chunk in backward rather than
+stored.
+
+All maths runs in fp32 for fp16/bf16 logits (in the logits' dtype otherwise); only the final gradient is
+rounded to the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..._reduction import safe_divide
+
+#: bytes of fp32 work per chunk: ~4 MiB keeps a chunk (and its temporaries) in L2/L3 on CPUs.
+CHUNK_BYTES = 4 << 20
+
+
+def chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None = None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else as many rows as fit in :data:`CHUNK_BYTES` of fp32."""
+    if chunk_size is not None:
+        return max(1, min(int(chunk_size), max(num_rows, 1)))
+    return max(1, min(max(num_rows, 1), CHUNK_BYTES // (4 * max(num_classes, 1))))
+
+
+def _load_transformed(
+    out: torch.Tensor, x: torch.Tensor, inv_temperature: float, softcap: float | None
+) -> torch.Tensor:
+    """Write ``z = softcap(x) / T`` into ``out`` (fp32 or wider) and return it."""
+    out.copy_(x)
+    if softcap is not None:
+        out.div_(softcap).tanh_().mul_(softcap)
+    if inv_temperature != 1.0:
+        out.mul_(inv_temperature)
+    return out
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Private autograd Function behind :func:`softmaxkit.cross_entropy`'s fused path."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        temperature: float,
+        z_loss: float,
+        softcap: float | None,
+        chunk_size: int | None,
+        inplace_backward: bool,
+    ) -> torch.Tensor:
+        num_rows, num_classes = logits.shape
+        work_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+        inv_t = 1.0 / temperature
+        eps = label_smoothing
+        valid = target != ignore_index
+        safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
+
+        if weight is not None:
+            weight = weight.to(work_dtype)
+            w_y = torch.where(valid, weight[safe_target], torch.zeros((), dtype=work_dtype, device=logits.device))
+            weight_total = weight.sum()
+        else:
+            w_y = valid.to(work_dtype)
+            weight_total = torch.tensor(float(num_classes), dtype=work_dtype, device=logits.device)
+
+        lse = torch.empty(num_rows, dtype=work_dtype, device=logits.device)
+        z_target = torch.empty(num_rows, dtype=work_dtype, device=logits.device)
+        z_weighted_sum = torch.empty(num_rows, dtype=work_dtype, device=logits.device) if eps > 0 else None
+
+        rows = chunk_rows(num_rows, num_classes, chunk_size)
+        direct = work_dtype == logits.dtype and softcap is None and inv_t == 1.0
+        buffer = torch.empty((min(rows, num_rows), num_classes), dtype=work_dtype, device=logits.device)
+        for start in range(0, num_rows, rows):
+            stop = min(start + rows, num_rows)
+            x = logits[start:stop]
+            buf = buffer[: stop - start]
+            z = x if direct else _load_transformed(buf, x, inv_t, softcap)
+            row_max = z.amax(dim=1, keepdim=True)
+            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            torch.gather(z, 1, safe_target[start:stop, None], out=z_target[start:stop, None])
+            if z_weighted_sum is not None:
+                if weight is None:
+                    torch.sum(z, dim=1, out=z_weighted_sum[start:stop])
+                else:
+                    torch.mv(z, weight, out=z_weighted_sum[start:stop])
+            torch.sub(z, row_max, out=buf)
+            buf.exp_()
+            torch.sum(buf, dim=1, out=lse[start:stop])
+            lse[start:stop].log_().add_(row_max[:, 0])
+
+        # ℓ_i = (1−ε) w_y (LSE − z_y) + (ε/C)(W·LSE − Σ_c w_c z_c) + λ LSE², 0 on ignored rows.
+        loss = (1.0 - eps) * w_y * (lse - z_target)
+        if eps > 0:
+            smooth = (weight_total * lse - z_weighted_sum) * (eps / num_classes)
+            loss = loss + torch.where(valid, smooth, torch.zeros_like(smooth))
+        if z_loss > 0:
+            loss = loss + torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+
+        denominator = w_y.sum()
+        if reduction == "mean":
+            out = safe_divide(loss.sum(), denominator)
+        elif reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss
+
+        ctx.save_for_backward(logits, safe_target, valid, w_y, lse, weight, denominator)
+        ctx.options = (reduction, eps, inv_t, z_loss, softcap, chunk_size, inplace_backward, weight_total)
+        return out.to(logits.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, target, valid, w_y, lse, weight, denominator = ctx.saved_tensors
+        reduction, eps, inv_t, z_loss, softcap, chunk_size, inplace_backward, weight_total = ctx.options
+        num_rows, num_classes = logits.shape
+        work_dtype = lse.dtype
+
+        # Per-row upstream scale g_i (0 on ignored rows), folded into every coefficient below.
+        grad_output = grad_output.to(work_dtype)
+        if reduction == "none":
+            scale = grad_output * valid
+        elif reduction == "mean":
+            scale = safe_divide(grad_output, denominator).expand(num_rows) * valid
+        else:
+            scale = grad_output.expand(num_rows) * valid
+        row_coefficient = ((1.0 - eps) * w_y + (eps / num_classes) * weight_total * valid) * scale
+        if z_loss > 0:
+            row_coefficient = row_coefficient + 2.0 * z_loss * lse * scale
+        target_coefficient = ((1.0 - eps) * w_y * scale)[:, None]
+        smooth_coefficient = scale * (eps / num_classes) if eps > 0 else None
+        smooth_classes = weight if weight is not None else None
+
+        if inplace_backward:
+            grad = logits
+            torch.autograd.graph.increment_version(logits)
+        else:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        rows = chunk_rows(num_rows, num_classes, chunk_size)
+        direct = work_dtype == logits.dtype
+        buffer = None
+        if not direct:
+            buffer = torch.empty((min(rows, num_rows), num_classes), dtype=work_dtype, device=logits.device)
+        derivative = (
+            torch.empty((min(rows, num_rows), num_classes), dtype=work_dtype, device=logits.device)
+            if softcap is not None
+            else None
+        )
+        for start in range(0, num_rows, rows):
+            stop = min(start + rows, num_rows)
+            x = logits[start:stop]
+            out = grad[start:stop] if direct else buffer[: stop - start]
+            if derivative is not None:
+                # dz/dx = (1 − tanh²(x/c)) / T, computed before `out` may overwrite x (in place).
+                d = derivative[: stop - start]
+                d.copy_(x).div_(softcap).tanh_()
+                torch.addcmul(torch.ones_like(d), d, d, value=-1.0, out=d)
+                if inv_t != 1.0:
+                    d.mul_(inv_t)
+            if direct and softcap is None and inv_t == 1.0:
+                torch.sub(x, lse[start:stop, None], out=out)  # one pass; also correct when out is x
+            else:
+                _load_transformed(out, x, inv_t, softcap).sub_(lse[start:stop, None])
+            out.exp_()
+            out.mul_(row_coefficient[start:stop, None])
+            if smooth_coefficient is not None:
+                if smooth_classes is None:
+                    out.sub_(smooth_coefficient[start:stop, None])
+                else:
+                    out.addr_(smooth_coefficient[start:stop], smooth_classes, alpha=-1.0)
+            out.scatter_add_(1, target[start:stop, None], -target_coefficient[start:stop])
+            if derivative is not None:
+                out.mul_(derivative[: stop - start])
+            elif inv_t != 1.0:
+                out.mul_(inv_t)
+            if not direct:
+                grad[start:stop].copy_(out)
+        return grad, None, None, None, None, None, None, None, None, None, None

@@ -1,0 +1,1 @@
+"""Triton kernels, imported lazily (only when a CUDA tensor asks for them)."""
