@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import functional as F
 from . import _validation as v
+from . import functional as F
 
 
 class Softmax(nn.Module):

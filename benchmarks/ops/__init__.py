@@ -1,0 +1,14 @@
+"""Registered benchmark ops: each module ``benchmarks.ops.<op>`` defines ``cases(device, dtype, quick)``."""
+
+from __future__ import annotations
+
+import importlib
+
+#: op names, in the order ``python -m benchmarks`` runs them.
+OPS = ["cross_entropy"]
+
+
+def load_cases(op: str, device: str, dtype, quick: bool):
+    """The cases of ``op``: its quick set or its full set."""
+    module = importlib.import_module(f"benchmarks.ops.{op}")
+    return module.cases(device, dtype, quick)
