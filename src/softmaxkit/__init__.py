@@ -4,6 +4,7 @@ The public functions live here (``softmaxkit.cross_entropy``, ...); modules in :
 NumPy float64 oracle in :mod:`softmaxkit.reference`.
 """
 
+from . import nn, reference  # subpackages reachable as attributes, like torch.nn
 from .functional import cross_entropy, log_softmax, logsumexp, softmax
 
 __version__ = "0.1.0"
@@ -13,5 +14,7 @@ __all__ = [
     "cross_entropy",
     "log_softmax",
     "logsumexp",
+    "nn",
+    "reference",
     "softmax",
 ]
