@@ -5,11 +5,13 @@ NumPy float64 oracle in :mod:`softmaxkit.reference`.
 """
 
 from . import nn, reference  # subpackages reachable as attributes, like torch.nn
+from .estimator import SoftmaxRegression
 from .functional import cross_entropy, log_softmax, logsumexp, softmax
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SoftmaxRegression",
     "__version__",
     "cross_entropy",
     "log_softmax",

@@ -160,3 +160,80 @@ def check_target_dtype(target: torch.Tensor, name: str = "target") -> None:
 def check_same_device(name: str, tensor: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
     if tensor.device != other.device:
         raise ValueError(f"`{name}` is on {tensor.device} but `{other_name}` on {other.device}")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """``value`` is one of the strings in ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"`{name}` must be one of {allowed}, but got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """An ``int`` (NumPy integers accepted) that is ``>= 1``."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int >= 1, but got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, but got {value}")
+    return int(value)
+
+
+# --- large output layers: linear / sampled / adaptive / hierarchical softmax, vocab-parallel (issue 4) ---
+
+
+def check_linear_inputs(
+    hidden: object, weight: object, bias: object = None, *, weight_name: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``hidden (..., D)``, ``weight (C, D)`` and ``bias (C,)`` of one dtype and device, for ``hidden @ weight.T``."""
+    hidden = check_floating("hidden", hidden)
+    weight = check_floating(weight_name, weight)
+    if hidden.dim() < 1:
+        raise ValueError("`hidden` must have shape (..., D) with at least 1 dimension, but is 0-d")
+    if weight.dim() != 2:
+        raise ValueError(f"`{weight_name}` must have shape (C, D), but has shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"`hidden` has {hidden.shape[-1]} features (shape {tuple(hidden.shape)}) but `{weight_name}` "
+            f"expects {weight.shape[1]} (shape {tuple(weight.shape)}); their last dimensions must match"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"`{weight_name}` has dtype {weight.dtype} but `hidden` has {hidden.dtype}; they must match")
+    check_same_device(weight_name, weight, "hidden", hidden)
+    if bias is not None:
+        bias = check_floating("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"`bias` must have shape ({weight.shape[0]},), one entry per row of `{weight_name}`, "
+                f"but has shape {tuple(bias.shape)}"
+            )
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"`bias` has dtype {bias.dtype} but `{weight_name}` has {weight.dtype}; they must match")
+        check_same_device("bias", bias, weight_name, weight)
+    return hidden, weight, bias
+
+
+def check_optional_positive_int(name: str, value: object) -> int | None:
+    """None, or an int ``>= 1``."""
+    if value is None:
+        return None
+    value = check_int(name, value)
+    if value < 1:
+        raise ValueError(f"`{name}` must be None or an int >= 1, but got {value}")
+    return value
+
+
+def check_accumulation_dtype(value: object, weight_dtype: torch.dtype) -> torch.dtype | None:
+    """None (fp32 for fp16/bf16 weights, the weight's dtype otherwise), or a float dtype no narrower than the weight's."""
+    if value is None:
+        return None
+    allowed = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if not isinstance(value, torch.dtype) or value not in allowed:
+        raise TypeError(f"`accumulation_dtype` must be None or a floating torch.dtype, but got {value!r}")
+    if value != weight_dtype and torch.finfo(value).bits <= torch.finfo(weight_dtype).bits:
+        raise ValueError(
+            f"`accumulation_dtype` must be the weight's dtype ({weight_dtype}) or wider, but got {value}"
+        )
+    return value
