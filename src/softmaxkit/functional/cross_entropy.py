@@ -10,7 +10,7 @@ from ..backends.torch.cross_entropy import _CrossEntropyFunction
 from .softmax import compute_dtype
 
 #: implementations ``cross_entropy(impl=...)`` accepts. ``"auto"`` picks the fastest correct one.
-IMPLS = ("auto", "torch", "composite", "triton")
+IMPLS = ("auto", "torch", "composite", "triton", "cpu")
 
 
 def _is_probability_target(logits: torch.Tensor, target: torch.Tensor) -> bool:
@@ -124,8 +124,14 @@ def _pick_impl(impl: str, logits: torch.Tensor, probabilities: bool, inplace_bac
 
             if getattr(triton_backend, "available", lambda: False)():
                 return "triton"
+        if fused_ok and logits.device.type == "cpu":
+            from ..backends.cpu import cross_entropy as cpu_backend
+
+            # the compiled kernel where it builds and handles these logits (measured 2-6x faster than
+            # "torch", docs/benchmarks.md); the PyTorch path otherwise
+            return "cpu" if cpu_backend.supports(logits.unsqueeze(0) if logits.dim() == 1 else logits) else "torch"
         return "torch" if fused_ok else "composite"
-    if impl in ("torch", "triton") and not fused_ok:
+    if impl in ("torch", "triton", "cpu") and not fused_ok:
         raise ValueError(
             f"`impl={impl!r}` handles 1-d or 2-d logits with class-index targets; use impl='auto' or "
             f"'composite' for logits of shape {tuple(logits.shape)}"
@@ -133,6 +139,8 @@ def _pick_impl(impl: str, logits: torch.Tensor, probabilities: bool, inplace_bac
         )
     if inplace_backward and impl == "composite":
         raise ValueError("`inplace_backward=True` needs impl='auto', 'torch' or 'triton', not 'composite'")
+    if impl == "cpu" and logits.device.type != "cpu":
+        raise ValueError(f"`impl='cpu'` needs CPU tensors, but `logits` is on {logits.device}")
     return impl
 
 
@@ -173,9 +181,12 @@ def cross_entropy(
         temperature: ``T > 0`` dividing the (soft-capped) logits.
         z_loss: ``λ ≥ 0``, adds ``λ·LSE(z)²`` per non-ignored row (PaLM); not multiplied by class weights.
         softcap: ``c > 0`` or None; applies ``c·tanh(x/c)`` before the temperature.
-        impl: ``"auto"`` (Triton on CUDA when available, the fused chunked path for 1-d/2-d class-index
-            input, ``"composite"`` otherwise), ``"torch"`` (fused chunked PyTorch path), ``"composite"``
-            (plain differentiable torch ops; supports double backward), ``"triton"``.
+        impl: ``"auto"`` (for 1-d/2-d class-index input: Triton on CUDA when available, the compiled CPU
+            kernel on CPU when it builds, else the fused chunked path; ``"composite"`` otherwise),
+            ``"torch"`` (fused chunked PyTorch path), ``"composite"`` (plain differentiable torch ops;
+            supports double backward), ``"triton"`` (Triton kernels), ``"cpu"`` (the C kernel of
+            ``softmaxkit.backends.cpu``, built on first use; the ``"torch"`` path where no C compiler is
+            found or the classes are not contiguous).
         inplace_backward: opt-in; the backward writes the gradient into the ``logits`` buffer instead of a
             new one (its version counter is bumped, so any other use of ``logits`` in the graph raises).
             Saves one logits-sized allocation; ``logits`` holds the gradient afterwards.
@@ -208,6 +219,16 @@ def cross_entropy(
         )
     unbatched = logits.dim() == 1
     rows, row_target = (logits.unsqueeze(0), target.reshape(1)) if unbatched else (logits, target)
+    if chosen == "cpu":
+        from ..backends.cpu import cross_entropy as cpu_backend
+
+        if cpu_backend.supports(rows):
+            loss = cpu_backend.cpu_cross_entropy(
+                rows, row_target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
+                inplace_backward,
+            )
+            return loss.reshape(()) if unbatched and reduction == "none" else loss
+        chosen = "torch"  # no compiler here, or logits without unit class stride: the same maths in torch ops
     if chosen == "triton":
         from ..backends.triton.cross_entropy import triton_cross_entropy
 

@@ -1,0 +1,22 @@
+"""``python -m softmaxkit.backends.cpu``: build the CPU kernels now and report where they are cached."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from . import _build
+
+
+def main() -> int:
+    start = time.perf_counter()
+    library = _build.load()
+    if library is None:
+        print(f"CPU kernels unavailable: {_build.failure_reason}; softmaxkit uses its PyTorch path.")
+        return 1
+    print(f"CPU kernels ready: {library._name} ({time.perf_counter() - start:.2f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

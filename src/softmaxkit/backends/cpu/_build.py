@@ -1,0 +1,149 @@
+"""Build-on-first-use of the C kernels, with a per-machine cache and a silent fallback.
+
+The kernels are plain C (no Python or torch headers), so any C compiler builds them in well under a second
+and the result does not depend on the torch or Python version. The shared library is cached under
+``$SOFTMAXKIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/softmaxkit`` or ``~/.cache/softmaxkit``), keyed by a
+hash of the source, the compiler flags, the compiler's version and the CPU's feature flags (``-march=native``
+code must not be loaded on a different CPU sharing the cache). Where no compiler is found, the build fails or
+``SOFTMAXKIT_CPU_KERNELS=0`` is set, :func:`load` returns None and callers use the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("_cross_entropy.c")
+ABI_VERSION = 1
+# -O2 plus the vectoriser compiles in ~1 s and runs as fast as -O3 (which takes 2-4 s) on this code.
+_FLAGS_PORTABLE = ["-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-fPIC", "-shared", "-fno-math-errno",
+                   "-std=gnu99"]
+_FLAGS_NATIVE = [*_FLAGS_PORTABLE, "-march=native"]
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_attempted = False
+#: why the last :func:`load` returned None ("" when it did not)
+failure_reason = ""
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("SOFTMAXKIT_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "softmaxkit"
+
+
+def _cpu_signature() -> str:
+    """The CPU model and feature flags (what ``-march=native`` depends on)."""
+    parts = [platform.machine(), platform.system()]
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features", "model name")):
+                    parts.append(line.strip())
+                if len(parts) >= 5:
+                    break
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts)
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=10, check=False)
+        return result.stdout.splitlines()[0] if result.stdout else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> str:
+    """Compile into ``target`` atomically; return "" on success or the compiler's complaint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        result = subprocess.run(
+            [compiler, *flags, "-o", temporary, str(SOURCE), "-lm"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        if result.returncode != 0:
+            return (result.stderr or result.stdout).strip()[-500:] or f"exit status {result.returncode}"
+        os.replace(temporary, target)  # atomic: concurrent builders (pytest -n) never see a partial file
+        return ""
+    except (OSError, subprocess.SubprocessError) as error:
+        return str(error)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _open(path: Path) -> ctypes.CDLL | None:
+    try:
+        library = ctypes.CDLL(str(path))
+        library.skce_abi_version.restype = ctypes.c_int64
+        if library.skce_abi_version() != ABI_VERSION:
+            return None
+        return library
+    except (OSError, AttributeError):
+        return None
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, building it on the first call; None when it cannot be had."""
+    global _library, _attempted, failure_reason
+    if _attempted:
+        return _library
+    with _lock:
+        if _attempted:
+            return _library
+        _library = _load_uncached()
+        _attempted = True
+        return _library
+
+
+def _load_uncached() -> ctypes.CDLL | None:
+    global failure_reason
+    if os.environ.get("SOFTMAXKIT_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        failure_reason = "disabled by SOFTMAXKIT_CPU_KERNELS=0"
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        failure_reason = "no C compiler found (set CC, or install gcc/clang)"
+        return None
+    source = SOURCE.read_bytes()
+    version = _compiler_version(compiler)
+    errors = []
+    for flags in (_FLAGS_NATIVE, _FLAGS_PORTABLE):
+        key = hashlib.sha256(
+            b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_signature().encode()])
+        ).hexdigest()[:16]
+        for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"softmaxkit-{os.getuid()}"):
+            path = directory / f"cross_entropy_{key}.so"
+            if not path.exists():
+                error = _compile(compiler, flags, path)
+                if error:
+                    errors.append(error)
+                    continue
+            library = _open(path)
+            if library is not None:
+                failure_reason = ""
+                return library
+            errors.append(f"could not load {path}")
+    failure_reason = "building the C kernel failed: " + (errors[-1] if errors else "unknown error")
+    return None

@@ -1,0 +1,303 @@
+/* Fused cross-entropy rows for CPUs: softmaxkit's CPU fast path.
+ *
+ * Plain C99 (no Python or torch headers), compiled on first use by softmaxkit/backends/cpu/_build.py with
+ * the system C compiler (-O3 -march=native) and called through ctypes on raw tensor pointers. Python splits
+ * the rows over threads (ctypes releases the GIL), so each call here handles rows [start, stop).
+ *
+ * For one row x (C classes), z = softcap(x) / T with softcap(x) = c·tanh(x/c):
+ *
+ *   stats pass:    lse = m + log Σ_j exp(z_j − m),  m = max_j z_j  (= transform(max_j x_j), transform is
+ *                  monotonic), plus z_y and Σ_j w_j z_j (only when label smoothing needs it);
+ *   gradient pass: g_j = [s·(A + 2λ·lse)·p_j − s·(ε/C)·w_j − s·(1−ε)·w_y·δ_{jy}] · dz_j/dx_j,
+ *                  p_j = exp(z_j − lse), A = (1−ε)·w_y + (ε/C)·Σ_c w_c, s the row's upstream scale
+ *                  (0 on ignored rows), dz/dx = (1 − tanh²(x/c)) / T.
+ *
+ * A row is processed in tiles of TILE elements converted into a local fp32 (fp64 for double input) buffer,
+ * so the arithmetic loops are alias-free and vectorise, and the gradient may overwrite x (in-place backward):
+ * every tile is read completely before it is written. fp16/bf16 inputs are computed in fp32, float64 in
+ * float64 with libm's exp/tanh/log. The fp32 exp is a Cephes-style polynomial (≤ 2 ulp on [−87.3, 88],
+ * exactly 0 below, so −inf masked classes give 0); reductions use LANES independent partial sums.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#define TILE 512
+#define LANES 16
+
+#define FLAG_STATS 1
+#define FLAG_GRAD 2
+
+/* ------------------------------------------------------------------------------------------ fp32 maths */
+static inline float sk_expf(float x) {
+    const float hi = 88.0f, lo = -87.33654f; /* k stays in [−126, 127] */
+    float xc = x < lo ? lo : (x > hi ? hi : x);
+    /* round to nearest by the 1.5·2^23 trick: vectorises without -fno-trapping-math (floorf does not) */
+    float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = xc - k * 0.693359375f;
+    r = r + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t ki = (int32_t)k;
+    uint32_t bits = (uint32_t)(ki + 127) << 23;
+    union { uint32_t u; float f; } scale = {.u = bits}; /* 2^k; memcpy here blocks GCC's vectoriser */
+    float y = p * scale.f;
+    return x < lo ? 0.0f : y; /* NaN propagates through xc */
+}
+
+/* tanh from exp: (1 − e)/(1 + e) with e = exp(−2|u|); an odd Taylor polynomial below |u| = 1/8 where that
+ * form cancels (truncation error < 1e-11 relative there). */
+static inline float sk_tanhf(float u) {
+    float a = fabsf(u);
+    float e = sk_expf(-2.0f * a);
+    float t = (1.0f - e) / (1.0f + e);
+    float u2 = u * u;
+    float poly = u * (1.0f + u2 * (-1.0f / 3.0f + u2 * (2.0f / 15.0f + u2 * (-17.0f / 315.0f + u2 * (62.0f / 2835.0f)))));
+    return a < 0.125f ? poly : copysignf(t, u);
+}
+
+/* ------------------------------------------------------------------------------------- dtype converters */
+static inline void load_f32(const float *src, float *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(float)); }
+static inline void store_f32(const float *src, float *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(float)); }
+static inline void load_f64(const double *src, double *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(double)); }
+static inline void store_f64(const double *src, double *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(double)); }
+
+static inline void load_bf16(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t bits = (uint32_t)src[j] << 16;
+        memcpy(&dst[j], &bits, sizeof(float));
+    }
+}
+
+static inline void store_bf16(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t bits;
+        memcpy(&bits, &src[j], sizeof bits);
+        uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16; /* round to nearest even */
+        uint32_t quiet = (bits >> 16) | 0x40u;                             /* keep NaN a NaN */
+        dst[j] = (uint16_t)(((bits & 0x7FFFFFFFu) > 0x7F800000u) ? quiet : rounded);
+    }
+}
+
+/* IEEE half <-> float by bits (used where F16C is absent, and for tails). */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu, bits;
+    if (exponent == 0x1Fu) {
+        bits = sign | 0x7F800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else { /* subnormal half: normalise */
+        int shift = 0;
+        while (!(mantissa & 0x400u)) {
+            mantissa <<= 1;
+            shift++;
+        }
+        bits = sign | ((uint32_t)(113 - shift) << 23) | ((mantissa & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_half(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    uint32_t sign = (bits >> 16) & 0x8000u, absolute = bits & 0x7FFFFFFFu;
+    if (absolute > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);      /* NaN */
+    if (absolute >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);     /* rounds to ±inf */
+    if (absolute < 0x38800000u) {                                        /* subnormal or zero half */
+        float magnitude;
+        memcpy(&magnitude, &absolute, sizeof magnitude);
+        /* adding 0.5 (2^-1) aligns the half-subnormal grid (2^-24) to the float's last bits, RNE */
+        float shifted = magnitude + 0.5f;
+        uint32_t sbits;
+        memcpy(&sbits, &shifted, sizeof sbits);
+        return (uint16_t)(sign | (sbits - 0x3F000000u));
+    }
+    uint32_t mantissa_odd = (absolute >> 13) & 1u;
+    absolute += 0xC8000FFFu + mantissa_odd; /* rebias exponent (−112 << 23) and round to nearest even */
+    return (uint16_t)(sign | (absolute >> 13));
+}
+
+static inline void load_f16(const uint16_t *src, float *dst, int64_t n) {
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= n; j += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(src + j));
+        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(h));
+    }
+#endif
+    for (; j < n; j++) dst[j] = half_to_float(src[j]);
+}
+
+static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= n; j += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128((__m128i *)(dst + j), h);
+    }
+#endif
+    for (; j < n; j++) dst[j] = float_to_half(src[j]);
+}
+
+/* ------------------------------------------------------------------------------------------- the rows */
+/* SUFFIX: exported name suffix; IN_T: element type of x and grad; ACC_T: compute type. */
+#define DEFINE_CE_ROWS(SUFFIX, IN_T, ACC_T, LOAD, STORE, EXP, TANH, LOG)                                     \
+    static inline ACC_T transform_##SUFFIX(ACC_T x, ACC_T inv_t, ACC_T softcap) {                            \
+        if (softcap > 0) x = softcap * TANH(x / softcap);                                                     \
+        return x * inv_t;                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
+    /* z = transform(x) in place over a tile; when dzdx is given, also dz/dx. */                              \
+    static inline void transform_tile_##SUFFIX(ACC_T *buf, ACC_T *dzdx, int64_t n, ACC_T inv_t,              \
+                                               ACC_T softcap) {                                               \
+        if (softcap > 0) {                                                                                    \
+            ACC_T inv_c = (ACC_T)1 / softcap, scale = softcap * inv_t;                                        \
+            for (int64_t j = 0; j < n; j++) {                                                                 \
+                ACC_T t = TANH(buf[j] * inv_c);                                                               \
+                buf[j] = scale * t;                                                                           \
+                if (dzdx) dzdx[j] = ((ACC_T)1 - t * t) * inv_t;                                               \
+            }                                                                                                 \
+        } else if (inv_t != (ACC_T)1) {                                                                       \
+            for (int64_t j = 0; j < n; j++) buf[j] *= inv_t;                                                  \
+        }                                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
+    void skce_rows_##SUFFIX(const IN_T *x, int64_t ldx, const int64_t *target, const ACC_T *weight,          \
+                            int64_t start, int64_t stop, int64_t num_classes, int64_t ignore_index,           \
+                            double eps_d, double inv_t_d, double z_loss_d, double softcap_d,                  \
+                            double weight_total_d, int64_t flags, ACC_T *lse, ACC_T *z_target,                \
+                            ACC_T *z_weighted_sum, const ACC_T *scale, IN_T *grad, int64_t ldg) {             \
+        const ACC_T eps = (ACC_T)eps_d, inv_t = (ACC_T)inv_t_d, z_loss = (ACC_T)z_loss_d;                     \
+        const ACC_T softcap = (ACC_T)softcap_d, weight_total = (ACC_T)weight_total_d;                         \
+        const int64_t C = num_classes;                                                                        \
+        ACC_T buf[TILE], dzdx[TILE], acc[LANES];                                                              \
+        const int transformed = softcap > 0 || inv_t != (ACC_T)1;                                             \
+        for (int64_t i = start; i < stop; i++) {                                                              \
+            const IN_T *row = x + i * ldx;                                                                    \
+            const int64_t y = target[i];                                                                      \
+            const int valid = y != ignore_index;                                                              \
+            ACC_T row_lse;                                                                                    \
+            if (flags & FLAG_STATS) {                                                                         \
+                /* pass 1: max of the raw row (transform is increasing, so max z = transform(max x)) */       \
+                for (int k = 0; k < LANES; k++) acc[k] = -INFINITY;                                           \
+                for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                    \
+                    int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                \
+                    LOAD(row + j0, buf, n);                                                                   \
+                    int64_t j = 0;                                                                            \
+                    for (; j + LANES <= n; j += LANES)                                                        \
+                        for (int k = 0; k < LANES; k++) acc[k] = buf[j + k] > acc[k] ? buf[j + k] : acc[k];   \
+                    for (; j < n; j++) acc[0] = buf[j] > acc[0] ? buf[j] : acc[0];                            \
+                }                                                                                             \
+                ACC_T m = acc[0];                                                                             \
+                for (int k = 1; k < LANES; k++) m = acc[k] > m ? acc[k] : m;                                  \
+                m = transform_##SUFFIX(m, inv_t, softcap);                                                    \
+                if (!isfinite(m)) m = 0;                                                                      \
+                /* pass 2: Σ exp(z − m), and Σ w_j z_j when smoothing */                                      \
+                ACC_T wz[LANES];                                                                              \
+                for (int k = 0; k < LANES; k++) acc[k] = 0, wz[k] = 0;                                        \
+                for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                    \
+                    int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                \
+                    LOAD(row + j0, buf, n);                                                                   \
+                    transform_tile_##SUFFIX(buf, 0, n, inv_t, softcap);                                       \
+                    if (eps > 0) {                                                                            \
+                        int64_t j = 0;                                                                        \
+                        if (weight) {                                                                         \
+                            const ACC_T *w = weight + j0;                                                     \
+                            for (; j + LANES <= n; j += LANES)                                                \
+                                for (int k = 0; k < LANES; k++) wz[k] += w[j + k] * buf[j + k];               \
+                            for (; j < n; j++) wz[0] += w[j] * buf[j];                                        \
+                        } else {                                                                              \
+                            for (; j + LANES <= n; j += LANES)                                                \
+                                for (int k = 0; k < LANES; k++) wz[k] += buf[j + k];                          \
+                            for (; j < n; j++) wz[0] += buf[j];                                               \
+                        }                                                                                     \
+                    }                                                                                         \
+                    int64_t j = 0;                                                                            \
+                    for (; j + LANES <= n; j += LANES)                                                        \
+                        for (int k = 0; k < LANES; k++) acc[k] += EXP(buf[j + k] - m);                        \
+                    for (; j < n; j++) acc[0] += EXP(buf[j] - m);                                             \
+                }                                                                                             \
+                ACC_T total = 0, weighted = 0;                                                                \
+                for (int k = 0; k < LANES; k++) total += acc[k], weighted += wz[k];                           \
+                row_lse = m + LOG(total);                                                                     \
+                lse[i] = row_lse;                                                                             \
+                if (z_weighted_sum) z_weighted_sum[i] = weighted;                                             \
+                if (valid) {                                                                                  \
+                    ACC_T xy;                                                                                 \
+                    LOAD(row + y, &xy, 1);                                                                    \
+                    z_target[i] = transform_##SUFFIX(xy, inv_t, softcap);                                     \
+                } else {                                                                                      \
+                    z_target[i] = 0;                                                                          \
+                }                                                                                             \
+            } else {                                                                                          \
+                row_lse = lse[i];                                                                             \
+            }                                                                                                 \
+            if (!(flags & FLAG_GRAD)) continue;                                                               \
+            IN_T *out = grad + i * ldg;                                                                       \
+            const ACC_T s = scale[i];                                                                         \
+            if (!valid || s == 0) { /* ignored row, or zero upstream: an exact zero gradient */               \
+                for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                    \
+                    int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                \
+                    for (int64_t j = 0; j < n; j++) buf[j] = 0;                                               \
+                    STORE(buf, out + j0, n);                                                                  \
+                }                                                                                             \
+                continue;                                                                                     \
+            }                                                                                                 \
+            const ACC_T w_y = weight ? weight[y] : (ACC_T)1;                                                  \
+            ACC_T row_coefficient = s * ((1 - eps) * w_y + eps / (ACC_T)C * weight_total);                    \
+            if (z_loss > 0) row_coefficient += s * 2 * z_loss * row_lse;                                      \
+            const ACC_T smooth = s * eps / (ACC_T)C;                                                          \
+            const ACC_T target_coefficient = s * (1 - eps) * w_y;                                             \
+            /* the target entry, computed before the pass may overwrite x (in-place backward) */              \
+            ACC_T g_y;                                                                                        \
+            {                                                                                                 \
+                ACC_T xy, d = 1;                                                                              \
+                LOAD(row + y, &xy, 1);                                                                        \
+                transform_tile_##SUFFIX(&xy, &d, 1, inv_t, softcap);                                          \
+                if (!(softcap > 0)) d = inv_t;                                                                \
+                ACC_T wy_smooth = weight ? weight[y] : (ACC_T)1;                                              \
+                g_y = (row_coefficient * EXP(xy - row_lse) - smooth * wy_smooth - target_coefficient) * d;    \
+            }                                                                                                 \
+            for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
+                int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
+                LOAD(row + j0, buf, n);                                                                       \
+                transform_tile_##SUFFIX(buf, softcap > 0 ? dzdx : 0, n, inv_t, softcap);                      \
+                for (int64_t j = 0; j < n; j++) buf[j] = row_coefficient * EXP(buf[j] - row_lse);             \
+                if (eps > 0) {                                                                                \
+                    if (weight) {                                                                             \
+                        const ACC_T *w = weight + j0;                                                         \
+                        for (int64_t j = 0; j < n; j++) buf[j] -= smooth * w[j];                              \
+                    } else {                                                                                  \
+                        for (int64_t j = 0; j < n; j++) buf[j] -= smooth;                                     \
+                    }                                                                                         \
+                }                                                                                             \
+                if (softcap > 0) {                                                                            \
+                    for (int64_t j = 0; j < n; j++) buf[j] *= dzdx[j];                                        \
+                } else if (transformed) {                                                                     \
+                    for (int64_t j = 0; j < n; j++) buf[j] *= inv_t;                                          \
+                }                                                                                             \
+                if (y >= j0 && y < j0 + n) buf[y - j0] = g_y;                                                 \
+                STORE(buf, out + j0, n);                                                                      \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+DEFINE_CE_ROWS(f32, float, float, load_f32, store_f32, sk_expf, sk_tanhf, logf)
+DEFINE_CE_ROWS(bf16, uint16_t, float, load_bf16, store_bf16, sk_expf, sk_tanhf, logf)
+DEFINE_CE_ROWS(f16, uint16_t, float, load_f16, store_f16, sk_expf, sk_tanhf, logf)
+DEFINE_CE_ROWS(f64, double, double, load_f64, store_f64, exp, tanh, log)
+
+/* Bumped whenever the exported signature changes; checked by the loader. */
+int64_t skce_abi_version(void) { return 1; }
