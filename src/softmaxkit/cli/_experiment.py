@@ -1,0 +1,245 @@
+"""The experiment behind ``demo``, ``compare`` and ``train``: split, fit, calibrate, evaluate.
+
+1. Split the data (stratified): a training pool, a validation set and a test set.
+2. Optionally make the training pool long-tailed (:func:`softmaxkit.datasets.make_long_tailed`); the
+   validation and test sets stay as they are, so rare classes are measured fairly.
+3. Standardise the features with the training statistics.
+4. Fit one :class:`~softmaxkit.SoftmaxRegression` per loss configuration.
+5. Fit temperature scaling (:class:`softmaxkit.calibration.TemperatureScaling`) on the validation logits.
+6. Measure accuracy, macro-F1, balanced accuracy, NLL and ECE on the test set, before and after.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..datasets import Dataset, make_long_tailed
+from ._io import UserError
+
+#: loss presets by name; aliases map onto them.
+PRESETS: dict[str, dict] = {
+    "cross_entropy": {"label": "cross-entropy", "params": {"loss": "cross_entropy"}},
+    "label_smoothing": {"label": "label smoothing ε=0.1", "params": {"loss": "cross_entropy", "label_smoothing": 0.1}},
+    "class_balanced": {"label": "class-balanced (Cui)",
+                       "params": {"loss": "cross_entropy", "class_weight": "effective_number"}},
+    "focal": {"label": "focal γ=2", "params": {"loss": "focal", "gamma": 2.0}},
+    "poly1": {"label": "Poly-1 ε=1", "params": {"loss": "poly1", "epsilon": 1.0}},
+    "sparsemax": {"label": "sparsemax", "params": {"loss": "sparsemax"}},
+}
+ALIASES = {"ce": "cross_entropy", "ls": "label_smoothing", "smoothing": "label_smoothing",
+           "cb": "class_balanced", "balanced": "class_balanced", "poly": "poly1", "poly-1": "poly1"}
+DEMO_LOSSES = ("cross_entropy", "label_smoothing", "class_balanced", "focal", "poly1")
+#: temperatures of the report's sweep.
+SWEEP = np.geomspace(0.25, 8.0, 41)
+
+
+def parse_losses(text: str) -> list[str]:
+    """``"ce,focal"`` -> ``["cross_entropy", "focal"]``; a user error for unknown names."""
+    names = []
+    for raw in text.split(","):
+        name = raw.strip().lower().replace("-", "_")
+        if not name:
+            continue
+        name = ALIASES.get(name, ALIASES.get(raw.strip().lower(), name))
+        if name not in PRESETS:
+            known = ", ".join([*PRESETS, *ALIASES])
+            raise UserError(f"unknown loss {raw.strip()!r} in --losses; choose from {known}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise UserError("--losses is empty; give a comma-separated list such as ce,focal,poly1")
+    return names
+
+
+@dataclass
+class ModelResult:
+    """One trained and evaluated model."""
+
+    name: str
+    label: str
+    model: object
+    metrics: dict
+    calibrated_metrics: dict
+    temperature: float
+    test_proba: np.ndarray
+    calibrated_proba: np.ndarray
+    test_logits: np.ndarray
+    fit_seconds: float
+    sweep_nll: np.ndarray = field(default_factory=lambda: np.empty(0))
+    sweep_ece: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+
+@dataclass
+class Experiment:
+    """Everything the report needs."""
+
+    dataset: str
+    class_names: list[str]
+    train_counts: np.ndarray
+    test_counts: np.ndarray
+    n_features: int
+    long_tail: float | None
+    results: list[ModelResult]
+    y_test: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    feature_names: list[str]
+    settings: dict
+
+
+def _stratify_or_none(y):
+    counts = np.unique(y, return_counts=True)[1]
+    return y if counts.min() >= 2 else None
+
+
+def split(data: Dataset, *, test_size: float, validation_size: float, seed: int):
+    """Stratified train-pool / validation / test split (plain random when a class has a single row)."""
+    from sklearn.model_selection import train_test_split
+
+    X, y = data.X, data.y
+    n = len(y)
+    n_test = max(1, round(test_size * n))
+    n_validation = max(1, round(validation_size * n))
+    if n - n_test - n_validation < 2:
+        raise UserError(
+            f"{data.name} has {n} rows: too few to hold out {n_test} for testing and {n_validation} for "
+            "calibration; use a larger dataset or smaller --test-size"
+        )
+    X_rest, X_test, y_rest, y_test = train_test_split(
+        X, y, test_size=n_test, stratify=_stratify_or_none(y), random_state=seed
+    )
+    X_train, X_val, y_train, y_val = train_test_split(
+        X_rest, y_rest, test_size=n_validation, stratify=_stratify_or_none(y_rest), random_state=seed + 1
+    )
+    return X_train, y_train, X_val, y_val, X_test, y_test
+
+
+def evaluate(proba: np.ndarray, y_encoded: np.ndarray, n_bins: int = 15) -> dict:
+    """Test metrics of class probabilities ``(n, C)`` against encoded labels ``(n,)``."""
+    from sklearn import metrics as skm
+
+    from .. import metrics
+
+    pred = proba.argmax(axis=1)
+    labels = np.arange(proba.shape[1])
+    return {
+        "accuracy": float(np.mean(pred == y_encoded)),
+        "macro_f1": float(skm.f1_score(y_encoded, pred, average="macro", labels=labels, zero_division=0)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y_encoded, pred)),
+        "nll": float(metrics.log_loss(proba, y_encoded)),
+        "ece": float(metrics.expected_calibration_error(proba, y_encoded, n_bins=n_bins)),
+        "per_class_f1": skm.f1_score(y_encoded, pred, average=None, labels=labels, zero_division=0),
+        "confusion": skm.confusion_matrix(y_encoded, pred, labels=labels),
+    }
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    from .. import reference
+
+    return reference.softmax(logits, axis=-1)
+
+
+def run(
+    data: Dataset,
+    losses: list[str],
+    *,
+    long_tail: float | None = None,
+    profile: str = "exponential",
+    alpha: float = 1e-3,
+    test_size: float = 0.25,
+    validation_size: float = 0.15,
+    max_iter: int = 300,
+    seed: int = 0,
+    sweep: bool = True,
+    overrides: dict | None = None,
+    on_model_start: Callable[[str], None] | None = None,
+    on_model_done: Callable[[str], None] | None = None,
+) -> Experiment:
+    """Run the comparison of ``losses`` on ``data``; see the module docstring for the steps."""
+    import torch
+
+    from .. import calibration
+    from ..estimator import SoftmaxRegression
+
+    classes, y_all = np.unique(data.y, return_inverse=True)
+    encoded = Dataset(X=data.X, y=y_all, feature_names=data.feature_names, name=data.name)
+    X_train, y_train, X_val, y_val, X_test, y_test = split(
+        encoded, test_size=test_size, validation_size=validation_size, seed=seed
+    )
+    if long_tail is not None:
+        X_train, y_train = make_long_tailed(X_train, y_train, long_tail, random_state=seed, profile=profile)
+    missing = np.setdiff1d(np.arange(len(classes)), y_train)
+    if missing.size:
+        raise UserError(
+            f"class {classes[missing[0]]!r} has no training rows after the split; it needs more samples"
+        )
+    mean = X_train.mean(axis=0)
+    scale = X_train.std(axis=0)
+    scale[scale == 0] = 1.0
+    standardise = lambda X: (X - mean) / scale  # noqa: E731
+
+    names = list(classes.astype(str)) if not data.target_names or len(data.target_names) != len(classes) \
+        else list(data.target_names)
+    results = []
+    torch_threads = torch.get_num_threads()
+    for name in losses:
+        preset = PRESETS[name]
+        if on_model_start:
+            on_model_start(preset["label"])
+        params = {"alpha": alpha, "max_iter": max_iter, "random_state": seed, **preset["params"],
+                  **(overrides or {})}
+        model = SoftmaxRegression(**params)
+        start = time.perf_counter()
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(standardise(X_train), y_train)
+        seconds = time.perf_counter() - start
+        # The logits of the fitted model (for sparsemax models the report still calibrates softmax(z/T)).
+        val_logits = _full_logits(model, standardise(X_val))
+        test_logits = _full_logits(model, standardise(X_test))
+        test_proba = model.predict_proba(standardise(X_test))
+        scaler = calibration.TemperatureScaling().fit(val_logits, y_val)
+        temperature = float(scaler.temperature_)
+        calibrated = np.asarray(scaler.predict_proba(test_logits), dtype=np.float64)
+        result = ModelResult(
+            name=name, label=preset["label"], model=model,
+            metrics=evaluate(test_proba, y_test), calibrated_metrics=evaluate(calibrated, y_test),
+            temperature=temperature, test_proba=test_proba, calibrated_proba=calibrated,
+            test_logits=test_logits, fit_seconds=seconds,
+        )
+        if sweep:
+            from .. import metrics
+
+            nll, ece = [], []
+            for t in SWEEP:
+                p = _softmax(test_logits / t)
+                nll.append(metrics.log_loss(p, y_test))
+                ece.append(metrics.expected_calibration_error(p, y_test, n_bins=15))
+            result.sweep_nll, result.sweep_ece = np.asarray(nll, float), np.asarray(ece, float)
+        results.append(result)
+        if on_model_done:
+            on_model_done(preset["label"])
+    torch.set_num_threads(torch_threads)
+    return Experiment(
+        dataset=data.name, class_names=names,
+        train_counts=np.bincount(y_train, minlength=len(classes)),
+        test_counts=np.bincount(y_test, minlength=len(classes)),
+        n_features=data.X.shape[1], long_tail=long_tail, results=results, y_test=y_test,
+        mean=mean, scale=scale, feature_names=list(data.feature_names),
+        settings={"alpha": alpha, "test_size": test_size, "validation_size": validation_size,
+                  "max_iter": max_iter, "seed": seed, "profile": profile, "n_train": len(y_train),
+                  "n_validation": len(y_val), "n_test": len(y_test)},
+    )
+
+
+def _full_logits(model, X) -> np.ndarray:
+    """``(n, C)`` logits even for two classes (``decision_function`` returns the margin there)."""
+    return model._logits(X)

@@ -1,0 +1,190 @@
+"""The report's figures (matplotlib, Agg backend), each returned as PNG bytes.
+
+One consistent look: a colour per model (the same in every figure), light grid, titles that say what is
+plotted and axis labels with units.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+DPI = 110
+
+
+def _style(ax) -> None:
+    ax.grid(True, color="#e5e5e5", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def to_png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def reliability_bins(proba: np.ndarray, labels: np.ndarray, n_bins: int = 15):
+    """The non-empty confidence bins (:func:`softmaxkit.metrics.reliability_curve`)."""
+    from ... import metrics
+
+    return metrics.reliability_curve(proba, labels, n_bins=n_bins)
+
+
+def _reliability_panel(ax, proba, labels, n_bins, color, title, ece) -> None:
+    curve = reliability_bins(proba, labels, n_bins)
+    centres = (np.asarray(curve.lower) + np.asarray(curve.upper)) / 2
+    widths = np.asarray(curve.upper) - np.asarray(curve.lower)
+    accuracy, confidence = np.asarray(curve.accuracy), np.asarray(curve.confidence)
+    ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="perfect calibration")
+    ax.bar(centres, accuracy, width=widths, color=color, alpha=0.75, edgecolor="white", label="accuracy")
+    ax.bar(centres, np.abs(confidence - accuracy), bottom=np.minimum(accuracy, confidence), width=widths,
+           color="none", edgecolor="#d62728", hatch="//", linewidth=0.6, label="gap to mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=9)
+    ax.text(0.04, 0.92, f"ECE {ece:.3f}", transform=ax.transAxes, fontsize=9,
+            bbox={"facecolor": "white", "edgecolor": "#cccccc", "boxstyle": "round,pad=0.25"})
+    _style(ax)
+
+
+def reliability_grid(experiment, n_bins: int = 15) -> bytes:
+    """Reliability diagrams: one column per model, before (top) and after (bottom) temperature scaling."""
+    results = experiment.results
+    columns = len(results)
+    fig, axes = plt.subplots(2, columns, figsize=(2.6 * columns + 0.6, 5.6), squeeze=False)
+    for j, result in enumerate(results):
+        color = COLORS[j % len(COLORS)]
+        _reliability_panel(axes[0, j], result.test_proba, experiment.y_test, n_bins, color,
+                           f"{result.label}\nbefore", result.metrics["ece"])
+        _reliability_panel(axes[1, j], result.calibrated_proba, experiment.y_test, n_bins, color,
+                           f"after T = {result.temperature:.2f}", result.calibrated_metrics["ece"])
+        axes[1, j].set_xlabel("confidence (max probability)")
+    for i in range(2):
+        axes[i, 0].set_ylabel("accuracy in bin")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.04))
+    fig.suptitle("Reliability diagrams on the test set (bars below the diagonal: over-confident)", y=1.01)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def confusion_grid(experiment) -> bytes:
+    """Row-normalised confusion matrices, one per model."""
+    results = experiment.results
+    n_classes = len(experiment.class_names)
+    columns = len(results)
+    size = 2.4 if n_classes <= 12 else 3.2
+    fig, axes = plt.subplots(1, columns, figsize=(size * columns + 0.8, size + 0.8), squeeze=False)
+    image = None
+    for j, result in enumerate(results):
+        ax = axes[0, j]
+        matrix = result.metrics["confusion"].astype(float)
+        rows = matrix.sum(axis=1, keepdims=True)
+        normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+        image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+        ax.set_title(f"{result.label}\nbalanced acc. {result.metrics['balanced_accuracy']:.3f}", fontsize=9)
+        ticks = np.arange(n_classes)
+        short = [name[:6] for name in experiment.class_names]
+        if n_classes <= 12:
+            ax.set_xticks(ticks, short, fontsize=7, rotation=90 if max(map(len, short)) > 2 else 0)
+            ax.set_yticks(ticks, short if j == 0 else [], fontsize=7)
+            if n_classes <= 10:
+                for (r, c), value in np.ndenumerate(normalised):
+                    if value >= 0.05:
+                        ax.text(c, r, f"{value:.2f}"[1:] if value < 1 else "1", ha="center", va="center",
+                                fontsize=6, color="white" if value > 0.6 else "#333333")
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax.set_xlabel("predicted")
+        if j == 0:
+            ax.set_ylabel("true class")
+    fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.015, pad=0.02, label="fraction of the true class")
+    fig.suptitle("Confusion matrices on the test set (rows sum to 1)", y=1.02)
+    return to_png(fig)
+
+
+def per_class_f1(experiment) -> bytes:
+    """F1 per class for every model, classes ordered as in training (head first), train counts on the axis."""
+    results = experiment.results
+    n_classes = len(experiment.class_names)
+    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(min(14.0, max(7.0, 0.25 * n_classes * len(results) + 2)), 4.0))
+    x = np.arange(n_classes)
+    for j, result in enumerate(results):
+        ax.bar(x - 0.4 + width * (j + 0.5), result.metrics["per_class_f1"], width=width,
+               color=COLORS[j % len(COLORS)], label=result.label)
+    labels = [f"{name[:10]}\nn={count}" for name, count in zip(experiment.class_names, experiment.train_counts)]
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("F1 on the test set")
+    ax.set_xlabel("class (n = training samples)")
+    ax.set_title("Per-class F1: the tail classes are where the losses differ", pad=28)
+    ax.legend(fontsize=8, ncol=len(results), loc="lower center", bbox_to_anchor=(0.5, 1.07), frameon=False)
+    _style(ax)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def loss_curves(experiment) -> bytes:
+    """Training objective per L-BFGS iteration (or AdamW epoch), one line per model."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for j, result in enumerate(experiment.results):
+        curve = np.asarray(result.model.loss_curve_, dtype=float)
+        ax.plot(np.arange(1, len(curve) + 1), curve, color=COLORS[j % len(COLORS)], label=result.label)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training objective (loss + L2)")
+    ax.set_title("Training curves (each loss has its own scale)")
+    ax.legend(fontsize=8)
+    _style(ax)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def temperature_sweep(experiment, temperatures) -> bytes:
+    """Test NLL and ECE of ``softmax(z / T)`` against ``T``, with each model's fitted temperature marked."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 3.9))
+    for j, result in enumerate(experiment.results):
+        color = COLORS[j % len(COLORS)]
+        left.plot(temperatures, result.sweep_nll, color=color, label=result.label)
+        right.plot(temperatures, result.sweep_ece, color=color, label=result.label)
+        t = result.temperature
+        k = int(np.argmin(np.abs(np.log(temperatures) - np.log(t))))
+        left.plot([t], [result.sweep_nll[k]], "o", color=color, markersize=6, markeredgecolor="black")
+        right.plot([t], [result.sweep_ece[k]], "o", color=color, markersize=6, markeredgecolor="black")
+    for ax, name in ((left, "negative log-likelihood"), (right, "expected calibration error")):
+        ax.set_xscale("log", base=2)
+        ax.axvline(1.0, color="#999999", linestyle=":", linewidth=1)
+        ax.set_xlabel("temperature T  (softmax(z / T); T > 1 softens)")
+        ax.set_ylabel(name)
+        _style(ax)
+    left.set_title("Test NLL vs temperature (dots: T fitted on validation)")
+    right.set_title("Test ECE vs temperature")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def single_reliability(proba_before, proba_after, labels, *, ece_before, ece_after, title_after,
+                       n_bins: int = 15) -> bytes:
+    """Before/after reliability diagrams for one set of scores (the ``calibrate`` command)."""
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.8))
+    _reliability_panel(axes[0], proba_before, labels, n_bins, COLORS[0], "before", ece_before)
+    _reliability_panel(axes[1], proba_after, labels, n_bins, COLORS[2], title_after, ece_after)
+    for ax in axes:
+        ax.set_xlabel("confidence (max probability)")
+    axes[0].set_ylabel("accuracy in bin")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return to_png(fig)
