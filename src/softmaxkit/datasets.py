@@ -256,7 +256,7 @@ def _check_shape(source: str, X: np.ndarray, y: np.ndarray) -> None:
     if X.shape[1] == 0:
         raise DatasetError(f"{source} has no feature columns")
     if len(np.unique(y)) < 2:
-        raise DatasetError(f"{source}: every row has the label {y[0]!r}; at least 2 classes are needed")
+        raise DatasetError(f"{source}: every row has the label {y[0].item()!r}; at least 2 classes are needed")
 
 
 def long_tail_counts(
