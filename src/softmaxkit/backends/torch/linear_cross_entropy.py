@@ -1,0 +1,364 @@
+r"""Linear cross-entropy that never holds the ``(N, C)`` logits, in chunked PyTorch ops.
+
+For a chunk of ``r`` rows the forward computes the chunk's logits ``x = h Wᵀ + b`` (``r × C``), their
+log-sum-exp and, when gradients are wanted and the upstream gradient is a scalar (``"mean"``/``"sum"``),
+turns the same buffer into
+
+.. math:: G = \frac{\partial ℓ}{\partial x} = g\,\big[(A + 2λ\,\mathrm{LSE})\,p − a\big]\,\frac{dz}{dx}
+
+(the cross-entropy gradient of :mod:`.cross_entropy`, whose per-chunk helpers are reused here) and
+accumulates ``∂ℓ/∂h = G W``, ``∂ℓ/∂W += Gᵀ h`` and ``∂ℓ/∂b += Σ_rows G``. Backward then only multiplies
+what was stored by the upstream scalar. With ``"none"`` the upstream gradient differs per row and is only
+known in backward, so the forward keeps just the per-row log-sum-exp and backward recomputes each chunk's
+logits (one extra matmul). Peak memory is one chunk of logits plus the gradients themselves.
+
+The same loop runs vocab-parallel (:mod:`softmaxkit.distributed`): each process holds a contiguous slice of
+the classes, and the few per-row statistics (row max, sum of exponentials, target logit, smoothing sum,
+target weight) are combined across processes by a ``Reduce`` object; single-process it is the identity.
+
+Low precision: fp16/bf16 logits are computed by a matmul in the input dtype (as ``F.linear`` does), then
+reduced and exponentiated in fp32; ``∂ℓ/∂W`` and ``∂ℓ/∂b`` are accumulated across chunks in
+``accumulation_dtype`` (fp32 by default), ``∂ℓ/∂h`` is one matmul over all classes per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..._reduction import safe_divide
+from .cross_entropy import (
+    _load_transformed,
+    finish_logit_grad_,
+    row_coefficients,
+    row_loss,
+    softcap_derivative_,
+)
+
+#: bytes of fp32 logits per chunk when ``chunk_size`` is None (see :func:`default_chunk_rows`).
+CHUNK_BYTES = 32 << 20
+#: bounds on the automatic chunk: fewer rows make the matmuls inefficient, more buy nothing.
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 64, 2048
+
+
+def default_chunk_rows(num_rows: int, num_classes: int, hidden_size: int) -> int:
+    """Rows per chunk when ``chunk_size`` is None.
+
+    About :data:`CHUNK_BYTES` of fp32 logits per chunk, and never more than the ``(N, D)`` hidden
+    states' own size (``r·C ≤ max(N·D, CHUNK_BYTES/4)``), so the chunk buffer stays small next to the
+    gradients (``C·D + N·D``) the op must return anyway; rounded down to a multiple of 16 and clamped to
+    ``[MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]`` so each chunk's matmuls stay efficient.
+    """
+    budget = max(CHUNK_BYTES // 4, num_rows * hidden_size)
+    budget = min(budget, CHUNK_BYTES // 4)
+    rows = budget // max(num_classes, 1)
+    rows = max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, rows - rows % 16))
+    return max(1, min(rows, num_rows))
+
+
+class LocalReduce:
+    """Single process: combining the per-class-slice statistics is the identity."""
+
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def sum_hidden_grad_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+@dataclass(frozen=True)
+class LinearCrossEntropyConfig:
+    """The non-tensor options of one call (validated by the public function)."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    temperature: float = 1.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    chunk_size: int | None = None
+    accumulation_dtype: torch.dtype | None = None
+    #: total number of classes ``C`` over all processes (``weight.shape[0]`` single-process).
+    num_classes: int = 0
+    #: index of this process's first class.
+    class_offset: int = 0
+    reduce: LocalReduce = field(default_factory=LocalReduce)
+
+
+def work_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _chunk_logits(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``out ← hidden @ weight.T + bias`` (``out`` in the work dtype, the matmul in the input dtype)."""
+    if out.dtype == weight.dtype:
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
+    return out.copy_(torch.nn.functional.linear(hidden, weight, bias))
+
+
+class _Rows:
+    """Per-row target data of the whole batch, computed once before the chunk loop."""
+
+    def __init__(self, target, class_weight, config: LinearCrossEntropyConfig, local_classes, work_dtype):
+        reduce = config.reduce
+        self.valid = target != config.ignore_index
+        local = target.long() - config.class_offset
+        self.owned = self.valid & (local >= 0) & (local < local_classes)
+        self.local_target = torch.where(self.owned, local, torch.zeros_like(local))
+        if class_weight is None:
+            self.class_weight = None
+            self.w_y = self.valid.to(work_dtype)
+            self.weight_total = torch.tensor(float(config.num_classes), dtype=work_dtype, device=target.device)
+        else:
+            self.class_weight = class_weight.to(work_dtype)
+            zero = torch.zeros((), dtype=work_dtype, device=target.device)
+            both = torch.cat([torch.where(self.owned, self.class_weight[self.local_target], zero),
+                              self.class_weight.sum().reshape(1)])
+            reduce.sum_(both)
+            self.w_y, self.weight_total = both[:-1], both[-1]
+        self.denominator = self.w_y.sum()
+
+    def scale(self, reduction: str) -> torch.Tensor:
+        """The upstream gradient ``g_i`` of each row for a unit upstream scalar (0 on ignored rows)."""
+        if reduction == "mean":
+            return safe_divide(self.valid.to(self.w_y.dtype), self.denominator)
+        return self.valid.to(self.w_y.dtype)
+
+
+def _chunk_loss_and_grad(
+    logits: torch.Tensor,
+    derivative: torch.Tensor | None,
+    rows: _Rows,
+    sl: slice,
+    scale: torch.Tensor | None,
+    config: LinearCrossEntropyConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss and LSE of one chunk; when ``scale`` is given, ``logits`` becomes ``∂ℓ/∂x`` in place.
+
+    ``logits`` holds the chunk's raw logits ``x`` in the work dtype and is consumed. Uses
+    ``p = exp(z − m) / Σ exp(z − m)`` so the exponentials are computed once for both the LSE and ``p``.
+    """
+    eps, inv_t, softcap = config.label_smoothing, 1.0 / config.temperature, config.softcap
+    reduce = config.reduce
+    d = None
+    if softcap is not None:
+        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
+    if softcap is not None or inv_t != 1.0:
+        _load_transformed(logits, logits, inv_t, softcap)
+    z = logits
+    owned, local_target = rows.owned[sl], rows.local_target[sl]
+
+    row_max = z.amax(dim=1) if z.shape[1] > 0 else z.new_full((z.shape[0],), -torch.inf)
+    reduce.max_(row_max)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    stats = z.new_empty((3 if eps > 0 else 2, z.shape[0]))
+    if z.shape[1] > 0:
+        z_target = z.gather(1, local_target[:, None])[:, 0]
+        stats[1] = torch.where(owned, z_target, torch.zeros_like(z_target))
+    else:  # a process may hold no classes at all (uneven vocab-parallel slices)
+        stats[1] = 0
+    if eps > 0:
+        if rows.class_weight is None:
+            torch.sum(z, dim=1, out=stats[2])
+        else:
+            torch.mv(z, rows.class_weight, out=stats[2])
+    z.sub_(row_max[:, None]).exp_()
+    torch.sum(z, dim=1, out=stats[0])
+    reduce.sum_(stats)
+    sum_exp = stats[0]
+    lse = sum_exp.log() + row_max
+    valid, w_y = rows.valid[sl], rows.w_y[sl]
+    loss = row_loss(lse, stats[1], stats[2] if eps > 0 else None, w_y, valid, rows.weight_total, eps,
+                    config.num_classes, config.z_loss)
+    if scale is not None and z.shape[1] > 0:
+        row_coefficient, target_coefficient, smooth_coefficient = row_coefficients(
+            scale, w_y, valid, rows.weight_total, lse, eps, config.num_classes, config.z_loss
+        )
+        # exp(z − m) · coefficient / Σ exp(z − m) = coefficient · p
+        target_coefficient = target_coefficient * owned[:, None]
+        finish_logit_grad_(z, row_coefficient / sum_exp, target_coefficient, smooth_coefficient,
+                           rows.class_weight, local_target, d, inv_t)
+    return loss, lse
+
+
+def _chunk_grad_from_lse(
+    logits: torch.Tensor,
+    derivative: torch.Tensor | None,
+    rows: _Rows,
+    sl: slice,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    config: LinearCrossEntropyConfig,
+) -> None:
+    """Turn the chunk's raw logits into ``∂ℓ/∂x`` in place, given the stored LSE (the ``"none"`` backward)."""
+    eps, inv_t, softcap = config.label_smoothing, 1.0 / config.temperature, config.softcap
+    if logits.shape[1] == 0:
+        return
+    d = None
+    if softcap is not None:
+        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
+    _load_transformed(logits, logits, inv_t, softcap).sub_(lse[:, None]).exp_()
+    row_coefficient, target_coefficient, smooth_coefficient = row_coefficients(
+        scale, rows.w_y[sl], rows.valid[sl], rows.weight_total, lse, eps, config.num_classes, config.z_loss
+    )
+    target_coefficient = target_coefficient * rows.owned[sl, None]
+    finish_logit_grad_(logits, row_coefficient, target_coefficient, smooth_coefficient, rows.class_weight,
+                       rows.local_target[sl], d, inv_t)
+
+
+class _Accumulators:
+    """``∂ℓ/∂h``, ``∂ℓ/∂W`` and ``∂ℓ/∂b`` being built chunk by chunk, and the matmuls that build them."""
+
+    def __init__(self, hidden, weight, bias, needs, accumulation_dtype):
+        need_hidden, need_weight, need_bias = needs
+        self.weight = weight
+        self.accumulation_dtype = accumulation_dtype
+        self.hidden = (
+            torch.empty(hidden.shape, dtype=accumulation_dtype, device=hidden.device) if need_hidden else None
+        )
+        self.weight_grad = (
+            torch.zeros(weight.shape, dtype=accumulation_dtype, device=weight.device) if need_weight else None
+        )
+        self.bias_grad = (
+            torch.zeros(weight.shape[0], dtype=accumulation_dtype, device=weight.device) if need_bias else None
+        )
+
+    @property
+    def any(self) -> bool:
+        return self.hidden is not None or self.weight_grad is not None or self.bias_grad is not None
+
+    def add_chunk(self, grad_logits: torch.Tensor, hidden: torch.Tensor, sl: slice) -> None:
+        """Fold one chunk's ``G = ∂ℓ/∂x`` (``r × C``, work dtype) into the three gradients."""
+        weight = self.weight
+        acc = self.accumulation_dtype
+        low = grad_logits if grad_logits.dtype == weight.dtype else grad_logits.to(weight.dtype)
+        if self.hidden is not None:
+            if acc == weight.dtype:
+                torch.mm(low, weight, out=self.hidden[sl])
+            else:
+                self.hidden[sl].copy_(torch.mm(low, weight))
+        if self.weight_grad is not None:
+            if acc == weight.dtype:
+                self.weight_grad.addmm_(low.t(), hidden)
+            else:
+                # accumulate in `acc`: both factors in that dtype so no chunk's product is rounded to low
+                factor = grad_logits if grad_logits.dtype == acc else grad_logits.to(acc)
+                self.weight_grad.addmm_(factor.t(), hidden.to(acc))
+        if self.bias_grad is not None:
+            self.bias_grad.add_(grad_logits.sum(0, dtype=self.bias_grad.dtype))
+
+
+def _chunk_buffers(rows: int, classes: int, work_dtype, device, softcap) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = torch.empty((rows, classes), dtype=work_dtype, device=device)
+    derivative = torch.empty((rows, classes), dtype=work_dtype, device=device) if softcap is not None else None
+    return logits, derivative
+
+
+def chunk_rows_for(config: LinearCrossEntropyConfig, num_rows: int, hidden_size: int) -> int:
+    if config.chunk_size is not None:
+        return max(1, min(config.chunk_size, max(num_rows, 1)))
+    return default_chunk_rows(num_rows, config.num_classes, hidden_size)
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Private autograd Function behind :func:`softmaxkit.linear_cross_entropy`'s chunked path.
+
+    Inputs: ``hidden (N, D)``, ``weight (C_local, D)``, ``bias (C_local,)`` or None, ``target (N,)`` of
+    global class indices, ``class_weight (C_local,)`` or None, and a :class:`LinearCrossEntropyConfig`.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig):
+        num_rows, hidden_size = hidden.shape
+        local_classes = weight.shape[0]
+        work_dtype = work_dtype_of(weight.dtype)
+        accumulation_dtype = config.accumulation_dtype or work_dtype
+        rows = _Rows(target, class_weight, config, local_classes, work_dtype)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        precompute = config.reduction != "none" and any(needs)
+        grads = _Accumulators(hidden, weight, bias, needs, accumulation_dtype) if precompute else None
+        scale = rows.scale(config.reduction) if precompute else None
+
+        loss = torch.empty(num_rows, dtype=work_dtype, device=hidden.device)
+        lse = torch.empty(num_rows, dtype=work_dtype, device=hidden.device)
+        step = chunk_rows_for(config, num_rows, hidden_size)
+        buffer, derivative = _chunk_buffers(min(step, num_rows), local_classes, work_dtype, hidden.device,
+                                            config.softcap)
+        for start in range(0, num_rows, step):
+            sl = slice(start, min(start + step, num_rows))
+            logits = _chunk_logits(buffer[: sl.stop - start], hidden[sl], weight, bias)
+            loss[sl], lse[sl] = _chunk_loss_and_grad(
+                logits, derivative, rows, sl, None if scale is None else scale[sl], config
+            )
+            if grads is not None:
+                grads.add_chunk(logits, hidden[sl], sl)
+        del buffer, derivative
+
+        if config.reduction == "mean":
+            out = safe_divide(loss.sum(), rows.denominator)
+        elif config.reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss
+        ctx.config = config
+        ctx.precompute = precompute
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if precompute:
+            if grads.hidden is not None:
+                config.reduce.sum_hidden_grad_(grads.hidden)
+            ctx.save_for_backward(grads.hidden, grads.weight_grad, grads.bias_grad)
+        else:
+            ctx.rows = rows
+            ctx.save_for_backward(hidden, weight, bias, lse)
+        return out.to(hidden.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        if ctx.precompute:
+            stored = ctx.saved_tensors
+            grad_hidden, grad_weight, grad_bias = (
+                None if g is None else g * grad_output.to(g.dtype) for g in stored
+            )
+        else:
+            grad_hidden, grad_weight, grad_bias = _recompute_backward(ctx, grad_output)
+        grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden_dtype)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _recompute_backward(ctx, grad_output):
+    """``"none"`` (or a scalar loss whose forward ran without grad): recompute each chunk's logits."""
+    config = ctx.config
+    hidden, weight, bias, lse = ctx.saved_tensors
+    rows: _Rows = ctx.rows
+    num_rows, hidden_size = hidden.shape
+    work_dtype = lse.dtype
+    accumulation_dtype = config.accumulation_dtype or work_dtype
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    grads = _Accumulators(hidden, weight, bias, needs, accumulation_dtype)
+    grad_output = grad_output.to(work_dtype)
+    if config.reduction == "none":
+        scale = grad_output * rows.valid
+    else:
+        scale = rows.scale(config.reduction) * grad_output
+    step = chunk_rows_for(config, num_rows, hidden_size)
+    buffer, derivative = _chunk_buffers(min(step, num_rows), weight.shape[0], work_dtype, hidden.device,
+                                        config.softcap)
+    for start in range(0, num_rows, step):
+        sl = slice(start, min(start + step, num_rows))
+        logits = _chunk_logits(buffer[: sl.stop - start], hidden[sl], weight, bias)
+        _chunk_grad_from_lse(logits, derivative, rows, sl, lse[sl], scale[sl], config)
+        grads.add_chunk(logits, hidden[sl], sl)
+    if grads.hidden is not None:
+        config.reduce.sum_hidden_grad_(grads.hidden)
+    return grads.hidden, grads.weight_grad, grads.bias_grad

@@ -1,0 +1,170 @@
+"""Linear cross-entropy: ``cross_entropy(hidden @ weight.T + bias, target)`` without the ``(N, C)`` logits."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as v
+from ..backends.torch.linear_cross_entropy import LinearCrossEntropyConfig, _LinearCrossEntropyFunction
+from .cross_entropy import cross_entropy
+
+#: implementations ``linear_cross_entropy(impl=...)`` accepts. ``"auto"`` picks the fastest correct one.
+IMPLS = ("auto", "torch", "composite")
+
+
+def _check_target(hidden: torch.Tensor, target: object, num_classes: int) -> tuple[torch.Tensor, bool]:
+    """Validate ``target`` against ``hidden (..., D)``; return it and whether it holds class probabilities."""
+    target = v.check_tensor("target", target)
+    v.check_same_device("target", target, "hidden", hidden)
+    rows_shape = tuple(hidden.shape[:-1])
+    if tuple(target.shape) == (*rows_shape, num_classes) and target.is_floating_point():
+        return target, True
+    if tuple(target.shape) != rows_shape:
+        raise ValueError(
+            f"`target` must have shape {rows_shape} (class indices) or {(*rows_shape, num_classes)} (class "
+            f"probabilities) for hidden of shape {tuple(hidden.shape)} and {num_classes} classes, but has "
+            f"shape {tuple(target.shape)}"
+        )
+    if target.is_floating_point():
+        raise TypeError(
+            f"`target` of shape {tuple(target.shape)} holds class indices and must have an integer dtype "
+            f"(int64), but has dtype {target.dtype}"
+        )
+    v.check_target_dtype(target)
+    return target, False
+
+
+def validate_linear_cross_entropy_args(
+    hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature, z_loss,
+    softcap, chunk_size, accumulation_dtype,
+):
+    """Shared validation of :func:`linear_cross_entropy`'s arguments; returns normalised values."""
+    hidden, weight, bias = v.check_linear_inputs(hidden, weight, bias)
+    num_classes = weight.shape[0]
+    if num_classes == 0:
+        raise ValueError(f"`weight` must have at least one class (row), but has shape {tuple(weight.shape)}")
+    target, probabilities = _check_target(hidden, target, num_classes)
+    reduction = v.check_reduction(reduction)
+    ignore_index = v.check_int("ignore_index", ignore_index)
+    label_smoothing = v.check_label_smoothing(label_smoothing)
+    temperature = v.check_positive("temperature", temperature)
+    z_loss = v.check_non_negative("z_loss", z_loss)
+    softcap = v.check_softcap(softcap)
+    chunk_size = v.check_optional_positive_int("chunk_size", chunk_size)
+    accumulation_dtype = v.check_accumulation_dtype(accumulation_dtype, weight.dtype)
+    class_weight = v.check_class_weight(class_weight, num_classes, hidden, name="class_weight")
+    if probabilities:
+        if ignore_index >= 0:
+            raise ValueError(
+                f"`ignore_index` is not supported with class-probability targets (it must stay negative, "
+                f"the default -100), but got {ignore_index}"
+            )
+    else:
+        v.check_class_target(target, num_classes, ignore_index)
+    return (hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature,
+            z_loss, softcap, chunk_size, accumulation_dtype, probabilities)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    temperature: float = 1.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    impl: str = "auto",
+    accumulation_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    r"""Cross-entropy of a linear layer's output, computed chunk by chunk so the logits never exist whole.
+
+    With logits ``x = h Wᵀ + b`` this is exactly :func:`softmaxkit.cross_entropy` of ``x`` (see it for the
+    options): with ``z = softcap(x)/T`` and ``a = w ⊙ ((1 − ε)·onehot(y) + ε/C)``,
+
+    .. math:: ℓ = −\sum_c a_c \log\operatorname{softmax}(z)_c + λ\,\operatorname{LSE}(z)^2,\qquad
+              \frac{\partial ℓ}{\partial h} = G W,\quad \frac{\partial ℓ}{\partial W} = Gᵀ h,\quad
+              \frac{\partial ℓ}{\partial b} = \textstyle\sum_{rows} G
+
+    with ``G = ∂ℓ/∂x = [(A + 2λ LSE) p − a]·dz/dx``. Rows are processed ``chunk_size`` at a time: each
+    chunk's logits, log-sum-exp and ``G`` are computed in the forward and folded into the three gradients
+    at once, so backward only scales them by the upstream gradient (``"none"``, whose upstream gradient
+    differs per row, recomputes each chunk's logits in backward instead). Extra memory is one chunk of
+    logits plus the gradients; the naive ``F.linear`` + ``cross_entropy`` holds ``(N, C)`` logits, their
+    log-softmax and their gradient.
+
+    Args:
+        hidden: ``(..., D)`` hidden states (any leading shape, or ``(D,)`` for one row).
+        weight: ``(C, D)`` the output projection (same dtype as ``hidden``).
+        target: ``(...)`` class indices (int64) matching ``hidden``'s leading shape, or ``(..., C)`` class
+            probabilities (floating; these take the composite path, since they are ``(N, C)`` already).
+        bias: ``(C,)`` or None.
+        class_weight: ``(C,)`` per-class loss weight (``weight`` of :func:`cross_entropy`; renamed because
+            ``weight`` is the projection here).
+        ignore_index: target value that contributes neither loss nor gradient.
+        reduction: ``"mean"`` (divided by the summed class weight of non-ignored rows; 0 with zero gradient
+            when every row is ignored), ``"sum"`` or ``"none"``.
+        label_smoothing: ``ε ∈ [0, 1]``.
+        temperature: ``T > 0`` dividing the (soft-capped) logits.
+        z_loss: ``λ ≥ 0``, adds ``λ·LSE(z)²`` per non-ignored row (PaLM).
+        softcap: ``c > 0`` or None; ``c·tanh(x/c)`` before the temperature (Gemma 2).
+        chunk_size: rows per chunk; None picks about 32 MiB of fp32 logits per chunk, at most the size of
+            ``hidden`` itself, within 64–2048 rows (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
+        impl: ``"auto"`` (the chunked path; class-probability targets: ``"composite"``), ``"torch"`` (the
+            chunked PyTorch path) or ``"composite"`` (``F.linear`` then :func:`cross_entropy` with plain
+            differentiable ops: holds the logits, supports double backward).
+        accumulation_dtype: dtype in which ``∂ℓ/∂W``, ``∂ℓ/∂b`` and ``∂ℓ/∂h`` are accumulated over chunks:
+            None means fp32 for fp16/bf16 weights and the weights' dtype otherwise; pass the weights' own
+            low-precision dtype to save memory at some accuracy.
+
+    Returns:
+        A scalar for ``"mean"``/``"sum"``; ``hidden.shape[:-1]`` for ``"none"``. Dtype of ``hidden``.
+
+    Example:
+        >>> import torch, softmaxkit
+        >>> hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> weight = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+        >>> softmaxkit.linear_cross_entropy(hidden, weight, torch.tensor([0, 1]))
+        tensor(0.4716)
+
+    References:
+        Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2025 (memory-lean linear
+        cross-entropy); Hsu et al., "Liger Kernel", 2024 (fused linear cross-entropy).
+    """
+    (hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature, z_loss,
+     softcap, chunk_size, accumulation_dtype, probabilities) = validate_linear_cross_entropy_args(
+        hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature,
+        z_loss, softcap, chunk_size, accumulation_dtype,
+    )
+    if impl not in IMPLS:
+        raise ValueError(f"`impl` must be one of {', '.join(map(repr, IMPLS))}, but got {impl!r}")
+    if impl == "torch" and probabilities:
+        raise ValueError(
+            "`impl='torch'` handles class-index targets; class-probability targets need impl='auto' or "
+            "'composite'"
+        )
+    rows_shape = hidden.shape[:-1]
+    num_classes = weight.shape[0]
+    if impl == "composite" or probabilities:
+        logits = torch.nn.functional.linear(hidden, weight, bias).reshape(-1, num_classes)
+        flat_target = target.reshape(-1, num_classes) if probabilities else target.reshape(-1)
+        loss = cross_entropy(
+            logits, flat_target, weight=class_weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, temperature=temperature, z_loss=z_loss, softcap=softcap,
+            impl="composite",
+        )
+        return loss.reshape(rows_shape) if reduction == "none" else loss
+    config = LinearCrossEntropyConfig(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        temperature=temperature, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
+        accumulation_dtype=accumulation_dtype, num_classes=num_classes,
+    )
+    loss = _LinearCrossEntropyFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), class_weight, config
+    )
+    return loss.reshape(rows_shape) if reduction == "none" else loss

@@ -1,0 +1,407 @@
+"""linear_cross_entropy: the float64 oracle, the naive matmul + cross_entropy, PyTorch's own op, gradcheck,
+chunk-size invariance, low precision within an error budget, extremes, and bad input.
+
+Tolerances: float64 against the NumPy oracle 1e-10 relative (``_helpers.F64_RTOL``: the chunked path sums
+the same terms in a different order); float64 chunked vs unchunked 1e-12 (same maths, only the row
+grouping of the matmuls changes); float32 against PyTorch 1e-5 relative / 1e-6 absolute (``F32_*``);
+fp16/bf16 within an error budget next to PyTorch's naive path in the same dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as torch_F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import softmaxkit
+from softmaxkit import reference as ref
+from softmaxkit.backends.torch.linear_cross_entropy import default_chunk_rows
+from softmaxkit.nn import LinearCrossEntropyLoss
+
+from ._helpers import assert_close_f32, assert_close_f64, assert_within_budget, to_numpy
+
+OPTION_GRID = [
+    dict(),
+    dict(class_weight=True),
+    dict(label_smoothing=0.2),
+    dict(label_smoothing=0.1, class_weight=True),
+    dict(temperature=0.7),
+    dict(z_loss=1e-2),
+    dict(softcap=2.5),
+    dict(softcap=3.0, temperature=1.5, z_loss=1e-3, label_smoothing=0.05, class_weight=True),
+]
+
+
+def _problem(rows_shape=(7,), hidden_size=5, num_classes=11, dtype=torch.float64, seed=0, ignore=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*rows_shape, hidden_size, generator=g, dtype=dtype)
+    weight = torch.randn(num_classes, hidden_size, generator=g, dtype=dtype)
+    bias = torch.randn(num_classes, generator=g, dtype=dtype)
+    target = torch.randint(0, num_classes, rows_shape, generator=g)
+    if ignore and target.numel() > 2:
+        target.view(-1)[1] = -100
+    class_weight = torch.rand(num_classes, generator=g, dtype=dtype) + 0.5
+    return hidden, weight, bias, target, class_weight
+
+
+def _options(spec, class_weight):
+    options = dict(spec)
+    options["class_weight"] = class_weight if options.pop("class_weight", False) else None
+    return options
+
+
+def _ref_options(options):
+    return {("class_weight" if k == "class_weight" else k): (to_numpy(val) if torch.is_tensor(val) else val)
+            for k, val in options.items()}
+
+
+def _loss_and_grads(fn, hidden, weight, bias, target, upstream=None, **options):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    h, w = leaves[0], leaves[1]
+    b = leaves[2] if bias is not None else None
+    loss = fn(h, w, target, bias=b, **options)
+    total = loss.sum() if upstream is None else (loss * upstream).sum()
+    grads = torch.autograd.grad(total, leaves)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("spec", OPTION_GRID, ids=lambda s: ",".join(s) or "plain")
+def test_float64_matches_oracle_values_and_all_gradients(reduction, spec):
+    hidden, weight, bias, target, class_weight = _problem(rows_shape=(2, 5))
+    options = _options(spec, class_weight)
+    upstream = torch.randn(2, 5, dtype=torch.float64) if reduction == "none" else None
+    loss, grads = _loss_and_grads(
+        softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream, reduction=reduction,
+        chunk_size=3, **options,
+    )
+    ref_options = _ref_options(options)
+    expected = ref.linear_cross_entropy(to_numpy(hidden), to_numpy(weight), to_numpy(target), to_numpy(bias),
+                                        reduction=reduction, **ref_options)
+    expected_grads = ref.linear_cross_entropy_grad(
+        to_numpy(hidden), to_numpy(weight), to_numpy(target), to_numpy(bias), reduction=reduction,
+        grad_output=None if upstream is None else to_numpy(upstream), **ref_options,
+    )
+    assert loss.shape == ((2, 5) if reduction == "none" else ())
+    assert_close_f64(loss, expected)
+    for actual, wanted in zip(grads, expected_grads):
+        assert_close_f64(actual, wanted)
+
+
+@pytest.mark.parametrize("spec", [dict(), OPTION_GRID[-1]], ids=["plain", "all-options"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_every_chunk_size_from_1_to_n_equals_the_naive_path(spec, reduction):
+    hidden, weight, bias, target, class_weight = _problem(rows_shape=(9,), hidden_size=3, num_classes=13)
+    options = _options(spec, class_weight)
+    upstream = torch.randn(9, dtype=torch.float64) if reduction == "none" else None
+    naive, naive_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
+                                         impl="composite", reduction=reduction, **options)
+    for chunk in range(1, 10):
+        loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
+                                      chunk_size=chunk, reduction=reduction, **options)
+        assert_close_f64(loss, naive, rtol=1e-12)
+        for actual, wanted in zip(grads, naive_grads):
+            assert_close_f64(actual, wanted, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_equals_torch_linear_then_cross_entropy(dtype, reduction):
+    hidden, weight, bias, target, class_weight = _problem((6,), 8, 37, dtype=dtype)
+    upstream = torch.randn(6, dtype=dtype) if reduction == "none" else None
+    options = dict(reduction=reduction, ignore_index=-100, label_smoothing=0.1)
+
+    def torch_path(h, w, y, bias, class_weight, **kw):
+        return torch_F.cross_entropy(torch_F.linear(h, w, bias), y, weight=class_weight, **kw)
+
+    expected, expected_grads = _loss_and_grads(torch_path, hidden, weight, bias, target, upstream,
+                                               class_weight=class_weight, **options)
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
+                                  class_weight=class_weight, chunk_size=4, **options)
+    check = assert_close_f64 if dtype == torch.float64 else assert_close_f32
+    check(loss, expected)
+    for actual, wanted in zip(grads, expected_grads):
+        check(actual, wanted)
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["torch-chunked", "torch-reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_extras", [False, True], ids=["plain", "bias+weight+ignore"])
+def test_equals_torch_functional_linear_cross_entropy(chunked, reduction, with_extras):
+    from torch.nn import LinearCrossEntropyOptions
+
+    hidden, weight, bias, target, class_weight = _problem((10,), 6, 23, dtype=torch.float64)
+    upstream = torch.randn(10, dtype=torch.float64) if reduction == "none" else None
+    if not with_extras:
+        bias, class_weight = None, None
+        target = target.clamp(min=0)
+    torch_options = LinearCrossEntropyOptions(batch_chunk_size=4) if chunked else None
+
+    def torch_op(h, w, y, bias):
+        return torch_F.linear_cross_entropy(h, w, y, linear_bias=bias, weight=class_weight, reduction=reduction,
+                                            ignore_index=-100, options=torch_options)
+
+    expected, expected_grads = _loss_and_grads(torch_op, hidden, weight, bias, target, upstream)
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
+                                  class_weight=class_weight, reduction=reduction, chunk_size=3)
+    assert_close_f64(loss, expected)
+    for actual, wanted in zip(grads, expected_grads):
+        assert_close_f64(actual, wanted)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("spec", [dict(), OPTION_GRID[3], OPTION_GRID[-1]], ids=["plain", "smooth+w", "all"])
+def test_gradcheck_float64(reduction, spec):
+    hidden, weight, bias, target, class_weight = _problem((4,), 3, 6)
+    options = _options(spec, class_weight)
+    inputs = tuple(t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+
+    def fn(h, w, b):
+        return softmaxkit.linear_cross_entropy(h, w, target, bias=b, reduction=reduction, chunk_size=3, **options)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_gradients_only_for_inputs_that_need_them():
+    hidden, weight, bias, target, _ = _problem()
+    w = weight.clone().requires_grad_()
+    loss = softmaxkit.linear_cross_entropy(hidden, w, target, bias=bias, chunk_size=2)
+    (grad_weight,) = torch.autograd.grad(loss, [w])
+    _, expected = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, impl="composite")
+    assert_close_f64(grad_weight, expected[1])
+    h = hidden.clone().requires_grad_()
+    (grad_hidden,) = torch.autograd.grad(softmaxkit.linear_cross_entropy(h, weight, target, bias=bias), [h])
+    assert_close_f64(grad_hidden, expected[0])
+
+
+def test_backward_twice_with_retain_graph_gives_the_same_gradients():
+    hidden, weight, bias, target, _ = _problem()
+    w = weight.clone().requires_grad_()
+    loss = softmaxkit.linear_cross_entropy(hidden, w, target, bias=bias)
+    (first,) = torch.autograd.grad(loss * 2.0, [w], retain_graph=True)
+    (second,) = torch.autograd.grad(loss * 2.0, [w])
+    assert torch.equal(first, second)
+
+
+def test_inputs_are_not_mutated():
+    hidden, weight, bias, target, class_weight = _problem()
+    copies = [t.clone() for t in (hidden, weight, bias, target, class_weight)]
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    for reduction in ("mean", "none"):
+        loss = softmaxkit.linear_cross_entropy(h, w, target, bias=b, class_weight=class_weight, softcap=2.0,
+                                               temperature=0.5, reduction=reduction)
+        loss.sum().backward()
+    for original, now in zip(copies, (h, w, b, target, class_weight)):
+        assert torch.equal(original, now.detach())
+
+
+def test_probability_targets_equal_the_oracle():
+    hidden, weight, bias, _, class_weight = _problem((5,), 4, 7)
+    soft = torch.softmax(torch.randn(5, 7, dtype=torch.float64), -1)
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, soft,
+                                  class_weight=class_weight, label_smoothing=0.1)
+    expected = ref.linear_cross_entropy(to_numpy(hidden), to_numpy(weight), to_numpy(soft), to_numpy(bias),
+                                        class_weight=to_numpy(class_weight), label_smoothing=0.1)
+    expected_grads = ref.linear_cross_entropy_grad(to_numpy(hidden), to_numpy(weight), to_numpy(soft),
+                                                   to_numpy(bias), class_weight=to_numpy(class_weight),
+                                                   label_smoothing=0.1)
+    assert_close_f64(loss, expected)
+    for actual, wanted in zip(grads, expected_grads):
+        assert_close_f64(actual, wanted)
+
+
+def test_unbatched_hidden_and_empty_batch():
+    hidden, weight, bias, target, _ = _problem((3,), ignore=False)
+    single = softmaxkit.linear_cross_entropy(hidden[0], weight, target[0], bias=bias, reduction="none")
+    assert single.shape == ()
+    assert_close_f64(single, softmaxkit.linear_cross_entropy(hidden[:1], weight, target[:1], bias=bias))
+    w = weight.clone().requires_grad_()
+    empty = softmaxkit.linear_cross_entropy(hidden[:0], w, target[:0])
+    assert empty.item() == 0.0
+    (grad,) = torch.autograd.grad(empty, [w])
+    assert torch.count_nonzero(grad) == 0
+    assert softmaxkit.linear_cross_entropy(hidden[:0], weight, target[:0], reduction="none").shape == (0,)
+
+
+def test_ignored_rows_equal_dropped_rows_and_all_ignored_is_zero():
+    hidden, weight, bias, target, class_weight = _problem((8,), ignore=False)
+    target[[2, 5]] = -100
+    keep = target != -100
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target,
+                                  class_weight=class_weight, label_smoothing=0.1, z_loss=1e-3)
+    dropped, dropped_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden[keep], weight, bias,
+                                             target[keep], class_weight=class_weight, label_smoothing=0.1,
+                                             z_loss=1e-3)
+    assert_close_f64(loss, dropped, rtol=1e-12)
+    assert_close_f64(grads[0][keep], dropped_grads[0], rtol=1e-12)
+    assert torch.count_nonzero(grads[0][~keep]) == 0
+    for actual, wanted in zip(grads[1:], dropped_grads[1:]):
+        assert_close_f64(actual, wanted, rtol=1e-12)
+
+    everything_ignored = torch.full_like(target, -100)
+    for reduction in ("mean", "sum"):
+        loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, everything_ignored,
+                                      reduction=reduction, z_loss=1e-2)
+        assert loss.item() == 0.0
+        assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits_stay_finite_and_minus_inf_bias_equals_truncated_classes(dtype):
+    hidden, weight, bias, target, _ = _problem((6,), 4, 9, dtype=dtype, ignore=False)
+    scaled = hidden * 2500.0  # logits of order ±1e4
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, scaled, weight, bias, target, softcap=None)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+    expected = torch_F.cross_entropy(torch_F.linear(scaled.double(), weight.double(), bias.double()), target)
+    assert_close_f32(loss.double(), expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+    target = target % 6
+    masked_bias = bias.clone()
+    masked_bias[6:] = -torch.inf
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, masked_bias, target)
+    truncated, truncated_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight[:6], bias[:6],
+                                                 target)
+    # Same maths; only the matmul's blocking over 9 vs 6 classes may reorder the sums of ∂h (float32 ulps).
+    assert_close_f32(loss, truncated)
+    assert_close_f32(grads[0], truncated_grads[0])
+    assert_close_f32(grads[1][:6], truncated_grads[1])
+    assert torch.count_nonzero(grads[1][6:]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", [dict(), OPTION_GRID[-1]], ids=["plain", "all-options"])
+def test_low_precision_within_error_budget_of_torch(dtype, spec):
+    """The budget: |ours − oracle| ≤ |torch naive in the same dtype − oracle| + tol.
+
+    ``tol`` is a few units of the dtype's rounding at the size of the quantity (the loss and gradients are
+    O(1)/N), since ours and PyTorch's round at different points (PyTorch rounds the logits and their
+    gradient to the low dtype, ours keeps them in fp32 and accumulates ∂W over chunks in fp32).
+    """
+    hidden, weight, bias, target, class_weight = _problem((24,), 16, 97, dtype=torch.float64, ignore=False)
+    options = _options(spec, class_weight.to(dtype))
+    low = [t.to(dtype) for t in (hidden, weight, bias)]
+    exact = [t.to(dtype).double() for t in (hidden, weight, bias)]  # the oracle sees the rounded inputs
+    oracle, oracle_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, *exact, target, impl="composite",
+                                           **{k: (v.double() if torch.is_tensor(v) else v) for k, v in options.items()})
+    ours, ours_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, *low, target, chunk_size=7, **options)
+
+    def torch_path(h, w, y, bias, class_weight=None, label_smoothing=0.0, **extra):
+        return softmaxkit.cross_entropy(torch_F.linear(h, w, bias), y, weight=class_weight,
+                                        label_smoothing=label_smoothing, impl="composite", **extra)
+
+    peer, peer_grads = _loss_and_grads(torch_path, *low, target, **options)
+    unit = torch.finfo(dtype).eps
+    assert_within_budget(ours, peer, oracle, tol=4 * unit * max(1.0, abs(oracle.item())))
+    for mine, theirs, exact_grad in zip(ours_grads, peer_grads, oracle_grads):
+        scale = exact_grad.abs().max().item()
+        assert_within_budget(mine, theirs, exact_grad, tol=4 * unit * scale)
+
+
+def test_low_precision_accumulation_in_the_weights_dtype_is_selectable():
+    """bf16 accumulation rounds the running ∂W once per chunk (≤ half a bf16 ulp of the running sum each
+    time); fp32 accumulation rounds once at the end, so it is never worse."""
+    hidden, weight, bias, target, _ = _problem((32,), 8, 50, ignore=False)
+    low = [t.to(torch.bfloat16) for t in (hidden, weight, bias)]
+    _, fp32_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, *low, target, chunk_size=1)
+    _, bf16_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, *low, target, chunk_size=1,
+                                    accumulation_dtype=torch.bfloat16)
+    _, exact = _loss_and_grads(softmaxkit.linear_cross_entropy, *[t.double() for t in low], target)
+    assert all(g.dtype == torch.bfloat16 for g in bf16_grads + fp32_grads)
+    scale = exact[1].abs().max().item()
+    bf16_error = (bf16_grads[1].double() - exact[1]).abs().max().item()
+    fp32_error = (fp32_grads[1].double() - exact[1]).abs().max().item()
+    assert fp32_error <= bf16_error
+    assert bf16_error <= fp32_error + 32 * 2**-9 * scale
+
+
+@given(
+    rows=st.integers(1, 9),
+    hidden_size=st.integers(1, 6),
+    num_classes=st.integers(1, 12),
+    chunk=st.integers(1, 10),
+    smoothing=st.sampled_from([0.0, 0.3]),
+    softcap=st.sampled_from([None, 1.5]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_oracle(rows, hidden_size, num_classes, chunk, smoothing, softcap, reduction, seed):
+    hidden, weight, bias, target, _ = _problem((rows,), hidden_size, num_classes, seed=seed, ignore=rows > 3)
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target,
+                                  chunk_size=chunk, label_smoothing=smoothing, softcap=softcap, reduction=reduction)
+    kw = dict(label_smoothing=smoothing, softcap=softcap, reduction=reduction)
+    args = [to_numpy(t) for t in (hidden, weight, target, bias)]
+    assert_close_f64(loss, ref.linear_cross_entropy(*args, **kw))
+    for actual, wanted in zip(grads, ref.linear_cross_entropy_grad(*args, **kw)):
+        assert_close_f64(actual, wanted)
+
+
+def test_composite_impl_supports_double_backward():
+    hidden, weight, bias, target, _ = _problem((4,), 3, 5)
+    h = hidden.clone().requires_grad_()
+    loss = softmaxkit.linear_cross_entropy(h, weight, target, bias=bias, impl="composite")
+    (grad,) = torch.autograd.grad(loss, [h], create_graph=True)
+    (second,) = torch.autograd.grad(grad.square().sum(), [h])
+    assert torch.isfinite(second).all() and second.abs().sum() > 0
+
+
+def test_module_equals_function_and_keeps_class_weight_in_state_dict():
+    hidden, weight, bias, target, class_weight = _problem()
+    module = LinearCrossEntropyLoss(class_weight=class_weight, label_smoothing=0.1, z_loss=1e-3, chunk_size=2)
+    assert "class_weight" in module.state_dict()
+    expected = softmaxkit.linear_cross_entropy(hidden, weight, target, bias=bias, class_weight=class_weight,
+                                               label_smoothing=0.1, z_loss=1e-3)
+    assert_close_f64(module(hidden, weight, target, bias), expected, rtol=1e-12)
+
+
+def test_default_chunk_rows():
+    # 32 MiB of fp32 logits at C = 50k is 167 rows → 160; tiny problems use every row at once.
+    assert default_chunk_rows(8192, 50_000, 512) == 160
+    assert default_chunk_rows(10, 50_000, 512) == 10
+    assert default_chunk_rows(100_000, 10, 8) == 2048
+    assert default_chunk_rows(8192, 10_000_000, 64) == 64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(hidden=torch.randn(3, 4)), ValueError, "`hidden` has 4 features"),
+        (dict(weight=torch.randn(5)), ValueError, "`weight` must have shape (C, D)"),
+        (dict(weight=torch.randn(5, 3, dtype=torch.float64)), TypeError, "`weight` has dtype torch.float64"),
+        (dict(bias=torch.randn(4)), ValueError, "`bias` must have shape (5,)"),
+        (dict(target=torch.tensor([0, 5, 1])), ValueError, "holds 5 at position 1"),
+        (dict(target=torch.tensor([0, 1])), ValueError, "`target` must have shape (3,)"),
+        (dict(target=torch.tensor([0.0, 1.0, 2.0])), TypeError, "integer dtype"),
+        (dict(chunk_size=0), ValueError, "`chunk_size` must be None or an int >= 1"),
+        (dict(impl="cuda"), ValueError, "`impl` must be one of"),
+        (dict(accumulation_dtype=torch.int32), TypeError, "`accumulation_dtype`"),
+        (dict(class_weight=torch.ones(4)), ValueError, "`class_weight` must be a 1-d tensor"),
+        (dict(label_smoothing=1.5), ValueError, "`label_smoothing`"),
+        (dict(hidden=torch.randn(3, 3).long()), TypeError, "`hidden` must have a floating-point dtype"),
+    ],
+)
+def test_bad_input_raises_clear_errors(kwargs, error, message):
+    args = dict(hidden=torch.randn(3, 3), weight=torch.randn(5, 3), target=torch.tensor([0, 1, 2]))
+    args.update(kwargs)
+    hidden, weight, target = args.pop("hidden"), args.pop("weight"), args.pop("target")
+    with pytest.raises(error, match=_escape(message)):
+        softmaxkit.linear_cross_entropy(hidden, weight, target, **args)
+
+
+def _escape(message: str) -> str:
+    import re
+
+    return re.escape(message)
+
+
+def test_grid_of_odd_shapes_against_oracle():
+    for rows, hidden_size, num_classes in itertools.product((1, 3), (1, 7), (1, 2, 31)):
+        hidden, weight, bias, target, _ = _problem((rows,), hidden_size, num_classes, ignore=False)
+        loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, chunk_size=2)
+        args = [to_numpy(t) for t in (hidden, weight, target, bias)]
+        assert_close_f64(loss, ref.linear_cross_entropy(*args))
+        for actual, wanted in zip(grads, ref.linear_cross_entropy_grad(*args)):
+            assert_close_f64(actual, wanted)
