@@ -7,18 +7,41 @@ NumPy float64 oracle in :mod:`softmaxkit.reference`.
 from . import nn, reference  # subpackages reachable as attributes, like torch.nn
 from .estimator import SoftmaxRegression
 from .functional import cross_entropy, log_softmax, logsumexp, softmax
+from .functional.distillation import distillation_loss
+from .functional.focal import focal_loss, poly1_cross_entropy
+from .functional.gumbel import gumbel_softmax
 from .functional.linear_cross_entropy import linear_cross_entropy
+from .functional.sparse import (
+    entmax15,
+    entmax15_loss,
+    entmax_bisect,
+    entmax_bisect_loss,
+    sparsemax,
+    sparsemax_loss,
+)
+from .functional.weights import class_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SoftmaxRegression",
     "__version__",
+    "class_weights",
     "cross_entropy",
+    "distillation_loss",
+    "entmax15",
+    "entmax15_loss",
+    "entmax_bisect",
+    "entmax_bisect_loss",
+    "focal_loss",
+    "gumbel_softmax",
     "linear_cross_entropy",
     "log_softmax",
     "logsumexp",
     "nn",
+    "poly1_cross_entropy",
     "reference",
     "softmax",
+    "sparsemax",
+    "sparsemax_loss",
 ]

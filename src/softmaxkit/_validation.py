@@ -237,3 +237,148 @@ def check_accumulation_dtype(value: object, weight_dtype: torch.dtype) -> torch.
             f"`accumulation_dtype` must be the weight's dtype ({weight_dtype}) or wider, but got {value}"
         )
     return value
+
+
+# --- the loss family: focal, poly-1, class weights, distillation, sparsemax / entmax, Gumbel (issue 3) ---
+
+
+def check_class_index_target(logits: torch.Tensor, target: object, function: str) -> int:
+    """``logits`` ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)`` with an integer ``target`` of the matching shape.
+
+    Returns ``C``. ``function`` names the caller in the message for floating (class-probability) targets,
+    which these losses do not take.
+    """
+    target = check_tensor("target", target)
+    check_same_device("target", target, "logits", logits)
+    if logits.dim() == 0:
+        raise ValueError("`logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
+    expected = () if logits.dim() == 1 else (logits.shape[0], *logits.shape[2:])
+    if target.is_floating_point():
+        raise TypeError(
+            f"`target` of {function} must hold class indices with an integer dtype (int64) and shape {expected}, "
+            f"but has dtype {target.dtype} and shape {tuple(target.shape)} (class-probability targets are "
+            f"taken by softmaxkit.cross_entropy)"
+        )
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"`target` must have shape {expected} (class indices) for logits of shape {tuple(logits.shape)}, "
+            f"but has shape {tuple(target.shape)}"
+        )
+    check_target_dtype(target)
+    num_classes = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
+    if num_classes == 0:
+        raise ValueError(f"`logits` must have at least one class, but has shape {tuple(logits.shape)}")
+    return num_classes
+
+
+def check_class_vector(
+    name: str, value: object, num_classes: int, logits: torch.Tensor, *, minimum: float | None = None
+) -> torch.Tensor | None:
+    """None, or a floating ``(C,)`` tensor on the logits' device with finite entries ``>= minimum``."""
+    if value is None:
+        return None
+    value = check_floating(name, value)
+    if value.dim() != 1 or value.shape[0] != num_classes:
+        raise ValueError(
+            f"`{name}` must be a 1-d tensor with one entry per class ({num_classes}), "
+            f"but has shape {tuple(value.shape)}"
+        )
+    check_same_device(name, value, "logits", logits)
+    if value.numel() and _data_checks_enabled(value):
+        bad = ~torch.isfinite(value)
+        if minimum is not None:
+            bad = bad | (value < minimum)
+        if bool(bad.any()):
+            position = int(bad.nonzero()[0, 0])
+            expected = "finite" + (f" and >= {minimum:g}" if minimum is not None else "")
+            raise ValueError(
+                f"`{name}` must hold {expected} entries, but holds {float(value[position])} at class {position}"
+            )
+    return value
+
+
+def check_entmax_alpha(alpha: object, x: torch.Tensor, dim: int) -> float | torch.Tensor:
+    """``α >= 1``: a real number, or a floating tensor (one α per slice along ``dim``).
+
+    A tensor must be a single value or broadcastable to ``x``'s shape with size 1 at ``dim`` (e.g.
+    ``(N, 1)`` for ``(N, C)`` input and ``dim=-1``), on ``x``'s device, finite and ``>= 1`` everywhere.
+    """
+    if not isinstance(alpha, torch.Tensor):
+        value = check_number("alpha", alpha)
+        if not (value >= 1.0 and math.isfinite(value)):
+            raise ValueError(f"`alpha` must be a finite number >= 1 (1 is softmax, 2 sparsemax), but got {value}")
+        return value
+    if not alpha.is_floating_point():
+        raise TypeError(f"`alpha` given as a tensor must have a floating-point dtype, but has dtype {alpha.dtype}")
+    check_same_device("alpha", alpha, "x", x)
+    row_shape = list(x.shape)
+    if row_shape:
+        row_shape[dim] = 1
+    try:
+        shape = torch.broadcast_shapes(alpha.shape, tuple(row_shape))
+    except RuntimeError:
+        shape = None
+    if shape is None or tuple(shape) != tuple(row_shape):
+        raise ValueError(
+            f"`alpha` must be a single value or broadcastable to {tuple(row_shape)} (the input's shape "
+            f"{tuple(x.shape)} with size 1 at dim={dim}: one α per slice), but has shape {tuple(alpha.shape)}"
+        )
+    if alpha.numel() and _data_checks_enabled(alpha):
+        bad = ~(torch.isfinite(alpha) & (alpha >= 1))
+        if bool(bad.any()):
+            position = int(bad.reshape(-1).nonzero()[0, 0])
+            raise ValueError(
+                f"`alpha` must be finite and >= 1 everywhere (1 is softmax, 2 sparsemax), but holds "
+                f"{float(alpha.reshape(-1)[position])} at flat position {position}"
+            )
+    return alpha
+
+
+def check_class_counts(counts: object) -> torch.Tensor:
+    """Per-class counts: a 1-d tensor / array / sequence of finite numbers >= 0, at least one of them > 0.
+
+    Returns a float64 tensor (on the input tensor's device).
+    """
+    if isinstance(counts, torch.Tensor):
+        tensor = counts.detach()
+    else:
+        import numpy as np
+
+        try:
+            array = np.asarray(counts)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"`counts` must be a 1-d tensor or array of numbers, but got {type(counts).__name__}") from error
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"`counts` must hold numbers, but has dtype {array.dtype}")
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"`counts` must hold real numbers, but has dtype {tensor.dtype}")
+    if tensor.dim() != 1 or tensor.shape[0] == 0:
+        raise ValueError(f"`counts` must be a non-empty 1-d sequence (one count per class), but has shape {tuple(tensor.shape)}")
+    tensor = tensor.to(torch.float64)
+    bad = ~torch.isfinite(tensor) | (tensor < 0)
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(f"`counts` must be finite and >= 0, but holds {float(tensor[position])} at class {position}")
+    if not bool((tensor > 0).any()):
+        raise ValueError("`counts` must have at least one positive entry (some class must occur), but all are 0")
+    return tensor
+
+
+def check_same_shape(name: str, tensor: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if tensor.shape != other.shape:
+        raise ValueError(
+            f"`{name}` must have the same shape as `{other_name}` {tuple(other.shape)}, but has shape "
+            f"{tuple(tensor.shape)}"
+        )
+
+
+def check_generator(generator: object, device: torch.device) -> torch.Generator | None:
+    """None, or a :class:`torch.Generator` on ``device``'s type (a CUDA tensor needs a CUDA generator)."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or None, but got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"`generator` is on {generator.device} but `logits` on {device}; they must match")
+    return generator

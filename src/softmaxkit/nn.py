@@ -11,7 +11,17 @@ from torch import nn
 
 from . import _validation as v
 from . import functional as F
+from .functional.distillation import distillation_loss
+from .functional.focal import focal_loss, poly1_cross_entropy
 from .functional.linear_cross_entropy import linear_cross_entropy
+from .functional.sparse import (
+    entmax15,
+    entmax15_loss,
+    entmax_bisect,
+    entmax_bisect_loss,
+    sparsemax,
+    sparsemax_loss,
+)
 
 
 class Softmax(nn.Module):
@@ -148,3 +158,233 @@ class LinearCrossEntropyLoss(nn.Module):
             f"label_smoothing={self.label_smoothing}, temperature={self.temperature}, z_loss={self.z_loss}, "
             f"softcap={self.softcap}, chunk_size={self.chunk_size}, impl={self.impl!r}"
         )
+
+
+# --- the loss family (issue 3) ---
+
+
+def _buffer(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    module.register_buffer(name, None if value is None else v.check_floating(name, value))
+
+
+def _alpha_attribute(module: nn.Module, alpha: float | torch.Tensor) -> None:
+    """A float α, an ``nn.Parameter`` (learnt: registered as a parameter) or a tensor (a buffer)."""
+    if isinstance(alpha, nn.Parameter):
+        module.alpha = alpha
+    elif isinstance(alpha, torch.Tensor):
+        module.register_buffer("alpha", v.check_floating("alpha", alpha))
+    else:
+        module.alpha = v.check_number("alpha", alpha)
+
+
+class FocalLoss(nn.Module):
+    """Module form of :func:`softmaxkit.focal_loss`; ``alpha`` and ``weight`` are buffers."""
+
+    def __init__(
+        self,
+        *,
+        gamma: float = 2.0,
+        alpha: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        temperature: float = 1.0,
+    ):
+        super().__init__()
+        self.gamma = v.check_non_negative("gamma", gamma)
+        _buffer(self, "alpha", alpha)
+        _buffer(self, "weight", weight)
+        self.ignore_index = v.check_int("ignore_index", ignore_index)
+        self.reduction = v.check_reduction(reduction)
+        self.label_smoothing = v.check_label_smoothing(label_smoothing)
+        self.temperature = v.check_positive("temperature", temperature)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return focal_loss(
+            logits, target, gamma=self.gamma, alpha=self.alpha, weight=self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing, temperature=self.temperature,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"gamma={self.gamma}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, temperature={self.temperature}"
+        )
+
+
+class Poly1Loss(nn.Module):
+    """Module form of :func:`softmaxkit.poly1_cross_entropy`; ``weight`` is a buffer."""
+
+    def __init__(
+        self,
+        *,
+        epsilon: float = 1.0,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        temperature: float = 1.0,
+    ):
+        super().__init__()
+        self.epsilon = v.check_number("epsilon", epsilon)
+        _buffer(self, "weight", weight)
+        self.ignore_index = v.check_int("ignore_index", ignore_index)
+        self.reduction = v.check_reduction(reduction)
+        self.label_smoothing = v.check_label_smoothing(label_smoothing)
+        self.temperature = v.check_positive("temperature", temperature)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return poly1_cross_entropy(
+            logits, target, epsilon=self.epsilon, weight=self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing, temperature=self.temperature,
+        )
+
+    def extra_repr(self) -> str:
+        return f"epsilon={self.epsilon}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
+
+class DistillationLoss(nn.Module):
+    """Module form of :func:`softmaxkit.distillation_loss`: ``forward(student_logits, teacher_logits, target=None)``."""
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        reduction: str = "batchmean",
+        alpha: float | None = None,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        self.temperature = v.check_positive("temperature", temperature)
+        self.reduction = v.check_reduction(reduction, ("batchmean", "mean", "sum", "none"))
+        self.alpha = None if alpha is None else v.check_in_range("alpha", alpha, 0.0, 1.0)
+        _buffer(self, "weight", weight)
+        self.ignore_index = v.check_int("ignore_index", ignore_index)
+        self.label_smoothing = v.check_label_smoothing(label_smoothing)
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return distillation_loss(
+            student_logits, teacher_logits, temperature=self.temperature, reduction=self.reduction, target=target,
+            alpha=self.alpha, weight=self.weight, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, alpha={self.alpha}"
+
+
+class SparsemaxLoss(nn.Module):
+    """Module form of :func:`softmaxkit.sparsemax_loss`; ``weight`` is a buffer."""
+
+    def __init__(
+        self,
+        *,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        temperature: float = 1.0,
+    ):
+        super().__init__()
+        _buffer(self, "weight", weight)
+        self.ignore_index = v.check_int("ignore_index", ignore_index)
+        self.reduction = v.check_reduction(reduction)
+        self.temperature = v.check_positive("temperature", temperature)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sparsemax_loss(
+            logits, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            temperature=self.temperature,
+        )
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, temperature={self.temperature}"
+
+
+class Entmax15Loss(SparsemaxLoss):
+    """Module form of :func:`softmaxkit.entmax15_loss`; ``weight`` is a buffer."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return entmax15_loss(
+            logits, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            temperature=self.temperature,
+        )
+
+
+class EntmaxBisectLoss(nn.Module):
+    """Module form of :func:`softmaxkit.entmax_bisect_loss`.
+
+    ``alpha`` may be an ``nn.Parameter`` (then learnt with the model: it gets a gradient), a tensor (a buffer)
+    or a float.
+    """
+
+    def __init__(
+        self,
+        alpha: float | torch.Tensor = 1.5,
+        *,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        temperature: float = 1.0,
+        n_iter: int = 50,
+    ):
+        super().__init__()
+        _alpha_attribute(self, alpha)
+        _buffer(self, "weight", weight)
+        self.ignore_index = v.check_int("ignore_index", ignore_index)
+        self.reduction = v.check_reduction(reduction)
+        self.temperature = v.check_positive("temperature", temperature)
+        self.n_iter = v.check_positive_int("n_iter", n_iter)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return entmax_bisect_loss(
+            logits, target, self.alpha, weight=self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, temperature=self.temperature, n_iter=self.n_iter,
+        )
+
+    def extra_repr(self) -> str:
+        alpha = self.alpha if not isinstance(self.alpha, torch.Tensor) else f"tensor{tuple(self.alpha.shape)}"
+        return f"alpha={alpha}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
+
+class Sparsemax(nn.Module):
+    """Module form of :func:`softmaxkit.sparsemax`: ``Sparsemax(dim)(x)``."""
+
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = v.check_int("dim", dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparsemax(x, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class Entmax15(Sparsemax):
+    """Module form of :func:`softmaxkit.entmax15`: ``Entmax15(dim)(x)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return entmax15(x, self.dim)
+
+
+class EntmaxBisect(nn.Module):
+    """Module form of :func:`softmaxkit.entmax_bisect`; ``alpha`` as in :class:`EntmaxBisectLoss` (an
+    ``nn.Parameter`` is learnt, as in adaptively sparse transformers)."""
+
+    def __init__(self, alpha: float | torch.Tensor = 1.5, dim: int = -1, n_iter: int = 50):
+        super().__init__()
+        _alpha_attribute(self, alpha)
+        self.dim = v.check_int("dim", dim)
+        self.n_iter = v.check_positive_int("n_iter", n_iter)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return entmax_bisect(x, self.alpha, self.dim, self.n_iter)
+
+    def extra_repr(self) -> str:
+        alpha = self.alpha if not isinstance(self.alpha, torch.Tensor) else f"tensor{tuple(self.alpha.shape)}"
+        return f"alpha={alpha}, dim={self.dim}"

@@ -5,16 +5,65 @@ speed. The torch implementations in :mod:`softmaxkit` are tested against these.
 """
 
 from .cross_entropy import cross_entropy, cross_entropy_grad
+from .explain import gradient_norm_vs_scale, jacobian_eigenvalues, temperature_gradient_factor
+from .focal import (
+    class_weights,
+    distillation_loss,
+    distillation_loss_grad,
+    focal_loss,
+    focal_loss_grad,
+    poly1_cross_entropy,
+    poly1_cross_entropy_grad,
+)
+from .gumbel import gumbel_noise, gumbel_softmax
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_grad
 from .softmax import log_softmax, logsumexp, softmax, softmax_jacobian
+from .sparse import (
+    entmax15,
+    entmax15_loss,
+    entmax15_loss_grad,
+    entmax_alpha_derivative,
+    entmax_bisect,
+    entmax_bisect_loss,
+    entmax_bisect_loss_alpha_derivative,
+    entmax_jacobian,
+    sparsemax,
+    sparsemax_loss,
+    sparsemax_loss_grad,
+    tsallis_entropy,
+)
 
 __all__ = [
+    "class_weights",
     "cross_entropy",
     "cross_entropy_grad",
+    "distillation_loss",
+    "distillation_loss_grad",
+    "entmax15",
+    "entmax15_loss",
+    "entmax15_loss_grad",
+    "entmax_alpha_derivative",
+    "entmax_bisect",
+    "entmax_bisect_loss",
+    "entmax_bisect_loss_alpha_derivative",
+    "entmax_jacobian",
+    "focal_loss",
+    "focal_loss_grad",
+    "gradient_norm_vs_scale",
+    "gumbel_noise",
+    "gumbel_softmax",
+    "jacobian_eigenvalues",
     "linear_cross_entropy",
     "linear_cross_entropy_grad",
     "log_softmax",
     "logsumexp",
+    "poly1_cross_entropy",
+    "poly1_cross_entropy_grad",
     "softmax",
     "softmax_jacobian",
+    "sparsemax",
+    "sparsemax_loss",
+    "sparsemax_loss_grad",
+    "temperature_gradient_factor",
+    "tsallis_entropy",
 ]

@@ -1,0 +1,147 @@
+r"""Softmax focal loss with a closed-form backward, for 2-D logits and class-index targets.
+
+For one row with ``z = x/T``, ``p = softmax(z)`` and coefficients ``a_c = α_c w_c q_c`` (``q`` the smoothed
+one-hot target, 0 on ignored rows):
+
+.. math:: ℓ = −\sum_c a_c (1 − p_c)^γ \log p_c,\qquad
+          \frac{∂ℓ}{∂z_j} = g_j − p_j \sum_c g_c,\quad g_c = a_c (1 − p_c)^γ\big(γ\,r_c − 1\big)
+
+with ``r_c = p_c \log p_c / (1 − p_c)``. Written this way the backward never forms ``(1 − p)^{γ−1}``: that
+factor is infinite at ``p = 1`` for ``γ < 1`` and autograd through ``pow`` turns it into NaN (``∞·0``).
+``1 − p`` is computed as ``−expm1(log p)``, accurate when ``p`` is close to 1, and ``r → −1`` as ``p → 1``.
+
+Without label smoothing only ``g_y`` is non-zero, so the gradient is ``g_y (e_y − p)``: one ``(N, C)`` pass,
+like cross-entropy's. fp16/bf16 logits are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..._reduction import safe_divide
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def focal_terms(log_p: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise ``(−(1 − p)^γ log p, (1 − p)^γ (γ r − 1))``: the loss term and the gradient coefficient.
+
+    Safe everywhere: ``p = 1`` gives ``(0, −1·[γ = 0])``-style limits, ``log p = −inf`` (a masked class)
+    gives ``(+inf, −1)``.
+    """
+    one_minus = -torch.expm1(log_p)
+    if gamma == 0.0:
+        modulation = torch.ones_like(log_p)
+    else:
+        modulation = one_minus.pow(gamma)
+    term = -modulation * log_p
+    if gamma == 0.0:
+        return term, -modulation
+    p = torch.exp(log_p)
+    safe = torch.where(one_minus == 0, torch.ones_like(one_minus), one_minus)
+    ratio = torch.where(one_minus == 0, -torch.ones_like(p), p * log_p / safe)
+    ratio = torch.where(p == 0, torch.zeros_like(ratio), ratio)
+    return term, modulation * (gamma * ratio - 1.0)
+
+
+class _FocalFunction(torch.autograd.Function):
+    """Private autograd Function behind :func:`softmaxkit.focal_loss`."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        gamma: float,
+        class_scale: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        temperature: float,
+    ) -> torch.Tensor:
+        num_rows, num_classes = logits.shape
+        work = _work_dtype(logits.dtype)
+        z = logits.to(work)
+        if temperature != 1.0:
+            z = z / temperature
+        lse = torch.logsumexp(z, dim=1) if num_rows else z.new_zeros(0)
+        valid = target != ignore_index
+        safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
+        zero = torch.zeros((), dtype=work, device=logits.device)
+
+        # Row weight w_y (the mean's denominator) and the per-class coefficient scale α_c w_c.
+        w_y = valid.to(work) if weight is None else torch.where(valid, weight.to(work)[safe_target], zero)
+        scale = None if class_scale is None else class_scale.to(work)
+        eps = label_smoothing
+
+        log_p_y = z.gather(1, safe_target[:, None])[:, 0] - lse
+        term_y, _ = focal_terms(log_p_y, gamma)
+        s_y = torch.ones((), dtype=work, device=logits.device) if scale is None else scale[safe_target]
+        # ℓ = (1 − ε) a'_y f_y + (ε/C) Σ_c a'_c f_c, with a'_c = α_c w_c; 0 on ignored rows.
+        # A zero coefficient contributes 0 even where the term is infinite (a masked target class).
+        loss = torch.where(s_y == 0, zero, (1.0 - eps) * s_y * term_y) if eps < 1 else torch.zeros_like(term_y)
+        if eps > 0:
+            terms, _ = focal_terms(z - lse[:, None], gamma)
+            if scale is not None:
+                terms = torch.where(scale == 0, zero, terms * scale)
+            loss = loss + (eps / num_classes) * terms.sum(dim=1)
+        loss = torch.where(valid, loss, zero)
+
+        denominator = w_y.sum()
+        if reduction == "mean":
+            out = safe_divide(loss.sum(), denominator)
+        elif reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss
+        ctx.save_for_backward(logits, safe_target, valid, lse, scale, denominator)
+        ctx.options = (gamma, reduction, eps, temperature)
+        return out.to(logits.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, target, valid, lse, scale, denominator = ctx.saved_tensors
+        gamma, reduction, eps, temperature = ctx.options
+        num_rows, num_classes = logits.shape
+        work = lse.dtype
+        zero = torch.zeros((), dtype=work, device=logits.device)
+
+        grad_output = grad_output.to(work)
+        if reduction == "none":
+            row_scale = grad_output * valid
+        elif reduction == "mean":
+            row_scale = safe_divide(grad_output, denominator).expand(num_rows) * valid
+        else:
+            row_scale = grad_output.expand(num_rows) * valid
+        if temperature != 1.0:
+            row_scale = row_scale / temperature
+
+        z = logits.to(work)
+        if temperature != 1.0:
+            z = z / temperature
+        # log p in a fresh buffer (never in the caller's logits).
+        log_p = torch.sub(z, lse[:, None])
+        s_y = torch.ones((), dtype=work, device=logits.device) if scale is None else scale[target]
+        log_p_y = log_p.gather(1, target[:, None])[:, 0]
+        _, coefficient_y = focal_terms(log_p_y, gamma)
+        # g_y = (1 − ε) α_y w_y (1 − p_y)^γ (γ r_y − 1), times the row's upstream scale.
+        g_y = torch.where(s_y == 0, zero, (1.0 - eps) * s_y * coefficient_y) * row_scale
+
+        if eps > 0:
+            _, coefficients = focal_terms(log_p, gamma)
+            g = coefficients * (eps / num_classes)
+            if scale is not None:
+                g = torch.where(scale == 0, zero, g * scale)
+            g = g * row_scale[:, None]
+            g.scatter_add_(1, target[:, None], g_y[:, None])
+            p = log_p.exp_()
+            grad = g.sub_(p * g.sum(dim=1, keepdim=True))
+        else:
+            grad = log_p.exp_().mul_(-g_y[:, None])
+            grad.scatter_add_(1, target[:, None], g_y[:, None])
+        return grad.to(logits.dtype), None, None, None, None, None, None, None, None

@@ -1,0 +1,261 @@
+"""Sparse alternatives to softmax: sparsemax, 1.5-entmax, α-entmax, and their Fenchel-Young losses.
+
+All run along any ``dim``, in float64 down to bf16 (fp16/bf16 are solved in fp32), with exact closed-form
+backward passes and without a full sort per row (see :mod:`softmaxkit.backends.torch.sparse`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validation as v
+from ..backends.torch.sparse import BISECT, ENTMAX15, SPARSEMAX, _EntmaxFunction, _FenchelYoungFunction
+from ._rows import class_rows, from_last_dim_rows, last_dim_rows, restore_rows
+
+
+def _alpha_rows(alpha: float | torch.Tensor, x: torch.Tensor, dim: int) -> tuple[torch.Tensor | None, float | None]:
+    """A tensor α as ``(M, 1)`` rows matching ``last_dim_rows(x, dim)`` (differentiably), or the float."""
+    if not isinstance(alpha, torch.Tensor):
+        return None, alpha
+    shape = list(x.shape)
+    shape[dim] = 1
+    return alpha.expand(shape).movedim(dim, -1).reshape(-1, 1), None
+
+
+def _entmax_map(x: torch.Tensor, dim: int, kind: str, alpha=None, n_iter: int = 50) -> torch.Tensor:
+    if x.dim() == 0:
+        return _entmax_map(x.unsqueeze(0), 0, kind, alpha.reshape(1) if isinstance(alpha, torch.Tensor) else alpha,
+                           n_iter).squeeze(0)
+    alpha_rows, scalar_alpha = _alpha_rows(alpha, x, dim) if kind == BISECT else (None, None)
+    if x.numel() == 0:
+        return x * 0 + (0 * alpha_rows.sum() if alpha_rows is not None else 0)
+    rows, moved_shape = last_dim_rows(x, dim)
+    out = _EntmaxFunction.apply(rows, alpha_rows, kind, scalar_alpha, n_iter)
+    return from_last_dim_rows(out, moved_shape, dim)
+
+
+def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    r"""Sparsemax: the Euclidean projection onto the probability simplex (Martins & Astudillo 2016).
+
+    .. math:: \mathrm{sparsemax}(x) = \arg\min_{p ∈ Δ}\|p − x\|^2 = [x − τ]_+,\qquad \sum_i [x_i − τ]_+ = 1
+
+    Unlike softmax it gives exact zeros. Its Jacobian is ``diag(s) − s sᵀ/|S|`` with ``s = 1[p > 0]``
+    (``|S|`` the support size): the gradient is the upstream gradient centred on the support.
+
+    Args:
+        x: input of any shape and floating dtype; ``-inf`` entries get probability 0.
+        dim: the dimension to normalise (negative counts from the end).
+
+    Returns:
+        Tensor of ``x``'s shape and dtype whose slices along ``dim`` sum to 1. Equals
+        ``entmax.sparsemax`` (the ``entmax`` package) where it is defined.
+
+    Example:
+        >>> import torch, softmaxkit
+        >>> softmaxkit.sparsemax(torch.tensor([2.0, 1.0, 0.1]))
+        tensor([1., 0., 0.])
+        >>> softmaxkit.sparsemax(torch.tensor([0.5, 0.3, -1.0]))
+        tensor([0.6000, 0.4000, 0.0000])
+
+    References:
+        Martins & Astudillo, "From Softmax to Sparsemax", ICML 2016.
+    """
+    x = v.check_floating("x", x)
+    dim = v.check_dim(dim, x.dim())
+    return _entmax_map(x, dim, SPARSEMAX)
+
+
+def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    r"""Exact 1.5-entmax (Peters et al. 2019): between softmax and sparsemax, sparse but smoother.
+
+    .. math:: \mathrm{entmax}_{1.5}(x) = \arg\max_{p ∈ Δ} ⟨p, x⟩ + H_{1.5}(p) = \big[(x − τ)/2\big]_+^2,
+              \qquad H_{1.5}(p) = \tfrac{4}{3}\big(1 − \textstyle\sum_i p_i^{3/2}\big)
+
+    Jacobian ``diag(s) − s sᵀ/Σs`` with ``s = √p``.
+
+    Args:
+        x: input of any shape and floating dtype.
+        dim: the dimension to normalise.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype; slices along ``dim`` sum to 1. Equals ``entmax.entmax15``.
+
+    Example:
+        >>> import torch, softmaxkit
+        >>> softmaxkit.entmax15(torch.tensor([2.0, 1.0, 0.1]))
+        tensor([0.8307, 0.1693, 0.0000])
+
+    References:
+        Peters, Niculae & Martins, "Sparse Sequence-to-Sequence Models", ACL 2019.
+    """
+    x = v.check_floating("x", x)
+    dim = v.check_dim(dim, x.dim())
+    return _entmax_map(x, dim, ENTMAX15)
+
+
+def entmax_bisect(
+    x: torch.Tensor, alpha: float | torch.Tensor = 1.5, dim: int = -1, n_iter: int = 50
+) -> torch.Tensor:
+    r"""α-entmax for any ``α >= 1``, by bisection on the threshold (Peters et al. 2019; Blondel et al. 2020).
+
+    .. math:: \mathrm{entmax}_α(x) = \arg\max_{p ∈ Δ} ⟨p, x⟩ + H_α(p) = \big[(α − 1)x − τ\big]_+^{1/(α−1)},
+              \qquad H_α(p) = \frac{1 − \sum_i p_i^α}{α(α − 1)}
+
+    ``α = 1`` is softmax (Shannon entropy), ``α = 1.5`` :func:`entmax15`, ``α = 2`` :func:`sparsemax`; larger
+    ``α`` is sparser. The threshold is bracketed exactly and halved ``n_iter`` times, then the result is
+    renormalised to sum to 1; only the entries that can be in the support take part (top-k with an exactness
+    check). The gradient for ``x`` is ``diag(s) − s sᵀ/Σs``, ``s = p^{2−α}``; for a tensor ``alpha`` it is the
+    closed form of Correia et al. (2019), evaluated stably near ``α = 1``.
+
+    Args:
+        x: input of any shape and floating dtype (fp16/bf16 solved in fp32).
+        alpha: ``α >= 1``: a number, or a floating tensor (which receives a gradient), a single value or one
+            per slice: broadcastable to ``x``'s shape with size 1 at ``dim`` (e.g. ``(N, 1)`` for ``(N, C)``).
+        dim: the dimension to normalise.
+        n_iter: bisection steps (each halves a bracket of width ``≤ log C``): 50 reach float64 precision.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype; slices along ``dim`` sum to 1. Equals ``entmax.entmax_bisect``.
+
+    Example:
+        >>> import torch, softmaxkit
+        >>> softmaxkit.entmax_bisect(torch.tensor([2.0, 1.0, 0.1]), alpha=2.0)
+        tensor([1., 0., 0.])
+
+    References:
+        Peters, Niculae & Martins, ACL 2019; Correia, Niculae & Martins, "Adaptively Sparse Transformers",
+        EMNLP 2019 (the α-gradient); Blondel, Martins & Niculae, "Learning with Fenchel-Young Losses", JMLR 2020.
+    """
+    x = v.check_floating("x", x)
+    dim = v.check_dim(dim, x.dim())
+    alpha = v.check_entmax_alpha(alpha, x, dim)
+    n_iter = v.check_positive_int("n_iter", n_iter)
+    return _entmax_map(x, dim, BISECT, alpha, n_iter)
+
+
+def _fenchel_young(
+    logits, target, kind, alpha, weight, ignore_index, reduction, temperature, n_iter, function
+) -> torch.Tensor:
+    logits = v.check_floating("logits", logits)
+    num_classes = v.check_class_index_target(logits, target, function)
+    reduction = v.check_reduction(reduction)
+    ignore_index = v.check_int("ignore_index", ignore_index)
+    temperature = v.check_positive("temperature", temperature)
+    weight = v.check_class_weight(weight, num_classes, logits)
+    class_dim = 0 if logits.dim() == 1 else 1
+    if kind == BISECT:
+        alpha = v.check_entmax_alpha(alpha, logits, class_dim)
+        n_iter = v.check_positive_int("n_iter", n_iter)
+    v.check_class_target(target, num_classes, ignore_index)
+
+    z = logits / temperature if temperature != 1.0 else logits
+    rows, row_target = class_rows(z, target)
+    alpha_rows, scalar_alpha = (None, None)
+    if kind == BISECT:
+        alpha_rows, scalar_alpha = _alpha_rows(alpha, logits, class_dim)
+    loss = _FenchelYoungFunction.apply(
+        rows, alpha_rows, row_target, kind, scalar_alpha, n_iter, weight, ignore_index, reduction
+    )
+    return restore_rows(loss, reduction, target)
+
+
+def sparsemax_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    r"""Sparsemax loss: the Fenchel-Young loss of sparsemax (Martins & Astudillo 2016; Blondel et al. 2020).
+
+    With ``z = x/T`` and ``p = sparsemax(z)``:
+
+    .. math:: ℓ = w_y\Big(⟨p − e_y, z⟩ + \tfrac12\big(1 − \|p\|^2\big)\Big)
+              = w_y\Big(\tfrac12\big(1 + \|p\|^2\big) − (z_y − τ)\Big),\qquad \frac{∂ℓ}{∂z} = w_y (p − e_y)
+
+    ``ℓ >= 0`` with equality exactly when ``p`` is the one-hot ``e_y`` (a margin: ``z_y`` exceeds every other
+    logit by at least 1).
+
+    Args:
+        logits: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``.
+        target: class indices ``()``, ``(N,)`` or ``(N, d1, ..., dk)`` (int64).
+        weight: ``(C,)`` class weights; a row's loss is multiplied by ``w_y`` and ``"mean"`` divides by ``Σ w_y``.
+        ignore_index: targets equal to it (any value, negative too) contribute nothing.
+        reduction: ``"mean"`` (0 when every target is ignored), ``"sum"`` or ``"none"``.
+        temperature: ``T > 0`` dividing the logits.
+
+    Returns:
+        A scalar for ``"mean"``/``"sum"``, the target's shape for ``"none"``; dtype of ``logits``. Equals the
+        ``entmax`` package's ``sparsemax_loss`` (whose ``"elementwise_mean"`` is this ``"mean"``).
+
+    Example:
+        >>> import torch, softmaxkit
+        >>> softmaxkit.sparsemax_loss(torch.tensor([[0.5, 0.3, -1.0]]), torch.tensor([1]))
+        tensor(0.3600)
+
+    References:
+        Martins & Astudillo, ICML 2016; Blondel, Martins & Niculae, "Learning with Fenchel-Young Losses", JMLR 2020.
+    """
+    return _fenchel_young(
+        logits, target, SPARSEMAX, None, weight, ignore_index, reduction, temperature, 0, "sparsemax_loss"
+    )
+
+
+def entmax15_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    r"""1.5-entmax loss: the Fenchel-Young loss of :func:`entmax15` (Peters et al. 2019).
+
+    .. math:: ℓ = w_y\Big(⟨p − e_y, z⟩ + \tfrac43\big(1 − \textstyle\sum_i p_i^{3/2}\big)\Big),
+              \qquad p = \mathrm{entmax}_{1.5}(z),\ z = x/T,\qquad \frac{∂ℓ}{∂z} = w_y (p − e_y)
+
+    Arguments, shapes and reductions as :func:`sparsemax_loss`. Equals ``entmax.entmax15_loss``.
+
+    Example:
+        >>> import torch, softmaxkit
+        >>> softmaxkit.entmax15_loss(torch.tensor([[2.0, 1.0, 0.1]]), torch.tensor([0]))
+        tensor(0.0617)
+    """
+    return _fenchel_young(
+        logits, target, ENTMAX15, None, weight, ignore_index, reduction, temperature, 0, "entmax15_loss"
+    )
+
+
+def entmax_bisect_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float | torch.Tensor = 1.5,
+    *,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    n_iter: int = 50,
+) -> torch.Tensor:
+    r"""α-entmax loss: the Fenchel-Young loss of :func:`entmax_bisect`, for any ``α >= 1``.
+
+    .. math:: ℓ = w_y\big(⟨p − e_y, z⟩ + H_α(p)\big),\quad p = \mathrm{entmax}_α(z),\qquad
+              \frac{∂ℓ}{∂z} = w_y (p − e_y),\quad \frac{∂ℓ}{∂α} = w_y \frac{∂H_α}{∂α}(p)
+
+    ``α = 1`` is cross-entropy, ``α = 2`` the sparsemax loss. A tensor ``alpha`` (one per row: broadcastable to
+    the logits' shape with size 1 at the class dim, e.g. ``(N, 1)``) receives a gradient.
+
+    Arguments, shapes and reductions as :func:`sparsemax_loss`, plus ``n_iter`` (bisection steps).
+    Equals ``entmax.entmax_bisect_loss``.
+
+    Example:
+        >>> import torch, softmaxkit
+        >>> softmaxkit.entmax_bisect_loss(torch.tensor([[2.0, 1.0, 0.1]]), torch.tensor([0]), alpha=1.0)
+        tensor(0.4170)
+    """
+    return _fenchel_young(
+        logits, target, BISECT, alpha, weight, ignore_index, reduction, temperature, n_iter, "entmax_bisect_loss"
+    )
