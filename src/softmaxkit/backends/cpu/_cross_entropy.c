@@ -8,9 +8,14 @@
  *
  *   stats pass:    lse = m + log Σ_j exp(z_j − m),  m = max_j z_j  (= transform(max_j x_j), transform is
  *                  monotonic), plus z_y and Σ_j w_j z_j (only when label smoothing needs it);
- *   gradient pass: g_j = [s·(A + 2λ·lse)·p_j − s·(ε/C)·w_j − s·(1−ε)·w_y·δ_{jy}] · dz_j/dx_j,
+ *   gradient pass (p_j = exp(z_j − m) / Σ_c exp(z_c − m), with m and the sum kept per row in row_stats):
+ *                  g_j = [s·(A + 2λ·lse)·p_j − s·(ε/C)·w_j − s·(1−ε)·w_y·δ_{jy}] · dz_j/dx_j,
  *                  p_j = exp(z_j − lse), A = (1−ε)·w_y + (ε/C)·Σ_c w_c, s the row's upstream scale
  *                  (0 on ignored rows), dz/dx = (1 − tanh²(x/c)) / T.
+ *
+ * When both passes run in one call (forward with the gradient fused in), the stats pass keeps e_j = exp(z_j − m)
+ * (and dz/dx under softcap) in a per-thread scratch row of C floats that stays in L2, and the gradient pass
+ * uses p_j = e_j / Σe: one exp and one transform per element instead of two.
  *
  * A row is processed in tiles of TILE elements converted into a local fp32 (fp64 for double input) buffer,
  * so the arithmetic loops are alias-free and vectorise, and the gradient may overwrite x (in-place backward):
@@ -178,12 +183,17 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
                             int64_t start, int64_t stop, int64_t num_classes, int64_t ignore_index,           \
                             double eps_d, double inv_t_d, double z_loss_d, double softcap_d,                  \
                             double weight_total_d, int64_t flags, ACC_T *lse, ACC_T *z_target,                \
-                            ACC_T *z_weighted_sum, const ACC_T *scale, IN_T *grad, int64_t ldg) {             \
+                            ACC_T *z_weighted_sum, const ACC_T *scale, IN_T *grad, int64_t ldg,               \
+                            ACC_T *scratch, ACC_T *row_stats) {                                               \
         const ACC_T eps = (ACC_T)eps_d, inv_t = (ACC_T)inv_t_d, z_loss = (ACC_T)z_loss_d;                     \
         const ACC_T softcap = (ACC_T)softcap_d, weight_total = (ACC_T)weight_total_d;                         \
         const int64_t C = num_classes;                                                                        \
         ACC_T buf[TILE], dzdx[TILE], acc[LANES];                                                              \
         const int transformed = softcap > 0 || inv_t != (ACC_T)1;                                             \
+        /* fused stats + gradient with a scratch row: keep e = exp(z − m) (and dz/dx) from the stats pass */  \
+        ACC_T *keep_e = (flags & FLAG_STATS) && (flags & FLAG_GRAD) ? scratch : 0;                            \
+        ACC_T *keep_d = keep_e && softcap > 0 ? scratch + C : 0;                                              \
+        ACC_T row_total = 1, row_max = 0;                                                                     \
         for (int64_t i = start; i < stop; i++) {                                                              \
             const IN_T *row = x + i * ldx;                                                                    \
             const int64_t y = target[i];                                                                      \
@@ -210,7 +220,7 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
                 for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                    \
                     int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                \
                     LOAD(row + j0, buf, n);                                                                   \
-                    transform_tile_##SUFFIX(buf, 0, n, inv_t, softcap);                                       \
+                    transform_tile_##SUFFIX(buf, keep_d ? keep_d + j0 : 0, n, inv_t, softcap);                \
                     if (eps > 0) {                                                                            \
                         int64_t j = 0;                                                                        \
                         if (weight) {                                                                         \
@@ -224,14 +234,25 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
                             for (; j < n; j++) wz[0] += buf[j];                                               \
                         }                                                                                     \
                     }                                                                                         \
-                    int64_t j = 0;                                                                            \
-                    for (; j + LANES <= n; j += LANES)                                                        \
-                        for (int k = 0; k < LANES; k++) acc[k] += EXP(buf[j + k] - m);                        \
-                    for (; j < n; j++) acc[0] += EXP(buf[j] - m);                                             \
+                    if (keep_e) {                                                                             \
+                        ACC_T *e = keep_e + j0;                                                               \
+                        for (int64_t j = 0; j < n; j++) e[j] = EXP(buf[j] - m);                               \
+                        int64_t j = 0;                                                                        \
+                        for (; j + LANES <= n; j += LANES)                                                    \
+                            for (int k = 0; k < LANES; k++) acc[k] += e[j + k];                               \
+                        for (; j < n; j++) acc[0] += e[j];                                                    \
+                    } else {                                                                                  \
+                        int64_t j = 0;                                                                        \
+                        for (; j + LANES <= n; j += LANES)                                                    \
+                            for (int k = 0; k < LANES; k++) acc[k] += EXP(buf[j + k] - m);                    \
+                        for (; j < n; j++) acc[0] += EXP(buf[j] - m);                                         \
+                    }                                                                                         \
                 }                                                                                             \
                 ACC_T total = 0, weighted = 0;                                                                \
                 for (int k = 0; k < LANES; k++) total += acc[k], weighted += wz[k];                           \
                 row_lse = m + LOG(total);                                                                     \
+                row_total = total, row_max = m;                                                               \
+                row_stats[2 * i] = m, row_stats[2 * i + 1] = total;                                           \
                 lse[i] = row_lse;                                                                             \
                 if (z_weighted_sum) z_weighted_sum[i] = weighted;                                             \
                 if (valid) {                                                                                  \
@@ -242,7 +263,7 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
                     z_target[i] = 0;                                                                          \
                 }                                                                                             \
             } else {                                                                                          \
-                row_lse = lse[i];                                                                             \
+                row_lse = lse[i], row_max = row_stats[2 * i], row_total = row_stats[2 * i + 1];               \
             }                                                                                                 \
             if (!(flags & FLAG_GRAD)) continue;                                                               \
             IN_T *out = grad + i * ldg;                                                                       \
@@ -260,6 +281,8 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
             if (z_loss > 0) row_coefficient += s * 2 * z_loss * row_lse;                                      \
             const ACC_T smooth = s * eps / (ACC_T)C;                                                          \
             const ACC_T target_coefficient = s * (1 - eps) * w_y;                                             \
+            /* p_j = exp(z_j − m) / Σe, the same expression in the fused and the deferred pass (bitwise equal) */\
+            const ACC_T factor = row_coefficient / row_total;                                                 \
             /* the target entry, computed before the pass may overwrite x (in-place backward) */              \
             ACC_T g_y;                                                                                        \
             {                                                                                                 \
@@ -268,13 +291,20 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
                 transform_tile_##SUFFIX(&xy, &d, 1, inv_t, softcap);                                          \
                 if (!(softcap > 0)) d = inv_t;                                                                \
                 ACC_T wy_smooth = weight ? weight[y] : (ACC_T)1;                                              \
-                g_y = (row_coefficient * EXP(xy - row_lse) - smooth * wy_smooth - target_coefficient) * d;    \
+                g_y = (factor * EXP(xy - row_max) - smooth * wy_smooth - target_coefficient) * d;             \
             }                                                                                                 \
             for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
                 int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
-                LOAD(row + j0, buf, n);                                                                       \
-                transform_tile_##SUFFIX(buf, softcap > 0 ? dzdx : 0, n, inv_t, softcap);                      \
-                for (int64_t j = 0; j < n; j++) buf[j] = row_coefficient * EXP(buf[j] - row_lse);             \
+                const ACC_T *d = dzdx;                                                                        \
+                if (keep_e) { /* p = e / Σe: no second exp, no second transform */                            \
+                    const ACC_T *e = keep_e + j0;                                                             \
+                    for (int64_t j = 0; j < n; j++) buf[j] = factor * e[j];                                   \
+                    if (keep_d) d = keep_d + j0;                                                              \
+                } else {                                                                                      \
+                    LOAD(row + j0, buf, n);                                                                   \
+                    transform_tile_##SUFFIX(buf, softcap > 0 ? dzdx : 0, n, inv_t, softcap);                  \
+                    for (int64_t j = 0; j < n; j++) buf[j] = factor * EXP(buf[j] - row_max);                  \
+                }                                                                                             \
                 if (eps > 0) {                                                                                \
                     if (weight) {                                                                             \
                         const ACC_T *w = weight + j0;                                                         \
@@ -284,7 +314,7 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
                     }                                                                                         \
                 }                                                                                             \
                 if (softcap > 0) {                                                                            \
-                    for (int64_t j = 0; j < n; j++) buf[j] *= dzdx[j];                                        \
+                    for (int64_t j = 0; j < n; j++) buf[j] *= d[j];                                           \
                 } else if (transformed) {                                                                     \
                     for (int64_t j = 0; j < n; j++) buf[j] *= inv_t;                                          \
                 }                                                                                             \
@@ -300,4 +330,4 @@ DEFINE_CE_ROWS(f16, uint16_t, float, load_f16, store_f16, sk_expf, sk_tanhf, log
 DEFINE_CE_ROWS(f64, double, double, load_f64, store_f64, exp, tanh, log)
 
 /* Bumped whenever the exported signature changes; checked by the loader. */
-int64_t skce_abi_version(void) { return 1; }
+int64_t skce_abi_version(void) { return 3; }

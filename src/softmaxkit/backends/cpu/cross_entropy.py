@@ -19,6 +19,7 @@ dtype. The C source is ``_cross_entropy.c``; :mod:`._build` compiles it on first
 from __future__ import annotations
 
 import ctypes
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -62,11 +63,45 @@ def _function(dtype: torch.dtype):
         function.argtypes = [
             pointer, i64, pointer, pointer, i64, i64, i64, i64,
             f64, f64, f64, f64, f64, i64,
-            pointer, pointer, pointer, pointer, pointer, i64,
+            pointer, pointer, pointer, pointer, pointer, i64, pointer, pointer,
         ]
         function.restype = None
         _functions[suffix] = function
     return _functions[suffix]
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_libc = None
+
+
+def _madvise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages over ``tensor``'s (not yet touched) memory.
+
+    A fresh gradient-sized buffer is mostly page faults on first touch (4 KiB at a time); with 2 MiB pages
+    there are 512× fewer (what torch's ``THP_MEM_ALLOC_ENABLE=1`` does for every allocation). Best effort:
+    a no-op off Linux or where THP is disabled.
+    """
+    global _libc
+    size = tensor.numel() * tensor.element_size()
+    if size < 4 * _HUGE_PAGE or not sys.platform.startswith("linux"):
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        start = (tensor.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+        stop = (tensor.data_ptr() + size) & ~(_HUGE_PAGE - 1)
+        _libc.madvise(start, stop - start, _MADV_HUGEPAGE)
+    except (OSError, AttributeError):  # pragma: no cover - platform dependent
+        pass
+
+
+def new_gradient(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU buffer for a gradient, backed by huge pages where the OS allows."""
+    buffer = torch.empty(shape, dtype=dtype)
+    _madvise_huge_pages(buffer)
+    return buffer
 
 
 def _threads() -> int:
@@ -99,6 +134,7 @@ def run_rows(
     weight_total: float,
     flags: int,
     lse: torch.Tensor,
+    row_stats: torch.Tensor,
     z_target: torch.Tensor | None,
     z_weighted_sum: torch.Tensor | None,
     scale: torch.Tensor | None,
@@ -106,8 +142,9 @@ def run_rows(
 ) -> None:
     """Call the kernel over all rows, split into contiguous row ranges across torch's thread count.
 
-    ``target`` is int64 and contiguous; ``weight``, ``lse``, ``z_target``, ``z_weighted_sum`` and ``scale``
-    are contiguous in the compute dtype; ``grad`` has unit class stride (it may be ``logits`` itself).
+    ``target`` is int64 and contiguous; ``weight``, ``lse``, ``row_stats`` (``(N, 2)``: row max ``m`` and
+    ``Σ exp(z − m)``), ``z_target``, ``z_weighted_sum`` and ``scale`` are contiguous in the compute dtype;
+    ``grad`` has unit class stride (it may be ``logits`` itself).
     """
     num_rows, num_classes = logits.shape
     function = _function(logits.dtype)
@@ -117,18 +154,25 @@ def run_rows(
         float(weight_total), flags, _pointer(lse), _pointer(z_target), _pointer(z_weighted_sum),
         _pointer(scale), _pointer(grad), grad.stride(0) if grad is not None else 0,
     )
-    x_pointer, x_stride = logits.data_ptr(), logits.stride(0)
-
-    def call(start: int, stop: int) -> None:
-        function(x_pointer, x_stride, *arguments[:2], start, stop, *arguments[4:])
-
+    x_pointer, x_stride, stats_pointer = logits.data_ptr(), logits.stride(0), row_stats.data_ptr()
     workers = min(_threads(), num_rows)
     if workers <= 1 or num_rows * num_classes < _PARALLEL_MIN_ELEMENTS:
-        call(0, num_rows)
+        workers = 1
+    scratch = None
+    if flags == _FLAG_STATS | _FLAG_GRAD:
+        # one row of exp(z − m) (and dz/dx under softcap) per worker: cache-sized, not logits-sized
+        scratch = torch.empty((workers, num_classes * (2 if softcap is not None else 1)), dtype=lse.dtype)
+
+    def call(worker: int, start: int, stop: int) -> None:
+        row = None if scratch is None else scratch[worker].data_ptr()
+        function(x_pointer, x_stride, *arguments[:2], start, stop, *arguments[4:], row, stats_pointer)
+
+    if workers == 1:
+        call(0, 0, num_rows)
         return
     bounds = [num_rows * k // workers for k in range(workers + 1)]
-    futures = [_executor(workers).submit(call, bounds[k], bounds[k + 1]) for k in range(1, workers)]
-    call(bounds[0], bounds[1])  # the calling thread takes the first range
+    futures = [_executor(workers).submit(call, k, bounds[k], bounds[k + 1]) for k in range(1, workers)]
+    call(0, bounds[0], bounds[1])  # the calling thread takes the first range
     for future in futures:
         future.result()
 
@@ -149,6 +193,7 @@ class _CpuCrossEntropyFunction(torch.autograd.Function):
         z_loss: float,
         softcap: float | None,
         inplace_backward: bool,
+        gradient_wanted: bool,
     ) -> torch.Tensor:
         num_rows, num_classes = logits.shape
         work = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -166,21 +211,24 @@ class _CpuCrossEntropyFunction(torch.autograd.Function):
         denominator = w_y.sum()
 
         lse = torch.empty(num_rows, dtype=work)
+        row_stats = torch.empty((num_rows, 2), dtype=work)
         z_target = torch.empty(num_rows, dtype=work)
         z_weighted_sum = torch.empty(num_rows, dtype=work) if eps > 0 else None
         # Fuse the gradient pass into forward when it will be needed and its scale is known now.
-        fused = ctx.needs_input_grad[0] and reduction != "none" and not inplace_backward
+        # (ctx.needs_input_grad is True under torch.no_grad() too, so the caller says whether a backward can
+        # follow: grad mode on and logits requiring grad.)
+        fused = gradient_wanted and reduction != "none" and not inplace_backward
         scale = grad = None
         flags = _FLAG_STATS
         if fused:
             scale = valid.to(work)
             if reduction == "mean":
                 scale = safe_divide(scale, denominator)
-            grad = torch.empty((num_rows, num_classes), dtype=logits.dtype)
+            grad = new_gradient((num_rows, num_classes), logits.dtype)
             flags |= _FLAG_GRAD
         run_rows(
             logits, target, weight, ignore_index, eps, 1.0 / temperature, z_loss, softcap, weight_total, flags,
-            lse, z_target, z_weighted_sum, scale, grad,
+            lse, row_stats, z_target, z_weighted_sum, scale, grad,
         )
 
         # ℓ_i = (1−ε) w_y (LSE − z_y) + (ε/C)(W·LSE − Σ_c w_c z_c) + λ LSE², 0 on ignored rows.
@@ -197,18 +245,27 @@ class _CpuCrossEntropyFunction(torch.autograd.Function):
         else:
             out = loss
 
-        ctx.save_for_backward(logits, target, lse, weight, denominator)
+        ctx.save_for_backward(logits, target, lse, row_stats, weight, denominator, scale)
         ctx.grad = grad
+        ctx.fused = fused
         ctx.options = (ignore_index, reduction, eps, temperature, z_loss, softcap, inplace_backward, weight_total)
         return out.to(logits.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        logits, target, lse, weight, denominator = ctx.saved_tensors
+        logits, target, lse, row_stats, weight, denominator, fused_scale = ctx.saved_tensors
         ignore_index, reduction, eps, temperature, z_loss, softcap, inplace_backward, weight_total = ctx.options
-        nones = (None,) * 9
+        nones = (None,) * 10
         grad, ctx.grad = ctx.grad, None  # drop our reference, so autograd may keep the buffer without a copy
+        if ctx.fused and grad is None:
+            # A repeated backward (retain_graph=True): redo the fused pass, so the result is bitwise the same.
+            grad = new_gradient(tuple(logits.shape), logits.dtype)
+            run_rows(
+                logits, target, weight, ignore_index, eps, 1.0 / temperature, z_loss, softcap, weight_total,
+                _FLAG_STATS | _FLAG_GRAD, torch.empty_like(lse), torch.empty_like(row_stats), torch.empty_like(lse),
+                torch.empty_like(lse) if eps > 0 else None, fused_scale, grad,
+            )
         if grad is not None:
             # Gradient already written in forward for a unit upstream gradient: scale it if needed.
             # (.item() is free on CPU: no device to synchronise with.)
@@ -230,10 +287,10 @@ class _CpuCrossEntropyFunction(torch.autograd.Function):
             grad = logits
             torch.autograd.graph.increment_version(logits)
         else:
-            grad = torch.empty(logits.shape, dtype=logits.dtype)
+            grad = new_gradient(tuple(logits.shape), logits.dtype)
         run_rows(
             logits, target, weight, ignore_index, eps, 1.0 / temperature, z_loss, softcap, weight_total,
-            _FLAG_GRAD, lse, None, None, scale, grad,
+            _FLAG_GRAD, lse, row_stats, None, None, scale, grad,
         )
         return (grad, *nones)
 
@@ -257,5 +314,5 @@ def cpu_cross_entropy(
     """
     return _CpuCrossEntropyFunction.apply(
         logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
-        inplace_backward,
+        inplace_backward, torch.is_grad_enabled() and logits.requires_grad,
     )
