@@ -214,7 +214,7 @@ def test_confident_correct_rows_have_zero_loss_and_finite_gradient(gamma, dtype)
     logits = torch.tensor([[1e4, 0.0, -1e4], [0.0, 80.0, 0.0]], dtype=dtype, requires_grad=True)
     target = torch.tensor([0, 1])
     loss = softmaxkit.focal_loss(logits, target, gamma=gamma, reduction="sum")
-    assert torch.isfinite(loss) and float(loss) == pytest.approx(0.0, abs=1e-30)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(0.0, abs=1e-30)
     grad = _grad(loss, logits)
     assert torch.isfinite(grad).all()
     assert float(grad.abs().max()) <= 1e-30
