@@ -382,3 +382,139 @@ def check_generator(generator: object, device: torch.device) -> torch.Generator 
     if generator.device.type != device.type:
         raise ValueError(f"`generator` is on {generator.device} but `logits` on {device}; they must match")
     return generator
+
+
+# --- metrics and calibration inputs: NumPy or torch, probabilities, class labels (issue 6) ---
+
+
+def as_tensor(name: str, value: object) -> torch.Tensor:
+    """A torch view of a tensor, NumPy array or array-like, without copying where possible.
+
+    Tensors are returned detached (a view, no copy) on their own device; NumPy arrays are wrapped with
+    :func:`torch.from_numpy` (shared memory); anything else goes through :func:`numpy.asarray` first.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    import numpy as np
+
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"`{name}` must be a torch.Tensor or a NumPy array, but got {type(value).__name__}") from error
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"`{name}` must hold numbers (a torch.Tensor or a numeric NumPy array), but has dtype {array.dtype}"
+        )
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if any(stride < 0 for stride in array.strides):
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def _check_score_shape(name: str, scores: torch.Tensor) -> None:
+    if scores.dim() != 2:
+        hint = (
+            " (for a binary problem pass both columns, e.g. np.stack([1 - p, p], axis=1))"
+            if scores.dim() == 1
+            else ""
+        )
+        raise ValueError(f"`{name}` must have shape (N, C), but has shape {tuple(scores.shape)}{hint}")
+    if not scores.is_floating_point():
+        raise TypeError(f"`{name}` must have a floating-point dtype, but has dtype {scores.dtype}")
+    if scores.shape[1] < 2:
+        raise ValueError(
+            f"`{name}` must have at least 2 classes (columns), but has shape {tuple(scores.shape)}"
+        )
+    if scores.shape[0] == 0:
+        raise ValueError(f"`{name}` must have at least one row, but has shape {tuple(scores.shape)}")
+
+
+def check_scores(name: str, scores: torch.Tensor) -> torch.Tensor:
+    """``(N, C)`` real scores (probabilities or logits) with ``N >= 1``, ``C >= 2`` and no NaN (``±inf`` allowed).
+
+    The NaN check is one row-max reduction (``max`` propagates NaN), cheaper than ``isnan`` over the matrix.
+    """
+    _check_score_shape(name, scores)
+    if _data_checks_enabled(scores):
+        nan_rows = torch.isnan(scores.amax(dim=1))
+        if bool(nan_rows.any()):
+            row = int(nan_rows.nonzero()[0, 0])
+            raise ValueError(f"`{name}` must not contain NaN, but row {row} does")
+    return scores
+
+
+def probability_tolerance(dtype: torch.dtype, num_classes: int) -> float:
+    """How far a row of ``dtype`` probabilities may sum from 1: ``max(1e-4, eps + C·tiny·eps)``.
+
+    Rounding each of ``C`` exact probabilities to ``dtype`` moves their sum by at most ``eps/2`` (relative
+    rounding of normal numbers, whose sum is 1) plus ``C`` half-spacings of the subnormals (``tiny·eps/2``);
+    the bound doubles that. It is 1e-4 for float32/float64, ~1e-3 for float16 and ~8e-3 for bfloat16.
+    """
+    info = torch.finfo(dtype)
+    return max(1e-4, info.eps + num_classes * info.tiny * info.eps)
+
+
+def check_probabilities(name: str, probs: torch.Tensor) -> torch.Tensor:
+    """``(N, C)`` probabilities: ``C >= 2``, no negative entry, every row sums to 1 within
+    :func:`probability_tolerance` (1e-4 in float32/float64). Costs two reductions over ``probs``."""
+    _check_score_shape(name, probs)
+    if not _data_checks_enabled(probs):
+        return probs
+    sum_dtype = torch.float32 if probs.dtype in (torch.float16, torch.bfloat16) else probs.dtype
+    sums = probs.sum(dim=1, dtype=sum_dtype)  # NaN or inf in a row makes its sum NaN or inf: caught here
+    tolerance = probability_tolerance(probs.dtype, probs.shape[1])
+    bad = ~((sums - 1).abs() <= tolerance)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        total = float(sums[row])
+        if math.isnan(total) and bool(torch.isnan(probs[row]).any()):
+            raise ValueError(f"`{name}` must not contain NaN, but row {row} does")
+        if not math.isfinite(total):
+            raise ValueError(f"`{name}` must hold finite probabilities, but row {row} holds an infinite value")
+        raise ValueError(
+            f"`{name}` must hold probabilities whose rows sum to 1 (within {tolerance:.0e}), but row {row} "
+            f"sums to {total:.6g}; apply softmax to logits first"
+        )
+    lowest = probs.amin()
+    if bool(lowest < 0):
+        flat = int((probs.reshape(-1) < 0).nonzero()[0, 0])
+        row, column = divmod(flat, probs.shape[1])
+        raise ValueError(
+            f"`{name}` must hold non-negative probabilities, but holds {float(probs[row, column]):.6g} "
+            f"at row {row}, class {column}"
+        )
+    return probs
+
+
+def check_labels(name: str, labels: torch.Tensor, num_rows: int | None, num_classes: int | None) -> torch.Tensor:
+    """``(N,)`` integer class indices in ``[0, C)``; returns them as int64.
+
+    ``num_rows``/``num_classes`` of None skip the length / upper-bound checks (the lower bound 0 always holds).
+    """
+    if labels.dim() != 1:
+        raise ValueError(f"`{name}` must be a 1-d array of class indices (N,), but has shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"`{name}` must hold integer class indices (int64), but has dtype {labels.dtype}; "
+            f"convert with .astype(int) / .long() if the values are whole numbers"
+        )
+    if num_rows is not None and labels.shape[0] != num_rows:
+        raise ValueError(
+            f"`{name}` must have one entry per row ({num_rows}), but has {labels.shape[0]} "
+            f"(a length mismatch)"
+        )
+    if labels.shape[0] == 0:
+        raise ValueError(f"`{name}` must hold at least one label, but is empty")
+    labels = labels.long()
+    if _data_checks_enabled(labels):
+        upper = num_classes if num_classes is not None else None
+        bad = labels < 0 if upper is None else (labels < 0) | (labels >= upper)
+        if bool(bad.any()):
+            position = int(bad.nonzero()[0, 0])
+            expected = f"[0, {upper})" if upper is not None else "[0, inf)"
+            raise ValueError(
+                f"`{name}` must hold class indices in {expected}, but holds {int(labels[position])} "
+                f"at position {position}"
+            )
+    return labels
