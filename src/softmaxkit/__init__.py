@@ -11,6 +11,7 @@ from .functional.distillation import distillation_loss
 from .functional.focal import focal_loss, poly1_cross_entropy
 from .functional.gumbel import gumbel_softmax
 from .functional.linear_cross_entropy import linear_cross_entropy
+from .functional.sampled import sampled_softmax_loss
 from .functional.sparse import (
     entmax15,
     entmax15_loss,
@@ -41,6 +42,7 @@ __all__ = [
     "nn",
     "poly1_cross_entropy",
     "reference",
+    "sampled_softmax_loss",
     "softmax",
     "sparsemax",
     "sparsemax_loss",

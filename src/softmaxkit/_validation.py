@@ -239,6 +239,51 @@ def check_accumulation_dtype(value: object, weight_dtype: torch.dtype) -> torch.
     return value
 
 
+def check_positive_counts(name: str, counts: object, num_classes: int | None = None) -> torch.Tensor:
+    """Class counts that are all ``> 0``: a 1-d tensor (or array / sequence) of finite positive numbers.
+
+    ``num_classes`` (when given) is the required length. Returns a float64 tensor on the input's device.
+    """
+    if isinstance(counts, torch.Tensor):
+        tensor = counts.detach()
+    else:
+        try:
+            tensor = torch.as_tensor(counts)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"`{name}` must be a 1-d tensor of counts, but got {type(counts).__name__}") from error
+    if tensor.dtype == torch.bool or tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in (
+        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8
+    )):
+        raise TypeError(f"`{name}` must hold real numbers, but has dtype {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise ValueError(f"`{name}` must be a 1-d tensor (one count per class), but has shape {tuple(tensor.shape)}")
+    if num_classes is not None and tensor.shape[0] != num_classes:
+        raise ValueError(f"`{name}` must have one entry per class ({num_classes}), but has {tensor.shape[0]}")
+    tensor = tensor.to(torch.float64)
+    bad = ~torch.isfinite(tensor) | (tensor <= 0)
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"`{name}` must be finite and > 0 for every class, but holds {float(tensor[position])} at class "
+            f"{position}"
+        )
+    return tensor
+
+
+def check_class_indices(target: torch.Tensor, num_classes: int, name: str = "target") -> None:
+    """Every entry of an integer ``target`` is a class in ``[0, C)`` (no ignore value)."""
+    check_target_dtype(target, name)
+    if target.numel() == 0 or not _data_checks_enabled(target):
+        return
+    bad = (target < 0) | (target >= num_classes)
+    if bool(bad.any()):
+        position = int(bad.reshape(-1).nonzero()[0, 0])
+        value = int(target.reshape(-1)[position])
+        raise ValueError(
+            f"`{name}` must hold class indices in [0, {num_classes}), but holds {value} at position {position}"
+        )
+
+
 # --- the loss family: focal, poly-1, class weights, distillation, sparsemax / entmax, Gumbel (issue 3) ---
 
 

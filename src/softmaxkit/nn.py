@@ -11,6 +11,7 @@ from torch import nn
 
 from . import _validation as v
 from . import functional as F
+from .adaptive import AdaptiveSoftmax, AdaptiveSoftmaxOutput  # noqa: F401  (re-exported)
 from .functional.distillation import distillation_loss
 from .functional.focal import focal_loss, poly1_cross_entropy
 from .functional.linear_cross_entropy import linear_cross_entropy
@@ -22,6 +23,7 @@ from .functional.sparse import (
     sparsemax,
     sparsemax_loss,
 )
+from .hierarchical import HierarchicalSoftmax  # noqa: F401  (re-exported)
 
 
 class Softmax(nn.Module):

@@ -17,6 +17,7 @@ from .focal import (
 )
 from .gumbel import gumbel_noise, gumbel_softmax
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_grad
+from .sampled import sampled_softmax_loss, sampled_softmax_loss_grad, sampler_probabilities
 from .softmax import log_softmax, logsumexp, softmax, softmax_jacobian
 from .sparse import (
     entmax15,
@@ -59,6 +60,9 @@ __all__ = [
     "logsumexp",
     "poly1_cross_entropy",
     "poly1_cross_entropy_grad",
+    "sampled_softmax_loss",
+    "sampled_softmax_loss_grad",
+    "sampler_probabilities",
     "softmax",
     "softmax_jacobian",
     "sparsemax",
