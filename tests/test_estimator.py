@@ -27,13 +27,6 @@ from softmaxkit import SoftmaxRegression
 from softmaxkit import reference as ref
 
 
-def _needs(name: str):
-    """Mark a test that needs ``softmaxkit.<name>`` (issue 3's loss family); visible as a skip until it lands."""
-    return pytest.mark.skipif(
-        not hasattr(softmaxkit, name), reason=f"softmaxkit.{name} (issue 3) is not merged yet"
-    )
-
-
 def _scaled(loader):
     X, y = loader(return_X_y=True)
     return StandardScaler().fit_transform(X), y
@@ -117,7 +110,6 @@ def test_integer_sample_weights_equal_repeating_rows():
     np.testing.assert_allclose(weighted.coef_, repeated.coef_, atol=1e-7)
 
 
-@_needs("class_weights")
 def test_effective_number_class_weight_uses_class_weights():
     X, y = _scaled(load_iris)
     keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:10], np.flatnonzero(y == 2)[:5]])
@@ -133,10 +125,7 @@ def test_effective_number_class_weight_uses_class_weights():
 
 @pytest.mark.parametrize(
     ("loss", "option", "neutral"),
-    [
-        pytest.param("focal", "gamma", 0.0, marks=_needs("focal_loss")),
-        pytest.param("poly1", "epsilon", 0.0, marks=_needs("poly1_cross_entropy")),
-    ],
+    [("focal", "gamma", 0.0), ("poly1", "epsilon", 0.0)],
 )
 def test_focal_and_poly1_reduce_to_cross_entropy(loss, option, neutral):
     # focal with γ = 0 and Poly-1 with ε = 0 are exactly cross-entropy, so the fits must coincide.
@@ -148,11 +137,7 @@ def test_focal_and_poly1_reduce_to_cross_entropy(loss, option, neutral):
 
 @pytest.mark.parametrize(
     "loss",
-    [
-        pytest.param("focal", marks=_needs("focal_loss")),
-        pytest.param("poly1", marks=_needs("poly1_cross_entropy")),
-        pytest.param("sparsemax", marks=_needs("sparsemax_loss")),
-    ],
+    ["focal", "poly1", "sparsemax"],
 )
 def test_every_loss_trains_a_good_classifier(loss):
     X, y = _scaled(load_wine)
@@ -168,7 +153,6 @@ def test_every_loss_trains_a_good_classifier(loss):
         np.testing.assert_allclose(np.exp(model.predict_log_proba(X)), proba, rtol=1e-12)
 
 
-@_needs("focal_loss")
 def test_focal_loss_changes_the_fit():
     X, y = _scaled(load_wine)
     ce = SoftmaxRegression(alpha=1e-2).fit(X, y)

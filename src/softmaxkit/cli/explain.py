@@ -38,7 +38,9 @@ class Explanation:
     gradient: np.ndarray
     jacobian_fd_error: float
     gradient_fd_error: float
-    temperatures: list[tuple[float, np.ndarray, float]]  # (T, p, entropy in nats)
+    temperatures: list[tuple[float, np.ndarray, float, float]]  # (T, p, entropy in nats, ‖∂ℓ/∂z‖)
+    scales: np.ndarray  # logit scale factors s of the saturation table
+    scale_gradient_norms: np.ndarray  # ‖softmax(s·z/T) − y‖ for each s
 
 
 def _loss(z: np.ndarray, target: int, temperature: float) -> float:
@@ -58,7 +60,7 @@ def explain(logits, temperature: float = 1.0, target: int = 0) -> Explanation:
         raise UserError(f"--target must be a class index in [0, {z.size}), but got {target}")
     probs = reference.softmax(z, temperature=temperature)
     jacobian = reference.softmax_jacobian(probs) / temperature
-    eigenvalues = np.linalg.eigvalsh(jacobian)
+    eigenvalues = reference.jacobian_eigenvalues(probs) / temperature
     onehot = np.eye(z.size)[target]
     gradient = (probs - onehot) / temperature
 
@@ -73,16 +75,20 @@ def explain(logits, temperature: float = 1.0, target: int = 0) -> Explanation:
         gradient_fd[j] = (_loss(z + step, target, temperature) - _loss(z - step, target, temperature)) / (2 * STEP)
 
     rows = []
-    for t in sorted({*TEMPERATURES, float(temperature)}):
+    temperatures = sorted({*TEMPERATURES, float(temperature)})
+    gradient_norms = reference.temperature_gradient_factor(z, target, temperatures)["gradient_norm"]
+    for t, norm in zip(temperatures, gradient_norms):
         p = reference.softmax(z, temperature=t)
         entropy = float(-np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)))
-        rows.append((t, p, entropy))
+        rows.append((t, p, entropy, float(norm)))
+    scales = np.array([0.1, 1.0, 3.0, 10.0, 100.0])
     return Explanation(
         logits=z, temperature=float(temperature), target=int(target), probs=probs,
         loss=_loss(z, target, temperature), jacobian=jacobian, eigenvalues=eigenvalues, gradient=gradient,
         jacobian_fd_error=float(np.abs(jacobian - jacobian_fd).max()),
         gradient_fd_error=float(np.abs(gradient - gradient_fd).max()),
-        temperatures=rows,
+        temperatures=rows, scales=scales,
+        scale_gradient_norms=reference.gradient_norm_vs_scale(z / temperature, target, scales),
     )
 
 
@@ -96,7 +102,8 @@ def render(result: Explanation, console) -> None:
 
     z, T, k = result.logits, result.temperature, result.target
     C = z.size
-    console.print(f"[bold]logits[/bold] z = {_vector(z, 3)}   temperature T = {T:g}   target class k = {k}")
+    console.print(f"[bold]logits[/bold] z = {_vector(z, 3)}")
+    console.print(f"temperature T = {T:g}, target class k = {k}")
     console.print()
     console.print("[bold]softmax[/bold]  p_i = exp(z_i/T) / Σ_j exp(z_j/T)")
     console.print(f"  p = {_vector(result.probs, 3)}   (sums to {result.probs.sum():.12f})")
@@ -104,8 +111,7 @@ def render(result: Explanation, console) -> None:
     console.print(f"[bold]cross-entropy[/bold]  ℓ = −log p_k = −log {result.probs[k]:.4f} = {result.loss:.4f}")
     console.print()
     console.print("[bold]gradient[/bold]  ∂ℓ/∂z = (p − y) / T  with y = onehot(k)")
-    console.print(f"  ∂ℓ/∂z = {_vector(result.gradient)}   (sums to {result.gradient.sum():.1e}: "
-                  "shifting every logit changes nothing)")
+    console.print(f"  ∂ℓ/∂z = {_vector(result.gradient)}   (sums to {result.gradient.sum():.1e})")
     console.print(f"  finite-difference check: max |analytic − numeric| = {result.gradient_fd_error:.1e}")
     console.print()
     console.print("[bold]Jacobian[/bold]  ∂p_i/∂z_j = p_i (δ_ij − p_j) / T")
@@ -116,8 +122,8 @@ def render(result: Explanation, console) -> None:
     for i in range(C):
         table.add_row(f"p_{i}", *(f"{result.jacobian[i, j]:+.4f}" for j in range(C)))
     console.print(table)
-    console.print(f"  eigenvalues {_vector(result.eigenvalues)}: one is 0 (direction (1, …, 1)), "
-                  "the rest are > 0 (positive semi-definite)")
+    console.print(f"  eigenvalues {_vector(result.eigenvalues)}")
+    console.print("  one is 0 (along (1, …, 1): shifting every logit changes nothing); the rest are > 0")
     console.print(f"  rows sum to {np.abs(result.jacobian.sum(axis=1)).max():.1e}; "
                   f"symmetric: {bool(np.allclose(result.jacobian, result.jacobian.T, rtol=0, atol=1e-15))}")
     console.print(f"  finite-difference check: max |analytic − numeric| = {result.jacobian_fd_error:.1e}")
@@ -129,8 +135,17 @@ def render(result: Explanation, console) -> None:
         table.add_column(f"p_{j}", justify="right")
     table.add_column("max p", justify="right")
     table.add_column("entropy (nats)", justify="right")
-    for t, p, entropy in result.temperatures:
+    table.add_column("‖∂ℓ/∂z‖", justify="right")
+    for t, p, entropy, norm in result.temperatures:
         style = "bold" if t == T else None
-        table.add_row(f"{t:g}", *(f"{v:.3f}" for v in p), f"{p.max():.3f}", f"{entropy:.3f}", style=style)
+        table.add_row(f"{t:g}", *(f"{v:.3f}" for v in p), f"{p.max():.3f}", f"{entropy:.3f}", f"{norm:.4f}",
+                      style=style)
     console.print(table)
-    console.print(f"  uniform entropy log C = {np.log(C):.3f} nats")
+    console.print(f"  uniform entropy log C = {np.log(C):.3f} nats; ‖∂ℓ/∂z‖ = ‖p_T − y‖ / T carries the 1/T "
+                  "of the chain rule (why distillation multiplies by T²)")
+    console.print()
+    console.print("[bold]saturation[/bold]  ‖∂ℓ/∂z‖ when every logit is multiplied by s")
+    console.print("  " + "   ".join(f"s={s:g}: {n:.4f}" for s, n in zip(result.scales, result.scale_gradient_norms)))
+    wrong = int(np.argmax(result.logits)) != k
+    console.print("  → √2 = 1.4142 as s grows: confidently wrong, the gradient stays large" if wrong else
+                  "  → 0 as s grows: the arg-max is the target, the loss saturates and learning stops")

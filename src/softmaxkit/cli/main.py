@@ -294,7 +294,8 @@ def calibrate(
     """Fit a calibrator to a model's scores; print its parameters and ECE/NLL before and after.
 
     Writes OUT/calibrated.csv (calibrated probabilities of every row), OUT/reliability.png,
-    OUT/calibration.json and OUT/report.html.
+    OUT/calibration.json (parameters and metrics), OUT/calibrator.json (the fitted calibrator, reloadable
+    with softmaxkit.calibration.load) and OUT/report.html.
     """
     import numpy as np
     from rich.table import Table
@@ -340,19 +341,12 @@ def calibrate(
         "accuracy_before": float(np.mean(before.argmax(1) == y_eval)),
         "accuracy_after": float(np.mean(after.argmax(1) == y_eval)),
     }
-    parameters = {}
-    for attribute in sorted(vars(calibrator)):
-        if attribute.endswith("_") and not attribute.startswith("_"):
-            value = getattr(calibrator, attribute)
-            array = np.asarray(value) if isinstance(value, (int, float, np.ndarray, list)) else None
-            if array is not None and array.dtype.kind in "fiu" and array.size <= 64:
-                parameters[attribute] = array.tolist()
+    parameters, shown = _calibrator_parameters(calibrator)
 
     console.print(f"[bold]{method.value} calibration[/bold] fitted on {len(fit_index)} rows, "
                   f"measured on {len(eval_index)} held-out rows")
-    for key, value in parameters.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else np.array2string(np.asarray(value), precision=4)
-        console.print(f"  {key} = {shown}")
+    for key, text in shown.items():
+        console.print(f"  {key} = {text}")
     table = Table(header_style="bold")
     for column in ("", "before", "after"):
         table.add_column(column, justify="right")
@@ -374,6 +368,8 @@ def calibrate(
     summary = {"scores": str(scores), "method": method.value, "parameters": parameters, **result,
                "n_fit": len(fit_index), "n_eval": len(eval_index)}
     write_text_atomic(out / "calibration.json", json.dumps(summary, indent=2) + "\n")
+    # the fitted calibrator itself, reloadable with softmaxkit.calibration.load(path)
+    write_text_atomic(out / "calibrator.json", json.dumps(calibrator.to_dict(), indent=2) + "\n")
     page = render_simple(
         f"softmaxkit calibrate: {method.value} on {data.name}",
         [f"<code>{_command_line()}</code>",
@@ -384,6 +380,30 @@ def calibrate(
     write_text_atomic(out / "report.html", page)
     console.print(f"calibrated probabilities: [bold]{out / 'calibrated.csv'}[/bold]; "
                   f"reliability diagram: [bold]{out / 'reliability.png'}[/bold]")
+
+
+def _calibrator_parameters(calibrator) -> tuple[dict, dict]:
+    """The fitted attributes (``name_``): JSON-able values and short texts for the terminal."""
+    import numpy as np
+
+    values, texts = {}, {}
+    for name in sorted(vars(calibrator)):
+        if not name.endswith("_") or name.startswith("_"):
+            continue
+        value = getattr(calibrator, name)
+        if isinstance(value, (int, float, np.number)):
+            values[name] = float(value) if isinstance(value, (float, np.floating)) else int(value)
+            texts[name] = f"{value:.4f}" if isinstance(value, (float, np.floating)) else str(value)
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "fiu":
+            if value.size <= 32:
+                values[name] = value.tolist()
+                texts[name] = np.array2string(value, precision=4, suppress_small=True)
+            else:
+                texts[name] = f"array of shape {value.shape}"
+        elif isinstance(value, (list, tuple)):
+            sizes = [len(v) if hasattr(v, "__len__") else 1 for v in value]
+            texts[name] = f"{len(value)} per-class entries of sizes {sizes}"
+    return values, texts
 
 
 # ---------------------------------------------------------------- explain
