@@ -286,7 +286,7 @@ def test_property_matches_oracle(rows, classes, gamma, smoothing, scale, seed):
     expected = ref.focal_loss(to_numpy(logits), to_numpy(target), gamma=gamma, label_smoothing=smoothing,
                               reduction="sum")
     assert_close_f64(loss, expected, atol=1e-11)
-    assert float(loss) >= 0
+    assert loss.item() >= 0
     expected_grad = ref.focal_loss_grad(to_numpy(logits), to_numpy(target), gamma=gamma,
                                         label_smoothing=smoothing, reduction="sum")
     assert_close_f64(_grad(loss, logits), expected_grad, atol=1e-11)
