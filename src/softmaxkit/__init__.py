@@ -5,6 +5,7 @@ NumPy float64 oracle in :mod:`softmaxkit.reference`.
 """
 
 from . import nn, reference  # subpackages reachable as attributes, like torch.nn
+from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from .estimator import SoftmaxRegression
 from .functional import cross_entropy, log_softmax, logsumexp, softmax
 from .functional.distillation import distillation_loss
@@ -46,4 +47,6 @@ __all__ = [
     "softmax",
     "sparsemax",
     "sparsemax_loss",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]

@@ -119,8 +119,12 @@ class _Rows:
         else:
             self.class_weight = class_weight.to(work_dtype)
             zero = torch.zeros((), dtype=work_dtype, device=target.device)
-            both = torch.cat([torch.where(self.owned, self.class_weight[self.local_target], zero),
-                              self.class_weight.sum().reshape(1)])
+            own_weight = (
+                torch.where(self.owned, self.class_weight[self.local_target], zero)
+                if local_classes > 0
+                else torch.zeros(target.shape, dtype=work_dtype, device=target.device)
+            )
+            both = torch.cat([own_weight, self.class_weight.sum().reshape(1)])
             reduce.sum_(both)
             self.w_y, self.weight_total = both[:-1], both[-1]
         self.denominator = self.w_y.sum()

@@ -1,0 +1,331 @@
+r"""Vocab-parallel cross-entropy over :mod:`torch.distributed`: each process holds a slice of the classes.
+
+With ``P`` processes in ``group``, process ``r`` holds the contiguous classes ``[o_r, o_r + C_r)`` (uneven
+slices allowed, ``Σ_r C_r = C``) of the logits, or of the output projection's rows. Nothing ``(N, C)`` is
+gathered: per row, only a few numbers cross processes,
+
+.. math:: m = \max_r \max_{c ∈ r} z_c,\qquad S = \sum_r \sum_{c ∈ r} e^{z_c − m},\qquad
+          \mathrm{LSE} = m + \log S,
+
+plus the target logit ``z_y`` (nonzero only on the process owning ``y``) and, with label smoothing, the
+sum ``Σ_c z_c``; every process then has the global loss
+
+.. math:: ℓ = (1 − ε)(\mathrm{LSE} − z_y) + \frac{ε}{C}\Big(C\,\mathrm{LSE} − \sum_c z_c\Big) + λ\,\mathrm{LSE}^2
+
+and computes its own slice of ``∂ℓ/∂z = (1 + 2λ LSE) p − a`` locally (``p = e^{z − LSE}``, ``a`` the smoothed
+one-hot restricted to its classes). That is two all-reduces per row chunk (max, then the stacked sums) in
+forward and none in backward for :func:`vocab_parallel_cross_entropy`;
+:func:`vocab_parallel_linear_cross_entropy` adds one all-reduce of ``∂ℓ/∂hidden`` (``N × D``), because
+``hidden`` is replicated and each process only sees its classes' share of that gradient.
+
+Every process must call with the same batch (``target`` and, for the linear form, ``hidden`` replicated)
+and the same options; a first, tiny all-gather checks the shapes and target agree and raises the same
+``ValueError`` on every process otherwise, so a mistake fails loudly instead of deadlocking.
+
+Works with any backend that has all-reduce MAX/SUM and all-gather: ``gloo`` (CPU) and ``nccl`` (CUDA).
+See ``docs/distributed.md`` for ``torchrun`` and tensor-parallel usage.
+
+References:
+    Shoeybi et al., "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model
+    Parallelism", 2019 (the vocab-parallel cross-entropy).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from . import _validation as v
+from ._reduction import safe_divide
+from .backends.torch.cross_entropy import chunk_rows
+from .backends.torch.linear_cross_entropy import (
+    LinearCrossEntropyConfig,
+    LocalReduce,
+    _chunk_grad_from_lse,
+    _chunk_loss_and_grad,
+    _LinearCrossEntropyFunction,
+    _Rows,
+    work_dtype_of,
+)
+
+
+class GroupReduce(LocalReduce):
+    """Combine per-row statistics over the processes of ``group`` with all-reduce (in place)."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return tensor
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def sum_hidden_grad_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.sum_(tensor)
+
+
+def _layout(
+    local_classes: int,
+    target: torch.Tensor,
+    hidden_size: int,
+    chunk_size: int | None,
+    num_classes: int | None,
+    group,
+    shard_name: str,
+    options: tuple[bool, ...] = (),
+) -> tuple[int, int]:
+    """All-gather each process's shapes; check they agree; return ``(class_offset, total_classes)``.
+
+    Raises the same ``ValueError`` on every process when they disagree (everyone sees the same table).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "vocab-parallel losses need an initialised process group: call "
+            "torch.distributed.init_process_group(...) first (torchrun sets up the environment for it)"
+        )
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    flat = target.reshape(-1).long()
+    fingerprint = (flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum() if flat.numel() else 0
+    flags = sum(int(bool(flag)) << i for i, flag in enumerate(options))
+    info = torch.tensor(
+        [local_classes, flat.numel(), hidden_size, -1 if chunk_size is None else chunk_size, int(fingerprint),
+         flags],
+        dtype=torch.int64,
+        device=target.device,
+    )
+    table = [torch.empty_like(info) for _ in range(world)]
+    dist.all_gather(table, info, group=group)
+    rows = torch.stack(table).tolist()
+    sizes = [row[0] for row in rows]
+    for column, what in ((1, "rows (targets)"), (2, "hidden features"), (3, "chunk_size")):
+        values = [row[column] for row in rows]
+        if len(set(values)) > 1:
+            shown = [None if x < 0 else x for x in values] if column == 3 else values
+            raise ValueError(
+                f"every process of the group must pass the same number of {what}, but got {shown} on ranks "
+                f"0..{world - 1}"
+            )
+    if len({row[5] for row in rows}) > 1:
+        raise ValueError(
+            "every process of the group must pass the same options: class weights given on some ranks only, or "
+            "gradients needed on some ranks only (their collectives would not match)"
+        )
+    if len({row[4] for row in rows}) > 1:
+        raise ValueError(
+            "`target` differs between the processes of the group; every process must pass the same (replicated) "
+            "target for the vocab-parallel loss"
+        )
+    total = sum(sizes)
+    if num_classes is not None and num_classes != total:
+        raise ValueError(
+            f"the `{shard_name}` slices add up to {total} classes over the group's ranks ({sizes}), but "
+            f"num_classes={num_classes}"
+        )
+    if total == 0:
+        raise ValueError(f"the `{shard_name}` slices hold no classes at all on any rank ({sizes})")
+    return sum(sizes[:rank]), total
+
+
+def _check_common(target, reduction, ignore_index, label_smoothing, temperature, z_loss, softcap, num_classes):
+    target = v.check_tensor("target", target)
+    v.check_target_dtype(target)
+    return (
+        target,
+        v.check_reduction(reduction),
+        v.check_int("ignore_index", ignore_index),
+        v.check_label_smoothing(label_smoothing),
+        v.check_positive("temperature", temperature),
+        v.check_non_negative("z_loss", z_loss),
+        v.check_softcap(softcap),
+        v.check_optional_positive_int("num_classes", num_classes),
+    )
+
+
+class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy of class-sliced logits ``(N, C_local)``; backward recomputes ``p`` from the stored LSE."""
+
+    @staticmethod
+    def forward(ctx, logits, target, class_weight, config: LinearCrossEntropyConfig):
+        num_rows, local_classes = logits.shape
+        work = work_dtype_of(logits.dtype)
+        rows = _Rows(target, class_weight, config, local_classes, work)
+        loss = torch.empty(num_rows, dtype=work, device=logits.device)
+        lse = torch.empty(num_rows, dtype=work, device=logits.device)
+        step = chunk_rows(num_rows, config.num_classes, config.chunk_size)  # the same on every process
+        buffer = torch.empty((min(step, num_rows), local_classes), dtype=work, device=logits.device)
+        derivative = torch.empty_like(buffer) if config.softcap is not None else None
+        for start in range(0, num_rows, step):
+            sl = slice(start, min(start + step, num_rows))
+            chunk = buffer[: sl.stop - start].copy_(logits[sl])
+            loss[sl], lse[sl] = _chunk_loss_and_grad(chunk, derivative, rows, sl, None, config)
+        if config.reduction == "mean":
+            out = safe_divide(loss.sum(), rows.denominator)
+        elif config.reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss
+        ctx.config, ctx.rows = config, rows
+        ctx.save_for_backward(logits, lse)
+        return out.to(logits.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        logits, lse = ctx.saved_tensors
+        config, rows = ctx.config, ctx.rows
+        num_rows, local_classes = logits.shape
+        grad_output = grad_output.to(lse.dtype)
+        scale = grad_output * rows.valid if config.reduction == "none" else rows.scale(config.reduction) * grad_output
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        step = chunk_rows(num_rows, config.num_classes, config.chunk_size)  # the same on every process
+        buffer = torch.empty((min(step, num_rows), local_classes), dtype=lse.dtype, device=logits.device)
+        derivative = torch.empty_like(buffer) if config.softcap is not None else None
+        for start in range(0, num_rows, step):
+            sl = slice(start, min(start + step, num_rows))
+            chunk = buffer[: sl.stop - start].copy_(logits[sl])
+            _chunk_grad_from_lse(chunk, derivative, rows, sl, lse[sl], scale[sl], config)
+            grad[sl].copy_(chunk)
+        return grad, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits_shard: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group=None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""Cross-entropy of logits whose classes are split across the processes of ``group``.
+
+    Equals :func:`softmaxkit.cross_entropy` of the logits gathered along the class dimension (in rank
+    order), with its gradient for this process's slice, without gathering them (see the module docstring).
+
+    Args:
+        logits_shard: ``(N, C_r)`` this process's contiguous slice of the classes (process ``r`` holds
+            classes ``[Σ_{q<r} C_q, Σ_{q≤r} C_q)``); slices may differ in size, even be empty.
+        target: ``(N,)`` global class indices in ``[0, C)`` or ``ignore_index``, the same on every process.
+        group: the process group (None: the default group).
+        weight: ``(C_r,)`` this process's slice of per-class weights, or None.
+        ignore_index, reduction, label_smoothing, z_loss, temperature, softcap: as
+            :func:`softmaxkit.cross_entropy`; smoothing and z-loss use the global ``C`` and LSE.
+        num_classes: the expected total ``C``; checked against the sum of the slices when given.
+        chunk_size: rows per chunk of the local work (None: ~4 MiB of fp32 per chunk).
+
+    Returns:
+        The same value on every process: a scalar for ``"mean"``/``"sum"``, ``(N,)`` for ``"none"``.
+
+    Example (under ``torchrun --nproc-per-node 2``)::
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        logits = full_logits.tensor_split(world, dim=1)[rank]   # this rank's classes
+        loss = vocab_parallel_cross_entropy(logits, target)     # == cross_entropy(full_logits, target)
+    """
+    logits_shard = v.check_floating("logits_shard", logits_shard)
+    if logits_shard.dim() != 2:
+        raise ValueError(f"`logits_shard` must have shape (N, C_local), but has shape {tuple(logits_shard.shape)}")
+    (target, reduction, ignore_index, label_smoothing, temperature, z_loss, softcap, num_classes) = _check_common(
+        target, reduction, ignore_index, label_smoothing, temperature, z_loss, softcap, num_classes
+    )
+    v.check_same_device("target", target, "logits_shard", logits_shard)
+    if tuple(target.shape) != (logits_shard.shape[0],):
+        raise ValueError(
+            f"`target` must have shape ({logits_shard.shape[0]},), one class index per row of `logits_shard`, "
+            f"but has shape {tuple(target.shape)}"
+        )
+    chunk_size = v.check_optional_positive_int("chunk_size", chunk_size)
+    weight = v.check_class_weight(weight, logits_shard.shape[1], logits_shard, name="weight")
+    needs_grad = torch.is_grad_enabled() and logits_shard.requires_grad
+    offset, total = _layout(logits_shard.shape[1], target, 0, chunk_size, num_classes, group, "logits_shard",
+                            (weight is not None, needs_grad))
+    v.check_class_target(target, total, ignore_index)
+    config = LinearCrossEntropyConfig(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, temperature=temperature,
+        z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, num_classes=total, class_offset=offset,
+        reduce=GroupReduce(group),
+    )
+    return _VocabParallelCrossEntropyFunction.apply(logits_shard, target, weight, config)
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group=None,
+    bias_shard: torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+    accumulation_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    r""":func:`softmaxkit.linear_cross_entropy` with the output projection's rows split across ``group``.
+
+    Each process computes its classes' logits ``h W_rᵀ + b_r`` chunk by chunk (never the full ``(N, C)``
+    logits, not even its own ``(N, C_r)`` slice at once), combines the per-row statistics with the other
+    processes, and returns the global loss. Gradients: ``∂/∂W_r`` and ``∂/∂b_r`` for this process's rows,
+    and the full ``∂/∂hidden`` (all-reduced over ``group``, so ``hidden`` needs no extra all-reduce in
+    backward, unlike the input of a column-parallel linear layer).
+
+    Args:
+        hidden: ``(..., D)`` hidden states, the same on every process.
+        weight_shard: ``(C_r, D)`` this process's contiguous rows of the ``(C, D)`` projection (rank order).
+        target: ``(...)`` global class indices, the same on every process.
+        group: the process group (None: the default group).
+        bias_shard: ``(C_r,)`` or None. class_weight: ``(C_r,)`` this process's slice of class weights.
+        ignore_index, reduction, label_smoothing, z_loss, temperature, softcap, chunk_size,
+            accumulation_dtype: as :func:`softmaxkit.linear_cross_entropy` (the chunk size must be the same
+            on every process; the default depends only on ``N``, ``D`` and the global ``C``).
+        num_classes: the expected total ``C``; checked against the sum of the slices when given.
+
+    Returns:
+        The same value on every process: a scalar for ``"mean"``/``"sum"``, ``hidden.shape[:-1]`` for
+        ``"none"``.
+    """
+    hidden, weight_shard, bias_shard = v.check_linear_inputs(hidden, weight_shard, bias_shard,
+                                                              weight_name="weight_shard")
+    (target, reduction, ignore_index, label_smoothing, temperature, z_loss, softcap, num_classes) = _check_common(
+        target, reduction, ignore_index, label_smoothing, temperature, z_loss, softcap, num_classes
+    )
+    v.check_same_device("target", target, "hidden", hidden)
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"`target` must have shape {tuple(hidden.shape[:-1])} (one class index per row of `hidden`), but has "
+            f"shape {tuple(target.shape)}"
+        )
+    chunk_size = v.check_optional_positive_int("chunk_size", chunk_size)
+    accumulation_dtype = v.check_accumulation_dtype(accumulation_dtype, weight_shard.dtype)
+    class_weight = v.check_class_weight(class_weight, weight_shard.shape[0], hidden, name="class_weight")
+    grad_on = torch.is_grad_enabled()
+    offset, total = _layout(weight_shard.shape[0], target, hidden.shape[-1], chunk_size, num_classes, group,
+                            "weight_shard", (class_weight is not None, grad_on and hidden.requires_grad,
+                                             grad_on and (weight_shard.requires_grad or (
+                                                 bias_shard is not None and bias_shard.requires_grad))))
+    v.check_class_target(target, total, ignore_index)
+    config = LinearCrossEntropyConfig(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, temperature=temperature,
+        z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, accumulation_dtype=accumulation_dtype,
+        num_classes=total, class_offset=offset, reduce=GroupReduce(group),
+    )
+    loss = _LinearCrossEntropyFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, target.reshape(-1), class_weight, config
+    )
+    return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss

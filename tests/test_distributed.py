@@ -1,0 +1,191 @@
+"""Vocab-parallel losses: 2 and 4 gloo processes on 127.0.0.1 against the single-process loss on gathered
+logits (values and gradients, float64, every option), uneven and empty slices, and the errors raised the
+same way on every rank.
+
+Each test spawns its processes once and runs all of its cases inside them (a spawn costs a few seconds of
+imports). Tolerance: float64 1e-12 relative: the same maths as the single-process path, only the sums over
+classes are split into per-process partial sums before being added.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import softmaxkit
+from softmaxkit.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+pytestmark = pytest.mark.distributed
+
+RTOL, ATOL = 1e-12, 1e-14
+
+OPTIONS = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(label_smoothing=0.2, z_loss=1e-2),
+    dict(label_smoothing=0.1, reduction="none", temperature=0.8, softcap=3.0),
+    dict(z_loss=1e-3, softcap=2.0, class_weight=True),
+    dict(label_smoothing=0.3, class_weight=True, reduction="sum", chunk_size=2),
+]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, case: str, sizes: list[int]) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        CASES[case](rank, world, sizes)
+    except BaseException:
+        # mp.spawn re-raises in the parent; print the full traceback of the failing rank too
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(case: str, sizes: list[int]) -> None:
+    # fork: the workers inherit the imported modules (a spawn re-imports torch and softmaxkit per process,
+    # seconds each); each sets one intra-op thread first, as DataLoader workers do.
+    mp.start_processes(_entry, args=(len(sizes), _free_port(), case, sizes), nprocs=len(sizes), join=True,
+                       start_method="fork")
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+
+
+def _problem(num_classes: int, rows: int = 7, hidden_size: int = 4):
+    g = torch.Generator().manual_seed(123)  # the same data on every rank
+    hidden = torch.randn(rows, hidden_size, generator=g, dtype=torch.float64)
+    weight = torch.randn(num_classes, hidden_size, generator=g, dtype=torch.float64)
+    bias = torch.randn(num_classes, generator=g, dtype=torch.float64)
+    class_weight = torch.rand(num_classes, generator=g, dtype=torch.float64) + 0.5
+    target = torch.randint(0, num_classes, (rows,), generator=g)
+    target[1] = -100
+    upstream = torch.randn(rows, generator=g, dtype=torch.float64)
+    return hidden, weight, bias, class_weight, target, upstream
+
+
+def _split(sizes: list[int], rank: int) -> slice:
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _case_parity(rank: int, world: int, sizes: list[int]) -> None:
+    """Both vocab-parallel functions equal the single-process ones on gathered logits, for every option."""
+    num_classes = sum(sizes)
+    mine = _split(sizes, rank)
+    hidden, weight, bias, class_weight, target, upstream = _problem(num_classes)
+    for spec in OPTIONS:
+        options = dict(spec)
+        use_weight = options.pop("class_weight", False)
+        chunk_size = options.pop("chunk_size", None)
+        reduction = options.get("reduction", "mean")
+
+        # vocab_parallel_cross_entropy vs cross_entropy on the full logits
+        logits = hidden @ weight.T + bias
+        full = logits.clone().requires_grad_()
+        expected = softmaxkit.cross_entropy(full, target, weight=class_weight if use_weight else None, **options)
+        (expected * upstream if reduction == "none" else expected).sum().backward()
+        shard = logits[:, mine].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(shard, target, weight=class_weight[mine] if use_weight else None,
+                                            num_classes=num_classes, chunk_size=chunk_size, **options)
+        (loss * upstream if reduction == "none" else loss).sum().backward()
+        _close(loss, expected, f"rank {rank} loss {spec}")
+        _close(shard.grad, full.grad[:, mine], f"rank {rank} logits grad {spec}")
+
+        # vocab_parallel_linear_cross_entropy vs linear_cross_entropy
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        expected = softmaxkit.linear_cross_entropy(h, w, target, bias=b,
+                                                   class_weight=class_weight if use_weight else None,
+                                                   impl="composite", **options)
+        (expected * upstream if reduction == "none" else expected).sum().backward()
+        h2 = hidden.clone().requires_grad_()
+        w2, b2 = weight[mine].clone().requires_grad_(), bias[mine].clone().requires_grad_()
+        loss = vocab_parallel_linear_cross_entropy(
+            h2, w2, target, bias_shard=b2, class_weight=class_weight[mine] if use_weight else None,
+            chunk_size=chunk_size or 3, **options,
+        )
+        (loss * upstream if reduction == "none" else loss).sum().backward()
+        _close(loss, expected, f"rank {rank} linear loss {spec}")
+        _close(h2.grad, h.grad, f"rank {rank} hidden grad {spec}")
+        _close(w2.grad, w.grad[mine], f"rank {rank} weight grad {spec}")
+        _close(b2.grad, b.grad[mine], f"rank {rank} bias grad {spec}")
+
+    # every target ignored: 0 loss and zero gradients on every rank, no NaN
+    ignored = torch.full_like(target, -100)
+    shard = (hidden @ weight[mine].T).requires_grad_()
+    zero = vocab_parallel_cross_entropy(shard, ignored)
+    zero.backward()
+    assert zero.item() == 0.0 and torch.count_nonzero(shard.grad) == 0
+
+
+def _expect_error(message: str, call) -> None:
+    try:
+        call()
+    except ValueError as error:
+        assert message in str(error), f"expected {message!r} in {error}"
+    else:
+        raise AssertionError(f"no ValueError raised, expected {message!r}")
+
+
+def _case_errors(rank: int, world: int, sizes: list[int]) -> None:
+    """Mismatches between ranks raise the same ValueError on every rank instead of deadlocking."""
+    num_classes = sum(sizes)
+    mine = _split(sizes, rank)
+    hidden, weight, _, _, target, _ = _problem(num_classes)
+    logits = hidden @ weight.T
+    _expect_error("add up to", lambda: vocab_parallel_cross_entropy(logits[:, mine], target,
+                                                                     num_classes=num_classes + 1))
+    rows = 7 if rank == 0 else 6
+    _expect_error("same number of rows", lambda: vocab_parallel_cross_entropy(logits[:rows, mine], target[:rows]))
+    other = target.clone()
+    if rank == 1:
+        other[0] = (other[0] + 1) % num_classes
+    _expect_error("`target` differs", lambda: vocab_parallel_cross_entropy(logits[:, mine], other))
+    _expect_error("same number of hidden features", lambda: vocab_parallel_linear_cross_entropy(
+        hidden[:, : 4 - rank], weight[mine, : 4 - rank], target))
+    _expect_error("same number of chunk_size", lambda: vocab_parallel_linear_cross_entropy(
+        hidden, weight[mine], target, chunk_size=2 + rank))
+    bad = target.clone()
+    bad[0] = num_classes
+    _expect_error(f"class indices in [0, {num_classes})", lambda: vocab_parallel_cross_entropy(logits[:, mine], bad))
+    _expect_error("`hidden` has 4 features", lambda: vocab_parallel_linear_cross_entropy(hidden, weight[mine, :3],
+                                                                                          target))
+
+
+def _case_parity_and_errors(rank: int, world: int, sizes: list[int]) -> None:
+    _case_parity(rank, world, sizes)
+    _case_errors(rank, world, sizes)
+
+
+CASES = {"parity": _case_parity, "parity+errors": _case_parity_and_errors}
+
+
+def test_two_processes_equal_the_single_process_loss_and_mismatches_raise_everywhere():
+    _spawn("parity+errors", [6, 7])
+
+
+def test_four_processes_with_uneven_and_empty_slices():
+    _spawn("parity", [5, 0, 9, 3])
+
+
+def test_without_a_process_group_the_error_says_how_to_start_one():
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]))
