@@ -55,7 +55,7 @@ def parse_args(argv):
     parser.add_argument("--impls", default="", help="comma-separated impls to keep (default: all)")
     parser.add_argument("--shapes", default="", help="comma-separated shape labels to keep, e.g. 8192x50257")
     parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
-    parser.add_argument("--modes", default="full", help="comma-separated: forward,full")
+    parser.add_argument("--modes", default="full", help="comma-separated: forward,backward,full")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="each op's small quick set")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per case (at least)")
@@ -118,11 +118,15 @@ def main(argv=None) -> int:
                     row = {**env, "op": op, "impl": case.impl, "shape": case.shape, "dtype": case.dtype,
                            "mode": mode, "allocator": child_env.get("LD_PRELOAD", "default") or "default",
                            **{k: v for k, v in result.items() if k != "times"}}
-                    if result.get("status") == "ok" and mode == "full":
-                        if case.bytes_moved:
-                            row["roofline"] = case.bytes_moved / row["median_s"] / ceilings["copy_bytes_per_s"]
-                        elif case.flops:
-                            row["roofline"] = case.flops / row["median_s"] / ceilings["matmul_flops"]
+                    if result.get("status") == "ok":
+                        # the least traffic (or work) the mode needs, over the device's measured ceiling
+                        bytes_moved = case.extra.get("bytes_by_mode", {}).get(
+                            mode, case.bytes_moved if mode == "full" else None)
+                        flops = case.extra.get("flops_by_mode", {}).get(mode, case.flops if mode == "full" else None)
+                        if bytes_moved:
+                            row["roofline"] = bytes_moved / row["median_s"] / ceilings["copy_bytes_per_s"]
+                        elif flops:
+                            row["roofline"] = flops / row["median_s"] / ceilings["matmul_flops"]
                     rows.append(row)
         for row in rows:
             base = next((r for r in rows if r["impl"] == "torch" and r["shape"] == row["shape"]

@@ -1,7 +1,9 @@
 """Benchmark harness: each case in a fresh subprocess; median / p20 / p80 time, peak extra memory, CSV.
 
 A case is an ``(op, impl, shape, dtype)`` with a ``setup(mode)`` that builds inputs and returns a
-zero-argument function running the op once (``mode`` is ``"forward"`` or ``"full"`` = forward + backward).
+zero-argument function running the op once (``mode`` is ``"forward"`` or ``"full"`` = forward + backward),
+or, for ``"backward"``, a pair ``(prepare, run)``: ``prepare()`` (untimed, before every timed call) runs the
+forward and ``run()`` the backward alone.
 
 Peak memory is measured on the first call in a fresh process, so no earlier run's allocations are reused:
 on CPU as the growth of the resident-set high-water mark (``VmHWM``, reset through
@@ -73,12 +75,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn: Callable[[], object], device: str, repeat: int, warmup: int, min_time: float):
-    """Peak extra bytes of the first call, then times (seconds) of ``repeat`` calls after warm-up."""
+def measure(fn, device: str, repeat: int, warmup: int, min_time: float):
+    """Peak extra bytes of the first call, then times (seconds) of ``repeat`` calls after warm-up.
+
+    ``fn`` is a zero-argument callable, or a ``(prepare, run)`` pair of which only ``run`` is timed.
+    """
     import gc
 
     import torch
 
+    prepare = None
+    if isinstance(fn, tuple):
+        prepare, fn = fn
+    if prepare is not None:
+        prepare()
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -96,11 +106,16 @@ def measure(fn: Callable[[], object], device: str, repeat: int, warmup: int, min
         peak = _read_status("VmHWM") - base if ok else -1
     gc.collect()
     for _ in range(warmup):
+        if prepare is not None:
+            prepare()
         fn()
     _sync(device)
     times: list[float] = []
     deadline = time.perf_counter() + min_time
     while len(times) < repeat or time.perf_counter() < deadline:
+        if prepare is not None:
+            prepare()
+            _sync(device)
         if device == "cuda":
             start_event = torch.cuda.Event(enable_timing=True)
             end_event = torch.cuda.Event(enable_timing=True)

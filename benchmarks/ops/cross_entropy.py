@@ -1,4 +1,18 @@
-"""cross_entropy forward / forward+backward: softmaxkit vs torch eager, torch.compile, Liger-Kernel."""
+"""cross_entropy forward / backward / forward+backward: softmaxkit's paths vs torch eager, torch.compile, Liger.
+
+Impls:
+
+* ``torch``: ``F.cross_entropy`` eager (the baseline of every ratio);
+* ``torch_compile``: ``torch.compile(F.cross_entropy)``, one graph per shape (its compile time is excluded:
+  it happens in the untimed warm-up; see ``first_call_s`` in the CSV);
+* ``softmaxkit``: ``impl="auto"`` (the C kernel on CPU, Triton on CUDA), ``softmaxkit_inplace`` the same
+  with ``inplace_backward=True``;
+* ``softmaxkit_torch``: ``impl="torch"``, the chunked-ATen fused path (the fallback without a compiler);
+* ``liger``: Liger-Kernel's Triton cross-entropy (CUDA only).
+
+Roofline: the least traffic each mode needs (forward reads the logits; forward+backward reads them and
+writes the gradient once) over the measured copy bandwidth (bytes read + written per second).
+"""
 
 from __future__ import annotations
 
@@ -22,18 +36,34 @@ def _inputs(n: int, c: int, dtype: torch.dtype, device: str, requires_grad: bool
     return logits, target
 
 
-def _runner(loss_fn, n, c, dtype, device, mode):
-    logits, target = _inputs(n, c, dtype, device, requires_grad=mode == "full")
+def _runner(loss_fn, n, c, dtype, device, mode, inplace=False):
+    leaf, target = _inputs(n, c, dtype, device, requires_grad=mode != "forward")
     if mode == "forward":
         def forward():
             with torch.no_grad():
-                return loss_fn(logits, target)
+                return loss_fn(leaf, target)
         return forward
+
+    def make_loss():
+        # in-place backward overwrites its input: give it a fresh non-leaf view each time, as a model would
+        # (`leaf * 1` would allocate; a no-op view shares the buffer, and its version bump is harmless here)
+        source = leaf.view_as(leaf) if inplace else leaf
+        return loss_fn(source, target)
+
+    if mode == "backward":
+        state = {}
+
+        def prepare():
+            state["loss"] = make_loss()
+
+        def backward():
+            (grad,) = torch.autograd.grad(state.pop("loss"), [leaf])
+            return grad
+        return prepare, backward
 
     def full():
         # autograd.grad returns the gradient without accumulating it into .grad (no extra copy for any impl)
-        loss = loss_fn(logits, target)
-        (grad,) = torch.autograd.grad(loss, [logits])
+        (grad,) = torch.autograd.grad(make_loss(), [leaf])
         return grad
     return full
 
@@ -45,8 +75,7 @@ def _softmaxkit(**options):
 
 
 def _torch_compile():
-    compiled = torch.compile(lambda x, y: F.cross_entropy(x, y), dynamic=False)
-    return compiled
+    return torch.compile(lambda x, y: F.cross_entropy(x, y), dynamic=False)
 
 
 def _liger(device: str):
@@ -66,19 +95,24 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
     for n, c in shapes:
         if device == "cpu" and n * c * dtype.itemsize > CPU_MAX_LOGIT_BYTES:
             continue
-        bytes_moved = 3 * n * c * dtype.itemsize  # forward reads logits; backward reads them, writes grad
+        size = n * c * dtype.itemsize
+        # no backward entry: a fused impl does its gradient work in forward, so its backward's traffic is ~0
+        bytes_by_mode = {"forward": size, "full": 2 * size}
         impls = {
             "torch": lambda: (lambda x, y: F.cross_entropy(x, y)),
             "torch_compile": _torch_compile,
             "softmaxkit": lambda: _softmaxkit(),
             "softmaxkit_inplace": lambda: _softmaxkit(inplace_backward=True),
+            "softmaxkit_torch": lambda: _softmaxkit(impl="torch"),
             "liger": lambda: _liger(device),
         }
         for impl, factory in impls.items():
-            def setup(mode, factory=factory, n=n, c=c):
-                return _runner(factory(), n, c, dtype, device, mode)
+            inplace = impl == "softmaxkit_inplace"
 
-            modes = ("full",) if impl == "softmaxkit_inplace" else ("forward", "full")
-            out.append(Case("cross_entropy", impl, f"{n}x{c}", dtype_name, setup, bytes_moved=bytes_moved,
-                            modes=modes))
+            def setup(mode, factory=factory, n=n, c=c, inplace=inplace):
+                return _runner(factory(), n, c, dtype, device, mode, inplace)
+
+            modes = ("backward", "full") if inplace else ("forward", "backward", "full")
+            out.append(Case("cross_entropy", impl, f"{n}x{c}", dtype_name, setup, bytes_moved=2 * size,
+                            modes=modes, extra={"bytes_by_mode": bytes_by_mode}))
     return out
