@@ -323,7 +323,7 @@ def test_demo_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     for label in ("cross-entropy", "label smoothing", "class-balanced", "focal", "Poly-1"):
         assert label in result.stdout
-    assert "fitted T" in result.stdout and "report:" in result.stdout
+    assert "ECE(T)" in result.stdout and "report:" in result.stdout
     summary = check_report(out, 5)
     counts = summary["train_counts"]
     assert counts[0] / counts[-1] >= 40  # long-tailed ×50 (rounded to whole samples)

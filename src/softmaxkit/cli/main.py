@@ -98,10 +98,9 @@ def _print_table(experiment, title: str) -> None:
 
     rows = metrics_rows(experiment)
     table = Table(title=title, header_style="bold")
-    for column, justify in (("model", "left"), ("accuracy", "right"), ("macro-F1", "right"),
-                            ("balanced acc.", "right"), ("NLL", "right"), ("ECE before", "right"),
-                            ("ECE after", "right"), ("fitted T", "right")):
-        table.add_column(column, justify=justify)
+    table.add_column("model", no_wrap=True)
+    for column in ("acc.", "F1", "bal.acc", "NLL", "ECE", "ECE(T)", "T"):
+        table.add_column(column, justify="right")
     best_f1 = max(r["macro_f1"] for r in rows)
     for r in rows:
         f1 = f"{r['macro_f1']:.3f}"

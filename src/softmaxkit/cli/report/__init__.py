@@ -123,7 +123,7 @@ def render(experiment, *, title: str, command: str, pngs: dict[str, bytes] | Non
     pngs = build_figures(experiment) if pngs is None else pngs
     css = resources.files(__package__).joinpath("style.css").read_text(encoding="utf-8")
     settings = experiment.settings
-    tail = (f"made long-tailed with imbalance ratio {experiment.long_tail:g} ({settings['profile']} profile)"
+    tail = (f"made long-tailed: imbalance ratio {experiment.long_tail:g}, {settings['profile']} profile"
             if experiment.long_tail else "used as is")
     sections = [
         f"<h1>{html.escape(title)}</h1>",

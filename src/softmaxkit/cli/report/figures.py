@@ -45,7 +45,10 @@ def _reliability_panel(ax, proba, labels, n_bins, color, title, ece) -> None:
     widths = np.asarray(curve.upper) - np.asarray(curve.lower)
     accuracy, confidence = np.asarray(curve.accuracy), np.asarray(curve.confidence)
     ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", linewidth=1, label="perfect calibration")
-    ax.bar(centres, accuracy, width=widths, color=color, alpha=0.75, edgecolor="white", label="accuracy")
+    share = np.asarray(curve.count, dtype=float) / max(float(np.sum(curve.count)), 1.0)
+    bars = ax.bar(centres, accuracy, width=widths, color=color, edgecolor="white", label="accuracy")
+    for bar, weight in zip(bars, share):  # paler bars hold fewer predictions (less weight in the ECE)
+        bar.set_alpha(0.3 + 0.6 * np.sqrt(min(1.0, weight / max(share.max(), 1e-12))))
     ax.bar(centres, np.abs(confidence - accuracy), bottom=np.minimum(accuracy, confidence), width=widths,
            color="none", edgecolor="#d62728", hatch="//", linewidth=0.6, label="gap to mean confidence")
     ax.set_xlim(0, 1)
@@ -73,7 +76,8 @@ def reliability_grid(experiment, n_bins: int = 15) -> bytes:
         axes[i, 0].set_ylabel("accuracy in bin")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.04))
-    fig.suptitle("Reliability diagrams on the test set (bars below the diagonal: over-confident)", y=1.01)
+    fig.suptitle("Reliability diagrams on the test set (bars below the diagonal: over-confident; "
+                 "paler bars: fewer predictions)", y=1.01)
     fig.tight_layout()
     return to_png(fig)
 
@@ -119,7 +123,7 @@ def per_class_f1(experiment) -> bytes:
     results = experiment.results
     n_classes = len(experiment.class_names)
     width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(min(14.0, max(7.0, 0.25 * n_classes * len(results) + 2)), 4.0))
+    fig, ax = plt.subplots(figsize=(min(11.0, max(7.0, 0.2 * n_classes * len(results) + 2)), 4.2))
     x = np.arange(n_classes)
     for j, result in enumerate(results):
         ax.bar(x - 0.4 + width * (j + 0.5), result.metrics["per_class_f1"], width=width,
@@ -129,8 +133,8 @@ def per_class_f1(experiment) -> bytes:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("F1 on the test set")
     ax.set_xlabel("class (n = training samples)")
-    ax.set_title("Per-class F1: the tail classes are where the losses differ", pad=28)
-    ax.legend(fontsize=8, ncol=len(results), loc="lower center", bbox_to_anchor=(0.5, 1.07), frameon=False)
+    ax.set_title("Per-class F1: the tail classes are where the losses differ")
+    ax.legend(fontsize=8, ncol=len(results), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     _style(ax)
     fig.tight_layout()
     return to_png(fig)
@@ -159,10 +163,10 @@ def temperature_sweep(experiment, temperatures) -> bytes:
         color = COLORS[j % len(COLORS)]
         left.plot(temperatures, result.sweep_nll, color=color, label=result.label)
         right.plot(temperatures, result.sweep_ece, color=color, label=result.label)
-        t = result.temperature
-        k = int(np.argmin(np.abs(np.log(temperatures) - np.log(t))))
-        left.plot([t], [result.sweep_nll[k]], "o", color=color, markersize=6, markeredgecolor="black")
-        right.plot([t], [result.sweep_ece[k]], "o", color=color, markersize=6, markeredgecolor="black")
+        t = result.temperature  # the dot: the test metrics of softmax(z / T) at the fitted T
+        left.plot([t], [result.calibrated_metrics["nll"]], "o", color=color, markersize=6, markeredgecolor="black")
+        right.plot([t], [result.calibrated_metrics["ece"]], "o", color=color, markersize=6,
+                   markeredgecolor="black")
     for ax, name in ((left, "negative log-likelihood"), (right, "expected calibration error")):
         ax.set_xscale("log", base=2)
         ax.axvline(1.0, color="#999999", linestyle=":", linewidth=1)
