@@ -1,0 +1,110 @@
+"""linear_cross_entropy (hidden @ W.T → cross-entropy) forward and forward+backward.
+
+Impls:
+
+* ``torch``: the naive path, ``F.cross_entropy(F.linear(h, W), y)``: holds the ``(N, C)`` logits, their
+  log-softmax and their gradient (the baseline of every ratio);
+* ``torch_chunked``: PyTorch's own ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``
+  (its chunked path with default options);
+* ``softmaxkit``: ``softmaxkit.linear_cross_entropy`` (chunked; gradients built in forward);
+* ``liger``: Liger-Kernel's fused linear cross-entropy (Triton, CUDA only);
+* ``cut_cross_entropy``: Apple's Cut Cross-Entropy (CUDA only).
+
+``full`` computes the gradients of ``hidden`` and ``weight`` with ``torch.autograd.grad`` (nothing
+accumulates into ``.grad``). Work: three ``N·C·D`` matmuls for ``full``, one for ``forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._harness import Case, Skip
+
+#: (N, D, C): the issue's memory target (8192, 512, 50k), then an LLM-like head.
+SHAPES = [(8192, 512, 50000), (4096, 1024, 128256)]
+QUICK_SHAPES = [(1024, 256, 8192)]
+
+
+def _inputs(n, d, c, dtype, device, requires_grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = (torch.randn(n, d, generator=g) * 0.5).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    weight = (torch.randn(c, d, generator=g) * d**-0.5).to(device=device, dtype=dtype)
+    weight.requires_grad_(requires_grad)
+    target = torch.randint(0, c, (n,), generator=g).to(device)
+    target[::13] = -100
+    return hidden, weight, target
+
+
+def _runner(loss_fn, n, d, c, dtype, device, mode):
+    hidden, weight, target = _inputs(n, d, c, dtype, device, requires_grad=mode != "forward")
+    if mode == "forward":
+        def forward():
+            with torch.no_grad():
+                return loss_fn(hidden, weight, target)
+        return forward
+
+    def full():
+        return torch.autograd.grad(loss_fn(hidden, weight, target), [hidden, weight])
+    return full
+
+
+def _naive(h, w, y):
+    return F.cross_entropy(F.linear(h, w), y)
+
+
+def _torch_chunked():
+    try:
+        from torch.nn import LinearCrossEntropyOptions
+    except ImportError as error:  # pragma: no cover - older torch
+        raise Skip(f"this torch has no LinearCrossEntropyOptions ({error})") from error
+    options = LinearCrossEntropyOptions()
+    return lambda h, w, y: F.linear_cross_entropy(h, w, y, options=options)
+
+
+def _softmaxkit():
+    import softmaxkit
+
+    return lambda h, w, y: softmaxkit.linear_cross_entropy(h, w, y)
+
+
+def _liger(device):
+    if device != "cuda":
+        raise Skip("liger-kernel runs on CUDA only")
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError as error:  # pragma: no cover
+        raise Skip(f"liger-kernel not installed ({error})") from error
+    return lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)
+
+
+def _cut_cross_entropy(device):
+    if device != "cuda":
+        raise Skip("cut-cross-entropy runs on CUDA only")
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as error:  # pragma: no cover
+        raise Skip(f"cut-cross-entropy not installed ({error})") from error
+    return lambda h, w, y: linear_cross_entropy(h, w, y, ignore_index=-100)
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
+    dtype_name = str(dtype).replace("torch.", "")
+    out = []
+    for n, d, c in QUICK_SHAPES if quick else SHAPES:
+        impls = {
+            "torch": lambda: _naive,
+            "torch_chunked": _torch_chunked,
+            "softmaxkit": _softmaxkit,
+            "liger": lambda: _liger(device),
+            "cut_cross_entropy": lambda: _cut_cross_entropy(device),
+        }
+        for impl, factory in impls.items():
+            def setup(mode, factory=factory, n=n, d=d, c=c):
+                return _runner(factory(), n, d, c, dtype, device, mode)
+
+            flops = 2 * n * d * c
+            out.append(Case("linear_cross_entropy", impl, f"{n}x{d}x{c}", dtype_name, setup, flops=3 * flops,
+                            modes=("forward", "full"),
+                            extra={"flops_by_mode": {"forward": flops, "full": 3 * flops}}))
+    return out
