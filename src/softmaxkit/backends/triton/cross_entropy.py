@@ -50,16 +50,12 @@ def _load_params(params_ptr):
 
 
 @triton.jit
-def _ce_fwd_kernel(
-    x_ptr, stride_x, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, loss_ptr,
-    n_cols, ignore_index, eps, inv_t, softcap, z_loss, params_ptr,
+def _row_forward(
+    x_row, row, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, loss_ptr,
+    n_cols, ignore_index, eps, inv_t, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
-    PARAMS_IN_MEMORY: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    if PARAMS_IN_MEMORY:  # float64: scalar arguments would be rounded to fp32
-        eps, inv_t, softcap, z_loss = _load_params(params_ptr)
-    x_row = x_ptr + row * stride_x
+    """One row's online log-sum-exp and loss; stores both and returns the LSE."""
     y = tl.load(target_ptr + row).to(tl.int64)
     valid = y != ignore_index
     safe_y = tl.where(valid, y, 0)
@@ -105,26 +101,21 @@ def _ce_fwd_kernel(
     loss += z_loss * lse * lse
     tl.store(lse_ptr + row, lse)
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    return lse
 
 
 @triton.jit
-def _ce_bwd_kernel(
-    x_ptr, stride_x, grad_ptr, stride_g, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, scale_ptr,
-    n_cols, ignore_index, eps, inv_t, softcap, z_loss, params_ptr,
+def _row_backward(
+    x_row, g_row, row, target_ptr, weight_ptr, weight_total_ptr, lse, s,
+    n_cols, ignore_index, eps, inv_t, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
-    PARAMS_IN_MEMORY: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    if PARAMS_IN_MEMORY:
-        eps, inv_t, softcap, z_loss = _load_params(params_ptr)
-    x_row = x_ptr + row * stride_x
-    g_row = grad_ptr + row * stride_g
+    """One row's gradient, scaled by ``s``; ``g_row`` may be ``x_row`` (each block is read before written)."""
     y = tl.load(target_ptr + row).to(tl.int64)
-    acc_dtype = lse_ptr.dtype.element_ty
-    s = tl.load(scale_ptr + row)
+    acc_dtype = lse.dtype
     active = (y != ignore_index) & (s != 0.0)  # ignored row or zero upstream: exact zeros (no 0·inf)
     safe_y = tl.where(active, y, 0)
-    lse = tl.where(active, tl.load(lse_ptr + row), 0.0)
+    lse = tl.where(active, lse, 0.0)
     if HAS_WEIGHT:
         w_y = tl.load(weight_ptr + safe_y).to(acc_dtype)
         weight_total = tl.load(weight_total_ptr).to(acc_dtype)
@@ -154,7 +145,55 @@ def _ce_bwd_kernel(
                 g -= smooth
         g = tl.where(cols == safe_y, g - target_coefficient, g) * derivative
         g = tl.where(active, g, 0.0)
-        tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    x_ptr, stride_x, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, loss_ptr,
+    n_cols, ignore_index, eps, inv_t, softcap, z_loss, params_ptr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+    PARAMS_IN_MEMORY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if PARAMS_IN_MEMORY:  # float64: scalar arguments would be rounded to fp32
+        eps, inv_t, softcap, z_loss = _load_params(params_ptr)
+    _row_forward(x_ptr + row * stride_x, row, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, loss_ptr,
+                 n_cols, ignore_index, eps, inv_t, softcap, z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    x_ptr, stride_x, grad_ptr, stride_g, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, scale_ptr,
+    n_cols, ignore_index, eps, inv_t, softcap, z_loss, params_ptr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+    PARAMS_IN_MEMORY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if PARAMS_IN_MEMORY:
+        eps, inv_t, softcap, z_loss = _load_params(params_ptr)
+    _row_backward(x_ptr + row * stride_x, grad_ptr + row * stride_g, row, target_ptr, weight_ptr, weight_total_ptr,
+                  tl.load(lse_ptr + row), tl.load(scale_ptr + row), n_cols, ignore_index, eps, inv_t, softcap,
+                  z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
+
+
+@triton.jit
+def _ce_fused_inplace_kernel(
+    x_ptr, stride_x, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, loss_ptr, scale_ptr,
+    n_cols, ignore_index, eps, inv_t, softcap, z_loss, params_ptr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+    PARAMS_IN_MEMORY: tl.constexpr,
+):
+    """Loss, LSE and the gradient (scaled by ``scale``) of one row, the gradient over the row's logits."""
+    row = tl.program_id(0).to(tl.int64)
+    if PARAMS_IN_MEMORY:
+        eps, inv_t, softcap, z_loss = _load_params(params_ptr)
+    x_row = x_ptr + row * stride_x
+    lse = _row_forward(x_row, row, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, loss_ptr,
+                       n_cols, ignore_index, eps, inv_t, softcap, z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                       BLOCK)
+    _row_backward(x_row, x_row, row, target_ptr, weight_ptr, weight_total_ptr, lse, tl.load(scale_ptr + row),
+                  n_cols, ignore_index, eps, inv_t, softcap, z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
 
 
 def _interpreting() -> bool:
