@@ -4,7 +4,7 @@ The public functions live here (``softmaxkit.cross_entropy``, ...); modules in :
 NumPy float64 oracle in :mod:`softmaxkit.reference`.
 """
 
-from . import nn, reference  # subpackages reachable as attributes, like torch.nn
+from . import calibration, metrics, nn, reference  # subpackages reachable as attributes, like torch.nn
 from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from .estimator import SoftmaxRegression
 from .functional import cross_entropy, log_softmax, logsumexp, softmax
