@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sklearn.datasets import load_digits, load_wine
 
 from softmaxkit.datasets import NAMED, DatasetError, load_dataset, long_tail_counts, make_long_tailed
@@ -190,3 +192,21 @@ def test_make_long_tailed_shape_errors():
         make_long_tailed(np.ones((3, 2)), np.array([0, 1]), 2.0)
     with pytest.raises(ValueError, match="at least 2 classes"):
         make_long_tailed(np.ones((3, 2)), np.array([0, 0, 0]), 2.0)
+
+
+@given(
+    counts=st.lists(st.integers(1, 400), min_size=2, max_size=12),
+    ratio=st.floats(1.0, 500.0),
+    profile=st.sampled_from(["exponential", "step"]),
+)
+def test_long_tail_counts_properties(counts, ratio, profile):
+    kept = long_tail_counts(counts, ratio, profile)
+    n_max = min(counts)
+    assert kept.shape == (len(counts),)
+    assert kept[0] == n_max  # the head keeps every sample it can
+    assert np.all(kept >= 1) and np.all(kept <= n_max)  # every class survives, nothing is invented
+    assert np.all(np.diff(kept) <= 0)  # non-increasing from head to tail
+    # the realised ratio is the requested one up to rounding of the tail (and the floor of 1 sample)
+    assert kept[-1] == max(1, round(n_max / ratio))
+    if profile == "step":
+        assert len(set(kept.tolist())) <= 2
