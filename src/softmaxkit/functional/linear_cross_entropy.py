@@ -9,7 +9,7 @@ from ..backends.torch.linear_cross_entropy import LinearCrossEntropyConfig, _Lin
 from .cross_entropy import cross_entropy
 
 #: implementations ``linear_cross_entropy(impl=...)`` accepts. ``"auto"`` picks the fastest correct one.
-IMPLS = ("auto", "torch", "composite")
+IMPLS = ("auto", "torch", "composite", "triton")
 
 
 def _check_target(hidden: torch.Tensor, target: object, num_classes: int) -> tuple[torch.Tensor, bool]:
@@ -115,8 +115,9 @@ def linear_cross_entropy(
         softcap: ``c > 0`` or None; ``c·tanh(x/c)`` before the temperature (Gemma 2).
         chunk_size: rows per chunk; None picks about 32 MiB of fp32 logits per chunk, at most the size of
             ``hidden`` itself, within 64–2048 rows (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
-        impl: ``"auto"`` (the chunked path; class-probability targets: ``"composite"``), ``"torch"`` (the
-            chunked PyTorch path) or ``"composite"`` (``F.linear`` then :func:`cross_entropy` with plain
+        impl: ``"auto"`` (the chunked path, with the Triton kernels on CUDA when available; class-probability
+            targets: ``"composite"``), ``"torch"`` (the chunked PyTorch path), ``"triton"`` (chunked matmul +
+            fused Triton CE, fp32 ``∂ℓ/∂W`` accumulation) or ``"composite"`` (``F.linear`` then :func:`cross_entropy` with plain
             differentiable ops: holds the logits, supports double backward).
         accumulation_dtype: dtype in which ``∂ℓ/∂W``, ``∂ℓ/∂b`` and ``∂ℓ/∂h`` are accumulated over chunks:
             None means fp32 for fp16/bf16 weights and the weights' dtype otherwise; pass the weights' own
@@ -143,9 +144,9 @@ def linear_cross_entropy(
     )
     if impl not in IMPLS:
         raise ValueError(f"`impl` must be one of {', '.join(map(repr, IMPLS))}, but got {impl!r}")
-    if impl == "torch" and probabilities:
+    if impl in ("torch", "triton") and probabilities:
         raise ValueError(
-            "`impl='torch'` handles class-index targets; class-probability targets need impl='auto' or "
+            f"`impl={impl!r}` handles class-index targets; class-probability targets need impl='auto' or "
             "'composite'"
         )
     rows_shape = hidden.shape[:-1]
@@ -164,6 +165,17 @@ def linear_cross_entropy(
         temperature=temperature, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
         accumulation_dtype=accumulation_dtype, num_classes=num_classes,
     )
+    if impl == "auto" and hidden.is_cuda:
+        from ..backends import triton as triton_backend
+
+        impl = "triton" if triton_backend.available() else impl
+    if impl == "triton":
+        from ..backends.triton.linear_cross_entropy import triton_linear_cross_entropy
+
+        loss = triton_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), class_weight, config
+        )
+        return loss.reshape(rows_shape) if reduction == "none" else loss
     loss = _LinearCrossEntropyFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), class_weight, config
     )

@@ -1,0 +1,169 @@
+r"""Triton linear cross-entropy: chunked matmul + one fused CE launch per chunk, full logits never stored.
+
+For each chunk of ``r`` rows: ``x = h Wᵀ + b`` (``r × C``, one GEMM in the input dtype), then one launch of
+:func:`~.cross_entropy._ce_fused_inplace_kernel` writes each row's loss and log-sum-exp and overwrites ``x``
+with the gradient ``G = ∂ℓ/∂x`` (for a unit upstream gradient; the mean's ``1/Σw_y`` is folded in on the
+device). Then
+
+.. math:: ∂ℓ/∂h_{chunk} = G W, \qquad ∂ℓ/∂W \mathrel{+}= Gᵀ h_{chunk}, \qquad ∂ℓ/∂b \mathrel{+}= \textstyle\sum_{rows} G
+
+where ``∂ℓ/∂W`` accumulates in fp32 across chunks through :func:`_accumulate_at_b_kernel` (fp32 accumulator
+tiles, operands in the input dtype), so a bf16 model does not round its weight gradient once per chunk.
+Backward only multiplies the stored gradients by the upstream scalar, on the device (no host sync).
+``reduction="none"`` needs the per-row upstream gradient, known only in backward: it uses the chunked
+PyTorch implementation (:mod:`softmaxkit.backends.torch.linear_cross_entropy`), which recomputes chunks.
+
+Peak memory beyond the returned gradients: one chunk of logits (the chunk size of the torch path) and the
+fp32 ``C × D`` accumulator when the weight is fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from ..._reduction import safe_divide
+from ..torch.linear_cross_entropy import LinearCrossEntropyConfig, _LinearCrossEntropyFunction, chunk_rows_for
+from .cross_entropy import (
+    _ce_fused_inplace_kernel,
+    _ce_fwd_kernel,
+    _interpreting,
+    _launch_config,
+    _or,
+    _scalars,
+)
+
+
+@triton.jit
+def _accumulate_at_b_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_ak, stride_am, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    """``C[M, N] += A[K, M]ᵀ B[K, N]`` with an fp32 (fp64 for fp64) accumulator tile; int64 offsets."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc_dtype = c_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        a = tl.load(a_ptr + offs_k[None, :] * stride_ak + offs_m[:, None] * stride_am,
+                    mask=(offs_k[None, :] < K) & (offs_m[:, None] < M), other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee", out_dtype=acc_dtype)
+        else:
+            acc += tl.dot(a, b, out_dtype=acc_dtype)
+    pointers = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(pointers, tl.load(pointers, mask=mask, other=0.0) + acc, mask=mask)
+
+
+def accumulate_at_b(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += aᵀ b`` for ``a (K, M)``, ``b (K, N)``, ``out (M, N)`` in fp32/fp64."""
+    k, m = a.shape
+    n = b.shape[1]
+    if k == 0 or m == 0 or n == 0:
+        return
+    blocks = (16, 16, 16) if _interpreting() else (128, 128, 32)
+    grid = (triton.cdiv(m, blocks[0]), triton.cdiv(n, blocks[1]))
+    _accumulate_at_b_kernel[grid](
+        a, b, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=blocks[0], BLOCK_N=blocks[1], BLOCK_K=blocks[2],
+        IEEE=a.dtype in (torch.float32, torch.float64), num_warps=4 if _interpreting() else 8,
+    )
+
+
+class _TritonLinearCrossEntropyFunction(torch.autograd.Function):
+    """Scalar reductions (``"mean"``/``"sum"``) of class-index linear CE with the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig, wanted):
+        num_rows, hidden_size = hidden.shape
+        num_classes = weight.shape[0]
+        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        accumulation = config.accumulation_dtype or work
+        target = target.contiguous()
+        valid = target != config.ignore_index
+        if class_weight is not None:
+            class_weight = class_weight.to(work).contiguous()
+            weight_total = class_weight.sum().reshape(1)
+            zero = torch.zeros((), dtype=work, device=hidden.device)
+            w_y = torch.where(valid, class_weight[torch.where(valid, target, torch.zeros_like(target))], zero)
+        else:
+            weight_total = None
+            w_y = valid.to(work)
+        denominator = w_y.sum()
+        scale = valid.to(work)
+        if config.reduction == "mean":
+            scale = safe_divide(scale, denominator)
+        needs = (wanted[0], wanted[1], bias is not None and wanted[2])
+        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grad_weight = torch.zeros((num_classes, hidden_size), dtype=accumulation, device=hidden.device) \
+            if needs[1] else None
+        grad_bias = torch.zeros(num_classes, dtype=accumulation, device=hidden.device) if needs[2] else None
+
+        loss = torch.empty(num_rows, dtype=work, device=hidden.device)
+        lse = torch.empty(num_rows, dtype=work, device=hidden.device)
+        block, warps = _launch_config(num_classes)
+        scalars = _scalars(work, config.label_smoothing, config.temperature, config.softcap, config.z_loss, lse)
+        flags = {"HAS_WEIGHT": class_weight is not None, "HAS_SMOOTHING": config.label_smoothing > 0,
+                 "HAS_SOFTCAP": config.softcap is not None, "BLOCK": block,
+                 "PARAMS_IN_MEMORY": work == torch.float64, "num_warps": warps}
+        step = chunk_rows_for(config, num_rows, hidden_size)
+        for start in range(0, num_rows, step):
+            stop = min(start + step, num_rows)
+            h = hidden[start:stop]
+            logits = torch.nn.functional.linear(h, weight, bias)  # (r, C) in the input dtype
+            common = (target[start:stop], _or(class_weight, lse), _or(weight_total, lse), lse[start:stop],
+                      loss[start:stop])
+            if any(needs):
+                _ce_fused_inplace_kernel[(stop - start,)](
+                    logits, logits.stride(0), *common, scale[start:stop], num_classes, config.ignore_index,
+                    *scalars, **flags,
+                )
+                if needs[0]:
+                    torch.mm(logits, weight, out=grad_hidden[start:stop])
+                if needs[1]:
+                    accumulate_at_b(grad_weight, logits, h)
+                if needs[2]:
+                    grad_bias += logits.sum(0, dtype=accumulation)
+            else:
+                _ce_fwd_kernel[(stop - start,)](
+                    logits, logits.stride(0), *common, num_classes, config.ignore_index, *scalars, **flags,
+                )
+        out = safe_divide(loss.sum(), denominator) if config.reduction == "mean" else loss.sum()
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return out.to(hidden.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        dtypes = ctx.dtypes
+        grads = [None if g is None else (g * grad_output.to(g.dtype)).to(dtype)
+                 for g, dtype in zip(ctx.saved_tensors, dtypes)]
+        return (*grads, None, None, None, None)
+
+
+def triton_linear_cross_entropy(hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig):
+    """Linear CE of ``hidden (N, D)``, ``weight (C, D)``, ``bias (C,)``/None and class indices ``(N,)``.
+
+    CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``"none"`` uses the chunked torch path.
+    """
+    if not hidden.is_cuda and not _interpreting():
+        raise ValueError(
+            f"`impl='triton'` needs CUDA tensors (or TRITON_INTERPRET=1 to interpret the kernels on the CPU), "
+            f"but `hidden` is on {hidden.device}"
+        )
+    if config.reduction == "none":
+        return _LinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config)
+    grad_on = torch.is_grad_enabled()
+    wanted = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+              grad_on and bias is not None and bias.requires_grad)
+    return _TritonLinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config, wanted)
