@@ -358,10 +358,12 @@ def test_module_equals_function_and_keeps_class_weight_in_state_dict():
 
 
 def test_default_chunk_rows():
-    # 32 MiB of fp32 logits at C = 50k is 167 rows → 160; tiny problems use every row at once.
-    assert default_chunk_rows(8192, 50_000, 512) == 160
+    # D rows (the chunk's logits no larger than ∂W), within [64, 1024] rows and 256 MiB of fp32 logits
+    assert default_chunk_rows(8192, 50_000, 512) == 512
     assert default_chunk_rows(10, 50_000, 512) == 10
-    assert default_chunk_rows(100_000, 10, 8) == 2048
+    assert default_chunk_rows(100_000, 10, 8) == 64
+    assert default_chunk_rows(100_000, 32_000, 4096) == 1024
+    assert default_chunk_rows(8192, 256_000, 4096) == 256
     assert default_chunk_rows(8192, 10_000_000, 64) == 64
 
 

@@ -113,8 +113,9 @@ def linear_cross_entropy(
         temperature: ``T > 0`` dividing the (soft-capped) logits.
         z_loss: ``λ ≥ 0``, adds ``λ·LSE(z)²`` per non-ignored row (PaLM).
         softcap: ``c > 0`` or None; ``c·tanh(x/c)`` before the temperature (Gemma 2).
-        chunk_size: rows per chunk; None picks about 32 MiB of fp32 logits per chunk, at most the size of
-            ``hidden`` itself, within 64–2048 rows (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
+        chunk_size: rows per chunk; None picks ``D`` rows within 64–1024 and 256 MiB of fp32 logits, so a
+            chunk's logits are no larger than ``∂ℓ/∂W``
+            (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
         impl: ``"auto"`` (the chunked path, with the Triton kernels on CUDA when available; class-probability
             targets: ``"composite"``), ``"torch"`` (the chunked PyTorch path), ``"triton"`` (chunked matmul +
             fused Triton CE, fp32 ``∂ℓ/∂W`` accumulation) or ``"composite"`` (``F.linear`` then :func:`cross_entropy` with plain

@@ -37,24 +37,23 @@ from .cross_entropy import (
     softcap_derivative_,
 )
 
-#: bytes of fp32 logits per chunk when ``chunk_size`` is None (see :func:`default_chunk_rows`).
-CHUNK_BYTES = 32 << 20
+#: most bytes of fp32 logits per chunk when ``chunk_size`` is None (see :func:`default_chunk_rows`).
+CHUNK_BYTES = 256 << 20
 #: bounds on the automatic chunk: fewer rows make the matmuls inefficient, more buy nothing.
-MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 64, 2048
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 64, 1024
 
 
 def default_chunk_rows(num_rows: int, num_classes: int, hidden_size: int) -> int:
-    """Rows per chunk when ``chunk_size`` is None.
+    """Rows per chunk when ``chunk_size`` is None: ``D`` rows, within ``[64, 1024]`` and 256 MiB of logits.
 
-    About :data:`CHUNK_BYTES` of fp32 logits per chunk, and never more than the ``(N, D)`` hidden
-    states' own size (``r·C ≤ max(N·D, CHUNK_BYTES/4)``), so the chunk buffer stays small next to the
-    gradients (``C·D + N·D``) the op must return anyway; rounded down to a multiple of 16 and clamped to
-    ``[MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]`` so each chunk's matmuls stay efficient.
+    Every chunk streams the whole ``(C, D)`` weight through three matmuls (and reads and writes the
+    ``∂W`` accumulator), so chunks of ``r`` rows cost ``≈ 16·C·D·N/r`` bytes of memory traffic on top of
+    ``6·N·C·D`` FLOPs: ``r`` should be in the hundreds. With ``r = D`` the chunk's ``r × C`` logits take
+    no more memory than ``∂W`` (``C × D``), which the op must return anyway, so the peak stays
+    ``O(C·D + N·D)``, never ``O(N·C)``.
     """
-    budget = max(CHUNK_BYTES // 4, num_rows * hidden_size)
-    budget = min(budget, CHUNK_BYTES // 4)
-    rows = budget // max(num_classes, 1)
-    rows = max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, rows - rows % 16))
+    rows = min(MAX_CHUNK_ROWS, hidden_size, CHUNK_BYTES // (4 * max(num_classes, 1)))
+    rows = max(MIN_CHUNK_ROWS, rows - rows % 16 if rows > 16 else rows)
     return max(1, min(rows, num_rows))
 
 
