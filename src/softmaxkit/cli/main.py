@@ -97,10 +97,13 @@ def _print_table(experiment, title: str) -> None:
     from .report import metrics_rows
 
     rows = metrics_rows(experiment)
-    table = Table(title=title, header_style="bold")
+    from rich import box
+
+    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False,
+                  padding=(0, 1), collapse_padding=True)
     table.add_column("model", no_wrap=True)
     for column in ("acc.", "F1", "bal.acc", "NLL", "ECE", "ECE(T)", "T"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", min_width=max(5, len(column)), no_wrap=True)
     best_f1 = max(r["macro_f1"] for r in rows)
     for r in rows:
         f1 = f"{r['macro_f1']:.3f}"
