@@ -308,7 +308,8 @@ def test_bench_passes_quick_and_options(monkeypatch):
                         lambda: SimpleNamespace(main=lambda argv: calls.append(argv) or 0))
     result = invoke("bench", "--op", "cross_entropy", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert calls == [["--quick", "cross_entropy", "--device", "cpu"]]
+    assert invoke("bench", "--save-csv").exit_code == 0
+    assert calls == [["--quick", "cross_entropy", "--device", "cpu", "--no-csv"], ["--quick"]]
 
 
 def test_demo_end_to_end(tmp_path):

@@ -447,6 +447,9 @@ def _find_benchmarks():
 def bench(
     op: list[str] = typer.Option([], "--op", help="Only this op (repeatable); default: every op's quick set."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    save_csv: bool = typer.Option(False, "--save-csv",
+                                  help="Also append the rows to benchmarks/results/<op>.csv (off: quick runs "
+                                       "on a busy machine should not mix with recorded results)."),
 ) -> None:
     """Run the benchmark suite's quick set on this machine and print the ratio table (needs the repository)."""
     module = _find_benchmarks()
@@ -458,6 +461,8 @@ def bench(
     argv = ["--quick", *op]
     if device:
         argv += ["--device", device]
+    if not save_csv:
+        argv.append("--no-csv")
     status = module.main(argv)
     if status:
         raise typer.Exit(int(status))
