@@ -6,7 +6,6 @@ NumPy float64 oracle in :mod:`softmaxkit.reference`.
 
 from . import calibration, metrics, nn, reference  # subpackages reachable as attributes, like torch.nn
 from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
-from .estimator import SoftmaxRegression
 from .functional import cross_entropy, log_softmax, logsumexp, softmax
 from .functional.distillation import distillation_loss
 from .functional.focal import focal_loss, poly1_cross_entropy
@@ -50,3 +49,12 @@ __all__ = [
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
 ]
+
+
+def __getattr__(name: str):
+    # SoftmaxRegression pulls in scikit-learn (~1.5 s); load it on first use, not on `import softmaxkit`.
+    if name == "SoftmaxRegression":
+        from .estimator import SoftmaxRegression
+
+        return SoftmaxRegression
+    raise AttributeError(f"module 'softmaxkit' has no attribute {name!r}")
