@@ -325,3 +325,38 @@ def test_demo_end_to_end(tmp_path):
     assert summary["dataset"] == "digits"
     # every model is useful on the balanced test set, and temperature scaling keeps accuracy
     assert min(m["accuracy"] for m in summary["models"]) > 0.6
+
+
+# ---------------------------------------------------------------------------------------------- output files
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    from softmaxkit.cli import _io
+
+    target = tmp_path / "report.html"
+    _io.write_text_atomic(target, "old")
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_io.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        _io.write_text_atomic(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # the temporary file is gone
+
+
+def test_load_model_rejects_missing_and_foreign_files(tmp_path):
+    from softmaxkit import SoftmaxRegression
+    from softmaxkit.cli import _io
+
+    with pytest.raises(_io.UserError, match="not a saved softmaxkit model: model.json is missing"):
+        _io.load_model(tmp_path)
+    X, y = load_iris(return_X_y=True)
+    model = SoftmaxRegression(alpha=1e-2, hidden_layer_sizes=(5,), random_state=0).fit(X, y)
+    _io.save_model(model, tmp_path / "m", feature_names=[f"f{i}" for i in range(4)])
+    loaded, meta, mean, scale = _io.load_model(tmp_path / "m")
+    assert mean is None and scale is None and meta["params"]["hidden_layer_sizes"] == [5]
+    np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))  # MLP head round-trips
+    meta["format"] = "something-else/9"
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(_io.UserError, match="has format 'something-else/9'"):
+        _io.load_model(tmp_path / "m")
