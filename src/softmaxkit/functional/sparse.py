@@ -30,6 +30,13 @@ def _entmax_map(x: torch.Tensor, dim: int, kind: str, alpha=None, n_iter: int = 
     if x.numel() == 0:
         return x * 0 + (0 * alpha_rows.sum() if alpha_rows is not None else 0)
     rows, moved_shape = last_dim_rows(x, dim)
+    if rows.is_cuda and kind in (SPARSEMAX, ENTMAX15):
+        from ..backends import triton as triton_backend
+
+        if triton_backend.available():
+            from ..backends.triton.sparse import triton_entmax
+
+            return from_last_dim_rows(triton_entmax(rows, kind), moved_shape, dim)
     out = _EntmaxFunction.apply(rows, alpha_rows, kind, scalar_alpha, n_iter)
     return from_last_dim_rows(out, moved_shape, dim)
 
