@@ -363,8 +363,7 @@ def calibrate(
     split = np.where(np.isin(index, fit_index), "fit", "eval")
     rows = [[f"{p:.10g}" for p in all_after[i]] + [int(labels[i]), split[i]] for i in range(len(labels))]
     write_csv_atomic(out / "calibrated.csv", header, rows)
-    png = figures.single_reliability(before, after, y_eval, ece_before=result["ece_before"],
-                                     ece_after=result["ece_after"], title_after=f"after {method.value}",
+    png = figures.single_reliability(before, after, y_eval, title_after=f"after {method.value} calibration",
                                      n_bins=bins)
     write_bytes_atomic(out / "reliability.png", png)
     summary = {"scores": str(scores), "method": method.value, "parameters": parameters, **result,

@@ -180,15 +180,19 @@ def temperature_sweep(experiment, temperatures) -> bytes:
     return to_png(fig)
 
 
-def single_reliability(proba_before, proba_after, labels, *, ece_before, ece_after, title_after,
-                       n_bins: int = 15) -> bytes:
-    """Before/after reliability diagrams for one set of scores (the ``calibrate`` command)."""
-    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.8))
-    _reliability_panel(axes[0], proba_before, labels, n_bins, COLORS[0], "before", ece_before)
-    _reliability_panel(axes[1], proba_after, labels, n_bins, COLORS[2], title_after, ece_after)
+def single_reliability(proba_before, proba_after, labels, *, title_after, n_bins: int = 15) -> bytes:
+    """Before/after reliability diagrams for one set of scores (the ``calibrate`` command).
+
+    Each panel is :func:`softmaxkit.plot.reliability_diagram` (accuracy bars, the gap in red, ECE and
+    MCE in the legend).
+    """
+    from ... import plot
+
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.6))
+    plot.reliability_diagram(proba_before, labels, n_bins, ax=axes[0], title="before calibration",
+                             show_histogram=False)
+    plot.reliability_diagram(proba_after, labels, n_bins, ax=axes[1], title=title_after, show_histogram=False)
     for ax in axes:
         ax.set_xlabel("confidence (max probability)")
-    axes[0].set_ylabel("accuracy in bin")
-    axes[1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return to_png(fig)
