@@ -112,6 +112,30 @@ def test_gradcheck_float64_of_the_custom_backward(bias):
     assert torch.autograd.gradcheck(per_row_nll, inputs)
 
 
+def test_sparse_and_gathered_paths_agree_and_the_csr_matrix_is_valid(monkeypatch):
+    """fp32/fp64 use SDDMM/SpMM over a CSR path matrix, fp16/bf16 gather node vectors: same numbers."""
+    import softmaxkit.hierarchical as hierarchical
+
+    module = _module(num_classes=90, in_features=5, reduction="none")
+    hidden = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 90, (11,))
+    target[4] = -100
+    results = []
+    for sparse in (True, False):
+        monkeypatch.setattr(hierarchical, "_sparse_path", lambda dtype, sparse=sparse: sparse)
+        loss = module(hidden, target)
+        grads = torch.autograd.grad((loss * torch.arange(11.0, dtype=torch.float64)).sum(),
+                                    [hidden, module.weight, module.bias])
+        results.append((loss, *grads))
+    for a, b in zip(*results):
+        assert_close_f64(a, b, rtol=1e-12)
+    nodes, signs = module.path_nodes[target.clamp(min=0)], module.path_signs[target.clamp(min=0)]
+    order = torch.argsort(torch.where(signs != 0, nodes, 90), dim=1)
+    nodes, mask = nodes.gather(1, order), signs.gather(1, order) != 0
+    matrix = hierarchical._path_matrix(nodes, mask, torch.ones(nodes.shape, dtype=torch.float64), 89, check=True)
+    assert matrix._nnz() == int(mask.sum())
+
+
 def test_gradients_equal_autograd_through_log_prob():
     module = _module(num_classes=20, in_features=4)
     hidden = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
