@@ -370,6 +370,24 @@ def test_calibration_errors_equal_the_binned_definition(seed, strategy, norm):
         assert metrics.max_calibration_error(probs, labels, 12, strategy) == pytest.approx(expected, rel=1e-12)
 
 
+def test_top_label_correctness_follows_argmax_through_ties():
+    """Correctness is ``argmax == label`` with the first maximum winning ties (as numpy), also on the
+    shortcut path (the label's probability equals the row maximum)."""
+    probs = np.array([[0.4, 0.4, 0.2], [0.4, 0.4, 0.2], [0.25, 0.25, 0.5], [0.5, 0.5, 0.0]])
+    labels = np.array([1, 0, 2, 1])
+    # rows: tie lost (argmax 0), tie won, unique max, tie at 0.5 lost
+    assert metrics.expected_calibration_error(probs, labels, n_bins=1) == pytest.approx(
+        abs((0 + 1 + 1 + 0) / 4 - (0.4 + 0.4 + 0.5 + 0.5) / 4)
+    )
+    many_ties = _dyadic_probabilities(20, 2000, 4, denominator=16)  # multiples of 1/16: many tied maxima
+    labels = np.random.default_rng(20).integers(0, 4, 2000)
+    confidence, correct = many_ties.max(1), many_ties.argmax(1) == labels
+    assert (np.sort(many_ties, 1)[:, -1] == np.sort(many_ties, 1)[:, -2]).sum() > 100
+    for strategy in ("uniform", "quantile"):
+        expected = _calibration_error_by_loop(confidence, correct, 10, strategy, "l1")
+        assert_close_f64(metrics.expected_calibration_error(many_ties, labels, 10, strategy), expected)
+
+
 def test_ece_is_the_weighted_gap_of_the_reliability_curve():
     probs, labels = _problem(9, 1000, 8)
     curve = metrics.reliability_curve(probs, labels, 15)
@@ -470,12 +488,13 @@ def test_numpy_torch_and_list_inputs_agree_and_are_not_mutated(name, metric):
     assert isinstance(from_numpy, (float, np.ndarray, tuple))
 
 
-def _dyadic_probabilities(seed: int, num_rows: int, num_classes: int) -> np.ndarray:
-    """Probabilities that are multiples of 1/256 summing exactly to 1: exact in bfloat16 and float16."""
+def _dyadic_probabilities(seed: int, num_rows: int, num_classes: int, denominator: int = 256) -> np.ndarray:
+    """Probabilities that are multiples of 1/denominator (a power of 2 <= 256) summing exactly to 1: exact
+    in bfloat16 and float16."""
     rng = np.random.default_rng(seed)
-    cuts = np.sort(rng.integers(0, 257, size=(num_rows, num_classes - 1)), axis=1)
-    bounds = np.concatenate([np.zeros((num_rows, 1)), cuts, np.full((num_rows, 1), 256)], axis=1)
-    return np.diff(bounds, axis=1) / 256.0
+    cuts = np.sort(rng.integers(0, denominator + 1, size=(num_rows, num_classes - 1)), axis=1)
+    bounds = np.concatenate([np.zeros((num_rows, 1)), cuts, np.full((num_rows, 1), denominator)], axis=1)
+    return np.diff(bounds, axis=1) / denominator
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -149,7 +149,11 @@ def _column_blocks(matrix: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     num_rows, num_columns = matrix.shape
     width = max(1, min(num_columns, _CHUNK_ELEMENTS * 4 // max(1, num_rows)))
     for start in range(0, num_columns, width):
-        yield start, matrix[:, start : start + width].T.contiguous()
+        block = matrix[:, start : start + width]
+        if block.device.type == "cpu":  # NumPy's transposing copy is ~2.5x faster than torch's on the CPU
+            yield start, torch.from_numpy(np.ascontiguousarray(_widen(block).numpy().T))
+        else:
+            yield start, block.T.contiguous()
 
 
 def _widen(values: torch.Tensor) -> torch.Tensor:
@@ -626,8 +630,22 @@ def _calibration_error(bins: _Bins, norm: str) -> float:
 
 
 def _top_label(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    confidence, prediction = probs.max(dim=1)
-    return confidence, prediction == labels
+    """Top-label confidence ``max_c p_ic`` and correctness ``argmax_c p_ic == y_i`` (first maximum).
+
+    ``amax`` plus a gather of the label's probability is 3-4x cheaper than ``max(dim=1)`` with indices on
+    the CPU. The label's probability equals the maximum exactly when the label is *an* argmax; it is
+    *the* (first) argmax unless an earlier class ties. A tie at the maximum needs two entries of at least
+    ``conf``, so ``2·conf <= row sum <= 1 + tol``: only the rare rows with ``conf <= (1 + tol)/2`` that
+    pass the first test get an explicit ``argmax``.
+    """
+    confidence = probs.amax(dim=1)
+    own = probs.gather(1, labels[:, None]).squeeze(1)
+    correct = own == confidence
+    tolerance = v.probability_tolerance(probs.dtype, probs.shape[1])
+    ambiguous = (correct & (confidence <= (1 + tolerance) / 2)).nonzero().squeeze(1)
+    if ambiguous.numel():
+        correct[ambiguous] = probs[ambiguous].argmax(dim=1) == labels[ambiguous]
+    return confidence, correct
 
 
 def _check_binning(n_bins: object, strategy: object, norm: object = "l1") -> tuple[int, str, str]:
