@@ -178,6 +178,28 @@ def test_gradients_only_for_inputs_that_need_them():
     assert_close_f64(grad_hidden, expected[0])
 
 
+def test_no_gradient_work_under_no_grad(monkeypatch):
+    """Inside an autograd Function, ``needs_input_grad`` ignores ``torch.no_grad()``; evaluation must still
+    skip building the gradients (a third of the matmuls, and ``C × D`` of memory)."""
+    import softmaxkit.backends.torch.linear_cross_entropy as backend
+
+    built = []
+    original = backend._Accumulators
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "_Accumulators", counting)
+    hidden, weight, bias, target, _ = _problem()
+    w = weight.clone().requires_grad_()
+    with torch.no_grad():
+        evaluated = softmaxkit.linear_cross_entropy(hidden, w, target, bias=bias)
+    assert built == [] and not evaluated.requires_grad
+    trained = softmaxkit.linear_cross_entropy(hidden, w, target, bias=bias)
+    assert built == [1] and torch.equal(trained.detach(), evaluated)
+
+
 def test_backward_twice_with_retain_graph_gives_the_same_gradients():
     hidden, weight, bias, target, _ = _problem()
     w = weight.clone().requires_grad_()

@@ -323,7 +323,7 @@ def vocab_parallel_linear_cross_entropy(
     config = LinearCrossEntropyConfig(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, temperature=temperature,
         z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, accumulation_dtype=accumulation_dtype,
-        num_classes=total, class_offset=offset, reduce=GroupReduce(group),
+        num_classes=total, class_offset=offset, reduce=GroupReduce(group), grad_enabled=grad_on,
     )
     loss = _LinearCrossEntropyFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, target.reshape(-1), class_weight, config

@@ -164,7 +164,7 @@ def linear_cross_entropy(
     config = LinearCrossEntropyConfig(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
         temperature=temperature, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
-        accumulation_dtype=accumulation_dtype, num_classes=num_classes,
+        accumulation_dtype=accumulation_dtype, num_classes=num_classes, grad_enabled=torch.is_grad_enabled(),
     )
     if impl == "auto" and hidden.is_cuda:
         from ..backends import triton as triton_backend

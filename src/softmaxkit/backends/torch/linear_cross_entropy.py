@@ -87,6 +87,9 @@ class LinearCrossEntropyConfig:
     #: index of this process's first class.
     class_offset: int = 0
     reduce: LocalReduce = field(default_factory=LocalReduce)
+    #: ``torch.is_grad_enabled()`` at the call: inside ``forward`` autograd reports ``needs_input_grad``
+    #: from ``requires_grad`` alone, even under ``torch.no_grad()``, where no gradient must be built.
+    grad_enabled: bool = True
 
 
 def work_dtype_of(dtype: torch.dtype) -> torch.dtype:
@@ -284,7 +287,10 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         work_dtype = work_dtype_of(weight.dtype)
         accumulation_dtype = config.accumulation_dtype or work_dtype
         rows = _Rows(target, class_weight, config, local_classes, work_dtype)
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        needs = tuple(
+            config.grad_enabled and need
+            for need in (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        )
         precompute = config.reduction != "none" and any(needs)
         grads = _Accumulators(hidden, weight, bias, needs, accumulation_dtype) if precompute else None
         scale = rows.scale(config.reduction) if precompute else None
