@@ -220,6 +220,11 @@ def test_compare_bad_options(tmp_path):
     blocker.write_text("x")
     assert_user_error(invoke("compare", "iris", "--out", blocker), "exists and is not a directory")
     assert_user_error(invoke("train", "iris", "--hidden", "a,b", "--out", tmp_path), "--hidden must be")
+    result = invoke("train", "iris", "--class-weight", "bogus", "--out", tmp_path / "cw")
+    assert_user_error(result, "`class_weight` must be one of 'balanced', 'effective_number', but got 'bogus'")
+    assert "training" not in result.stdout  # options are checked before any work (or progress bar) starts
+    assert_user_error(invoke("train", "iris", "--loss", "sparsemax", "--label-smoothing", "0.1", "--out", tmp_path),
+                      "`label_smoothing` is not supported with loss='sparsemax'")
 
 
 # ---------------------------------------------------------------------------------------------- calibrate

@@ -165,6 +165,10 @@ def run(
     from .. import calibration
     from ..estimator import SoftmaxRegression
 
+    def params_of(name: str) -> dict:
+        return model_params(name, alpha=alpha, max_iter=max_iter, seed=seed, overrides=overrides)
+
+    check_models(losses, alpha=alpha, max_iter=max_iter, seed=seed, overrides=overrides)
     classes, y_all = np.unique(data.y, return_inverse=True)
     encoded = Dataset(X=data.X, y=y_all, feature_names=data.feature_names, name=data.name)
     X_train, y_train, X_val, y_val, X_test, y_test = split(
@@ -190,9 +194,7 @@ def run(
         preset = PRESETS[name]
         if on_model_start:
             on_model_start(preset["label"])
-        params = {"alpha": alpha, "max_iter": max_iter, "random_state": seed, **preset["params"],
-                  **(overrides or {})}
-        model = SoftmaxRegression(**params)
+        model = SoftmaxRegression(**params_of(name))
         start = time.perf_counter()
         import warnings
 
@@ -238,6 +240,20 @@ def run(
                   "max_iter": max_iter, "seed": seed, "profile": profile, "n_train": len(y_train),
                   "n_validation": len(y_val), "n_test": len(y_test)},
     )
+
+
+def model_params(name: str, *, alpha: float, max_iter: int, seed: int, overrides: dict | None) -> dict:
+    """The :class:`~softmaxkit.SoftmaxRegression` parameters of the preset ``name`` with the overrides."""
+    return {"alpha": alpha, "max_iter": max_iter, "random_state": seed, **PRESETS[name]["params"],
+            **(overrides or {})}
+
+
+def check_models(losses, **settings) -> None:
+    """Validate every model configuration before any work starts (a bad option fails at once)."""
+    from ..estimator import SoftmaxRegression
+
+    for name in losses:
+        SoftmaxRegression(**model_params(name, **settings))._validate_params_values()
 
 
 def _full_logits(model, X) -> np.ndarray:

@@ -73,6 +73,7 @@ def _root() -> None:
 def _run_experiment(data, losses, *, long_tail, profile, alpha, test_size, seed, max_iter, overrides=None):
     from . import _experiment
 
+    _experiment.check_models(losses, alpha=alpha, max_iter=max_iter, seed=seed, overrides=overrides)
     steps = len(losses)
     with _progress() as progress:
         task = progress.add_task("training", total=steps)
