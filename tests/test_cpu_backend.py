@@ -22,7 +22,10 @@ from softmaxkit.backends.cpu import cross_entropy as cpu_ce
 
 from ._helpers import assert_close_f32, assert_close_f64, assert_within_budget
 
-pytestmark = pytest.mark.skipif(not cpu_ce.available(), reason=f"no CPU kernel: {_build.failure_reason}")
+pytestmark = pytest.mark.skipif(
+    not all(cpu_ce.available(dtype) for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)),
+    reason=f"no CPU kernel: {_build.failure_reason}",
+)
 
 OPTIONS = [
     {},
@@ -203,8 +206,7 @@ def test_auto_picks_the_kernel_on_cpu(monkeypatch):
 
 def test_fallback_when_no_compiler(monkeypatch, tmp_path):
     """Where nothing can be built, load() says why and every impl still gives the right answer."""
-    monkeypatch.setattr(_build, "_library", None)
-    monkeypatch.setattr(_build, "_attempted", False)
+    monkeypatch.setattr(_build, "_libraries", {})
     monkeypatch.setattr(_build, "_compiler", lambda: None)
     monkeypatch.setenv("SOFTMAXKIT_CACHE_DIR", str(tmp_path))
     assert not cpu_ce.available()
@@ -218,18 +220,16 @@ def test_fallback_when_no_compiler(monkeypatch, tmp_path):
 
 
 def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
-    monkeypatch.setattr(_build, "_library", None)
-    monkeypatch.setattr(_build, "_attempted", False)
+    monkeypatch.setattr(_build, "_libraries", {})
     monkeypatch.setenv("SOFTMAXKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(_build, "_compile", lambda compiler, flags, target: "error: simulated")
+    monkeypatch.setattr(_build, "_compile", lambda compiler, flags, target, variant: "error: simulated")
     assert _build.load() is None
     assert "simulated" in _build.failure_reason
 
 
 def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setattr(_build, "_library", None)
-    monkeypatch.setattr(_build, "_attempted", False)
+    monkeypatch.setattr(_build, "_libraries", {})
     monkeypatch.setenv("SOFTMAXKIT_CPU_KERNELS", "0")
     assert _build.load() is None and "SOFTMAXKIT_CPU_KERNELS" in _build.failure_reason
 
@@ -237,13 +237,12 @@ def test_disabled_by_environment(monkeypatch):
 def test_build_is_cached(monkeypatch, tmp_path):
     """A second process (simulated by resetting the module state) reuses the cached library, no compile."""
     monkeypatch.setenv("SOFTMAXKIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_build, "_library", None)
-    monkeypatch.setattr(_build, "_attempted", False)
-    assert _build.load() is not None
-    monkeypatch.setattr(_build, "_attempted", False)
+    monkeypatch.setattr(_build, "_libraries", {})
+    assert _build.load("f64") is not None
+    monkeypatch.setattr(_build, "_libraries", {})
     monkeypatch.setattr(_build, "_compile", lambda *args: pytest.fail("compiled again despite the cache"))
-    assert _build.load() is not None
-    assert len(list(tmp_path.glob("cross_entropy_*.so"))) == 1
+    assert _build.load("f64") is not None
+    assert len(list(tmp_path.glob("cross_entropy_f64_*.so"))) == 1
 
 
 @given(

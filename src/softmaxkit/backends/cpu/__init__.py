@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 def available() -> bool:
-    """Whether the compiled CPU kernels can be used on this machine (builds them on the first call)."""
+    """Whether the compiled CPU kernels can be used on this machine (builds the fp32 one on the first call)."""
     from . import _build
 
-    return _build.load() is not None
+    return _build.load("f32") is not None

@@ -9,12 +9,13 @@ from . import _build
 
 
 def main() -> int:
-    start = time.perf_counter()
-    library = _build.load()
-    if library is None:
-        print(f"CPU kernels unavailable: {_build.failure_reason}; softmaxkit uses its PyTorch path.")
-        return 1
-    print(f"CPU kernels ready: {library._name} ({time.perf_counter() - start:.2f} s)")
+    for variant in _build.VARIANTS:
+        start = time.perf_counter()
+        library = _build.load(variant)
+        if library is None:
+            print(f"CPU kernels unavailable: {_build.failure_reason}; softmaxkit uses its PyTorch path.")
+            return 1
+        print(f"CPU kernel {variant} ready: {library._name} ({time.perf_counter() - start:.2f} s)")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Build-on-first-use of the C kernels, with a per-machine cache and a silent fallback.
 
 The kernels are plain C (no Python or torch headers), so any C compiler builds them in well under a second
-and the result does not depend on the torch or Python version. The shared library is cached under
+(one library per dtype, ~0.5 s of compiler time each, built when a tensor of that dtype first needs it) and
+the result does not depend on the torch or Python version. The shared library is cached under
 ``$SOFTMAXKIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/softmaxkit`` or ``~/.cache/softmaxkit``), keyed by a
 hash of the source, the compiler flags, the compiler's version and the CPU's feature flags (``-march=native``
 code must not be loaded on a different CPU sharing the cache). Where no compiler is found, the build fails or
@@ -27,9 +28,11 @@ _FLAGS_PORTABLE = ["-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-fPI
                    "-std=gnu99"]
 _FLAGS_NATIVE = [*_FLAGS_PORTABLE, "-march=native"]
 
+#: kernel variants, one shared library each (built only when a tensor of that dtype first needs it)
+VARIANTS = ("f32", "bf16", "f16", "f64")
+
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_attempted = False
+_libraries: dict[str, ctypes.CDLL | None] = {}
 #: why the last :func:`load` returned None ("" when it did not)
 failure_reason = ""
 
@@ -72,14 +75,14 @@ def _compiler_version(compiler: str) -> str:
         return ""
 
 
-def _compile(compiler: str, flags: list[str], target: Path) -> str:
+def _compile(compiler: str, flags: list[str], target: Path, variant: str) -> str:
     """Compile into ``target`` atomically; return "" on success or the compiler's complaint."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler, *flags, "-o", temporary, str(SOURCE), "-lm"],
+            [compiler, *flags, f"-DSKCE_{variant.upper()}", "-o", temporary, str(SOURCE), "-lm"],
             capture_output=True, text=True, timeout=120, check=False,
         )
         if result.returncode != 0:
@@ -104,21 +107,24 @@ def _open(path: Path) -> ctypes.CDLL | None:
         return None
 
 
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, building it on the first call; None when it cannot be had."""
-    global _library, _attempted, failure_reason
-    if _attempted:
-        return _library
+def load(variant: str = "f32") -> ctypes.CDLL | None:
+    """The compiled kernel library of one dtype variant (``"f32"``, ``"bf16"``, ``"f16"``, ``"f64"``).
+
+    Builds it on the first call (about 0.5 s of compiler time), then reuses the cached file; None when it
+    cannot be had (:data:`failure_reason` says why).
+    """
+    if variant in _libraries:
+        return _libraries[variant]
     with _lock:
-        if _attempted:
-            return _library
-        _library = _load_uncached()
-        _attempted = True
-        return _library
+        if variant not in _libraries:
+            _libraries[variant] = _load_uncached(variant)
+        return _libraries[variant]
 
 
-def _load_uncached() -> ctypes.CDLL | None:
+def _load_uncached(variant: str) -> ctypes.CDLL | None:
     global failure_reason
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant` must be one of {VARIANTS}, but got {variant!r}")
     if os.environ.get("SOFTMAXKIT_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         failure_reason = "disabled by SOFTMAXKIT_CPU_KERNELS=0"
         return None
@@ -131,12 +137,13 @@ def _load_uncached() -> ctypes.CDLL | None:
     errors = []
     for flags in (_FLAGS_NATIVE, _FLAGS_PORTABLE):
         key = hashlib.sha256(
-            b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_signature().encode()])
+            b"\0".join([source, " ".join(flags).encode(), variant.encode(), version.encode(),
+                        _cpu_signature().encode()])
         ).hexdigest()[:16]
         for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"softmaxkit-{os.getuid()}"):
-            path = directory / f"cross_entropy_{key}.so"
+            path = directory / f"cross_entropy_{variant}_{key}.so"
             if not path.exists():
-                error = _compile(compiler, flags, path)
+                error = _compile(compiler, flags, path, variant)
                 if error:
                     errors.append(error)
                     continue

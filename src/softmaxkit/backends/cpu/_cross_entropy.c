@@ -164,8 +164,9 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
         return x * inv_t;                                                                                     \
     }                                                                                                         \
                                                                                                               \
-    /* z = transform(x) in place over a tile; when dzdx is given, also dz/dx. */                              \
-    static inline void transform_tile_##SUFFIX(ACC_T *buf, ACC_T *dzdx, int64_t n, ACC_T inv_t,              \
+    /* z = transform(x) in place over a tile; when dzdx is given, also dz/dx. Not inlined: one compiled     \
+     * body for every call site, so the fused and deferred passes round identically (bitwise-equal grads). */ \
+    static __attribute__((noinline)) void transform_tile_##SUFFIX(ACC_T *buf, ACC_T *dzdx, int64_t n, ACC_T inv_t,              \
                                                ACC_T softcap) {                                               \
         if (softcap > 0) {                                                                                    \
             ACC_T inv_c = (ACC_T)1 / softcap, scale = softcap * inv_t;                                        \
@@ -324,10 +325,25 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
         }                                                                                                     \
     }
 
+/* One dtype per build (-DSKCE_F32, ...) keeps each compile to a fraction of a second; all without a flag. */
+#if !defined(SKCE_F32) && !defined(SKCE_BF16) && !defined(SKCE_F16) && !defined(SKCE_F64)
+#define SKCE_F32
+#define SKCE_BF16
+#define SKCE_F16
+#define SKCE_F64
+#endif
+#ifdef SKCE_F32
 DEFINE_CE_ROWS(f32, float, float, load_f32, store_f32, sk_expf, sk_tanhf, logf)
+#endif
+#ifdef SKCE_BF16
 DEFINE_CE_ROWS(bf16, uint16_t, float, load_bf16, store_bf16, sk_expf, sk_tanhf, logf)
+#endif
+#ifdef SKCE_F16
 DEFINE_CE_ROWS(f16, uint16_t, float, load_f16, store_f16, sk_expf, sk_tanhf, logf)
+#endif
+#ifdef SKCE_F64
 DEFINE_CE_ROWS(f64, double, double, load_f64, store_f64, exp, tanh, log)
+#endif
 
 /* Bumped whenever the exported signature changes; checked by the loader. */
 int64_t skce_abi_version(void) { return 3; }

@@ -38,9 +38,9 @@ _pool_size = 0
 _functions: dict[str, object] = {}
 
 
-def available() -> bool:
-    """Whether the compiled CPU kernel can be used (builds it on the first call, < 1 s, then cached)."""
-    return _build.load() is not None
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the compiled CPU kernel for ``dtype`` can be used (builds it on the first call, then cached)."""
+    return dtype in _SUFFIX and _build.load(_SUFFIX[dtype]) is not None
 
 
 def supports(logits: torch.Tensor) -> bool:
@@ -50,14 +50,14 @@ def supports(logits: torch.Tensor) -> bool:
         and logits.dtype in _SUFFIX
         and logits.dim() == 2
         and (logits.stride(1) == 1 or logits.shape[1] <= 1)
-        and available()
+        and available(logits.dtype)
     )
 
 
 def _function(dtype: torch.dtype):
     suffix = _SUFFIX[dtype]
     if suffix not in _functions:
-        library = _build.load()
+        library = _build.load(suffix)
         function = getattr(library, f"skce_rows_{suffix}")
         pointer, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
         function.argtypes = [
