@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from sklearn.datasets import load_iris, load_wine, make_moons
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -183,6 +185,7 @@ def test_adamw_early_stopping_stops_and_keeps_the_best():
     assert model.score(X, y) > 0.95
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_adamw_is_reproducible_with_random_state():
     X, y = _scaled(load_iris)
     first = SoftmaxRegression(solver="adamw", max_iter=20, random_state=3).fit(X, y)
@@ -288,3 +291,20 @@ def test_negative_sample_weight_raises():
     X, y = _scaled(load_iris)
     with pytest.raises(ValueError, match="sample_weight"):
         SoftmaxRegression().fit(X, y, sample_weight=-np.ones(len(y)))
+
+
+@given(
+    n=st.integers(6, 40), d=st.integers(1, 5), c=st.integers(2, 5), seed=st.integers(0, 2**16),
+    alpha=st.sampled_from([1e-3, 1e-1, 1.0]),
+)
+def test_intercept_optimality_matches_class_frequencies(n, d, c, seed, alpha):
+    """At the optimum the intercept gradient vanishes: Σ_i p_i = Σ_i onehot(y_i), i.e. the mean predicted
+    probability of each class equals its frequency (the intercept is not penalised). Holds for any data;
+    1e-6 is the solver's stopping gradient (see the module docstring) plus rounding."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = np.concatenate([np.arange(c), rng.integers(0, c, n - c)]) if n >= c else np.arange(n) % c
+    model = SoftmaxRegression(alpha=alpha, tol=1e-10, max_iter=2000).fit(X, y)
+    proba = model.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(proba.mean(axis=0), np.bincount(y, minlength=c) / n, atol=1e-6)
