@@ -42,6 +42,12 @@ def _grad(out, x, upstream=None):
     return g
 
 
+def _jacobian_vector(p: np.ndarray, alpha: float, v: np.ndarray) -> np.ndarray:
+    """``J v`` for rows ``(N, C)`` with the oracle's Jacobian formula, without forming ``(N, C, C)``."""
+    s = np.where(p > 0, np.abs(p) ** (2.0 - alpha), 0.0)
+    return s * v - s * np.sum(s * v, axis=-1, keepdims=True) / s.sum(axis=-1, keepdims=True)
+
+
 def _x(shape, scale=2.0, dtype=torch.float64):
     return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).requires_grad_()
 
@@ -94,14 +100,108 @@ def test_oracle_is_the_projection():
 @pytest.mark.parametrize("name", MAPS)
 def test_every_solver_path_is_exact(name):
     function, oracle, _ = MAPS[name]
-    # C = 1000 > 4·FIRST_K: rows with a small support finish in the first top-k; rows of tiny-scale logits
-    # (dense support) fail the check at k = 32 and k = 256 and go to the full sort; a middle row needs k = 256.
+    kind = backend.SPARSEMAX if name == "sparsemax" else backend.ENTMAX15
+    first = backend.FIRST_K[kind]
+    # C = 1000: rows with a small support finish in the first top-k; a row with a mid-size support needs the
+    # second (k = first·GROWTH); tiny-scale logits (dense support) fail both and go to the full sort.
     rows = [torch.randn(1000, dtype=torch.float64) * 3, torch.randn(1000, dtype=torch.float64) * 1e-3,
-            torch.linspace(0, 0.9, 1000, dtype=torch.float64) * (1 if name == "sparsemax" else 2)]
+            torch.linspace(0, 0.9, 1000, dtype=torch.float64) * (1 if name == "sparsemax" else 4)]
     x = torch.stack(rows + [torch.randn(1000, dtype=torch.float64) * 2 for _ in range(3)])
     support = (function(x) > 0).sum(1)
-    assert support[0] < backend.FIRST_K < support[2] < backend.FIRST_K * backend.GROWTH < support[1]
+    assert support[0] < first < support[2] < first * backend.GROWTH < support[1]
     assert_close_f64(function(x), oracle(x.numpy()))
+
+
+@pytest.mark.parametrize("name", MAPS)
+def test_support_path_and_dense_path_agree(name):
+    # Unit-scale logits: every support is found by top-k and outputs / gradients are built by scatter over
+    # the (N, K) support; one tiny-scale row (dense support) sends the whole batch down the dense path.
+    function, oracle, alpha = MAPS[name]
+    loss_function, loss_oracle, loss_grad_oracle, _ = LOSSES[name]
+    sparse_x = _x((5, 700))
+    dense_x = torch.cat([sparse_x.detach(), torch.randn(1, 700, dtype=torch.float64) * 1e-4]).requires_grad_()
+    kind = backend.SPARSEMAX if name == "sparsemax" else backend.ENTMAX15
+    assert backend.solve_threshold(sparse_x.detach(), kind, keep_support=True).index is not None
+    assert backend.solve_threshold(dense_x.detach(), kind, keep_support=True).index is None
+    target = torch.tensor([3, 1, 4, 1, 5, 9])
+    target[1] = -100
+    for x in (sparse_x, dense_x):
+        upstream = torch.randn(x.shape, dtype=torch.float64)
+        p = function(x)
+        assert_close_f64(p, oracle(to_numpy(x)))
+        expected = np.einsum("nij,nj->ni", ref.entmax_jacobian(oracle(to_numpy(x)), alpha), upstream.numpy())
+        assert_close_f64(_grad(p, x, upstream), expected)
+        rows = x.shape[0]
+        loss = loss_function(x, target[:rows], reduction="none")
+        assert_close_f64(loss, loss_oracle(to_numpy(x), target[:rows].numpy(), reduction="none"))
+        weights = torch.rand(rows, dtype=torch.float64)
+        assert_close_f64(_grad(loss, x, weights), loss_grad_oracle(to_numpy(x), target[:rows].numpy(), reduction="none",
+                                                                  grad_output=weights.numpy()))
+
+
+@pytest.mark.parametrize("shape", [(40, 7), (15, 300), (6, 4096)], ids=str)
+def test_row_chunks_and_row_splits(monkeypatch, shape):
+    # ~1 KiB chunks: every chunked loop (full sorts, dense forward/backward, losses) runs over many chunks;
+    # mixed scales make some rows narrow (block filter, C >= 4096), some wide, some dense.
+    import softmaxkit.backends.torch.cross_entropy as ce_backend
+
+    monkeypatch.setattr(ce_backend, "CHUNK_BYTES", 1024)
+    scales = torch.tensor([3.0, 0.3, 1.0, 1e-4, 10.0]).repeat(shape[0])[: shape[0], None].double()
+    x = (torch.randn(shape, dtype=torch.float64) * scales).requires_grad_()
+    target = torch.randint(0, shape[1], (shape[0],))
+    upstream = torch.randn(shape, dtype=torch.float64)
+    for name, (function, oracle, alpha) in MAPS.items():
+        expected = oracle(to_numpy(x))
+        assert_close_f64(function(x), expected)
+        assert_close_f64(_grad(function(x), x, upstream), _jacobian_vector(expected, alpha, upstream.numpy()))
+        loss_function, loss_oracle, loss_grad_oracle, _ = LOSSES[name]
+        assert_close_f64(loss_function(x, target, reduction="none"),
+                         loss_oracle(to_numpy(x), target.numpy(), reduction="none"))
+        assert_close_f64(_grad(loss_function(x, target), x), loss_grad_oracle(to_numpy(x), target.numpy()))
+    if shape[1] < 100:
+        assert_close_f64(softmaxkit.entmax_bisect(x, 1.3), ref.entmax_bisect(to_numpy(x), 1.3))
+
+
+@pytest.mark.parametrize(("name", "small"), [("sparsemax", 0.01), ("entmax15", 0.15)])
+def test_block_filter_with_narrow_and_wide_rows(name, small):
+    # C = 8192: block maxima of 32 entries; large-scale rows keep a few blocks ("narrow", solved by Newton on
+    # them), small-scale rows keep most blocks ("wide", solved on the whole row) yet have supports < C/4 so
+    # theirs are kept too; merged, all exact.
+    scales = torch.tensor([[4.0], [small], [2.0], [small]], dtype=torch.float64)
+    x = (torch.randn(4, 8192, dtype=torch.float64) * scales).requires_grad_()
+    upstream = torch.randn(4, 8192, dtype=torch.float64)
+    function, oracle, alpha = MAPS[name]
+    kind = backend.SPARSEMAX if name == "sparsemax" else backend.ENTMAX15
+    block_max = x.detach().view(4, 256, 32).amax(2)
+    lower, done = backend._newton_exact(block_max, kind, None)
+    kept_blocks = (block_max > lower[:, None]).sum(1)
+    assert done.all() and kept_blocks[[0, 2]].max() <= 128 < kept_blocks[[1, 3]].min()  # narrow / wide
+    assert backend.solve_threshold(x.detach(), kind, keep_support=True).index is not None
+    expected = oracle(to_numpy(x))
+    assert_close_f64(function(x), expected)
+    assert_close_f64(_grad(function(x), x, upstream), _jacobian_vector(expected, alpha, upstream.numpy()))
+
+
+def test_newton_threshold_is_exact_on_hard_rows():
+    # ties, −inf, a single entry, all-equal rows, huge and tiny scales: the closed form on the settled support
+    rows = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 3.0, -torch.inf, 0.0], [0.5, -torch.inf, -torch.inf, -torch.inf],
+                         [1e4, -1e4, 0.0, 1e4 - 0.5], [1e-9, 2e-9, 0.0, -1e-9]], dtype=torch.float64)
+    for name, (_, oracle, _) in MAPS.items():
+        kind = backend.SPARSEMAX if name == "sparsemax" else backend.ENTMAX15
+        tau, done = backend._newton_exact(rows, kind, None)
+        assert done.all()
+        p = backend.probabilities(rows, tau, kind)
+        assert_close_f64(p, oracle(rows.numpy()), atol=1e-15)
+
+
+def test_backward_does_not_write_into_the_upstream_gradient():
+    # one tiny-scale row: dense path; 60 rows of 20000 classes: two row chunks of ~4 MiB
+    x = torch.cat([torch.randn(59, 20000), torch.randn(1, 20000) * 1e-4]).requires_grad_()
+    upstream = torch.randn(60, 20000)
+    before = upstream.clone()
+    for function in (softmaxkit.sparsemax, softmaxkit.entmax15):  # (entmax_bisect shares this backward)
+        _grad(function(x), x, upstream)
+        assert torch.equal(upstream, before)
 
 
 def test_entmax_bisect_solver_paths():
