@@ -251,6 +251,25 @@ def test_roc_auc_one_vs_rest_and_pairwise_counts_agree():
     np.testing.assert_array_equal(np.diag(pairwise), counts**2)  # each class against itself: n_a^2
 
 
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_rank_count_kernels_give_the_same_integers_in_numpy_and_torch(decimals):
+    """The kernels run on NumPy for CPU data and on torch for CUDA data: both backends, run here on the
+    CPU, must give identical integers (with and without ties)."""
+    probs, labels = _problem(21, 700, 6)
+    if decimals is not None:
+        probs = np.round(probs, decimals)
+        probs /= probs.sum(1, keepdims=True)
+    tensor_probs, tensor_labels = torch.from_numpy(probs), torch.from_numpy(labels)
+    for kernel in (metrics._twice_u_one_vs_rest, metrics._twice_u_pairwise):
+        with_numpy = kernel(tensor_probs, tensor_labels, metrics._NUMPY_OPS)
+        with_torch = kernel(tensor_probs, tensor_labels, metrics._TORCH_OPS)
+        for a, b in zip(with_numpy, with_torch):
+            np.testing.assert_array_equal(a, b)
+    assert metrics._twice_u_micro(tensor_probs, tensor_labels, metrics._NUMPY_OPS) == metrics._twice_u_micro(
+        tensor_probs, tensor_labels, metrics._TORCH_OPS
+    )
+
+
 def test_roc_auc_perfect_and_reversed_rankings():
     labels = np.array([0, 1, 2, 0, 1, 2])
     perfect = np.eye(3)[labels] * 0.8 + 0.2 / 3
