@@ -200,6 +200,30 @@ def test_no_gradient_work_under_no_grad(monkeypatch):
     assert built == [1] and torch.equal(trained.detach(), evaluated)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_onednn_and_mm_matmul_paths_agree_in_float32(monkeypatch, reduction):
+    """fp32 on CPU uses oneDNN's linear for the logits and ∂h (faster than MKL sgemm here); torch.mm is
+    the fallback. Both equal PyTorch's naive path to float32 tolerance."""
+    import softmaxkit.backends.torch.linear_cross_entropy as backend
+
+    if not backend.onednn_linear_available():
+        pytest.skip("oneDNN's linear is not available on this CPU / build")
+    hidden, weight, bias, target, class_weight = _problem((37,), 16, 211, dtype=torch.float32)
+    upstream = torch.randn(37) if reduction == "none" else None
+    options = dict(class_weight=class_weight, label_smoothing=0.1, softcap=5.0, reduction=reduction, chunk_size=8)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(backend, "use_onednn", lambda weight, enabled=enabled: enabled)
+        results.append(_loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
+                                       **options))
+    expected = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
+                               impl="composite", **options)
+    for loss, grads in results:
+        assert_close_f32(loss, expected[0])
+        for actual, wanted in zip(grads, expected[1]):
+            assert_close_f32(actual, wanted)
+
+
 def test_backward_twice_with_retain_graph_gives_the_same_gradients():
     hidden, weight, bias, target, _ = _problem()
     w = weight.clone().requires_grad_()

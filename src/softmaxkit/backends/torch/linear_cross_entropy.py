@@ -96,8 +96,47 @@ def work_dtype_of(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _chunk_logits(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """``out ← hidden @ weight.T + bias`` (``out`` in the work dtype, the matmul in the input dtype)."""
+_ONEDNN_LINEAR: bool | None = None
+
+
+def onednn_linear_available() -> bool:
+    """Whether oneDNN's fused linear (``torch.ops.mkldnn._linear_pointwise``) runs here and is exact.
+
+    On x86 CPUs its fp32 GEMM is about twice as fast as the MKL ``sgemm`` behind ``torch.mm`` for these
+    shapes (measured: docs/benchmarks.md); it is a private PyTorch op, so it is probed once and the
+    ``torch.mm`` path is used wherever it is missing or misbehaves.
+    """
+    global _ONEDNN_LINEAR
+    if _ONEDNN_LINEAR is None:
+        try:
+            a, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+            result = torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
+            _ONEDNN_LINEAR = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
+                result, torch.addmm(b, a, w.t()), rtol=1e-5, atol=1e-6
+            )
+        except (AttributeError, RuntimeError, NotImplementedError):  # op absent or not built for this CPU
+            _ONEDNN_LINEAR = False
+    return _ONEDNN_LINEAR
+
+
+def use_onednn(weight: torch.Tensor) -> bool:
+    """fp32 CPU matmuls with a contiguous ``weight`` go through oneDNN when it is available."""
+    return (
+        weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+        and weight.numel() > 0 and onednn_linear_available()
+    )
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN (a new tensor)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+def _chunk_logits(out: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The chunk's logits ``hidden @ weight.T + bias`` in the work dtype (written into ``out`` unless the
+    oneDNN path, which makes its own tensor, is used: then ``out`` is None)."""
+    if out is None:
+        return _onednn_linear(hidden, weight, bias)
     if out.dtype == weight.dtype:
         if bias is None:
             return torch.mm(hidden, weight.t(), out=out)
@@ -226,6 +265,11 @@ class _Accumulators:
         need_hidden, need_weight, need_bias = needs
         self.weight = weight
         self.accumulation_dtype = accumulation_dtype
+        # oneDNN computes G @ W as a linear layer with weight Wᵀ, which it wants contiguous: one (D, C) copy
+        self.weight_t = (
+            weight.t().contiguous() if need_hidden and accumulation_dtype == weight.dtype and use_onednn(weight)
+            else None
+        )
         self.hidden = (
             torch.empty(hidden.shape, dtype=accumulation_dtype, device=hidden.device) if need_hidden else None
         )
@@ -246,7 +290,9 @@ class _Accumulators:
         acc = self.accumulation_dtype
         low = grad_logits if grad_logits.dtype == weight.dtype else grad_logits.to(weight.dtype)
         if self.hidden is not None:
-            if acc == weight.dtype:
+            if self.weight_t is not None:
+                self.hidden[sl] = _onednn_linear(low, self.weight_t, None)
+            elif acc == weight.dtype:
                 torch.mm(low, weight, out=self.hidden[sl])
             else:
                 self.hidden[sl].copy_(torch.mm(low, weight))
@@ -261,8 +307,11 @@ class _Accumulators:
             self.bias_grad.add_(grad_logits.sum(0, dtype=self.bias_grad.dtype))
 
 
-def _chunk_buffers(rows: int, classes: int, work_dtype, device, softcap) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = torch.empty((rows, classes), dtype=work_dtype, device=device)
+def _chunk_buffers(
+    rows: int, classes: int, work_dtype, device, softcap, onednn: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The chunk's logits buffer (None where oneDNN allocates the logits itself) and soft-cap derivative."""
+    logits = None if onednn else torch.empty((rows, classes), dtype=work_dtype, device=device)
     derivative = torch.empty((rows, classes), dtype=work_dtype, device=device) if softcap is not None else None
     return logits, derivative
 
@@ -299,10 +348,10 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         lse = torch.empty(num_rows, dtype=work_dtype, device=hidden.device)
         step = chunk_rows_for(config, num_rows, hidden_size)
         buffer, derivative = _chunk_buffers(min(step, num_rows), local_classes, work_dtype, hidden.device,
-                                            config.softcap)
+                                            config.softcap, use_onednn(weight))
         for start in range(0, num_rows, step):
             sl = slice(start, min(start + step, num_rows))
-            logits = _chunk_logits(buffer[: sl.stop - start], hidden[sl], weight, bias)
+            logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], hidden[sl], weight, bias)
             loss[sl], lse[sl] = _chunk_loss_and_grad(
                 logits, derivative, rows, sl, None if scale is None else scale[sl], config
             )
@@ -362,10 +411,10 @@ def _recompute_backward(ctx, grad_output):
         scale = rows.scale(config.reduction) * grad_output
     step = chunk_rows_for(config, num_rows, hidden_size)
     buffer, derivative = _chunk_buffers(min(step, num_rows), weight.shape[0], work_dtype, hidden.device,
-                                        config.softcap)
+                                        config.softcap, use_onednn(weight))
     for start in range(0, num_rows, step):
         sl = slice(start, min(start + step, num_rows))
-        logits = _chunk_logits(buffer[: sl.stop - start], hidden[sl], weight, bias)
+        logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], hidden[sl], weight, bias)
         _chunk_grad_from_lse(logits, derivative, rows, sl, lse[sl], scale[sl], config)
         grads.add_chunk(logits, hidden[sl], sl)
     if grads.hidden is not None:
