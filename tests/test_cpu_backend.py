@@ -8,6 +8,10 @@ torch's; fp16/bf16 use the error budget against PyTorch in the same dtype.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -264,3 +268,30 @@ def test_property_matches_oracle(rows, classes, smoothing, temperature, softcap,
     expected_loss, expected_grad = _oracle(logits, target, **options)
     assert_close_f64(loss, expected_loss, atol=1e-10)
     assert_close_f64(grad, expected_grad, atol=1e-12)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_works_in_a_forked_child():
+    """A child forked after the thread pool exists (e.g. a DataLoader worker) gets a fresh pool, not a hang."""
+    logits, target = _make(67, 2000, torch.float32)  # large enough to use the pool
+    expected = _loss_and_grad(logits, target, "cpu")[0]
+    pid = os.fork()
+    if pid == 0:  # child: exit status 0 if it computes the same loss
+        try:
+            # torch's own OpenMP pool is not fork-safe (DataLoader workers run with 1 thread for that reason);
+            # keep torch at 1 thread but make our kernel split rows over 2 workers, from the inherited pool
+            torch.set_num_threads(1)
+            cpu_ce._threads = lambda: 2
+            os._exit(0 if torch.equal(_loss_and_grad(logits, target, "cpu")[0], expected) else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung")

@@ -19,6 +19,7 @@ dtype. The C source is ``_cross_entropy.c``; :mod:`._build` compiles it on first
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,6 +36,7 @@ _PARALLEL_MIN_ELEMENTS = 1 << 16
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0
 _functions: dict[str, object] = {}
 
 
@@ -109,12 +111,13 @@ def _threads() -> int:
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    if _pool is None or _pool_size != workers:
-        if _pool is not None:
+    """The worker pool, rebuilt when the thread count changes or in a forked child (whose threads are gone)."""
+    global _pool, _pool_size, _pool_pid
+    if _pool is None or _pool_size != workers or _pool_pid != os.getpid():
+        if _pool is not None and _pool_pid == os.getpid():
             _pool.shutdown(wait=False)
         _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="softmaxkit-ce")
-        _pool_size = workers
+        _pool_size, _pool_pid = workers, os.getpid()
     return _pool
 
 
