@@ -213,7 +213,7 @@ class TemperatureScaling(_Calibrator):
         q_i = \operatorname{softmax}(z_i / T),\qquad
         T^\star = \arg\min_{T>0}\ \frac1N\sum_i \big[\operatorname{LSE}(z_i/T) - z_{iy_i}/T\big]
 
-    The negative log-likelihood is minimised by L-BFGS (strong-Wolfe line search) over ``log T``, so ``T``
+    The negative log-likelihood is minimised by L-BFGS-B over ``log T`` within ``log bounds``, so ``T``
     stays positive and steps are scale-free. With ``β = 1/T`` the objective is convex in ``β`` (a log-sum-exp
     of linear functions), hence unimodal in ``log T``: the minimiser is unique when it exists. Its gradient
     is exact and closed-form, ``dNLL/dβ = mean_i(E_{softmax(βz_i)}[z_i] - z_{iy_i})``, accumulated in float64
@@ -228,7 +228,7 @@ class TemperatureScaling(_Calibrator):
 
     Args:
         bounds: ``(T_min, T_max)``, the range ``T`` is clipped to (default ``(1e-2, 1e2)``).
-        max_iter: L-BFGS iterations (each costs about one pass over the logits).
+        max_iter: L-BFGS-B iterations (each costs about one pass over the logits).
         tolerance: stop when ``|dNLL/d log T|`` falls below this.
 
     Attributes:
@@ -364,7 +364,7 @@ class VectorScaling(_Calibrator):
         q_i = \operatorname{softmax}(w \odot z_i + b),\qquad
         (w^\star, b^\star) = \arg\min_{w, b}\ \frac1N\sum_i -\log q_{iy_i} + \frac{\lambda}{2}\big(\|w - 1\|^2 + \|b\|^2\big)
 
-    Convex in ``(w, b)`` (the logits are linear in them); fitted by L-BFGS from ``w = 1, b = 0`` (temperature
+    Convex in ``(w, b)`` (the logits are linear in them); fitted by L-BFGS-B from ``w = 1, b = 0`` (temperature
     1) with gradients accumulated over row chunks. ``b`` is only defined up to a constant (softmax is
     shift-invariant): it is centred to mean 0 after the fit. The small ridge ``λ`` (default ``1e-6``) keeps
     the optimum finite when a class never occurs in the labels (its bias would otherwise run to ``-∞``).
@@ -372,8 +372,8 @@ class VectorScaling(_Calibrator):
 
     Args:
         l2: ridge ``λ >= 0`` towards the identity map.
-        max_iter: L-BFGS iterations.
-        tolerance: gradient tolerance.
+        max_iter: L-BFGS-B iterations.
+        tolerance: stop when the largest gradient entry falls below this.
 
     Attributes:
         scale_: ``(C,)`` float64 NumPy array ``w``.
