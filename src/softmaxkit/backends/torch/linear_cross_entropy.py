@@ -357,7 +357,10 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             )
             if grads is not None:
                 grads.add_chunk(logits, hidden[sl], sl)
+            del logits  # free this chunk's logits before the next chunk allocates its own (oneDNN path)
         del buffer, derivative
+        if grads is not None:
+            grads.weight_t = None
 
         if config.reduction == "mean":
             out = safe_divide(loss.sum(), rows.denominator)
@@ -417,6 +420,8 @@ def _recompute_backward(ctx, grad_output):
         logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], hidden[sl], weight, bias)
         _chunk_grad_from_lse(logits, derivative, rows, sl, lse[sl], scale[sl], config)
         grads.add_chunk(logits, hidden[sl], sl)
+        del logits
+    grads.weight_t = None
     if grads.hidden is not None:
         config.reduce.sum_hidden_grad_(grads.hidden)
     return grads.hidden, grads.weight_grad, grads.bias_grad
