@@ -178,3 +178,12 @@ def test_extreme_inputs_stay_finite():
 def test_bad_input_raises_clear_errors(build, error, message):
     with pytest.raises(error, match=re.escape(message)):
         build()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import softmaxkit.adaptive as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

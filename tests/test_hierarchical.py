@@ -240,3 +240,12 @@ def test_property_rows_normalise_and_match_oracle(num_classes, seed):
 def test_bad_input_raises_clear_errors(build, error, message):
     with pytest.raises(error, match=re.escape(message)):
         build()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import softmaxkit.hierarchical as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -453,3 +453,12 @@ def test_grid_of_odd_shapes_against_oracle():
         assert_close_f64(loss, ref.linear_cross_entropy(*args))
         for actual, wanted in zip(grads, ref.linear_cross_entropy_grad(*args)):
             assert_close_f64(actual, wanted)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import softmaxkit.functional.linear_cross_entropy as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -276,3 +276,12 @@ def test_bad_input_raises_clear_errors(kwargs, error, message):
     hidden, weight, target = args.pop("hidden"), args.pop("weight"), args.pop("target")
     with pytest.raises(error, match=re.escape(message)):
         softmaxkit.sampled_softmax_loss(hidden, weight, target, **args)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import softmaxkit.functional.sampled as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

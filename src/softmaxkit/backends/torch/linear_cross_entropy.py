@@ -109,7 +109,10 @@ def onednn_linear_available() -> bool:
     global _ONEDNN_LINEAR
     if _ONEDNN_LINEAR is None:
         try:
-            a, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+            # fixed values (no draw from the global RNG, whose stream belongs to the user)
+            a = torch.linspace(-1.0, 1.0, 15).reshape(3, 5)
+            w = torch.linspace(-2.0, 0.5, 20).reshape(4, 5)
+            b = torch.linspace(0.0, 0.3, 4)
             result = torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
             _ONEDNN_LINEAR = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
                 result, torch.addmm(b, a, w.t()), rtol=1e-5, atol=1e-6
