@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SoftmaxRegression",
     "__version__",
+    "calibration",
     "class_weights",
     "cross_entropy",
     "distillation_loss",
@@ -39,6 +40,7 @@ __all__ = [
     "linear_cross_entropy",
     "log_softmax",
     "logsumexp",
+    "metrics",
     "nn",
     "poly1_cross_entropy",
     "reference",
