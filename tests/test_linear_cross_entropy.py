@@ -401,6 +401,14 @@ def test_module_equals_function_and_keeps_class_weight_in_state_dict():
     expected = softmaxkit.linear_cross_entropy(hidden, weight, target, bias=bias, class_weight=class_weight,
                                                label_smoothing=0.1, z_loss=1e-3)
     assert_close_f64(module(hidden, weight, target, bias), expected, rtol=1e-12)
+    # inplace_backward changes nothing here (no caller-visible logits), and leaves the inputs alone
+    inplace = LinearCrossEntropyLoss(class_weight=class_weight, label_smoothing=0.1, z_loss=1e-3, chunk_size=2,
+                                     inplace_backward=True)
+    h = hidden.clone().requires_grad_()
+    loss = inplace(h, weight, target, bias)
+    loss.backward()
+    assert_close_f64(loss, expected, rtol=1e-12)
+    assert torch.equal(h.detach(), hidden) and h.grad is not None
 
 
 def test_default_chunk_rows():
@@ -425,6 +433,7 @@ def test_default_chunk_rows():
         (dict(target=torch.tensor([0.0, 1.0, 2.0])), TypeError, "integer dtype"),
         (dict(chunk_size=0), ValueError, "`chunk_size` must be None or an int >= 1"),
         (dict(impl="cuda"), ValueError, "`impl` must be one of"),
+        (dict(inplace_backward="yes"), TypeError, "`inplace_backward` must be a bool"),
         (dict(accumulation_dtype=torch.int32), TypeError, "`accumulation_dtype`"),
         (dict(class_weight=torch.ones(4)), ValueError, "`class_weight` must be a 1-d tensor"),
         (dict(label_smoothing=1.5), ValueError, "`label_smoothing`"),

@@ -118,6 +118,7 @@ class LinearCrossEntropyLoss(nn.Module):
         softcap: float | None = None,
         chunk_size: int | None = None,
         impl: str = "auto",
+        inplace_backward: bool = False,
         accumulation_dtype: torch.dtype | None = None,
     ):
         super().__init__()
@@ -132,6 +133,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.softcap = v.check_softcap(softcap)
         self.chunk_size = v.check_optional_positive_int("chunk_size", chunk_size)
         self.impl = impl
+        self.inplace_backward = inplace_backward
         self.accumulation_dtype = accumulation_dtype
 
     def forward(
@@ -151,6 +153,7 @@ class LinearCrossEntropyLoss(nn.Module):
             softcap=self.softcap,
             chunk_size=self.chunk_size,
             impl=self.impl,
+            inplace_backward=self.inplace_backward,
             accumulation_dtype=self.accumulation_dtype,
         )
 

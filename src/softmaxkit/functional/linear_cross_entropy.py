@@ -80,6 +80,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     impl: str = "auto",
+    inplace_backward: bool = False,
     accumulation_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     r"""Cross-entropy of a linear layer's output, computed chunk by chunk so the logits never exist whole.
@@ -120,6 +121,9 @@ def linear_cross_entropy(
             targets: ``"composite"``), ``"torch"`` (the chunked PyTorch path), ``"triton"`` (chunked matmul +
             fused Triton CE, fp32 ``∂ℓ/∂W`` accumulation) or ``"composite"`` (``F.linear`` then :func:`cross_entropy` with plain
             differentiable ops: holds the logits, supports double backward).
+        inplace_backward: accepted for symmetry with :func:`cross_entropy`, where it lets the gradient
+            overwrite the caller's logits. Here there is no caller-visible logits tensor: the chunked paths
+            always write each chunk's gradient over that chunk's own logits buffer, so it changes nothing.
         accumulation_dtype: dtype in which ``∂ℓ/∂W``, ``∂ℓ/∂b`` and ``∂ℓ/∂h`` are accumulated over chunks:
             None means fp32 for fp16/bf16 weights and the weights' dtype otherwise; pass the weights' own
             low-precision dtype to save memory at some accuracy.
@@ -145,6 +149,8 @@ def linear_cross_entropy(
     )
     if impl not in IMPLS:
         raise ValueError(f"`impl` must be one of {', '.join(map(repr, IMPLS))}, but got {impl!r}")
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"`inplace_backward` must be a bool, but got {type(inplace_backward).__name__}")
     if impl in ("torch", "triton") and probabilities:
         raise ValueError(
             f"`impl={impl!r}` handles class-index targets; class-probability targets need impl='auto' or "
