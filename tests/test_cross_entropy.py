@@ -215,6 +215,17 @@ def test_composite_supports_double_backward():
     )
 
 
+@pytest.mark.parametrize("impl", [impl for impl in ALL_IMPLS if impl != "composite"])
+def test_fused_paths_refuse_double_backward_instead_of_returning_zeros(impl):
+    logits, target = _make((3, 4), 4, ignore_fraction=0)
+    with pytest.raises(RuntimeError, match="once differentiable; for higher-order gradients"):
+        torch.autograd.functional.hessian(lambda x: softmaxkit.cross_entropy(x, target, impl=impl), logits.detach())
+    hessian = torch.autograd.functional.hessian(
+        lambda x: softmaxkit.cross_entropy(x, target, impl="composite"), logits.detach()
+    )
+    assert hessian.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------- the 0-not-NaN rule
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 @pytest.mark.parametrize("weighted", [False, True])

@@ -24,9 +24,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..._reduction import safe_divide
+from .._autograd import strict_once_differentiable
 from . import _build
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
@@ -255,7 +255,7 @@ class _CpuCrossEntropyFunction(torch.autograd.Function):
         return out.to(logits.dtype)
 
     @staticmethod
-    @once_differentiable
+    @strict_once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         logits, target, lse, row_stats, weight, denominator, fused_scale = ctx.saved_tensors
         ignore_index, reduction, eps, temperature, z_loss, softcap, inplace_backward, weight_total = ctx.options

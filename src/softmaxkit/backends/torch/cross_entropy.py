@@ -16,9 +16,9 @@ rounded to the logits' dtype.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..._reduction import safe_divide
+from .._autograd import strict_once_differentiable
 
 #: bytes of fp32 work per chunk: ~4 MiB keeps a chunk (and its temporaries) in L2/L3 on CPUs.
 CHUNK_BYTES = 4 << 20
@@ -219,7 +219,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return out.to(logits.dtype)
 
     @staticmethod
-    @once_differentiable
+    @strict_once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         logits, target, valid, w_y, lse, weight, denominator = ctx.saved_tensors
         reduction, eps, inv_t, z_loss, softcap, chunk_size, inplace_backward, weight_total = ctx.options

@@ -28,9 +28,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ..._reduction import safe_divide
+from .._autograd import strict_once_differentiable
 
 
 @triton.jit
@@ -250,7 +250,7 @@ class _TritonCrossEntropyFunction(torch.autograd.Function):
         return out.to(logits.dtype)
 
     @staticmethod
-    @once_differentiable
+    @strict_once_differentiable
     def backward(ctx, grad_output):
         logits, target, weight, weight_total, lse, denominator = ctx.saved_tensors
         ignore_index, reduction, eps, temperature, z_loss, softcap, inplace_backward = ctx.options

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ..._reduction import safe_divide
+from .._autograd import strict_once_differentiable
 from ..torch.linear_cross_entropy import LinearCrossEntropyConfig, _LinearCrossEntropyFunction, chunk_rows_for
 from .cross_entropy import (
     _ce_fused_inplace_kernel,
@@ -143,7 +143,7 @@ class _TritonLinearCrossEntropyFunction(torch.autograd.Function):
         return out.to(hidden.dtype)
 
     @staticmethod
-    @once_differentiable
+    @strict_once_differentiable
     def backward(ctx, grad_output):
         dtypes = ctx.dtypes
         grads = [None if g is None else (g * grad_output.to(g.dtype)).to(dtype)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
+from .._autograd import strict_once_differentiable
 from .cross_entropy import _interpreting
 
 
@@ -138,7 +138,7 @@ class _TritonEntmaxFunction(torch.autograd.Function):
         return p
 
     @staticmethod
-    @once_differentiable
+    @strict_once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         (p,) = ctx.saved_tensors
         grad_output = grad_output if grad_output.stride(-1) == 1 else grad_output.contiguous()
