@@ -10,8 +10,9 @@ with ``r_c = p_c \log p_c / (1 − p_c)``. Written this way the backward never f
 factor is infinite at ``p = 1`` for ``γ < 1`` and autograd through ``pow`` turns it into NaN (``∞·0``).
 ``1 − p`` is computed as ``−expm1(log p)``, accurate when ``p`` is close to 1, and ``r → −1`` as ``p → 1``.
 
-Without label smoothing only ``g_y`` is non-zero, so the gradient is ``g_y (e_y − p)``: one ``(N, C)`` pass,
-like cross-entropy's. fp16/bf16 logits are computed in fp32.
+Forward is one fused ``log_softmax`` (saved, as autograd would); without label smoothing only ``g_y`` is
+non-zero, so the backward is ``g_y (e_y − p)``: one ``(N, C)`` pass, like cross-entropy's. fp16/bf16 logits
+are computed in fp32.
 """
 
 from __future__ import annotations
@@ -63,12 +64,13 @@ class _FocalFunction(torch.autograd.Function):
         label_smoothing: float,
         temperature: float,
     ) -> torch.Tensor:
-        num_rows, num_classes = logits.shape
+        num_classes = logits.shape[1]
         work = _work_dtype(logits.dtype)
         z = logits.to(work)
         if temperature != 1.0:
             z = z / temperature
-        lse = torch.logsumexp(z, dim=1) if num_rows else z.new_zeros(0)
+        # One fused pass (log_softmax), saved for backward, where p = exp(log p) is one more.
+        log_p = torch.log_softmax(z, dim=1)
         valid = target != ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
         zero = torch.zeros((), dtype=work, device=logits.device)
@@ -78,14 +80,14 @@ class _FocalFunction(torch.autograd.Function):
         scale = None if class_scale is None else class_scale.to(work)
         eps = label_smoothing
 
-        log_p_y = z.gather(1, safe_target[:, None])[:, 0] - lse
+        log_p_y = log_p.gather(1, safe_target[:, None])[:, 0]
         term_y, _ = focal_terms(log_p_y, gamma)
         s_y = torch.ones((), dtype=work, device=logits.device) if scale is None else scale[safe_target]
         # ℓ = (1 − ε) a'_y f_y + (ε/C) Σ_c a'_c f_c, with a'_c = α_c w_c; 0 on ignored rows.
         # A zero coefficient contributes 0 even where the term is infinite (a masked target class).
         loss = torch.where(s_y == 0, zero, (1.0 - eps) * s_y * term_y) if eps < 1 else torch.zeros_like(term_y)
         if eps > 0:
-            terms, _ = focal_terms(z - lse[:, None], gamma)
+            terms, _ = focal_terms(log_p, gamma)
             if scale is not None:
                 terms = torch.where(scale == 0, zero, terms * scale)
             loss = loss + (eps / num_classes) * terms.sum(dim=1)
@@ -98,18 +100,18 @@ class _FocalFunction(torch.autograd.Function):
             out = loss.sum()
         else:
             out = loss
-        ctx.save_for_backward(logits, safe_target, valid, lse, scale, denominator)
-        ctx.options = (gamma, reduction, eps, temperature)
+        ctx.save_for_backward(log_p, safe_target, valid, scale, denominator)
+        ctx.options = (gamma, reduction, eps, temperature, logits.dtype)
         return out.to(logits.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        logits, target, valid, lse, scale, denominator = ctx.saved_tensors
-        gamma, reduction, eps, temperature = ctx.options
-        num_rows, num_classes = logits.shape
-        work = lse.dtype
-        zero = torch.zeros((), dtype=work, device=logits.device)
+        log_p, target, valid, scale, denominator = ctx.saved_tensors
+        gamma, reduction, eps, temperature, logits_dtype = ctx.options
+        num_rows, num_classes = log_p.shape
+        work = log_p.dtype
+        zero = torch.zeros((), dtype=work, device=log_p.device)
 
         grad_output = grad_output.to(work)
         if reduction == "none":
@@ -121,12 +123,7 @@ class _FocalFunction(torch.autograd.Function):
         if temperature != 1.0:
             row_scale = row_scale / temperature
 
-        z = logits.to(work)
-        if temperature != 1.0:
-            z = z / temperature
-        # log p in a fresh buffer (never in the caller's logits).
-        log_p = torch.sub(z, lse[:, None])
-        s_y = torch.ones((), dtype=work, device=logits.device) if scale is None else scale[target]
+        s_y = torch.ones((), dtype=work, device=log_p.device) if scale is None else scale[target]
         log_p_y = log_p.gather(1, target[:, None])[:, 0]
         _, coefficient_y = focal_terms(log_p_y, gamma)
         # g_y = (1 − ε) α_y w_y (1 − p_y)^γ (γ r_y − 1), times the row's upstream scale.
@@ -139,9 +136,9 @@ class _FocalFunction(torch.autograd.Function):
                 g = torch.where(scale == 0, zero, g * scale)
             g = g * row_scale[:, None]
             g.scatter_add_(1, target[:, None], g_y[:, None])
-            p = log_p.exp_()
-            grad = g.sub_(p * g.sum(dim=1, keepdim=True))
+            grad = g.sub_(torch.exp(log_p) * g.sum(dim=1, keepdim=True))
         else:
-            grad = log_p.exp_().mul_(-g_y[:, None])
+            # g_y (e_y − p): one pass (exp, scaled in place) and a scatter.
+            grad = torch.exp(log_p).mul_(-g_y[:, None])
             grad.scatter_add_(1, target[:, None], g_y[:, None])
-        return grad.to(logits.dtype), None, None, None, None, None, None, None, None
+        return grad.to(logits_dtype), None, None, None, None, None, None, None, None
