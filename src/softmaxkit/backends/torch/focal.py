@@ -10,9 +10,10 @@ with ``r_c = p_c \log p_c / (1 − p_c)``. Written this way the backward never f
 factor is infinite at ``p = 1`` for ``γ < 1`` and autograd through ``pow`` turns it into NaN (``∞·0``).
 ``1 − p`` is computed as ``−expm1(log p)``, accurate when ``p`` is close to 1, and ``r → −1`` as ``p → 1``.
 
-Forward is one fused ``log_softmax`` (saved, as autograd would); without label smoothing only ``g_y`` is
-non-zero, so the backward is ``g_y (e_y − p)``: one ``(N, C)`` pass, like cross-entropy's. fp16/bf16 logits
-are computed in fp32.
+Forward is one fused ``log_softmax``, and nothing ``(N, C)`` is saved: the backward recomputes it into the
+buffer that becomes the gradient (one allocation). Without label smoothing only ``g_y`` is non-zero, so the
+gradient is ``g_y (e_y − p)``: exponentiated, scaled and scattered in place. fp16/bf16 logits are computed in
+fp32.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class _FocalFunction(torch.autograd.Function):
         z = logits.to(work)
         if temperature != 1.0:
             z = z / temperature
-        # One fused pass (log_softmax), saved for backward, where p = exp(log p) is one more.
+        # One fused pass (log_softmax); backward recomputes it into the gradient buffer (one allocation).
         log_p = torch.log_softmax(z, dim=1)
         valid = target != ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
@@ -100,18 +101,22 @@ class _FocalFunction(torch.autograd.Function):
             out = loss.sum()
         else:
             out = loss
-        ctx.save_for_backward(log_p, safe_target, valid, scale, denominator)
-        ctx.options = (gamma, reduction, eps, temperature, logits.dtype)
+        ctx.save_for_backward(logits, safe_target, valid, scale, denominator)
+        ctx.options = (gamma, reduction, eps, temperature)
         return out.to(logits.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        log_p, target, valid, scale, denominator = ctx.saved_tensors
-        gamma, reduction, eps, temperature, logits_dtype = ctx.options
-        num_rows, num_classes = log_p.shape
-        work = log_p.dtype
-        zero = torch.zeros((), dtype=work, device=log_p.device)
+        logits, target, valid, scale, denominator = ctx.saved_tensors
+        gamma, reduction, eps, temperature = ctx.options
+        num_rows, num_classes = logits.shape
+        work = _work_dtype(logits.dtype)
+        z = logits.to(work)
+        if temperature != 1.0:
+            z = z / temperature
+        log_p = torch.log_softmax(z, dim=1)  # a fresh buffer: it becomes the gradient
+        zero = torch.zeros((), dtype=work, device=logits.device)
 
         grad_output = grad_output.to(work)
         if reduction == "none":
@@ -123,7 +128,7 @@ class _FocalFunction(torch.autograd.Function):
         if temperature != 1.0:
             row_scale = row_scale / temperature
 
-        s_y = torch.ones((), dtype=work, device=log_p.device) if scale is None else scale[target]
+        s_y = torch.ones((), dtype=work, device=logits.device) if scale is None else scale[target]
         log_p_y = log_p.gather(1, target[:, None])[:, 0]
         _, coefficient_y = focal_terms(log_p_y, gamma)
         # g_y = (1 − ε) α_y w_y (1 − p_y)^γ (γ r_y − 1), times the row's upstream scale.
@@ -136,9 +141,9 @@ class _FocalFunction(torch.autograd.Function):
                 g = torch.where(scale == 0, zero, g * scale)
             g = g * row_scale[:, None]
             g.scatter_add_(1, target[:, None], g_y[:, None])
-            grad = g.sub_(torch.exp(log_p) * g.sum(dim=1, keepdim=True))
+            grad = g.sub_(log_p.exp_().mul_(g.sum(dim=1, keepdim=True)))
         else:
-            # g_y (e_y − p): one pass (exp, scaled in place) and a scatter.
-            grad = torch.exp(log_p).mul_(-g_y[:, None])
+            # g_y (e_y − p): exp and scale in place, then a scatter.
+            grad = log_p.exp_().mul_(-g_y[:, None])
             grad.scatter_add_(1, target[:, None], g_y[:, None])
-        return grad.to(logits_dtype), None, None, None, None, None, None, None, None
+        return grad.to(logits.dtype), None, None, None, None, None, None, None, None
