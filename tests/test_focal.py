@@ -345,3 +345,9 @@ def test_validation_of_target():
         softmaxkit.focal_loss(logits, torch.tensor([0, 1, 4]))
     with pytest.raises(TypeError, match=r"`logits` must have a floating-point dtype"):
         softmaxkit.focal_loss(torch.ones(3, 4, dtype=torch.long), torch.tensor([0, 1, 2]))
+
+
+def test_double_backward_raises_instead_of_returning_zeros():
+    logits, target, _ = _make((3, 4), ignore_fraction=0.0)
+    with pytest.raises(RuntimeError, match="once differentiable"):
+        torch.autograd.functional.hessian(lambda x: softmaxkit.focal_loss(x, target), logits.detach())

@@ -583,3 +583,11 @@ def test_learnable_alpha_module():
 def test_validation(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(3, 4))
+
+
+def test_double_backward_raises_instead_of_returning_zeros():
+    x = torch.randn(3, 5, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    for function in (lambda t: softmaxkit.sparsemax(t).pow(2).sum(), lambda t: softmaxkit.entmax15_loss(t, target)):
+        with pytest.raises(RuntimeError, match="once differentiable"):
+            torch.autograd.functional.hessian(function, x)

@@ -19,9 +19,9 @@ fp32.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..._reduction import safe_divide
+from .._autograd import strict_once_differentiable
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -106,7 +106,7 @@ class _FocalFunction(torch.autograd.Function):
         return out.to(logits.dtype)
 
     @staticmethod
-    @once_differentiable
+    @strict_once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         logits, target, valid, scale, denominator = ctx.saved_tensors
         gamma, reduction, eps, temperature = ctx.options

@@ -49,9 +49,9 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..._reduction import safe_divide
+from .._autograd import strict_once_differentiable
 from .cross_entropy import chunk_rows
 
 SPARSEMAX, ENTMAX15, BISECT = "sparsemax", "entmax15", "bisect"
@@ -621,7 +621,7 @@ class _EntmaxFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @strict_once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         kind = ctx.kind
         if ctx.sparse:
@@ -745,7 +745,7 @@ class _FenchelYoungFunction(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
-    @once_differentiable
+    @strict_once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         kind, scalar_delta, reduction = ctx.options
         if ctx.sparse:
