@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from . import _validation as v
 from ._reduction import safe_divide
+from .backends._autograd import strict_once_differentiable
 from .backends.torch.cross_entropy import chunk_rows
 from .backends.torch.linear_cross_entropy import (
     LinearCrossEntropyConfig,
@@ -174,7 +174,7 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
         return out.to(logits.dtype)
 
     @staticmethod
-    @once_differentiable
+    @strict_once_differentiable
     def backward(ctx, grad_output):
         logits, lse = ctx.saved_tensors
         config, rows = ctx.config, ctx.rows

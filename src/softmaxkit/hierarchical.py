@@ -19,10 +19,10 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import _validation as v
 from ._reduction import reduce_loss
+from .backends._autograd import strict_once_differentiable
 
 #: bytes of gathered node vectors (``rows × L × D``) per chunk in forward and backward.
 _CHUNK_BYTES = 16 << 20
@@ -168,7 +168,7 @@ class _HierarchicalNLLFunction(torch.autograd.Function):
         return nll.to(hidden.dtype)
 
     @staticmethod
-    @once_differentiable
+    @strict_once_differentiable
     def backward(ctx, grad_nll):
         hidden, weight, bias, nodes, mask, coefficient = ctx.saved_tensors
         work = coefficient.dtype

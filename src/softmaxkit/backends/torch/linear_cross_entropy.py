@@ -26,9 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..._reduction import safe_divide
+from .._autograd import strict_once_differentiable
 from .cross_entropy import (
     _load_transformed,
     finish_logit_grad_,
@@ -384,7 +384,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return out.to(hidden.dtype)
 
     @staticmethod
-    @once_differentiable
+    @strict_once_differentiable
     def backward(ctx, grad_output):
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if ctx.precompute:
