@@ -142,6 +142,19 @@ def check_class_target(
         )
 
 
+def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int, probabilities: bool) -> None:
+    """Class indices in ``[0, C)`` or ``ignore_index``; for probability targets ``ignore_index`` must stay < 0
+    (PyTorch's rule: there is no class index to ignore)."""
+    if probabilities:
+        if ignore_index >= 0:
+            raise ValueError(
+                f"`ignore_index` is not supported with class-probability targets (it must stay negative, "
+                f"the default -100), but got {ignore_index}"
+            )
+    else:
+        check_class_target(target, num_classes, ignore_index)
+
+
 def check_probability_target(target: torch.Tensor, logits: torch.Tensor, name: str = "target") -> None:
     if not target.is_floating_point():
         raise TypeError(

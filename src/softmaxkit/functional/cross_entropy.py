@@ -57,14 +57,7 @@ def validate_cross_entropy_args(
     if num_classes == 0:
         raise ValueError(f"`logits` must have at least one class, but has shape {tuple(logits.shape)}")
     weight = v.check_class_weight(weight, num_classes, logits)
-    if probabilities:
-        if ignore_index >= 0:
-            raise ValueError(
-                f"`ignore_index` is not supported with class-probability targets (it must stay negative, "
-                f"the default -100), but got {ignore_index}"
-            )
-    else:
-        v.check_class_target(target, num_classes, ignore_index)
+    v.check_target_values(target, num_classes, ignore_index, probabilities)
     return logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap
 
 

@@ -53,14 +53,7 @@ def validate_linear_cross_entropy_args(
     chunk_size = v.check_optional_positive_int("chunk_size", chunk_size)
     accumulation_dtype = v.check_accumulation_dtype(accumulation_dtype, weight.dtype)
     class_weight = v.check_class_weight(class_weight, num_classes, hidden, name="class_weight")
-    if probabilities:
-        if ignore_index >= 0:
-            raise ValueError(
-                f"`ignore_index` is not supported with class-probability targets (it must stay negative, "
-                f"the default -100), but got {ignore_index}"
-            )
-    else:
-        v.check_class_target(target, num_classes, ignore_index)
+    v.check_target_values(target, num_classes, ignore_index, probabilities)
     return (hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature,
             z_loss, softcap, chunk_size, accumulation_dtype, probabilities)
 
