@@ -349,6 +349,19 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # the temporary file is gone
 
 
+def test_atomic_write_gives_files_the_umask_permissions(tmp_path):
+    import os
+
+    from softmaxkit.cli import _io
+
+    previous = os.umask(0o022)
+    try:
+        path = _io.write_text_atomic(tmp_path / "metrics.csv", "a,b\n")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644  # as open() would give, not mkstemp's 0600
+
+
 def test_load_model_rejects_missing_and_foreign_files(tmp_path):
     from softmaxkit import SoftmaxRegression
     from softmaxkit.cli import _io

@@ -26,6 +26,12 @@ class UserError(Exception):
     """A problem with the user's input: the command prints its message on one line and exits with 2."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same directory, then ``os.replace``)."""
     path = Path(path)
@@ -36,6 +42,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
+        # mkstemp creates 0600; give the file the permissions a plain open() would (0666 less the umask).
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
