@@ -55,7 +55,8 @@ def parse_args(argv):
     parser.add_argument("--impls", default="", help="comma-separated impls to keep (default: all)")
     parser.add_argument("--shapes", default="", help="comma-separated shape labels to keep, e.g. 8192x50257")
     parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
-    parser.add_argument("--modes", default="full", help="comma-separated: forward,backward,full")
+    parser.add_argument("--modes", default="", help="comma-separated: forward,backward,full (default: full, or "
+                        "the op's only mode for ops without a backward such as metrics)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="each op's small quick set")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per case (at least)")
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
             for case in load_cases(op, device, dtype, args.quick):
                 if (keep_impls and case.impl not in keep_impls) or (keep_shapes and case.shape not in keep_shapes):
                     continue
-                for mode in modes:
+                wanted = modes or (["full"] if "full" in case.modes else list(case.modes[:1]))
+                for mode in wanted:
                     if mode not in case.modes:
                         continue
                     console.print(f"[dim]{op} {case.impl} {case.shape} {case.dtype} {mode}…[/dim]")
