@@ -50,6 +50,23 @@ class Case:
         return f"{self.op}|{self.impl}|{self.shape}|{self.dtype}"
 
 
+def timed_call(loss_fn: Callable[[], object], inputs: list, mode: str, grad_outputs=None) -> Callable[[], object]:
+    """The function a case times: ``loss_fn()`` under ``no_grad`` for ``"forward"``; for ``"full"`` the
+    forward plus ``torch.autograd.grad`` of ``inputs`` (returned, never accumulated into ``.grad``, so no
+    implementation pays for an extra copy)."""
+    import torch
+
+    if mode == "forward":
+        def forward():
+            with torch.no_grad():
+                return loss_fn()
+        return forward
+
+    def full():
+        return torch.autograd.grad(loss_fn(), inputs, grad_outputs=grad_outputs, allow_unused=True)
+    return full
+
+
 # ---------------------------------------------------------------------------------------------- memory
 def _read_status(field_name: str) -> int:
     with open("/proc/self/status") as handle:

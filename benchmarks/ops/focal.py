@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._harness import Case, Skip
+from .._harness import Case, Skip, timed_call
 
 SHAPES = [(4096, 1000), (1024, 32000), (8192, 32000)]
 QUICK_SHAPES = [(1024, 1000)]
@@ -37,16 +37,7 @@ def _inputs(n, c, dtype, device, requires_grad):
 
 def _runner(function, n, c, dtype, device, mode):
     x, target = _inputs(n, c, dtype, device, requires_grad=mode != "forward")
-    if mode == "forward":
-        def forward():
-            with torch.no_grad():
-                return function(x, target)
-        return forward
-
-    def full():
-        (grad,) = torch.autograd.grad(function(x, target), [x])
-        return grad
-    return full
+    return timed_call(lambda: function(x, target), [x], mode)
 
 
 def _compiled():

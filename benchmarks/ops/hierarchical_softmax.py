@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._harness import Case
+from .._harness import Case, timed_call
 from .adaptive_softmax import zipf_targets
 
 SHAPES = [(4096, 512, 100_000)]
@@ -44,15 +44,7 @@ def _runner(impl, n, d, c, dtype, device, mode):
             def loss_fn():
                 return softmaxkit.linear_cross_entropy(hidden, weight, target)
 
-    if mode == "forward":
-        def forward():
-            with torch.no_grad():
-                return loss_fn()
-        return forward
-
-    def full():
-        return torch.autograd.grad(loss_fn(), params)
-    return full
+    return timed_call(loss_fn, params, mode)
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._harness import Case, Skip
+from .._harness import Case, Skip, timed_call
 
 #: (N, D, C): the issue's memory target (8192, 512, 50k), then an LLM-like head.
 SHAPES = [(8192, 512, 50000), (8192, 1024, 50257), (4096, 1024, 128256)]
@@ -41,15 +41,7 @@ def _inputs(n, d, c, dtype, device, requires_grad):
 
 def _runner(loss_fn, n, d, c, dtype, device, mode):
     hidden, weight, target = _inputs(n, d, c, dtype, device, requires_grad=mode != "forward")
-    if mode == "forward":
-        def forward():
-            with torch.no_grad():
-                return loss_fn(hidden, weight, target)
-        return forward
-
-    def full():
-        return torch.autograd.grad(loss_fn(hidden, weight, target), [hidden, weight])
-    return full
+    return timed_call(lambda: loss_fn(hidden, weight, target), [hidden, weight], mode)
 
 
 def _naive(h, w, y):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._harness import Case, Skip
+from .._harness import Case, Skip, timed_call
 
 SHAPES = [(4096, 1000), (1024, 32000)]
 QUICK_SHAPES = [(1024, 1000)]
@@ -56,30 +56,12 @@ def _inputs(n, c, dtype, device, requires_grad):
 
 def _map_runner(function, n, c, dtype, device, mode):
     x, _, upstream = _inputs(n, c, dtype, device, requires_grad=mode != "forward")
-    if mode == "forward":
-        def forward():
-            with torch.no_grad():
-                return function(x)
-        return forward
-
-    def full():
-        (grad,) = torch.autograd.grad(function(x), [x], grad_outputs=upstream)
-        return grad
-    return full
+    return timed_call(lambda: function(x), [x], mode, grad_outputs=upstream)
 
 
 def _loss_runner(function, n, c, dtype, device, mode):
     x, target, _ = _inputs(n, c, dtype, device, requires_grad=mode != "forward")
-    if mode == "forward":
-        def forward():
-            with torch.no_grad():
-                return function(x, target)
-        return forward
-
-    def full():
-        (grad,) = torch.autograd.grad(function(x, target), [x])
-        return grad
-    return full
+    return timed_call(lambda: function(x, target), [x], mode)
 
 
 def map_cases(op: str, impls: dict, device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
