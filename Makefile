@@ -35,7 +35,7 @@ demo: $(BASE_STAMP)
 	$(VENV)/bin/softmaxkit demo
 
 bench: $(DEV_STAMP)
-	$(PY) -m benchmarks --quick
+	$(PY) -m benchmarks --quick --no-csv
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
