@@ -19,24 +19,16 @@ dtype. The C source is ``_cross_entropy.c``; :mod:`._build` compiles it on first
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ..._reduction import safe_divide
 from .._autograd import strict_once_differentiable
-from . import _build
+from . import _build, row_workers, run_row_ranges
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
 _FLAG_STATS, _FLAG_GRAD = 1, 2
-#: rows below this many elements run on the calling thread (thread hand-off costs ~50 µs)
-_PARALLEL_MIN_ELEMENTS = 1 << 16
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_pid = 0
 _functions: dict[str, object] = {}
 
 
@@ -106,21 +98,6 @@ def new_gradient(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return buffer
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """The worker pool, rebuilt when the thread count changes or in a forked child (whose threads are gone)."""
-    global _pool, _pool_size, _pool_pid
-    if _pool is None or _pool_size != workers or _pool_pid != os.getpid():
-        if _pool is not None and _pool_pid == os.getpid():
-            _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="softmaxkit-ce")
-        _pool_size, _pool_pid = workers, os.getpid()
-    return _pool
-
-
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -158,9 +135,7 @@ def run_rows(
         _pointer(scale), _pointer(grad), grad.stride(0) if grad is not None else 0,
     )
     x_pointer, x_stride, stats_pointer = logits.data_ptr(), logits.stride(0), row_stats.data_ptr()
-    workers = min(_threads(), num_rows)
-    if workers <= 1 or num_rows * num_classes < _PARALLEL_MIN_ELEMENTS:
-        workers = 1
+    workers = row_workers(num_rows, num_classes)
     scratch = None
     if flags == _FLAG_STATS | _FLAG_GRAD:
         # one row of exp(z − m) (and dz/dx under softcap) per worker: cache-sized, not logits-sized
@@ -170,14 +145,7 @@ def run_rows(
         row = None if scratch is None else scratch[worker].data_ptr()
         function(x_pointer, x_stride, *arguments[:2], start, stop, *arguments[4:], row, stats_pointer)
 
-    if workers == 1:
-        call(0, 0, num_rows)
-        return
-    bounds = [num_rows * k // workers for k in range(workers + 1)]
-    futures = [_executor(workers).submit(call, k, bounds[k], bounds[k + 1]) for k in range(1, workers)]
-    call(0, bounds[0], bounds[1])  # the calling thread takes the first range
-    for future in futures:
-        future.result()
+    run_row_ranges(call, num_rows, workers)
 
 
 class _CpuCrossEntropyFunction(torch.autograd.Function):
