@@ -9,7 +9,7 @@ from ..backends.torch.linear_cross_entropy import LinearCrossEntropyConfig, _Lin
 from .cross_entropy import cross_entropy
 
 #: implementations ``linear_cross_entropy(impl=...)`` accepts. ``"auto"`` picks the fastest correct one.
-IMPLS = ("auto", "torch", "composite", "triton")
+IMPLS = ("auto", "torch", "composite", "triton", "triton_fused")
 
 
 def _check_target(hidden: torch.Tensor, target: object, num_classes: int) -> tuple[torch.Tensor, bool]:
@@ -112,8 +112,15 @@ def linear_cross_entropy(
             (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
         impl: ``"auto"`` (the chunked path, with the Triton kernels on CUDA when available; class-probability
             targets: ``"composite"``), ``"torch"`` (the chunked PyTorch path), ``"triton"`` (chunked matmul +
-            fused Triton CE, fp32 ``∂ℓ/∂W`` accumulation) or ``"composite"`` (``F.linear`` then :func:`cross_entropy` with plain
-            differentiable ops: holds the logits, supports double backward).
+            fused Triton CE, fp32 ``∂ℓ/∂W`` accumulation), ``"triton_fused"`` (cut-cross-entropy style: a
+            fused matmul–log-sum-exp kernel whose logits tiles never leave the GPU's registers, not even one
+            chunk; backward recomputes them tile by tile and atomically adds ``G W``, ``Gᵀ h`` into fp32
+            accumulators: the least memory, ``O(N)`` beyond the gradients, for one extra ``N·C·D`` matmul
+            and nondeterministic last bits; ``chunk_size`` does not apply, see
+            :mod:`softmaxkit.backends.triton.fused_linear_cross_entropy`) or ``"composite"`` (``F.linear``
+            then :func:`cross_entropy` with plain differentiable ops: holds the logits, supports double
+            backward). ``"auto"`` does not pick ``"triton_fused"``: which of the two Triton paths is faster
+            has not been measured (no GPU was available), so it keeps the chunked one.
         inplace_backward: accepted for symmetry with :func:`cross_entropy`, where it lets the gradient
             overwrite the caller's logits. Here there is no caller-visible logits tensor: the chunked paths
             always write each chunk's gradient over that chunk's own logits buffer, so it changes nothing.
@@ -144,7 +151,7 @@ def linear_cross_entropy(
         raise ValueError(f"`impl` must be one of {', '.join(map(repr, IMPLS))}, but got {impl!r}")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool, but got {type(inplace_backward).__name__}")
-    if impl in ("torch", "triton") and probabilities:
+    if impl in ("torch", "triton", "triton_fused") and probabilities:
         raise ValueError(
             f"`impl={impl!r}` handles class-index targets; class-probability targets need impl='auto' or "
             "'composite'"
@@ -169,6 +176,13 @@ def linear_cross_entropy(
         from ..backends import triton as triton_backend
 
         impl = "triton" if triton_backend.available() else impl
+    if impl == "triton_fused":
+        from ..backends.triton.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+        loss = fused_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), class_weight, config
+        )
+        return loss.reshape(rows_shape) if reduction == "none" else loss
     if impl == "triton":
         from ..backends.triton.linear_cross_entropy import triton_linear_cross_entropy
 
