@@ -1,11 +1,13 @@
 r"""Focal loss, Poly-1, class-balanced weights and distillation in NumPy float64, straight from the formulas.
 
-Shared notation for one row with logits ``x`` over ``C`` classes and class-index target ``y``:
+Shared notation for one row with logits ``x`` over ``C`` classes and target ``t``, either ``onehot(y)`` for a
+class index ``y`` or given class probabilities (a floating array of the logits' shape):
 
 * ``z = x / T`` (temperature), ``p = softmax(z)``, ``log p = z − LSE(z)``;
-* smoothed target ``q = (1 − ε)·onehot(y) + ε/C`` (``ε`` the label smoothing);
-* ``w`` the class weights (``1`` when absent): ``"mean"`` divides the summed loss by ``Σ_i w_{y_i}`` over the
-  non-ignored rows, and is 0 when that is 0 (the cross-entropy convention of this package).
+* smoothed target ``q = (1 − ε)·t + ε/C`` (``ε`` the label smoothing);
+* ``w`` the class weights (``1`` when absent): for class indices ``"mean"`` divides the summed loss by
+  ``Σ_i w_{y_i}`` over the non-ignored rows, and is 0 when that is 0 (the cross-entropy convention of this
+  package); for class probabilities it divides by the number of rows (PyTorch's rule), nothing is ignored.
 
 Focal loss (Lin et al. 2017), generalised to a smoothed target class by class:
 
@@ -19,8 +21,10 @@ follows from ``∂p_c/∂z_j = p_c(δ_{cj} − p_j)``:
 
 where ``p log p / (1 − p) → −1`` as ``p → 1`` (so no ``0^{γ−1}`` ever appears).
 
-Poly-1 (Leng et al. 2022): ``ℓ = CE + ε_1 w_y (1 − p_t)`` with ``p_t = Σ_c q_c p_c``; since
-``∂p_t/∂z_j = p_j (q_j − p_t)``, ``∂ℓ/∂z = ∂CE/∂z + ε_1 w_y p ⊙ (p_t − q)``.
+Poly-1 (Leng et al. 2022): ``ℓ = CE + ε_1 \bar w (1 − p_t)`` with ``p_t = ⟨q, p⟩ = Σ_c q_c p_c`` (the
+paper's code takes the inner product of the label distribution with the softmax) and row weight
+``\bar w = Σ_c w_c t_c`` (``w_y`` for a class index, 1 for a distribution without class weights); since
+``∂p_t/∂z_j = p_j (q_j − p_t)``, ``∂ℓ/∂z = ∂CE/∂z + ε_1 \bar w p ⊙ (p_t − q)``.
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ def focal_loss(
 ):
     r"""Softmax focal loss ``−Σ_c α_c w_c q_c (1 − p_c)^γ log p_c`` (see the module docstring).
 
-    Shapes as :func:`softmaxkit.reference.cross_entropy` (class-index targets only). Returns a float for
-    ``"mean"``/``"sum"`` and the per-element losses (0 where ignored) for ``"none"``.
+    Shapes as :func:`softmaxkit.reference.cross_entropy` (class indices, or class probabilities of the logits'
+    shape). Returns a float for ``"mean"``/``"sum"`` and the per-element losses (0 where ignored) for
+    ``"none"``.
     """
     x, _, a, _, denominator = _rows(logits, target, weight, ignore_index, label_smoothing)
     a = a * _class_scale(alpha, x.shape[-1])
@@ -102,16 +107,21 @@ def focal_loss_grad(
 
 
 def _poly1_parts(logits, target, weight, ignore_index, label_smoothing, temperature):
-    x, class_axis, _, valid, _ = _rows(logits, target, None, ignore_index, label_smoothing)
+    """Classes last: ``q`` (smoothed target), row weight ``w̄ = Σ_c w_c t_c`` (0 where ignored), ``p``,
+    ``p_t = ⟨q, p⟩`` and the ``"mean"`` denominator."""
+    x, class_axis, _, valid, denominator = _rows(logits, target, weight, ignore_index, label_smoothing)
     num_classes = x.shape[-1]
     target = np.asarray(target)
-    y = np.where(valid, target, 0).astype(np.int64)
-    q = (1.0 - label_smoothing) * np.eye(num_classes)[y] + label_smoothing / num_classes
     w = np.ones(num_classes) if weight is None else np.asarray(weight, dtype=np.float64)
-    w_y = w[y] * valid
+    if target.shape == np.shape(logits) and np.issubdtype(target.dtype, np.floating):
+        t = np.moveaxis(target.astype(np.float64), class_axis, -1)
+    else:
+        t = np.eye(num_classes)[np.where(valid, target, 0).astype(np.int64)] * valid[..., None]
+    q = (1.0 - label_smoothing) * t + label_smoothing / num_classes
+    w_bar = np.sum(w * t, axis=-1)
     p = np.exp(log_softmax(x, axis=-1, temperature=temperature))
     p_t = np.sum(q * p, axis=-1)
-    return class_axis, q, w_y, p, p_t
+    return class_axis, q, w_bar, p, p_t, denominator
 
 
 def poly1_cross_entropy(
@@ -124,17 +134,18 @@ def poly1_cross_entropy(
     label_smoothing: float = 0.0,
     temperature: float = 1.0,
 ):
-    r"""Poly-1 loss ``CE + ε_1 w_y (1 − p_t)``, ``p_t = Σ_c q_c p_c`` (Leng et al. 2022).
+    r"""Poly-1 loss ``CE + ε_1 w̄ (1 − p_t)``, ``p_t = Σ_c q_c p_c``, ``w̄ = Σ_c w_c t_c`` (Leng et al. 2022).
 
     ``CE`` is :func:`softmaxkit.reference.cross_entropy` with the same weight, smoothing and temperature;
-    the polynomial term is weighted by ``w_y`` so that ``"mean"`` stays a weighted average of per-row losses.
+    the polynomial term is weighted by ``w̄`` (``w_y`` for class indices) so that ``"mean"`` stays a weighted
+    average of per-row losses. Class-probability targets: ``"mean"`` divides by the number of rows.
     """
     ce = cross_entropy(
         logits, target, weight, ignore_index, "none", label_smoothing, temperature=temperature
     )
-    _, _, w_y, _, p_t = _poly1_parts(logits, target, weight, ignore_index, label_smoothing, temperature)
-    loss = ce + epsilon * w_y * (1.0 - p_t)
-    denominator = float(np.sum(w_y))
+    _, _, w_bar, _, p_t, denominator = _poly1_parts(logits, target, weight, ignore_index, label_smoothing,
+                                                    temperature)
+    loss = ce + epsilon * w_bar * (1.0 - p_t)
     return _reduce(loss, reduction, denominator)
 
 
@@ -150,15 +161,15 @@ def poly1_cross_entropy_grad(
     grad_output=None,
 ) -> np.ndarray:
     r"""Closed-form gradient of :func:`poly1_cross_entropy`:
-    ``∂CE/∂x + (ε_1 w_y / T)·p ⊙ (p_t − q)``."""
+    ``∂CE/∂x + (ε_1 w̄ / T)·p ⊙ (p_t − q)``."""
     ce_grad = cross_entropy_grad(
         logits, target, weight, ignore_index, "none", label_smoothing, temperature=temperature
     )
-    class_axis, q, w_y, p, p_t = _poly1_parts(logits, target, weight, ignore_index, label_smoothing, temperature)
-    poly = (epsilon * w_y)[..., None] * p * (p_t[..., None] - q) / temperature
+    class_axis, q, w_bar, p, p_t, denominator = _poly1_parts(logits, target, weight, ignore_index,
+                                                             label_smoothing, temperature)
+    poly = (epsilon * w_bar)[..., None] * p * (p_t[..., None] - q) / temperature
     grad = np.moveaxis(ce_grad, class_axis, -1) + poly
     if reduction == "mean":
-        denominator = float(np.sum(w_y))
         grad = grad / denominator if denominator != 0 else np.zeros_like(grad)
     elif reduction == "none" and grad_output is not None:
         grad = grad * np.asarray(grad_output, dtype=np.float64)[..., None]

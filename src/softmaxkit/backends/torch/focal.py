@@ -1,4 +1,4 @@
-r"""Softmax focal loss with a closed-form backward, for 2-D logits and class-index targets.
+r"""Softmax focal loss with a closed-form backward, for 2-D logits and class-index or class-probability targets.
 
 For one row with ``z = x/T``, ``p = softmax(z)`` and coefficients ``a_c = α_c w_c q_c`` (``q`` the smoothed
 one-hot target, 0 on ignored rows):
@@ -14,6 +14,13 @@ Forward is one fused ``log_softmax``, and nothing ``(N, C)`` is saved: the backw
 buffer that becomes the gradient (one allocation). Without label smoothing only ``g_y`` is non-zero, so the
 gradient is ``g_y (e_y − p)``: exponentiated, scaled and scattered in place. fp16/bf16 logits are computed in
 fp32.
+
+Class-probability targets ``t`` (:class:`_FocalProbabilityFunction`) use the same formulas with
+``a_c = α_c w_c ((1 − ε) t_c + ε/C)`` for every class; the loss is also differentiable in ``t``:
+``∂ℓ/∂t_c = (1 − ε) α_c w_c · (−(1 − p_c)^γ \log p_c)``, also where ``t_c = 0`` (as
+:func:`torch.nn.functional.cross_entropy`'s target gradient). The loss counts a term with ``a_c = 0`` as 0
+even at ``\log p_c = −∞`` (a masked class); there the derivative in ``t_c`` is taken as 0, not ``+∞``, so a
+masked class with no target mass leaves every gradient finite.
 """
 
 from __future__ import annotations
@@ -147,3 +154,86 @@ class _FocalFunction(torch.autograd.Function):
             grad = log_p.exp_().mul_(-g_y[:, None])
             grad.scatter_add_(1, target[:, None], g_y[:, None])
         return grad.to(logits.dtype), None, None, None, None, None, None, None, None
+
+
+def probability_coefficients(
+    target: torch.Tensor, class_scale: torch.Tensor | None, label_smoothing: float, work: torch.dtype
+) -> torch.Tensor:
+    """``a = α ⊙ w ⊙ ((1 − ε) t + ε/C)`` for ``(M, C)`` probability targets ``t``: always a new tensor."""
+    num_classes = target.shape[1]
+    eps = label_smoothing
+    if eps > 0:
+        coefficients = target.to(work) * (1.0 - eps) + eps / num_classes
+    else:
+        coefficients = target.to(work, copy=True)
+    if class_scale is not None:
+        coefficients.mul_(class_scale.to(work))
+    return coefficients
+
+
+class _FocalProbabilityFunction(torch.autograd.Function):
+    """Focal loss for ``(M, C)`` logits and ``(M, C)`` class-probability targets (closed-form backward).
+
+    ``ℓ_i = Σ_c a_ic f(log p_ic)`` with ``f = −(1 − p)^γ log p`` and ``a`` from
+    :func:`probability_coefficients`; ``"mean"`` divides by ``M`` (PyTorch's rule for probability targets).
+    Saves the logits and the target (no copies); backward recomputes ``log_softmax``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, gamma, class_scale, reduction, label_smoothing, temperature):
+        work = _work_dtype(logits.dtype)
+        z = logits.to(work)
+        if temperature != 1.0:
+            z = z / temperature
+        log_p = torch.log_softmax(z, dim=1)
+        coefficients = probability_coefficients(target, class_scale, label_smoothing, work)
+        terms, _ = focal_terms(log_p, gamma)
+        zero = torch.zeros((), dtype=work, device=logits.device)
+        # a zero coefficient contributes 0 even where the term is infinite (a masked class, log p = −inf)
+        loss = torch.where(coefficients == 0, zero, coefficients * terms).sum(dim=1)
+        if reduction == "mean":
+            out = safe_divide(loss.sum(), torch.tensor(float(loss.shape[0]), dtype=work, device=logits.device))
+        elif reduction == "sum":
+            out = loss.sum()
+        else:
+            out = loss
+        ctx.save_for_backward(logits, target, class_scale)
+        ctx.options = (gamma, reduction, label_smoothing, temperature)
+        return out.to(logits.dtype)
+
+    @staticmethod
+    @strict_once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, target, class_scale = ctx.saved_tensors
+        gamma, reduction, eps, temperature = ctx.options
+        num_rows = logits.shape[0]
+        work = _work_dtype(logits.dtype)
+        z = logits.to(work)
+        if temperature != 1.0:
+            z = z / temperature
+        log_p = torch.log_softmax(z, dim=1)
+        coefficients = probability_coefficients(target, class_scale, eps, work)
+        zero = torch.zeros((), dtype=work, device=logits.device)
+
+        grad_output = grad_output.to(work)
+        if reduction == "none":
+            row_scale = grad_output
+        elif reduction == "mean":
+            count = torch.tensor(float(num_rows), dtype=work, device=logits.device)
+            row_scale = safe_divide(grad_output, count).expand(num_rows)
+        else:
+            row_scale = grad_output.expand(num_rows)
+
+        terms, factors = focal_terms(log_p, gamma)
+        inactive = coefficients == 0
+        grad_target = None
+        if ctx.needs_input_grad[1]:
+            # ∂ℓ/∂t_c = (1 − ε) α_c w_c f_c, also where t_c = 0; 0 where a_c = 0 and p_c = 0 (f_c = +inf)
+            scale = (1.0 - eps) if class_scale is None else (1.0 - eps) * class_scale.to(work)
+            grad_target = torch.where(inactive & torch.isinf(terms), zero, terms * scale) * row_scale[:, None]
+            grad_target = grad_target.to(target.dtype)
+        # g_c = a_c (1 − p_c)^γ (γ r_c − 1); ∂ℓ/∂z = g − p Σ_c g_c, times the row's upstream scale and 1/T
+        g = torch.where(inactive, zero, coefficients * factors)
+        g.mul_((row_scale / temperature)[:, None] if temperature != 1.0 else row_scale[:, None])
+        grad = g.sub_(log_p.exp_().mul_(g.sum(dim=1, keepdim=True)))
+        return grad.to(logits.dtype), grad_target, None, None, None, None, None
