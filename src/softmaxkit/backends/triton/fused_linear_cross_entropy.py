@@ -180,7 +180,7 @@ def _fused_lce_bwd_kernel(
     s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     active = row_ok & (y != ignore_index) & (s != 0.0)  # ignored row or zero upstream: exact zeros
     safe_y = tl.where(active, y, -1)
-    lse = tl.where(active, tl.load(lse_ptr + rows, mask=row_ok, other=0.0), 0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)  # finite on every row, ignored ones included
     if HAS_WEIGHT:
         w_y = tl.load(class_weight_ptr + tl.where(active, y, 0), mask=active, other=0.0).to(ACC_DTYPE)
         weight_total = tl.load(weight_total_ptr).to(ACC_DTYPE)  # Σ_c w_c on the device (no host sync)
@@ -192,8 +192,9 @@ def _fused_lce_bwd_kernel(
         stride_hn, stride_hd, stride_wc, stride_wd, inv_t, softcap,
         ACC_DTYPE, HAS_BIAS, HAS_SOFTCAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
     )
-    row_coefficient = s * ((1.0 - eps) * w_y + eps / n_cols * weight_total + 2.0 * z_loss * lse)
-    g = row_coefficient[:, None] * tl.exp(z - lse[:, None])
+    row_coefficient = s * ((1.0 - eps) * w_y + eps / n_cols * weight_total + 2.0 * z_loss * tl.where(active, lse, 0.0))
+    # p = e^{z − LSE} ≤ 1; the clamp only matters on padding rows (LSE = 0), where e^{z} could overflow
+    g = row_coefficient[:, None] * tl.exp(tl.minimum(z - lse[:, None], 0.0))
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
             w = tl.load(class_weight_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
