@@ -295,3 +295,22 @@ def test_works_in_a_forked_child():
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("num_classes", [1, 37, 700, 1031])
+def test_streamed_gradient_equals_the_cached_store(monkeypatch, dtype, num_classes):
+    """Large fresh gradients are written with non-temporal stores (unaligned heads and tails by ordinary
+    stores): the values must be bitwise those of the ordinary path, for every dtype and row alignment."""
+    logits, target = _make(13, num_classes, dtype)
+    options = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    expected = _loss_and_grad(logits, target, "cpu", **options)
+    monkeypatch.setattr(cpu_ce, "_STREAM_MIN_BYTES", 0)
+    streamed = _loss_and_grad(logits, target, "cpu", **options)
+    assert torch.equal(streamed[0], expected[0]) and torch.equal(streamed[1], expected[1])
+    x = logits[:, : max(1, num_classes - 1)]  # rows that start at every alignment (odd row stride)
+    x_target = target.clamp(max=x.shape[1] - 1)
+    monkeypatch.setattr(cpu_ce, "_STREAM_MIN_BYTES", 1 << 62)
+    expected = _loss_and_grad(x, x_target, "cpu", reduction="sum")
+    monkeypatch.setattr(cpu_ce, "_STREAM_MIN_BYTES", 0)
+    assert torch.equal(_loss_and_grad(x, x_target, "cpu", reduction="sum")[1], expected[1])

@@ -26,15 +26,16 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
-#define TILE 512
+#define TILE 512 /* _TILE in cross_entropy.py sizes the fused pass's scratch row from it */
 #define LANES 16
 
 #define FLAG_STATS 1
 #define FLAG_GRAD 2
+#define FLAG_STREAM 4 /* write the gradient with non-temporal stores (a large, fresh buffer) */
 
 /* ------------------------------------------------------------------------------------------ fp32 maths */
 static inline float sk_expf(float x) {
@@ -156,7 +157,58 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
     for (; j < n; j++) dst[j] = float_to_half(src[j]);
 }
 
+/* Copy `bytes` from a local tile to memory with non-temporal stores where the CPU has them: a fresh
+ * gradient buffer much larger than the caches is written without first being read into them (no
+ * read-for-ownership), which saves a third of the memory traffic of the gradient pass. Unaligned head
+ * and tail bytes go through ordinary stores. The caller ends its writes with stream_fence(). */
+static inline void stream_bytes(void *dst, const void *src, int64_t bytes) {
+    char *d = (char *)dst;
+    const char *s = (const char *)src;
+#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
+#if defined(__AVX512F__)
+    const int64_t width = 64;
+#elif defined(__AVX__)
+    const int64_t width = 32;
+#else
+    const int64_t width = 16;
+#endif
+    int64_t head = (int64_t)((width - ((uintptr_t)d & (uintptr_t)(width - 1))) & (uintptr_t)(width - 1));
+    if (head > bytes) head = bytes;
+    memcpy(d, s, (size_t)head);
+    int64_t j = head;
+    for (; j + width <= bytes; j += width) {
+#if defined(__AVX512F__)
+        _mm512_stream_si512((void *)(d + j), _mm512_loadu_si512((const void *)(s + j)));
+#elif defined(__AVX__)
+        _mm256_stream_si256((__m256i *)(d + j), _mm256_loadu_si256((const __m256i *)(s + j)));
+#else
+        _mm_stream_si128((__m128i *)(d + j), _mm_loadu_si128((const __m128i *)(s + j)));
+#endif
+    }
+    memcpy(d + j, s + j, (size_t)(bytes - j));
+#else
+    memcpy(d, s, (size_t)bytes);
+#endif
+}
+
+static inline void stream_fence(void) {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
 /* ------------------------------------------------------------------------------------------- the rows */
+/* Software prefetch of the tile PREFETCH_TILES ahead of `at` (within the row's `left` elements): the
+ * exp-bound loop is too slow for the hardware prefetcher alone to keep the next lines on their way. */
+#define PREFETCH_TILES 8
+static inline void prefetch_ahead(const void *at, int64_t left, size_t element_size) {
+    int64_t ahead = (int64_t)PREFETCH_TILES * TILE;
+    if (left <= ahead) return;
+    const char *from = (const char *)at + ahead * (int64_t)element_size;
+    int64_t bytes = (left - ahead < TILE ? left - ahead : TILE) * (int64_t)element_size;
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(from + b, 0, 0);
+}
+
 /* SUFFIX: exported name suffix; IN_T: element type of x and grad; ACC_T: compute type. */
 #define DEFINE_CE_ROWS(SUFFIX, IN_T, ACC_T, LOAD, STORE, EXP, TANH, LOG)                                     \
     static inline ACC_T transform_##SUFFIX(ACC_T x, ACC_T inv_t, ACC_T softcap) {                            \
@@ -180,6 +232,18 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
         }                                                                                                     \
     }                                                                                                         \
                                                                                                               \
+    static inline ACC_T tile_max_##SUFFIX(const ACC_T *buf, int64_t n) {                                       \
+        ACC_T acc[LANES];                                                                                     \
+        for (int k = 0; k < LANES; k++) acc[k] = -INFINITY;                                                   \
+        int64_t j = 0;                                                                                        \
+        for (; j + LANES <= n; j += LANES)                                                                    \
+            for (int k = 0; k < LANES; k++) acc[k] = buf[j + k] > acc[k] ? buf[j + k] : acc[k];               \
+        for (; j < n; j++) acc[0] = buf[j] > acc[0] ? buf[j] : acc[0];                                        \
+        ACC_T m = acc[0];                                                                                     \
+        for (int k = 1; k < LANES; k++) m = acc[k] > m ? acc[k] : m;                                          \
+        return m;                                                                                             \
+    }                                                                                                         \
+                                                                                                              \
     void skce_rows_##SUFFIX(const IN_T *x, int64_t ldx, const int64_t *target, const ACC_T *weight,          \
                             int64_t start, int64_t stop, int64_t num_classes, int64_t ignore_index,           \
                             double eps_d, double inv_t_d, double z_loss_d, double softcap_d,                  \
@@ -194,34 +258,39 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
         /* fused stats + gradient with a scratch row: keep e = exp(z − m) (and dz/dx) from the stats pass */  \
         ACC_T *keep_e = (flags & FLAG_STATS) && (flags & FLAG_GRAD) ? scratch : 0;                            \
         ACC_T *keep_d = keep_e && softcap > 0 ? scratch + C : 0;                                              \
+        /* and the running shift of each tile, after the kept rows (SKCE_TILE floats per tile) */              \
+        ACC_T *keep_shift = keep_e ? scratch + (softcap > 0 ? 2 : 1) * C : 0;                                 \
         ACC_T row_total = 1, row_max = 0;                                                                     \
+        const int stream = (flags & FLAG_STREAM) && (const void *)grad != (const void *)x;                      \
         for (int64_t i = start; i < stop; i++) {                                                              \
             const IN_T *row = x + i * ldx;                                                                    \
             const int64_t y = target[i];                                                                      \
             const int valid = y != ignore_index;                                                              \
             ACC_T row_lse;                                                                                    \
             if (flags & FLAG_STATS) {                                                                         \
-                /* pass 1: max of the raw row (transform is increasing, so max z = transform(max x)) */       \
-                for (int k = 0; k < LANES; k++) acc[k] = -INFINITY;                                           \
-                for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                    \
-                    int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                \
-                    LOAD(row + j0, buf, n);                                                                   \
-                    int64_t j = 0;                                                                            \
-                    for (; j + LANES <= n; j += LANES)                                                        \
-                        for (int k = 0; k < LANES; k++) acc[k] = buf[j + k] > acc[k] ? buf[j + k] : acc[k];   \
-                    for (; j < n; j++) acc[0] = buf[j] > acc[0] ? buf[j] : acc[0];                            \
-                }                                                                                             \
-                ACC_T m = acc[0];                                                                             \
-                for (int k = 1; k < LANES; k++) m = acc[k] > m ? acc[k] : m;                                  \
-                m = transform_##SUFFIX(m, inv_t, softcap);                                                    \
-                if (!isfinite(m)) m = 0;                                                                      \
-                /* pass 2: Σ exp(z − m), and Σ w_j z_j when smoothing */                                      \
-                ACC_T wz[LANES];                                                                              \
+                /* one pass, online log-sum-exp: per tile z = transform(x), the running max m (shift: m, or 0 \
+                 * while m is not finite) and Σ exp(z − shift), rescaled whenever the shift grows. Reading    \
+                 * (memory-bound) and exp (compute-bound) overlap instead of running as two passes. */        \
+                ACC_T wz[LANES], m_run = -INFINITY, shift = 0;                                                \
                 for (int k = 0; k < LANES; k++) acc[k] = 0, wz[k] = 0;                                        \
-                for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                    \
+                for (int64_t j0 = 0, t = 0; j0 < C; j0 += TILE, t++) {                                        \
                     int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                \
+                    prefetch_ahead(row + j0, (row + C) - (row + j0), sizeof(IN_T));                           \
                     LOAD(row + j0, buf, n);                                                                   \
                     transform_tile_##SUFFIX(buf, keep_d ? keep_d + j0 : 0, n, inv_t, softcap);                \
+                    ACC_T tile_max = tile_max_##SUFFIX(buf, n);                                               \
+                    if (tile_max > m_run) {                                                                   \
+                        /* while m was −inf every exp(z − shift) was 0: nothing to rescale (exp(0 − next)  \
+                         * could overflow and make 0·inf) */                                                  \
+                        const int had_finite = m_run > -INFINITY;                                             \
+                        m_run = tile_max;                                                                     \
+                        ACC_T next = isfinite(m_run) ? m_run : 0;                                             \
+                        if (next != shift) {                                                                  \
+                            ACC_T rescale = had_finite ? EXP(shift - next) : 0;                               \
+                            for (int k = 0; k < LANES; k++) acc[k] *= rescale;                                \
+                            shift = next;                                                                     \
+                        }                                                                                     \
+                    }                                                                                         \
                     if (eps > 0) {                                                                            \
                         int64_t j = 0;                                                                        \
                         if (weight) {                                                                         \
@@ -237,7 +306,8 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
                     }                                                                                         \
                     if (keep_e) {                                                                             \
                         ACC_T *e = keep_e + j0;                                                               \
-                        for (int64_t j = 0; j < n; j++) e[j] = EXP(buf[j] - m);                               \
+                        keep_shift[t] = shift;                                                                \
+                        for (int64_t j = 0; j < n; j++) e[j] = EXP(buf[j] - shift);                           \
                         int64_t j = 0;                                                                        \
                         for (; j + LANES <= n; j += LANES)                                                    \
                             for (int k = 0; k < LANES; k++) acc[k] += e[j + k];                               \
@@ -245,12 +315,13 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
                     } else {                                                                                  \
                         int64_t j = 0;                                                                        \
                         for (; j + LANES <= n; j += LANES)                                                    \
-                            for (int k = 0; k < LANES; k++) acc[k] += EXP(buf[j + k] - m);                    \
-                        for (; j < n; j++) acc[0] += EXP(buf[j] - m);                                         \
+                            for (int k = 0; k < LANES; k++) acc[k] += EXP(buf[j + k] - shift);                \
+                        for (; j < n; j++) acc[0] += EXP(buf[j] - shift);                                     \
                     }                                                                                         \
                 }                                                                                             \
                 ACC_T total = 0, weighted = 0;                                                                \
                 for (int k = 0; k < LANES; k++) total += acc[k], weighted += wz[k];                           \
+                const ACC_T m = shift;                                                                        \
                 row_lse = m + LOG(total);                                                                     \
                 row_total = total, row_max = m;                                                               \
                 row_stats[2 * i] = m, row_stats[2 * i + 1] = total;                                           \
@@ -294,17 +365,28 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
                 ACC_T wy_smooth = weight ? weight[y] : (ACC_T)1;                                              \
                 g_y = (factor * EXP(xy - row_max) - smooth * wy_smooth - target_coefficient) * d;             \
             }                                                                                                 \
-            for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
+            /* p_j = exp(z_j − shift_t) · exp(shift_t − m) / Σe with shift_t the running shift of the stats   \
+             * pass at tile t: the fused pass kept exp(z_j − shift_t), the deferred pass recomputes the same  \
+             * running maximum tile by tile, so both round identically (bitwise-equal gradients). */          \
+            ACC_T m_run = -INFINITY;                                                                          \
+            for (int64_t j0 = 0, t = 0; j0 < C; j0 += TILE, t++) {                                            \
                 int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
                 const ACC_T *d = dzdx;                                                                        \
-                if (keep_e) { /* p = e / Σe: no second exp, no second transform */                            \
+                ACC_T tile_shift;                                                                             \
+                if (keep_e) { /* no second exp, no second transform */                                        \
                     const ACC_T *e = keep_e + j0;                                                             \
-                    for (int64_t j = 0; j < n; j++) buf[j] = factor * e[j];                                   \
+                    tile_shift = keep_shift[t];                                                               \
+                    const ACC_T coefficient = factor * EXP(tile_shift - row_max);                             \
+                    for (int64_t j = 0; j < n; j++) buf[j] = coefficient * e[j];                              \
                     if (keep_d) d = keep_d + j0;                                                              \
                 } else {                                                                                      \
                     LOAD(row + j0, buf, n);                                                                   \
                     transform_tile_##SUFFIX(buf, softcap > 0 ? dzdx : 0, n, inv_t, softcap);                  \
-                    for (int64_t j = 0; j < n; j++) buf[j] = factor * EXP(buf[j] - row_max);                  \
+                    ACC_T tile_max = tile_max_##SUFFIX(buf, n);                                               \
+                    m_run = tile_max > m_run ? tile_max : m_run;                                              \
+                    tile_shift = isfinite(m_run) ? m_run : 0;                                                 \
+                    const ACC_T coefficient = factor * EXP(tile_shift - row_max);                             \
+                    for (int64_t j = 0; j < n; j++) buf[j] = coefficient * EXP(buf[j] - tile_shift);          \
                 }                                                                                             \
                 if (eps > 0) {                                                                                \
                     if (weight) {                                                                             \
@@ -320,9 +402,16 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
                     for (int64_t j = 0; j < n; j++) buf[j] *= inv_t;                                          \
                 }                                                                                             \
                 if (y >= j0 && y < j0 + n) buf[y - j0] = g_y;                                                 \
-                STORE(buf, out + j0, n);                                                                      \
+                if (stream) { /* convert into a local tile, then stream it out */                               \
+                    IN_T converted[TILE];                                                                     \
+                    STORE(buf, converted, n);                                                                 \
+                    stream_bytes(out + j0, converted, n * (int64_t)sizeof(IN_T));                             \
+                } else {                                                                                      \
+                    STORE(buf, out + j0, n);                                                                  \
+                }                                                                                             \
             }                                                                                                 \
         }                                                                                                     \
+        if (stream) stream_fence(); /* the streamed gradient is visible before the call returns */            \
     }
 
 /* One dtype per build (-DSKCE_F32, ...) keeps each compile to a fraction of a second; all without a flag. */

@@ -28,7 +28,12 @@ from .._autograd import strict_once_differentiable
 from . import _build, row_workers, run_row_ranges
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
-_FLAG_STATS, _FLAG_GRAD = 1, 2
+_FLAG_STATS, _FLAG_GRAD, _FLAG_STREAM = 1, 2, 4
+#: a gradient at least this large (and not written over the logits) is written with non-temporal stores:
+#: it cannot stay in the caches anyway, and streaming skips reading each line before overwriting it
+_STREAM_MIN_BYTES = 32 << 20
+#: classes per tile in the kernel (TILE in _cross_entropy.c; the fused pass keeps one float per tile)
+_TILE = 512
 _functions: dict[str, object] = {}
 
 
@@ -134,12 +139,18 @@ def run_rows(
         float(weight_total), flags, _pointer(lse), _pointer(z_target), _pointer(z_weighted_sum),
         _pointer(scale), _pointer(grad), grad.stride(0) if grad is not None else 0,
     )
+    if (grad is not None and grad.data_ptr() != logits.data_ptr()
+            and grad.numel() * grad.element_size() >= _STREAM_MIN_BYTES):
+        flags |= _FLAG_STREAM
+    arguments = (*arguments[:11], flags, *arguments[12:])
     x_pointer, x_stride, stats_pointer = logits.data_ptr(), logits.stride(0), row_stats.data_ptr()
     workers = row_workers(num_rows, num_classes)
     scratch = None
-    if flags == _FLAG_STATS | _FLAG_GRAD:
+    if flags & (_FLAG_STATS | _FLAG_GRAD) == _FLAG_STATS | _FLAG_GRAD:
         # one row of exp(z − m) (and dz/dx under softcap) per worker: cache-sized, not logits-sized
-        scratch = torch.empty((workers, num_classes * (2 if softcap is not None else 1)), dtype=lse.dtype)
+        # ... and the running shift of each tile (one per _TILE classes; the kernel's TILE)
+        width = num_classes * (2 if softcap is not None else 1) + -(-num_classes // _TILE)
+        scratch = torch.empty((workers, width), dtype=lse.dtype)
 
     def call(worker: int, start: int, stop: int) -> None:
         row = None if scratch is None else scratch[worker].data_ptr()
