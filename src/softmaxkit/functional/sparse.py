@@ -1,7 +1,9 @@
 """Sparse alternatives to softmax: sparsemax, 1.5-entmax, α-entmax, and their Fenchel-Young losses.
 
 All run along any ``dim``, in float64 down to bf16 (fp16/bf16 are solved in fp32), with exact closed-form
-backward passes and without a full sort per row (see :mod:`softmaxkit.backends.torch.sparse`).
+backward passes and without a full sort per row (see :mod:`softmaxkit.backends.torch.sparse`). On CPU,
+sparsemax, 1.5-entmax and their losses use the compiled kernel of :mod:`softmaxkit.backends.cpu.sparse`
+when it can be built (else the PyTorch path); on CUDA the maps use Triton.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def _entmax_map(x: torch.Tensor, dim: int, kind: str, alpha=None, n_iter: int = 
             from ..backends.triton.sparse import triton_entmax
 
             return from_last_dim_rows(triton_entmax(rows, kind), moved_shape, dim)
+    if rows.device.type == "cpu" and kind in (SPARSEMAX, ENTMAX15):
+        from ..backends.cpu import sparse as cpu_sparse
+
+        if cpu_sparse.supports(rows):
+            return from_last_dim_rows(cpu_sparse.cpu_entmax(rows, kind), moved_shape, dim)
     out = _EntmaxFunction.apply(rows, alpha_rows, kind, scalar_alpha, n_iter)
     return from_last_dim_rows(out, moved_shape, dim)
 
@@ -157,6 +164,12 @@ def _fenchel_young(
 
     z = logits / temperature if temperature != 1.0 else logits
     rows, row_target = class_rows(z, target)
+    if rows.device.type == "cpu" and kind in (SPARSEMAX, ENTMAX15):
+        from ..backends.cpu import sparse as cpu_sparse
+
+        if cpu_sparse.supports(rows):
+            loss = cpu_sparse.cpu_fenchel_young(rows, row_target, kind, weight, ignore_index, reduction)
+            return restore_rows(loss, reduction, target)
     alpha_rows, scalar_alpha = (None, None)
     if kind == BISECT:
         alpha_rows, scalar_alpha = _alpha_rows(alpha, logits, class_dim)

@@ -9,13 +9,14 @@ from . import _build
 
 
 def main() -> int:
-    for variant in _build.VARIANTS:
-        start = time.perf_counter()
-        library = _build.load(variant)
-        if library is None:
-            print(f"CPU kernels unavailable: {_build.failure_reason}; softmaxkit uses its PyTorch path.")
-            return 1
-        print(f"CPU kernel {variant} ready: {library._name} ({time.perf_counter() - start:.2f} s)")
+    for source in _build.SOURCES:
+        for variant in _build.VARIANTS:
+            start = time.perf_counter()
+            library = _build.load(variant, source=source)
+            if library is None:
+                print(f"CPU kernels unavailable: {_build.failure_reason}; softmaxkit uses its PyTorch path.")
+                return 1
+            print(f"CPU kernel {source} {variant} ready: {library._name} ({time.perf_counter() - start:.2f} s)")
     return 0
 
 

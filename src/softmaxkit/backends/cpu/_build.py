@@ -1,12 +1,16 @@
 """Build-on-first-use of the C kernels, with a per-machine cache and a silent fallback.
 
 The kernels are plain C (no Python or torch headers), so any C compiler builds them in well under a second
-(one library per dtype, ~0.5 s of compiler time each, built when a tensor of that dtype first needs it) and
+(one library per source and dtype, ~0.5 s of compiler time each, built when a tensor of that dtype first needs
+it) and
 the result does not depend on the torch or Python version. The shared library is cached under
 ``$SOFTMAXKIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/softmaxkit`` or ``~/.cache/softmaxkit``), keyed by a
 hash of the source, the compiler flags, the compiler's version and the CPU's feature flags (``-march=native``
 code must not be loaded on a different CPU sharing the cache). Where no compiler is found, the build fails or
 ``SOFTMAXKIT_CPU_KERNELS=0`` is set, :func:`load` returns None and callers use the PyTorch path.
+
+Sources (:data:`SOURCES`): ``"cross_entropy"`` (``_cross_entropy.c``, the default) and ``"sparse"``
+(``_sparse.c``: sparsemax / 1.5-entmax). Each exports its own ABI-version function, checked on loading.
 """
 
 from __future__ import annotations
@@ -20,9 +24,27 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 SOURCE = Path(__file__).with_name("_cross_entropy.c")
 ABI_VERSION = 3
+
+
+class _Source(NamedTuple):
+    """One C source: its file, the ``-D<macro>_<VARIANT>`` that selects a dtype, its ABI-version symbol."""
+
+    path: Path
+    macro: str
+    abi_symbol: str
+    abi_version: int
+
+
+#: the C sources :func:`load` builds, by name (the file stem without its underscore names the cache file)
+SOURCES = {
+    "cross_entropy": _Source(SOURCE, "SKCE", "skce_abi_version", ABI_VERSION),
+    "sparse": _Source(Path(__file__).with_name("_sparse.c"), "SKSP", "sksp_abi_version", 1),
+}
+_CROSS_ENTROPY = SOURCES["cross_entropy"]
 # -O2 plus the vectoriser compiles in ~1 s and runs as fast as -O3 (which takes 2-4 s) on this code.
 _FLAGS_PORTABLE = ["-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-fPIC", "-shared", "-fno-math-errno",
                    "-std=gnu99"]
@@ -32,6 +54,7 @@ _FLAGS_NATIVE = [*_FLAGS_PORTABLE, "-march=native"]
 VARIANTS = ("f32", "bf16", "f16", "f64")
 
 _lock = threading.Lock()
+#: loaded libraries by key: the variant for cross_entropy (as before), "<source>_<variant>" for the others
 _libraries: dict[str, ctypes.CDLL | None] = {}
 #: why the last :func:`load` returned None ("" when it did not)
 failure_reason = ""
@@ -75,14 +98,14 @@ def _compiler_version(compiler: str) -> str:
         return ""
 
 
-def _compile(compiler: str, flags: list[str], target: Path, variant: str) -> str:
-    """Compile into ``target`` atomically; return "" on success or the compiler's complaint."""
+def _compile(compiler: str, flags: list[str], target: Path, variant: str, source: _Source = _CROSS_ENTROPY) -> str:
+    """Compile ``source`` into ``target`` atomically; return "" on success or the compiler's complaint."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler, *flags, f"-DSKCE_{variant.upper()}", "-o", temporary, str(SOURCE), "-lm"],
+            [compiler, *flags, f"-D{source.macro}_{variant.upper()}", "-o", temporary, str(source.path), "-lm"],
             capture_output=True, text=True, timeout=120, check=False,
         )
         if result.returncode != 0:
@@ -96,35 +119,41 @@ def _compile(compiler: str, flags: list[str], target: Path, variant: str) -> str
             os.unlink(temporary)
 
 
-def _open(path: Path) -> ctypes.CDLL | None:
+def _open(path: Path, source: _Source = _CROSS_ENTROPY) -> ctypes.CDLL | None:
     try:
         library = ctypes.CDLL(str(path))
-        library.skce_abi_version.restype = ctypes.c_int64
-        if library.skce_abi_version() != ABI_VERSION:
+        abi_version = getattr(library, source.abi_symbol)
+        abi_version.restype = ctypes.c_int64
+        if abi_version() != source.abi_version:
             return None
         return library
     except (OSError, AttributeError):
         return None
 
 
-def load(variant: str = "f32") -> ctypes.CDLL | None:
-    """The compiled kernel library of one dtype variant (``"f32"``, ``"bf16"``, ``"f16"``, ``"f64"``).
+def load(variant: str = "f32", source: str = "cross_entropy") -> ctypes.CDLL | None:
+    """The compiled kernel library of one dtype variant (``"f32"``, ``"bf16"``, ``"f16"``, ``"f64"``) of one
+    C source (``"cross_entropy"`` or ``"sparse"``, see :data:`SOURCES`).
 
     Builds it on the first call (about 0.5 s of compiler time), then reuses the cached file; None when it
     cannot be had (:data:`failure_reason` says why).
     """
-    if variant in _libraries:
-        return _libraries[variant]
+    key = variant if source == "cross_entropy" else f"{source}_{variant}"
+    if key in _libraries:
+        return _libraries[key]
     with _lock:
-        if variant not in _libraries:
-            _libraries[variant] = _load_uncached(variant)
-        return _libraries[variant]
+        if key not in _libraries:
+            _libraries[key] = _load_uncached(variant, source)
+        return _libraries[key]
 
 
-def _load_uncached(variant: str) -> ctypes.CDLL | None:
+def _load_uncached(variant: str, source_name: str = "cross_entropy") -> ctypes.CDLL | None:
     global failure_reason
     if variant not in VARIANTS:
         raise ValueError(f"`variant` must be one of {VARIANTS}, but got {variant!r}")
+    if source_name not in SOURCES:
+        raise ValueError(f"`source` must be one of {tuple(SOURCES)}, but got {source_name!r}")
+    spec = SOURCES[source_name]
     if os.environ.get("SOFTMAXKIT_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         failure_reason = "disabled by SOFTMAXKIT_CPU_KERNELS=0"
         return None
@@ -132,7 +161,7 @@ def _load_uncached(variant: str) -> ctypes.CDLL | None:
     if compiler is None:
         failure_reason = "no C compiler found (set CC, or install gcc/clang)"
         return None
-    source = SOURCE.read_bytes()
+    source = spec.path.read_bytes()
     version = _compiler_version(compiler)
     errors = []
     for flags in (_FLAGS_NATIVE, _FLAGS_PORTABLE):
@@ -141,16 +170,18 @@ def _load_uncached(variant: str) -> ctypes.CDLL | None:
                         _cpu_signature().encode()])
         ).hexdigest()[:16]
         for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"softmaxkit-{os.getuid()}"):
-            path = directory / f"cross_entropy_{variant}_{key}.so"
+            path = directory / f"{source_name}_{variant}_{key}.so"
             if not path.exists():
-                error = _compile(compiler, flags, path, variant)
+                # (cross-entropy keeps the four-argument call that existing callers and tests rely on)
+                error = (_compile(compiler, flags, path, variant) if spec is _CROSS_ENTROPY
+                         else _compile(compiler, flags, path, variant, spec))
                 if error:
                     errors.append(error)
                     continue
-            library = _open(path)
+            library = _open(path, spec)
             if library is not None:
                 failure_reason = ""
                 return library
             errors.append(f"could not load {path}")
-    failure_reason = "building the C kernel failed: " + (errors[-1] if errors else "unknown error")
+    failure_reason = f"building the C kernel ({spec.path.name}) failed: " + (errors[-1] if errors else "unknown error")
     return None

@@ -1,0 +1,458 @@
+/* Sparsemax / 1.5-entmax rows and their Fenchel-Young losses for CPUs: softmaxkit's CPU fast path.
+ *
+ * Plain C99 (no Python or torch headers), compiled on first use by softmaxkit/backends/cpu/_build.py and
+ * called through ctypes on raw tensor pointers; each call handles rows [start, stop), so Python splits the
+ * rows over threads (ctypes releases the GIL).
+ *
+ * Both maps are p_j = φ(v_j − t) in shifted, scaled coordinates v_j = (x_j − m)·c with m = max_j x_j:
+ *
+ *   sparsemax   c = 1,   φ(d) = d_+      (p = [x − τ]_+,        τ = m + t)
+ *   1.5-entmax  c = 1/2, φ(d) = d_+²     (p = [(x − τ)/2]_+²,   τ = m + 2t)
+ *
+ * with t the unique root of Σ_j φ(v_j − t) = 1. Since max_j p_j = φ(−t) <= 1, t >= −1: the support {v > t}
+ * lies in the candidate set {v > −1} (x > m − 1, resp. x > m − 2).
+ *
+ * Per row (linear time, no full sort):
+ *   1. max pass: m (NaN if any entry is NaN). A row whose max is not finite (a NaN, a +inf, or every entry
+ *      −inf) has no solution: its p, t, loss are NaN, as on the PyTorch path.
+ *   2. candidate pass: the v > −1 are compacted into the per-thread scratch row (capacity C: any count,
+ *      all-equal rows included).
+ *   3. filter passes on the candidate set S (which always contains the support): a lower bound t' <= t from S
+ *      (sparsemax: Michelot's (Σ_S v − 1)/|S|; 1.5-entmax: the larger of a Newton step on the convex,
+ *      decreasing Σ_S φ(v − t) − 1 from the current bound, and mean_S − 1/√|S| from Cauchy–Schwarz), then
+ *      S ← {v ∈ S : v > t' − margin}. The margin covers the rounding of t' (a few ulps times |S|), so no
+ *      support entry is ever dropped; it stops when nothing more is dropped.
+ *   4. the few survivors are sorted (insertion sort; qsort past 32) and t comes from the sorted closed form,
+ *      exact on any superset of the support (Martins & Astudillo 2016; Peters et al. 2019, Alg. 2):
+ *        sparsemax: s = max{j : 1 + j·v_(j) > Σ_{i<=j} v_(i)},  t = (Σ_{i<=s} v_(i) − 1)/s;
+ *        1.5-entmax: t_j = μ_j − √max(0, (1 − M_j)/j) (μ_j, M_j the mean and Σ(v − μ_j)² of the j largest,
+ *                    by Welford's update), s = max{j : t_j <= v_(j)}, t = t_s.
+ *   5. output pass: p = φ(v − t); the loss needs no pass: from the sorted support,
+ *        sparsemax  ℓ = (1 + Σ p²)/2 − (x_y − τ),  Σ p² = Σ_{i<=s}(v_(i) − t)²;
+ *        1.5-entmax ℓ = (2/3) Σ p^{3/2} + 4/3 − (x_y − τ),  Σ p^{3/2} = Σ_{i<=s}(v_(i) − t)³.
+ *
+ * Backward of the map, from the saved output p and the upstream g, two passes and no temporaries:
+ *   grad = s ⊙ (g − Σ s g / Σ s),  s = 1[p > 0] (sparsemax) or √p (1.5-entmax).
+ * Backward of the losses recomputes p from x and the row's (m, t): grad = scale·(p − e_y), one pass.
+ *
+ * fp16/bf16 are computed in fp32, float64 in float64; results are rounded once to the input's dtype.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#define TILE 512
+#define LANES 16
+#define SMALL_SORT 32
+#define MAX_FILTER_PASSES 64
+
+#define KIND_SPARSEMAX 0
+#define KIND_ENTMAX15 1
+
+/* ------------------------------------------------------------------------------------- dtype converters */
+/* (the same converters as _cross_entropy.c: each kernel source is compiled on its own) */
+static inline void load_f32(const float *src, float *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(float)); }
+static inline void store_f32(const float *src, float *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(float)); }
+static inline void load_f64(const double *src, double *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(double)); }
+static inline void store_f64(const double *src, double *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(double)); }
+
+static inline void load_bf16(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t bits = (uint32_t)src[j] << 16;
+        memcpy(&dst[j], &bits, sizeof(float));
+    }
+}
+
+static inline void store_bf16(const float *src, uint16_t *dst, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t bits;
+        memcpy(&bits, &src[j], sizeof bits);
+        uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16; /* round to nearest even */
+        uint32_t quiet = (bits >> 16) | 0x40u;                             /* keep NaN a NaN */
+        dst[j] = (uint16_t)(((bits & 0x7FFFFFFFu) > 0x7F800000u) ? quiet : rounded);
+    }
+}
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu, bits;
+    if (exponent == 0x1Fu) {
+        bits = sign | 0x7F800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else { /* subnormal half: normalise */
+        int shift = 0;
+        while (!(mantissa & 0x400u)) {
+            mantissa <<= 1;
+            shift++;
+        }
+        bits = sign | ((uint32_t)(113 - shift) << 23) | ((mantissa & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_half(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    uint32_t sign = (bits >> 16) & 0x8000u, absolute = bits & 0x7FFFFFFFu;
+    if (absolute > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);      /* NaN */
+    if (absolute >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);     /* rounds to ±inf */
+    if (absolute < 0x38800000u) {                                        /* subnormal or zero half */
+        float magnitude;
+        memcpy(&magnitude, &absolute, sizeof magnitude);
+        float shifted = magnitude + 0.5f; /* aligns the half-subnormal grid (2^-24) to the float's last bits */
+        uint32_t sbits;
+        memcpy(&sbits, &shifted, sizeof sbits);
+        return (uint16_t)(sign | (sbits - 0x3F000000u));
+    }
+    uint32_t mantissa_odd = (absolute >> 13) & 1u;
+    absolute += 0xC8000FFFu + mantissa_odd; /* rebias exponent (−112 << 23) and round to nearest even */
+    return (uint16_t)(sign | (absolute >> 13));
+}
+
+static inline void load_f16(const uint16_t *src, float *dst, int64_t n) {
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= n; j += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(src + j));
+        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(h));
+    }
+#endif
+    for (; j < n; j++) dst[j] = half_to_float(src[j]);
+}
+
+static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= n; j += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128((__m128i *)(dst + j), h);
+    }
+#endif
+    for (; j < n; j++) dst[j] = float_to_half(src[j]);
+}
+
+/* ------------------------------------------------------------------------------ tile arithmetic (ACC_T) */
+/* One set per compute type (F: f for float, d for double). Every loop is branch-free over a tile already
+ * converted to the compute type, so it vectorises; `kind` is decided outside the loops. */
+#define DEFINE_TILE_OPS(F, ACC_T, SQRT)                                                                      \
+    static inline int descending_##F(const void *a, const void *b) {                                          \
+        ACC_T x = *(const ACC_T *)a, y = *(const ACC_T *)b;                                                   \
+        return (x < y) - (x > y);                                                                             \
+    }                                                                                                         \
+                                                                                                              \
+    static void sort_descending_##F(ACC_T *v, int64_t n) {                                                    \
+        if (n > SMALL_SORT) {                                                                                 \
+            qsort(v, (size_t)n, sizeof(ACC_T), descending_##F);                                               \
+            return;                                                                                           \
+        }                                                                                                     \
+        for (int64_t i = 1; i < n; i++) {                                                                     \
+            ACC_T key = v[i];                                                                                 \
+            int64_t j = i - 1;                                                                                \
+            while (j >= 0 && v[j] < key) {                                                                    \
+                v[j + 1] = v[j];                                                                              \
+                j--;                                                                                          \
+            }                                                                                                 \
+            v[j + 1] = key;                                                                                   \
+        }                                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
+    /* lane-wise running max; `nan` lanes become nonzero where an entry is NaN */                             \
+    static inline void tile_max_##F(const ACC_T *restrict buf, int64_t n, ACC_T *restrict acc,                \
+                                    ACC_T *restrict nan) {                                                    \
+        int64_t j = 0;                                                                                        \
+        for (; j + LANES <= n; j += LANES)                                                                    \
+            for (int k = 0; k < LANES; k++) {                                                                 \
+                ACC_T v = buf[j + k];                                                                         \
+                acc[k] = v > acc[k] ? v : acc[k];                                                             \
+                nan[k] += v != v ? (ACC_T)1 : (ACC_T)0;                                                       \
+            }                                                                                                 \
+        for (; j < n; j++) {                                                                                  \
+            acc[0] = buf[j] > acc[0] ? buf[j] : acc[0];                                                       \
+            nan[0] += buf[j] != buf[j] ? (ACC_T)1 : (ACC_T)0;                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
+    /* append v = (x − m)·c to cand[count..] where v > −1; returns the new count. A vector test per block of \
+     * LANES skips the (usual) blocks without a candidate; cand has room for every entry of the row. */      \
+    static inline int64_t tile_collect_##F(const ACC_T *restrict buf, int64_t n, ACC_T m, ACC_T c,           \
+                                           ACC_T *restrict cand, int64_t count) {                             \
+        int64_t j = 0;                                                                                        \
+        for (; j + LANES <= n; j += LANES) {                                                                  \
+            int hit = 0;                                                                                      \
+            for (int k = 0; k < LANES; k++) hit |= (buf[j + k] - m) * c > (ACC_T)-1;                          \
+            if (!hit) continue;                                                                               \
+            for (int k = 0; k < LANES; k++) {                                                                 \
+                ACC_T v = (buf[j + k] - m) * c;                                                               \
+                cand[count] = v;                                                                              \
+                count += v > (ACC_T)-1;                                                                       \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (; j < n; j++) {                                                                                  \
+            ACC_T v = (buf[j] - m) * c;                                                                       \
+            cand[count] = v;                                                                                  \
+            count += v > (ACC_T)-1;                                                                           \
+        }                                                                                                     \
+        return count;                                                                                         \
+    }                                                                                                         \
+                                                                                                              \
+    /* p = φ((x − m)·c − t) in place, times w (1 for the map) */                                              \
+    static inline void tile_probabilities_##F(ACC_T *restrict buf, int64_t n, int64_t kind, ACC_T m, ACC_T c, \
+                                              ACC_T t, ACC_T w) {                                             \
+        if (kind == KIND_SPARSEMAX) {                                                                         \
+            for (int64_t j = 0; j < n; j++) {                                                                 \
+                ACC_T d = (buf[j] - m) - t;                                                                   \
+                buf[j] = w * (d > 0 ? d : 0);                                                                 \
+            }                                                                                                 \
+        } else {                                                                                              \
+            for (int64_t j = 0; j < n; j++) {                                                                 \
+                ACC_T d = (buf[j] - m) * c - t;                                                               \
+                d = d > 0 ? d : 0;                                                                            \
+                buf[j] = w * (d * d);                                                                         \
+            }                                                                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
+    /* s = 1[p > 0] (sparsemax) or √p (1.5-entmax) in place over a tile of p (NaN p: 0, resp. NaN) */         \
+    static inline void tile_derivative_weights_##F(ACC_T *restrict p, int64_t n, int64_t kind) {             \
+        if (kind == KIND_SPARSEMAX) {                                                                         \
+            for (int64_t j = 0; j < n; j++) p[j] = p[j] > 0 ? (ACC_T)1 : (ACC_T)0;                            \
+        } else {                                                                                              \
+            for (int64_t j = 0; j < n; j++) p[j] = SQRT(p[j]);                                                \
+        }                                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
+    /* lane-wise Σ s and Σ s·g over a tile */                                                                 \
+    static inline void tile_jvp_sums_##F(const ACC_T *restrict s, const ACC_T *restrict g, int64_t n,         \
+                                         ACC_T *restrict acc_s, ACC_T *restrict acc_sg) {                     \
+        int64_t j = 0;                                                                                        \
+        for (; j + LANES <= n; j += LANES)                                                                    \
+            for (int k = 0; k < LANES; k++) {                                                                 \
+                acc_s[k] += s[j + k];                                                                         \
+                acc_sg[k] += s[j + k] * g[j + k];                                                             \
+            }                                                                                                 \
+        for (; j < n; j++) {                                                                                  \
+            acc_s[0] += s[j];                                                                                 \
+            acc_sg[0] += s[j] * g[j];                                                                         \
+        }                                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
+    /* The threshold t (in v = (x − m)·c coordinates) from the candidates cand[0..n), a superset of the      \
+     * support holding v > −1: filter passes, then the sorted closed form (module comment). Returns the     \
+     * support size s >= 1 and leaves the support's v sorted descending in cand[0..s). */                     \
+    static int64_t solve_candidates_##F(ACC_T *cand, int64_t n, int64_t kind, ACC_T eps, ACC_T *t_out) {      \
+        ACC_T t = -1; /* a lower bound of the threshold throughout */                                         \
+        for (int pass = 0; pass < MAX_FILTER_PASSES && n > 1; pass++) {                                       \
+            ACC_T sum = 0, sd = 0, sd2 = 0;                                                                   \
+            for (int64_t i = 0; i < n; i++) {                                                                 \
+                ACC_T v = cand[i], d = v - t;                                                                 \
+                d = d > 0 ? d : 0;                                                                            \
+                sum += v, sd += d, sd2 += d * d;                                                              \
+            }                                                                                                 \
+            ACC_T bound;                                                                                      \
+            if (kind == KIND_SPARSEMAX) {                                                                     \
+                bound = (sum - 1) / (ACC_T)n; /* Michelot: Σ_S (v − τ) <= Σ_S (v − τ)_+ = 1 */                \
+            } else {                                                                                          \
+                /* Cauchy–Schwarz: Σ_S (v − τ) <= Σ (v − τ)_+ <= √|S| (Σ (v − τ)_+²)^{1/2} = √|S| */          \
+                bound = sum / (ACC_T)n - 1 / SQRT((ACC_T)n);                                                  \
+                /* Newton on the convex, decreasing F(t) = Σ (v − t)_+² − 1 from a point left of the root */  \
+                ACC_T newton = sd > 0 ? t + (sd2 - 1) / (2 * sd) : t;                                         \
+                bound = newton > bound ? newton : bound;                                                      \
+            }                                                                                                 \
+            if (bound > t) t = bound;                                                                         \
+            /* the sums above err by at most ~n ulps of 1 (every |v| <= 1, every d <= 1): keep a wider band */ \
+            const ACC_T cut = t - 4 * eps * (ACC_T)(n + 4);                                                   \
+            int64_t kept = 0;                                                                                 \
+            for (int64_t i = 0; i < n; i++) {                                                                 \
+                ACC_T v = cand[i];                                                                            \
+                cand[kept] = v;                                                                               \
+                kept += v > cut;                                                                              \
+            }                                                                                                 \
+            if (kept == n) break;                                                                             \
+            n = kept;                                                                                         \
+        }                                                                                                     \
+        sort_descending_##F(cand, n);                                                                         \
+        int64_t s = 1;                                                                                        \
+        if (kind == KIND_SPARSEMAX) {                                                                         \
+            ACC_T cumulative = 0, chosen = cand[0];                                                           \
+            for (int64_t j = 1; j <= n; j++) {                                                                \
+                cumulative += cand[j - 1];                                                                    \
+                if (1 + (ACC_T)j * cand[j - 1] > cumulative) s = j, chosen = cumulative;                      \
+            }                                                                                                 \
+            t = (chosen - 1) / (ACC_T)s;                                                                      \
+        } else {                                                                                              \
+            ACC_T mean = 0, m2 = 0;                                                                           \
+            t = cand[0] - 1;                                                                                  \
+            for (int64_t j = 1; j <= n; j++) {                                                                \
+                ACC_T v = cand[j - 1], delta = v - mean;                                                      \
+                mean += delta / (ACC_T)j; /* Welford: mean and Σ (v − mean)² of the j largest */              \
+                m2 += delta * (v - mean);                                                                     \
+                ACC_T slack = (1 - m2) / (ACC_T)j;                                                            \
+                ACC_T tau_j = mean - SQRT(slack > 0 ? slack : 0);                                             \
+                if (tau_j <= v) s = j, t = tau_j;                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        *t_out = t;                                                                                           \
+        return s;                                                                                             \
+    }
+
+/* One dtype per build (-DSKSP_F32, ...) keeps each compile to a fraction of a second; all without a flag. */
+#if !defined(SKSP_F32) && !defined(SKSP_BF16) && !defined(SKSP_F16) && !defined(SKSP_F64)
+#define SKSP_F32
+#define SKSP_BF16
+#define SKSP_F16
+#define SKSP_F64
+#endif
+#if defined(SKSP_F32) || defined(SKSP_BF16) || defined(SKSP_F16)
+DEFINE_TILE_OPS(f, float, sqrtf)
+#endif
+#ifdef SKSP_F64
+DEFINE_TILE_OPS(d, double, sqrt)
+#endif
+
+/* ------------------------------------------------------------------------------------------- the rows */
+/* SUFFIX: exported name suffix; IN_T: element type of x, p, g and grad; ACC_T: compute type and F its tile
+ * ops; EPS: the compute type's machine epsilon. */
+#define DEFINE_SPARSE_ROWS(SUFFIX, IN_T, ACC_T, F, LOAD, STORE, EPS)                                         \
+    /* The threshold of one row: sets *m_out and *t_out and returns the support size s, with cand[0..s) the  \
+     * support's v in descending order; 0 (and NaN m, t) for a row without a solution. */                     \
+    static int64_t solve_row_##SUFFIX(const IN_T *row, int64_t C, int64_t kind, ACC_T *cand, ACC_T *m_out,    \
+                                      ACC_T *t_out) {                                                         \
+        ACC_T buf[TILE], acc[LANES], nan[LANES];                                                              \
+        for (int k = 0; k < LANES; k++) acc[k] = -INFINITY, nan[k] = 0;                                       \
+        for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                            \
+            int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                        \
+            LOAD(row + j0, buf, n);                                                                           \
+            tile_max_##F(buf, n, acc, nan);                                                                   \
+        }                                                                                                     \
+        ACC_T m = acc[0], nans = nan[0];                                                                      \
+        for (int k = 1; k < LANES; k++) m = acc[k] > m ? acc[k] : m, nans += nan[k];                          \
+        if (nans > 0 || !isfinite(m)) { /* a NaN, a +inf, or every entry −inf */                              \
+            *m_out = NAN, *t_out = NAN;                                                                       \
+            return 0;                                                                                         \
+        }                                                                                                     \
+        const ACC_T c = kind == KIND_SPARSEMAX ? (ACC_T)1 : (ACC_T)0.5;                                       \
+        int64_t count = 0;                                                                                    \
+        for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                            \
+            int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                        \
+            LOAD(row + j0, buf, n);                                                                           \
+            count = tile_collect_##F(buf, n, m, c, cand, count);                                              \
+        }                                                                                                     \
+        *m_out = m;                                                                                           \
+        return solve_candidates_##F(cand, count, kind, EPS, t_out);                                           \
+    }                                                                                                         \
+                                                                                                              \
+    /* Forward: per row the (m, t) of the threshold into row_stats (N × 2); p into out when given (the map);  \
+     * the Fenchel-Young loss of the target class into loss when target is given. */                          \
+    void sksp_forward_##SUFFIX(const IN_T *x, int64_t ldx, int64_t start, int64_t stop, int64_t C,           \
+                               int64_t kind, ACC_T *scratch, ACC_T *row_stats, IN_T *out, int64_t ldo,        \
+                               const int64_t *target, ACC_T *loss) {                                          \
+        const ACC_T c = kind == KIND_SPARSEMAX ? (ACC_T)1 : (ACC_T)0.5;                                       \
+        ACC_T buf[TILE];                                                                                      \
+        for (int64_t i = start; i < stop; i++) {                                                              \
+            const IN_T *row = x + i * ldx;                                                                    \
+            ACC_T m, t;                                                                                       \
+            const int64_t s = solve_row_##SUFFIX(row, C, kind, scratch, &m, &t);                              \
+            row_stats[2 * i] = m, row_stats[2 * i + 1] = t;                                                   \
+            if (target) {                                                                                     \
+                ACC_T power_sum = 0; /* Σ p² (sparsemax) or Σ p^{3/2} (1.5-entmax) over the support */        \
+                for (int64_t j = 0; j < s; j++) {                                                             \
+                    ACC_T d = scratch[j] - t;                                                                 \
+                    power_sum += kind == KIND_SPARSEMAX ? d * d : d * d * d;                                  \
+                }                                                                                             \
+                ACC_T xy;                                                                                     \
+                LOAD(row + target[i], &xy, 1);                                                                \
+                const ACC_T margin = ((xy - m) * c - t) / c; /* x_y − τ */                                    \
+                loss[i] = s == 0 ? (ACC_T)NAN                                                                 \
+                        : kind == KIND_SPARSEMAX ? (1 + power_sum) / 2 - margin                               \
+                                                 : (ACC_T)2 / 3 * power_sum + (ACC_T)4 / 3 - margin;          \
+            }                                                                                                 \
+            if (!out) continue;                                                                               \
+            IN_T *p = out + i * ldo;                                                                          \
+            for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
+                int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
+                LOAD(row + j0, buf, n);                                                                       \
+                tile_probabilities_##F(buf, n, kind, m, c, t, 1); /* NaN m, t give NaN */                     \
+                STORE(buf, p + j0, n);                                                                        \
+            }                                                                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
+    /* Backward of the map: grad = s ⊙ (g − Σ s g / Σ s), s = 1[p > 0] or √p (as the PyTorch path's dense     \
+     * formula: an infinite g where s = 0 gives NaN). */                                                      \
+    void sksp_map_backward_##SUFFIX(const IN_T *p, int64_t ldp, const IN_T *g, int64_t ldg, IN_T *grad,      \
+                                    int64_t ldr, int64_t start, int64_t stop, int64_t C, int64_t kind) {      \
+        ACC_T pb[TILE], gb[TILE], acc_s[LANES], acc_sg[LANES];                                                \
+        for (int64_t i = start; i < stop; i++) {                                                              \
+            const IN_T *prow = p + i * ldp, *grow = g + i * ldg;                                              \
+            for (int k = 0; k < LANES; k++) acc_s[k] = 0, acc_sg[k] = 0;                                      \
+            for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
+                int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
+                LOAD(prow + j0, pb, n);                                                                       \
+                LOAD(grow + j0, gb, n);                                                                       \
+                tile_derivative_weights_##F(pb, n, kind);                                                     \
+                tile_jvp_sums_##F(pb, gb, n, acc_s, acc_sg);                                                  \
+            }                                                                                                 \
+            ACC_T total_s = 0, total_sg = 0;                                                                  \
+            for (int k = 0; k < LANES; k++) total_s += acc_s[k], total_sg += acc_sg[k];                       \
+            const ACC_T q = total_s > 0 ? total_sg / total_s : 0;                                             \
+            IN_T *out = grad + i * ldr;                                                                       \
+            for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
+                int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
+                LOAD(prow + j0, pb, n);                                                                       \
+                LOAD(grow + j0, gb, n);                                                                       \
+                tile_derivative_weights_##F(pb, n, kind);                                                     \
+                for (int64_t j = 0; j < n; j++) gb[j] = pb[j] * (gb[j] - q);                                  \
+                STORE(gb, out + j0, n);                                                                       \
+            }                                                                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
+    /* Backward of the losses: grad = w_i (p − e_y), p recomputed from x and the row's (m, t); rows with     \
+     * w_i = 0 (ignored targets, zero upstream) get exact zeros. */                                           \
+    void sksp_loss_backward_##SUFFIX(const IN_T *x, int64_t ldx, const ACC_T *row_stats,                     \
+                                     const int64_t *target, const ACC_T *scale, IN_T *grad, int64_t ldg,      \
+                                     int64_t start, int64_t stop, int64_t C, int64_t kind) {                  \
+        const ACC_T c = kind == KIND_SPARSEMAX ? (ACC_T)1 : (ACC_T)0.5;                                       \
+        ACC_T buf[TILE];                                                                                      \
+        for (int64_t i = start; i < stop; i++) {                                                              \
+            const IN_T *row = x + i * ldx;                                                                    \
+            IN_T *out = grad + i * ldg;                                                                       \
+            const ACC_T w = scale[i], m = row_stats[2 * i], t = row_stats[2 * i + 1];                         \
+            const int64_t y = target[i];                                                                      \
+            for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
+                int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
+                if (w == 0) {                                                                                 \
+                    memset(buf, 0, (size_t)n * sizeof(ACC_T));                                                \
+                } else {                                                                                      \
+                    LOAD(row + j0, buf, n);                                                                   \
+                    tile_probabilities_##F(buf, n, kind, m, c, t, w);                                         \
+                    if (y >= j0 && y < j0 + n) buf[y - j0] -= w;                                              \
+                }                                                                                             \
+                STORE(buf, out + j0, n);                                                                      \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+#ifdef SKSP_F32
+DEFINE_SPARSE_ROWS(f32, float, float, f, load_f32, store_f32, 1.1920929e-7f)
+#endif
+#ifdef SKSP_BF16
+DEFINE_SPARSE_ROWS(bf16, uint16_t, float, f, load_bf16, store_bf16, 1.1920929e-7f)
+#endif
+#ifdef SKSP_F16
+DEFINE_SPARSE_ROWS(f16, uint16_t, float, f, load_f16, store_f16, 1.1920929e-7f)
+#endif
+#ifdef SKSP_F64
+DEFINE_SPARSE_ROWS(f64, double, double, d, load_f64, store_f64, 2.220446049250313e-16)
+#endif
+
+/* Bumped whenever an exported signature changes; checked by the loader. */
+int64_t sksp_abi_version(void) { return 1; }
