@@ -5,6 +5,11 @@ Checked against the float64 NumPy oracle (sort + KKT check per row, bisection to
 (α = 2 is sparsemax, α = 1.5 entmax15, α = 1 softmax; any dim equals moving it last; ignore equals dropping
 rows; −inf masks equal truncation) and an error budget in bf16/fp16.
 
+On CPU the maps and losses of sparsemax / 1.5-entmax run on the compiled kernel by default
+(``softmaxkit.backends.cpu.sparse``, tested in depth in test_cpu_sparse.py); the ``path`` fixture runs the
+tests that check results once on it and once on the PyTorch path, and ``torch_path`` pins the tests of the
+PyTorch solver's internals to that path.
+
 Tolerances: float64 to 1e-10 relative (tests/_helpers.py); float32 vs the package to 1e-5 relative with a 1e-6
 absolute floor (both solve in float32); bf16/fp16: |ours − oracle| <= |peer − oracle| + one ulp of the output
 dtype (ours is solved in fp32 and rounded once).
@@ -22,6 +27,7 @@ from hypothesis import strategies as st
 
 import softmaxkit
 from softmaxkit import reference as ref
+from softmaxkit.backends.cpu import sparse as cpu_sparse
 from softmaxkit.backends.torch import sparse as backend
 
 from ._helpers import assert_close_f32, assert_close_f64, assert_within_budget, to_numpy
@@ -35,6 +41,26 @@ LOSSES = {
     "sparsemax": (softmaxkit.sparsemax_loss, ref.sparsemax_loss, ref.sparsemax_loss_grad, peer.sparsemax_loss),
     "entmax15": (softmaxkit.entmax15_loss, ref.entmax15_loss, ref.entmax15_loss_grad, peer.entmax15_loss),
 }
+
+
+def _force_torch_path(monkeypatch):
+    monkeypatch.setattr(cpu_sparse, "available", lambda dtype=torch.float32: False)
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def path(request, monkeypatch):
+    """The test runs on the CPU kernel (the default where it can be built) and on the PyTorch path."""
+    if request.param == "torch":
+        _force_torch_path(monkeypatch)
+    elif not cpu_sparse.available(torch.float64):
+        pytest.skip("no CPU kernel could be built: the default path is the PyTorch one")
+    return request.param
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Pins a test of the PyTorch solver's internals to that path."""
+    _force_torch_path(monkeypatch)
 
 
 def _grad(out, x, upstream=None):
@@ -53,6 +79,7 @@ def _x(shape, scale=2.0, dtype=torch.float64):
 
 
 # ------------------------------------------------------------------------------ the maps vs the oracle
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("name", MAPS)
 @pytest.mark.parametrize(("shape", "dim"), [((7,), 0), ((1, 1), -1), ((5, 7), -1), ((5, 7), 0), ((3, 4, 5), 1),
                                             ((3, 4, 5), -3), ((2, 3, 4, 5), 2)], ids=str)
@@ -97,6 +124,7 @@ def test_oracle_is_the_projection():
 
 
 # ------------------------------------------------------------------------------ the top-k solver's paths
+@pytest.mark.usefixtures("torch_path")
 @pytest.mark.parametrize("name", MAPS)
 def test_every_solver_path_is_exact(name):
     function, oracle, _ = MAPS[name]
@@ -112,6 +140,7 @@ def test_every_solver_path_is_exact(name):
     assert_close_f64(function(x), oracle(x.numpy()))
 
 
+@pytest.mark.usefixtures("torch_path")
 @pytest.mark.parametrize("name", MAPS)
 def test_support_path_and_dense_path_agree(name):
     # Unit-scale logits: every support is found by top-k and outputs / gradients are built by scatter over
@@ -139,6 +168,7 @@ def test_support_path_and_dense_path_agree(name):
                                                                   grad_output=weights.numpy()))
 
 
+@pytest.mark.usefixtures("torch_path")
 @pytest.mark.parametrize("shape", [(40, 7), (15, 300), (6, 4096)], ids=str)
 def test_row_chunks_and_row_splits(monkeypatch, shape):
     # ~1 KiB chunks: every chunked loop (full sorts, dense forward/backward, losses) runs over many chunks;
@@ -162,6 +192,7 @@ def test_row_chunks_and_row_splits(monkeypatch, shape):
         assert_close_f64(softmaxkit.entmax_bisect(x, 1.3), ref.entmax_bisect(to_numpy(x), 1.3))
 
 
+@pytest.mark.usefixtures("torch_path")
 @pytest.mark.parametrize(("name", "small"), [("sparsemax", 0.01), ("entmax15", 0.15)])
 def test_block_filter_with_narrow_and_wide_rows(name, small):
     # C = 8192: block maxima of 32 entries; large-scale rows keep a few blocks ("narrow", solved by Newton on
@@ -194,6 +225,7 @@ def test_newton_threshold_is_exact_on_hard_rows():
         assert_close_f64(p, oracle(rows.numpy()), atol=1e-15)
 
 
+@pytest.mark.usefixtures("path")
 def test_backward_does_not_write_into_the_upstream_gradient():
     # one tiny-scale row: dense path; 60 rows of 20000 classes: two row chunks of ~4 MiB
     x = torch.cat([torch.randn(59, 20000), torch.randn(1, 20000) * 1e-4]).requires_grad_()
@@ -212,6 +244,7 @@ def test_entmax_bisect_solver_paths():
 
 
 # ------------------------------------------------------------------------------ parity with the entmax package
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("name", MAPS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 1), (4, 10), (3, 2000)], ids=str)
@@ -244,6 +277,7 @@ def test_alpha_gradient_matches_entmax_package():
     assert_close_f64(g1, g2, rtol=1e-8)
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_losses_match_entmax_package(name, dtype):
@@ -286,6 +320,7 @@ def test_avoids_entmax_package_bugs():
 
 
 # ------------------------------------------------------------------------------ gradcheck
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("name", MAPS)
 def test_gradcheck_maps(name):
     function = MAPS[name][0]
@@ -327,6 +362,7 @@ def test_alpha_derivative_matches_textbook_and_limit():
                      rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck_losses(name, reduction):
@@ -356,6 +392,7 @@ def test_loss_alpha_derivative_matches_oracle():
 
 
 # ------------------------------------------------------------------------------ losses vs the oracle
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("shape", [(7,), (5, 7), (3, 4, 2)], ids=str)
 @pytest.mark.parametrize("use_weight", [False, True])
@@ -387,6 +424,7 @@ def test_entmax_bisect_loss_matches_oracle(alpha):
     assert_close_f64(loss, ref.entmax_bisect_loss(to_numpy(x), to_numpy(target), alpha, reduction="none"))
 
 
+@pytest.mark.usefixtures("path")
 def test_loss_invariances():
     x = _x((6, 5))
     target = torch.tensor([0, 1, 3, 4, 2, 2])
@@ -398,6 +436,7 @@ def test_loss_invariances():
     assert_close_f64(g1, _grad(F.cross_entropy(x, target), x))
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("name", LOSSES)
 def test_ignore_equals_dropping_rows(name):
     function = LOSSES[name][0]
@@ -414,6 +453,7 @@ def test_ignore_equals_dropping_rows(name):
     assert zero.item() == 0.0 and torch.all(_grad(zero, x) == 0)
 
 
+@pytest.mark.usefixtures("path")
 def test_masked_classes_equal_truncation():
     x = _x((4, 7))
     masked = x.detach().clone()
@@ -432,6 +472,7 @@ def test_masked_classes_equal_truncation():
         assert torch.isfinite(_grad(loss, masked)).all()
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_extreme_logits(dtype):
     x = (torch.randn(4, 9, dtype=torch.float64) * 1e4).to(dtype).requires_grad_()
@@ -446,6 +487,7 @@ def test_extreme_logits(dtype):
 
 
 # ------------------------------------------------------------------------------ low precision
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("name", MAPS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_budget(name, dtype):
@@ -458,6 +500,7 @@ def test_low_precision_error_budget(name, dtype):
     assert_within_budget(ours, theirs, expected, tol=float(torch.finfo(dtype).eps))
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_bisect_and_losses(dtype):
     x = (torch.randn(16, 40, dtype=torch.float64) * 2).to(dtype).requires_grad_()
@@ -487,6 +530,7 @@ def test_entmax_bisect_special_alphas():
         assert_close_f64(_grad(ours, x, upstream), _grad(other(x), x, upstream), atol=1e-12)
 
 
+@pytest.mark.usefixtures("path")
 def test_shift_invariance_and_support():
     x = _x((4, 6))
     for function in (softmaxkit.sparsemax, softmaxkit.entmax15):
@@ -523,6 +567,7 @@ def test_property_losses_non_negative_and_zero_with_margin(rows, classes, seed):
 
 
 # ------------------------------------------------------------------------------ inputs, modules, validation
+@pytest.mark.usefixtures("path")
 def test_inputs_not_mutated_and_empty_input():
     x = _x((3, 5))
     before = x.detach().clone()
@@ -585,6 +630,7 @@ def test_validation(call, error, match):
         call(torch.randn(3, 4))
 
 
+@pytest.mark.usefixtures("path")
 def test_double_backward_raises_instead_of_returning_zeros():
     x = torch.randn(3, 5, dtype=torch.float64)
     target = torch.tensor([0, 1, 2])
