@@ -236,16 +236,18 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _blocks(dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). Untuned (no GPU was available to measure): 16-wide tiles
-    under the interpreter; on GPUs tensor-core-sized tiles, smaller for fp32 (IEEE) and fp64 operands."""
+def _blocks(dtype: torch.dtype, backward: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): 16-wide tiles under the interpreter. On GPUs not tuned by
+    timing (no GPU was available): the largest tensor-core-sized tiles that ``ptxas -v`` compiles for sm_90a
+    with every option on and no register spills (fp16/bf16: 128×128 forward, 128×64 backward, which holds
+    ``z``, ``dz/dx`` and ``G`` tiles at once; fp32 IEEE dots: 64×64; fp64: 32×32)."""
     if _interpreting():
         return 16, 16, 16, 4
     if dtype == torch.float64:
         return 32, 32, 16, 4
     if dtype == torch.float32:
-        return 64, 64, 32, 4
-    return 128, 128, 32, 8
+        return 64, 64, 32, 8
+    return (128, 64, 32, 8) if backward else (128, 128, 32, 8)
 
 
 def default_splits(num_rows: int, num_classes: int, block_m: int, block_n: int, device: torch.device) -> int:
@@ -343,7 +345,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_weight = torch.zeros((num_classes, hidden_size), dtype=accumulation, device=hidden.device) \
             if needs[1] else None
         grad_bias = torch.zeros(num_classes, dtype=accumulation, device=hidden.device) if needs[2] else None
-        block_m, block_n, block_k, warps = _blocks(hidden.dtype)
+        block_m, block_n, block_k, warps = _blocks(hidden.dtype, backward=True)
         if num_rows > 0 and any(needs):
             _fused_lce_bwd_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(num_classes, block_n))](
                 hidden, weight, _or(bias, lse), target, _or(class_weight, lse), _or(weight_total, lse), lse, scale,
