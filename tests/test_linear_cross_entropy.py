@@ -471,3 +471,312 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------------------------------------------ class-probability targets
+# The chunked path reads an (r, C) slice of the (N, C) target per row chunk; a = w ⊙ ((1 − ε)t + ε/C),
+# "mean" divides by the number of rows (cross_entropy's and F.cross_entropy's rule for probabilities).
+
+
+def _soft_target(rows_shape, num_classes, dtype=torch.float64, seed=1, zero_fraction=0.3):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(*rows_shape, num_classes, generator=g, dtype=torch.float64)
+    keep = (torch.rand(scores.shape, generator=g) >= zero_fraction) | (scores == scores.amax(-1, keepdim=True))
+    t = torch.where(keep, scores.exp(), torch.zeros_like(scores))
+    return (t / t.sum(-1, keepdim=True)).to(dtype)
+
+
+def _naive_soft(h, w, t, bias=None, class_weight=None, **options):
+    """``cross_entropy(hidden @ W.T + b, t)``: the (N, C) logits held whole."""
+    num_classes = w.shape[0]
+    logits = (h @ w.T + (0 if bias is None else bias)).reshape(-1, num_classes)
+    loss = softmaxkit.cross_entropy(logits, t.reshape(-1, num_classes), weight=class_weight, impl="composite",
+                                    **options)
+    return loss.reshape(h.shape[:-1]) if options.get("reduction") == "none" else loss
+
+
+def _grads_with_target(fn, hidden, weight, bias, target, upstream=None, **options):
+    leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight, bias, target)]
+    loss = fn(leaves[0], leaves[1], leaves[3], bias=leaves[2], **options)
+    total = loss.sum() if upstream is None else (loss * upstream).sum()
+    return loss.detach(), torch.autograd.grad(total, leaves)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("spec", OPTION_GRID, ids=lambda s: ",".join(s) or "plain")
+def test_probability_targets_chunked_equal_oracle_and_naive(reduction, spec):
+    hidden, weight, bias, _, class_weight = _problem(rows_shape=(2, 5))
+    target = _soft_target((2, 5), weight.shape[0])
+    options = _options(spec, class_weight)
+    upstream = torch.randn(2, 5, dtype=torch.float64) if reduction == "none" else None
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
+                                  reduction=reduction, chunk_size=3, impl="torch", **options)
+    ref_options = _ref_options(options)
+    args = (to_numpy(hidden), to_numpy(weight), to_numpy(target), to_numpy(bias))
+    assert loss.shape == ((2, 5) if reduction == "none" else ())
+    assert_close_f64(loss, ref.linear_cross_entropy(*args, reduction=reduction, **ref_options))
+    expected_grads = ref.linear_cross_entropy_grad(*args, reduction=reduction, **ref_options,
+                                                   grad_output=None if upstream is None else to_numpy(upstream))
+    for actual, wanted in zip(grads, expected_grads):
+        assert_close_f64(actual, wanted)
+    naive, naive_grads = _loss_and_grads(_naive_soft, hidden, weight, bias, target, upstream, reduction=reduction,
+                                         **options)
+    assert_close_f64(loss, naive)
+    for actual, wanted in zip(grads, naive_grads):
+        assert_close_f64(actual, wanted)
+
+
+@pytest.mark.parametrize("spec", [dict(), OPTION_GRID[-1]], ids=["plain", "all-options"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probability_targets_every_chunk_size_equals_composite(spec, reduction):
+    hidden, weight, bias, _, class_weight = _problem(rows_shape=(9,), hidden_size=3, num_classes=13)
+    target = _soft_target((9,), 13)
+    options = _options(spec, class_weight)
+    upstream = torch.randn(9, dtype=torch.float64) if reduction == "none" else None
+    naive, naive_grads = _grads_with_target(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
+                                            impl="composite", reduction=reduction, **options)
+    for chunk in range(1, 10):
+        loss, grads = _grads_with_target(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
+                                         chunk_size=chunk, reduction=reduction, **options)
+        assert_close_f64(loss, naive, rtol=1e-12)
+        for actual, wanted in zip(grads[:3], naive_grads[:3]):
+            assert_close_f64(actual, wanted, rtol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("spec", [dict(), OPTION_GRID[3], OPTION_GRID[-1]], ids=["plain", "smooth+w", "all"])
+def test_probability_targets_gradcheck_float64(reduction, spec):
+    """The closed-form chunked backward for hidden, weight, bias and the target itself."""
+    hidden, weight, bias, _, class_weight = _problem((4,), 3, 6)
+    target = _soft_target((4,), 6, zero_fraction=0.0)
+    options = _options(spec, class_weight)
+    inputs = tuple(t.detach().clone().requires_grad_() for t in (hidden, weight, bias, target))
+
+    def fn(h, w, b, t):
+        return softmaxkit.linear_cross_entropy(h, w, t, bias=b, reduction=reduction, chunk_size=3, impl="torch",
+                                               **options)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probability_target_gradient_equals_torch_cross_entropy(reduction):
+    """∂ℓ/∂t = −(1 − ε) w_c log p_c, also where t_c = 0 (where the composite path's torch.where gives 0)."""
+    hidden, weight, bias, _, class_weight = _problem((7,), 4, 9)
+    target = _soft_target((7,), 9, zero_fraction=0.5)
+    upstream = torch.randn(7, dtype=torch.float64) if reduction == "none" else None
+    options = dict(label_smoothing=0.1, reduction=reduction)
+
+    def torch_path(h, w, t, bias, class_weight):
+        return torch_F.cross_entropy(torch_F.linear(h, w, bias), t, weight=class_weight, **options)
+
+    expected, expected_grads = _grads_with_target(torch_path, hidden, weight, bias, target, upstream,
+                                                  class_weight=class_weight)
+    loss, grads = _grads_with_target(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
+                                     class_weight=class_weight, chunk_size=3, **options)
+    assert_close_f64(loss, expected)
+    for actual, wanted in zip(grads, expected_grads):
+        assert_close_f64(actual, wanted)
+
+
+def _allocations(fn):
+    """Every CPU allocation (bytes > 0) and free (< 0) PyTorch's allocator made while ``fn`` ran, in order,
+    from the profiler's per-allocation ``[memory]`` records (not per-op net figures, so a temporary that an
+    op allocates and frees inside itself is seen too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    sizes = [e.nbytes() for e in events]
+    live = peak = 0
+    for size in sizes:
+        live += size
+        peak = max(peak, live)
+    return sizes, peak
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probability_targets_allocate_nothing_logits_sized(reduction):
+    """What this proves: within forward + backward, no single allocation through PyTorch's CPU allocator reaches
+    half of one (N, C) fp32 logits tensor, and the peak of the memory allocated during the call stays below
+    half of one; the composite path, run the same way, allocates (N, C) tensors (so the check can fail). It
+    does not see memory a BLAS / oneDNN library allocates outside PyTorch's allocator."""
+    num_rows, hidden_size, num_classes, chunk = 1024, 8, 400, 32  # logits 1.6 MB; oneDNN scratch ~0.2 MB
+    hidden, weight, bias, _, class_weight = _problem((num_rows,), hidden_size, num_classes, dtype=torch.float32)
+    target = _soft_target((num_rows,), num_classes, dtype=torch.float32)  # exists before: not counted
+    logits_bytes = num_rows * num_classes * 4
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    options = dict(bias=leaves[2], class_weight=class_weight, label_smoothing=0.1, softcap=5.0, z_loss=1e-3,
+                   reduction=reduction, chunk_size=chunk)
+
+    def run(impl):
+        def step():
+            softmaxkit.linear_cross_entropy(leaves[0], leaves[1], target, impl=impl, **options).sum().backward()
+        return _allocations(step)
+
+    sizes, peak = run("auto")
+    assert max(sizes) < logits_bytes / 2 and peak < logits_bytes / 2
+    composite_sizes, composite_peak = run("composite")
+    assert max(composite_sizes) >= logits_bytes and composite_peak >= 2 * logits_bytes
+
+
+def test_probability_targets_largest_allocation_is_one_chunk(monkeypatch):
+    """Chunk-size accounting on the torch.mm path (oneDNN's linear allocates its own scratch): the largest
+    allocation of forward + backward is exactly the chunk's r × C fp32 logits buffer, since C·D, N·D < r·C."""
+    import softmaxkit.backends.torch.linear_cross_entropy as backend
+
+    monkeypatch.setattr(backend, "use_onednn", lambda weight: False)
+    num_rows, hidden_size, num_classes, chunk = 300, 6, 250, 20
+    hidden, weight, bias, _, class_weight = _problem((num_rows,), hidden_size, num_classes, dtype=torch.float32)
+    target = _soft_target((num_rows,), num_classes, dtype=torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+
+    def step():
+        softmaxkit.linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], class_weight=class_weight,
+                                        label_smoothing=0.2, temperature=0.7, chunk_size=chunk).backward()
+
+    sizes, _ = _allocations(step)
+    assert max(sizes) == chunk * num_classes * 4
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probability_target_gradient_is_the_only_target_sized_allocation(reduction):
+    """When the target requires a gradient, ∂ℓ/∂t (target-shaped) is built chunk by chunk: the only
+    allocations of the target's size are that gradient (and, for a scalar loss, its upstream-scaled copy)."""
+    num_rows, num_classes = 1024, 300  # 1.2 MB target; oneDNN's linear allocates ~0.2 MB of its own scratch
+    hidden, weight, bias, _, _ = _problem((num_rows,), 8, num_classes, dtype=torch.float32)
+    target = _soft_target((num_rows,), num_classes, dtype=torch.float32).requires_grad_()
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+
+    def step():
+        loss = softmaxkit.linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], reduction=reduction,
+                                               chunk_size=16)
+        loss.sum().backward()
+
+    sizes, _ = _allocations(step)
+    target_bytes = num_rows * num_classes * 4
+    assert all(size == target_bytes for size in sizes if size >= target_bytes / 2)
+    assert sum(size == target_bytes for size in sizes) <= (2 if reduction == "mean" else 1)
+    assert target.grad is not None and target.grad.shape == target.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", [dict(), OPTION_GRID[-1]], ids=["plain", "all-options"])
+def test_probability_targets_low_precision_within_error_budget(dtype, spec):
+    """|ours − oracle| ≤ |naive matmul + cross_entropy in the same dtype − oracle| + 4 units of the dtype's
+    rounding at the size of the quantity (as the class-index test above)."""
+    hidden, weight, bias, _, class_weight = _problem((24,), 16, 97, dtype=torch.float64, ignore=False)
+    target = _soft_target((24,), 97, dtype=dtype)
+    options = _options(spec, class_weight.to(dtype))
+    low = [t.to(dtype) for t in (hidden, weight, bias)]
+    exact = [t.to(dtype).double() for t in (hidden, weight, bias)]
+    exact_options = {k: (v.double() if torch.is_tensor(v) else v) for k, v in options.items()}
+    oracle, oracle_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, *exact, target.double(),
+                                           impl="composite", **exact_options)
+    ours, ours_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, *low, target, chunk_size=7, **options)
+    peer, peer_grads = _loss_and_grads(_naive_soft, *low, target, **options)
+    unit = torch.finfo(dtype).eps
+    assert ours.dtype == dtype
+    assert_within_budget(ours, peer, oracle, tol=4 * unit * max(1.0, abs(oracle.item())))
+    for mine, theirs, exact_grad in zip(ours_grads, peer_grads, oracle_grads):
+        assert_within_budget(mine, theirs, exact_grad, tol=4 * unit * exact_grad.abs().max().item())
+
+
+def test_probability_targets_masked_classes_equal_truncated_classes():
+    hidden, weight, bias, _, _ = _problem((6,), 4, 9, ignore=False)
+    target = torch.zeros(6, 9, dtype=torch.float64)
+    target[:, :6] = _soft_target((6,), 6)
+    masked_bias = bias.clone()
+    masked_bias[6:] = -torch.inf
+    loss, grads = _grads_with_target(softmaxkit.linear_cross_entropy, hidden, weight, masked_bias, target,
+                                     chunk_size=4, z_loss=1e-3, label_smoothing=0.0)
+    truncated, truncated_grads = _grads_with_target(softmaxkit.linear_cross_entropy, hidden, weight[:6], bias[:6],
+                                                    target[:, :6], chunk_size=4, z_loss=1e-3)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert_close_f64(loss, truncated)
+    assert_close_f64(grads[0], truncated_grads[0])
+    assert_close_f64(grads[1][:6], truncated_grads[1])
+    assert torch.count_nonzero(grads[1][6:]) == 0 and torch.count_nonzero(grads[3][:, 6:]) == 0
+    assert_close_f64(grads[3][:, :6], truncated_grads[3])
+
+
+def test_probability_targets_extreme_logits_stay_finite():
+    hidden, weight, bias, _, _ = _problem((6,), 4, 9, dtype=torch.float32, ignore=False)
+    target = _soft_target((6,), 9, dtype=torch.float32)
+    scaled = hidden * 2500.0  # logits of order ±1e4
+    loss, grads = _grads_with_target(softmaxkit.linear_cross_entropy, scaled, weight, bias, target)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+    expected = torch_F.cross_entropy(torch_F.linear(scaled.double(), weight.double(), bias.double()), target.double())
+    assert_close_f32(loss.double(), expected)
+
+
+@given(
+    rows=st.integers(1, 9),
+    hidden_size=st.integers(1, 6),
+    num_classes=st.integers(1, 12),
+    chunk=st.integers(1, 10),
+    smoothing=st.sampled_from([0.0, 0.3]),
+    softcap=st.sampled_from([None, 1.5]),
+    z_loss=st.sampled_from([0.0, 1e-2]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_probability_targets_property_matches_oracle(rows, hidden_size, num_classes, chunk, smoothing, softcap,
+                                                     z_loss, reduction, seed):
+    hidden, weight, bias, _, _ = _problem((rows,), hidden_size, num_classes, seed=seed)
+    target = _soft_target((rows,), num_classes, seed=seed)
+    kw = dict(label_smoothing=smoothing, softcap=softcap, z_loss=z_loss, reduction=reduction)
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, chunk_size=chunk,
+                                  **kw)
+    args = [to_numpy(t) for t in (hidden, weight, target, bias)]
+    assert_close_f64(loss, ref.linear_cross_entropy(*args, **kw))
+    for actual, wanted in zip(grads, ref.linear_cross_entropy_grad(*args, **kw)):
+        assert_close_f64(actual, wanted)
+
+
+def test_probability_targets_routing_inputs_module_and_no_grad(monkeypatch):
+    import softmaxkit.backends.torch.linear_cross_entropy as backend
+
+    hidden, weight, bias, _, class_weight = _problem((3, 4))
+    target = _soft_target((3, 4), weight.shape[0])
+    copies = [t.clone() for t in (hidden, weight, bias, target, class_weight)]
+    # "auto" and "torch" take the chunked Function; "composite" does not
+    calls = []
+    original = backend._LinearCrossEntropyFunction.apply
+    monkeypatch.setattr(backend._LinearCrossEntropyFunction, "apply",
+                        lambda *args: calls.append(args[3].shape) or original(*args))
+    results = {impl: softmaxkit.linear_cross_entropy(hidden, weight, target, bias=bias, class_weight=class_weight,
+                                                     label_smoothing=0.1, impl=impl)
+               for impl in ("auto", "torch", "composite")}
+    assert calls == [(12, weight.shape[0])] * 2
+    assert_close_f64(results["auto"], results["composite"])
+    for original_tensor, now in zip(copies, (hidden, weight, bias, target, class_weight)):
+        assert torch.equal(original_tensor, now)
+    # the module passes them through
+    module = LinearCrossEntropyLoss(class_weight=class_weight, label_smoothing=0.1, chunk_size=2)
+    assert_close_f64(module(hidden, weight, target, bias), results["auto"], rtol=1e-12)
+    # evaluation under no_grad builds no gradient
+    built = []
+    monkeypatch.setattr(backend, "_Accumulators", lambda *a, **k: built.append(1))
+    with torch.no_grad():
+        evaluated = softmaxkit.linear_cross_entropy(hidden, weight.clone().requires_grad_(), target, bias=bias,
+                                                    class_weight=class_weight, label_smoothing=0.1)
+    assert built == [] and not evaluated.requires_grad
+    assert_close_f64(evaluated, results["auto"])
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    (dict(impl="triton"), ValueError, "class-probability targets need impl='auto', 'torch' or 'composite'"),
+    (dict(impl="triton_fused"), ValueError, "class-probability targets need impl='auto', 'torch' or 'composite'"),
+    (dict(ignore_index=0), ValueError, "`ignore_index` is not supported with class-probability targets"),
+    (dict(target=torch.ones(3, 5, dtype=torch.long)), ValueError, "`target` must have shape (3,)"),
+    (dict(target=torch.ones(3, 4)), ValueError, "(3, 5) (class probabilities)"),
+])
+def test_probability_targets_bad_input(kwargs, error, message):
+    args = dict(hidden=torch.randn(3, 3), weight=torch.randn(5, 3), target=torch.full((3, 5), 0.2))
+    args.update(kwargs)
+    hidden, weight, target = args.pop("hidden"), args.pop("weight"), args.pop("target")
+    with pytest.raises(error, match=_escape(message)):
+        softmaxkit.linear_cross_entropy(hidden, weight, target, **args)

@@ -79,7 +79,8 @@ def linear_cross_entropy(
     r"""Cross-entropy of a linear layer's output, computed chunk by chunk so the logits never exist whole.
 
     With logits ``x = h Wᵀ + b`` this is exactly :func:`softmaxkit.cross_entropy` of ``x`` (see it for the
-    options): with ``z = softcap(x)/T`` and ``a = w ⊙ ((1 − ε)·onehot(y) + ε/C)``,
+    options): with ``z = softcap(x)/T`` and ``a = w ⊙ ((1 − ε)·onehot(y) + ε/C)`` (``t`` in place of
+    ``onehot(y)`` for class-probability targets),
 
     .. math:: ℓ = −\sum_c a_c \log\operatorname{softmax}(z)_c + λ\,\operatorname{LSE}(z)^2,\qquad
               \frac{\partial ℓ}{\partial h} = G W,\quad \frac{\partial ℓ}{\partial W} = Gᵀ h,\quad
@@ -96,7 +97,10 @@ def linear_cross_entropy(
         hidden: ``(..., D)`` hidden states (any leading shape, or ``(D,)`` for one row).
         weight: ``(C, D)`` the output projection (same dtype as ``hidden``).
         target: ``(...)`` class indices (int64) matching ``hidden``'s leading shape, or ``(..., C)`` class
-            probabilities (floating; these take the composite path, since they are ``(N, C)`` already).
+            probabilities (floating; ``t`` in place of ``onehot(y)`` above, with ``cross_entropy``'s rules for
+            them: ``"mean"`` divides by the number of rows, ``ignore_index`` is unused). The chunked path reads
+            them one row chunk at a time, so the target is the only ``(N, C)`` tensor; they are
+            differentiable (``∂ℓ/∂t``, target-shaped, is built only when the target requires a gradient).
         bias: ``(C,)`` or None.
         class_weight: ``(C,)`` per-class loss weight (``weight`` of :func:`cross_entropy`; renamed because
             ``weight`` is the projection here).
@@ -111,7 +115,8 @@ def linear_cross_entropy(
             chunk's logits are no larger than ``∂ℓ/∂W``
             (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
         impl: ``"auto"`` (the chunked path, with the Triton kernels on CUDA when available; class-probability
-            targets: ``"composite"``), ``"torch"`` (the chunked PyTorch path), ``"triton"`` (chunked matmul +
+            targets: always the chunked PyTorch path), ``"torch"`` (the chunked PyTorch path, class indices or
+            probabilities), ``"triton"`` (chunked matmul +
             fused Triton CE, fp32 ``∂ℓ/∂W`` accumulation), ``"triton_fused"`` (cut-cross-entropy style: a
             fused matmul–log-sum-exp kernel whose logits tiles never leave the GPU's registers, not even one
             chunk; backward recomputes them tile by tile and atomically adds ``G W``, ``Gᵀ h`` into fp32
@@ -151,14 +156,14 @@ def linear_cross_entropy(
         raise ValueError(f"`impl` must be one of {', '.join(map(repr, IMPLS))}, but got {impl!r}")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"`inplace_backward` must be a bool, but got {type(inplace_backward).__name__}")
-    if impl in ("torch", "triton", "triton_fused") and probabilities:
+    if impl in ("triton", "triton_fused") and probabilities:
         raise ValueError(
-            f"`impl={impl!r}` handles class-index targets; class-probability targets need impl='auto' or "
-            "'composite'"
+            f"`impl={impl!r}` handles class-index targets; class-probability targets need impl='auto', "
+            "'torch' or 'composite'"
         )
     rows_shape = hidden.shape[:-1]
     num_classes = weight.shape[0]
-    if impl == "composite" or probabilities:
+    if impl == "composite":
         logits = torch.nn.functional.linear(hidden, weight, bias).reshape(-1, num_classes)
         flat_target = target.reshape(-1, num_classes) if probabilities else target.reshape(-1)
         loss = cross_entropy(
@@ -175,7 +180,7 @@ def linear_cross_entropy(
     if impl == "auto" and hidden.is_cuda:
         from ..backends import triton as triton_backend
 
-        impl = "triton" if triton_backend.available() else impl
+        impl = "triton" if triton_backend.available() and not probabilities else impl
     if impl == "triton_fused":
         from ..backends.triton.fused_linear_cross_entropy import fused_linear_cross_entropy
 
@@ -190,7 +195,8 @@ def linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), class_weight, config
         )
         return loss.reshape(rows_shape) if reduction == "none" else loss
+    flat_target = target.reshape(-1, num_classes) if probabilities else target.reshape(-1)
     loss = _LinearCrossEntropyFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), class_weight, config
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_target, class_weight, config
     )
     return loss.reshape(rows_shape) if reduction == "none" else loss

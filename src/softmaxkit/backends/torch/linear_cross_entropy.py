@@ -16,6 +16,13 @@ The same loop runs vocab-parallel (:mod:`softmaxkit.distributed`): each process 
 the classes, and the few per-row statistics (row max, sum of exponentials, target logit, smoothing sum,
 target weight) are combined across processes by a ``Reduce`` object; single-process it is the identity.
 
+Class-probability targets ``t`` (``(N, C)``, single process) take the same loop: each chunk reads its
+``r × C`` slice of ``t`` and builds the chunk's coefficients ``a = w ⊙ ((1 − ε) t + ε/C)`` (one ``r × C``
+temporary), so the loss ``ℓ_i = A_i (LSE_i − m_i) − Σ_c a_ic (z_ic − m_i) + λ LSE_i²`` (``m`` the row max,
+``A_i = Σ_c a_ic``) and ``G`` above need nothing ``N × C`` but the target itself. The loss is also
+differentiable in ``t``: ``∂ℓ/∂t_ic = −(1 − ε) w_c \log p_ic · g_i``, written chunk by chunk into the
+target-shaped gradient (only when ``t`` requires a gradient).
+
 Low precision: fp16/bf16 logits are computed by a matmul in the input dtype (as ``F.linear`` does), then
 reduced and exponentiated in fp32; ``∂ℓ/∂W`` and ``∂ℓ/∂b`` are accumulated across chunks in
 ``accumulation_dtype`` (fp32 by default), ``∂ℓ/∂h`` is one matmul over all classes per row.
@@ -180,6 +187,136 @@ class _Rows:
         return self.valid.to(self.w_y.dtype)
 
 
+class _ProbabilityRows:
+    """Per-row data for ``(N, C)`` class-probability targets (single process); the target is only read a row
+    chunk at a time, by :meth:`coefficients`."""
+
+    def __init__(self, target, class_weight, config: LinearCrossEntropyConfig, work_dtype):
+        if config.class_offset != 0 or not isinstance(config.reduce, LocalReduce):
+            raise ValueError("class-probability targets are supported by the single-process linear cross-entropy")
+        self.target = target
+        self.class_weight = None if class_weight is None else class_weight.to(work_dtype)
+        self.valid = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+        # PyTorch's rule for probability targets: "mean" divides by the number of rows
+        self.denominator = torch.tensor(float(target.shape[0]), dtype=work_dtype, device=target.device)
+
+    def scale(self, reduction: str) -> torch.Tensor:
+        """The upstream gradient ``g_i`` of each row for a unit upstream scalar."""
+        ones = self.valid.to(self.denominator.dtype)
+        return safe_divide(ones, self.denominator) if reduction == "mean" else ones
+
+    def coefficients(self, sl: slice, label_smoothing: float, num_classes: int, work_dtype) -> torch.Tensor:
+        """The chunk's ``a = w ⊙ ((1 − ε) t + ε/C)`` as a new ``r × C`` tensor (the target is never written)."""
+        t = self.target[sl]
+        if label_smoothing > 0:
+            a = t.to(work_dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes
+        else:
+            a = t.to(work_dtype, copy=True)
+        if self.class_weight is not None:
+            a.mul_(self.class_weight)
+        return a
+
+
+def _target_grad_(out: torch.Tensor, shifted: torch.Tensor, offset: torch.Tensor, coefficients: torch.Tensor,
+                  rows: _ProbabilityRows, scale: torch.Tensor, label_smoothing: float) -> None:
+    """``out ← −(1 − ε) w_c (shifted − offset) g_i = −(1 − ε) w_c log p · g_i`` for one chunk.
+
+    ``shifted − offset`` is ``log p`` (``shifted = z − m``, ``offset = LSE − m``). Where a class has
+    ``log p = −∞`` and no target mass (``a = 0``) the loss counts the term as 0, and its derivative is taken
+    as 0 too, so masked classes leave the gradient finite.
+    """
+    log_p = shifted - offset[:, None]
+    factor = (-(1.0 - label_smoothing)) * scale[:, None]
+    if rows.class_weight is not None:
+        factor = factor * rows.class_weight
+    grad = log_p.mul_(factor)
+    grad.masked_fill_((coefficients == 0) & torch.isinf(shifted), 0.0)
+    out.copy_(grad)
+
+
+def _chunk_loss_and_grad_probabilities(
+    logits: torch.Tensor,
+    derivative: torch.Tensor | None,
+    rows: _ProbabilityRows,
+    sl: slice,
+    scale: torch.Tensor | None,
+    config: LinearCrossEntropyConfig,
+    target_grad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_chunk_loss_and_grad` for class-probability targets.
+
+    ``ℓ_i = A_i (LSE_i − m_i) − Σ_c a_ic (z_ic − m_i) + λ LSE_i²``: both sums are taken after subtracting the
+    row max, so no large ``A·LSE − Σ a z`` cancellation; ``a_c (z_c − m) = 0`` when ``a_c = 0``, also at
+    ``z_c = −∞`` (a masked class). With ``scale`` the chunk's logits become
+    ``G = g[(A + 2λ LSE) p − a] dz/dx`` in place; with ``target_grad`` (the chunk's rows of ``∂ℓ/∂t``, needs
+    ``scale``) that gradient is written too.
+    """
+    eps, inv_t, softcap = config.label_smoothing, 1.0 / config.temperature, config.softcap
+    d = None
+    if softcap is not None:
+        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
+    if softcap is not None or inv_t != 1.0:
+        _load_transformed(logits, logits, inv_t, softcap)
+    z = logits
+    a = rows.coefficients(sl, eps, config.num_classes, z.dtype)
+    total = a.sum(dim=1)
+    row_max = z.amax(dim=1)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    z.sub_(row_max[:, None])
+    product = a * z
+    product.masked_fill_(a == 0, 0.0)
+    weighted = product.sum(dim=1)
+    shifted = z.clone() if target_grad is not None else None
+    del product
+    z.exp_()
+    sum_exp = z.sum(dim=1)
+    log_sum = sum_exp.log()
+    lse = log_sum + row_max
+    loss = total * log_sum - weighted
+    if config.z_loss > 0:
+        loss = loss + config.z_loss * lse * lse
+    if target_grad is not None:
+        _target_grad_(target_grad, shifted, log_sum, a, rows, scale, eps)
+        del shifted
+    if scale is not None:
+        row_coefficient = total + 2.0 * config.z_loss * lse if config.z_loss > 0 else total
+        z.mul_((row_coefficient * scale / sum_exp)[:, None]).sub_(a.mul_(scale[:, None]))
+        if d is not None:
+            z.mul_(d)
+        elif inv_t != 1.0:
+            z.mul_(inv_t)
+    return loss, lse
+
+
+def _chunk_grad_from_lse_probabilities(
+    logits: torch.Tensor,
+    derivative: torch.Tensor | None,
+    rows: _ProbabilityRows,
+    sl: slice,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    config: LinearCrossEntropyConfig,
+    target_grad: torch.Tensor | None = None,
+) -> None:
+    """:func:`_chunk_grad_from_lse` for class-probability targets (and ``∂ℓ/∂t`` into ``target_grad``)."""
+    eps, inv_t, softcap = config.label_smoothing, 1.0 / config.temperature, config.softcap
+    d = None
+    if softcap is not None:
+        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
+    _load_transformed(logits, logits, inv_t, softcap)
+    a = rows.coefficients(sl, eps, config.num_classes, logits.dtype)
+    if target_grad is not None:
+        _target_grad_(target_grad, logits, lse, a, rows, scale, eps)
+    logits.sub_(lse[:, None]).exp_()
+    total = a.sum(dim=1)
+    row_coefficient = total + 2.0 * config.z_loss * lse if config.z_loss > 0 else total
+    logits.mul_((row_coefficient * scale)[:, None]).sub_(a.mul_(scale[:, None]))
+    if d is not None:
+        logits.mul_(d)
+    elif inv_t != 1.0:
+        logits.mul_(inv_t)
+
+
 def _chunk_loss_and_grad(
     logits: torch.Tensor,
     derivative: torch.Tensor | None,
@@ -329,7 +466,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     """Private autograd Function behind :func:`softmaxkit.linear_cross_entropy`'s chunked path.
 
     Inputs: ``hidden (N, D)``, ``weight (C_local, D)``, ``bias (C_local,)`` or None, ``target (N,)`` of
-    global class indices, ``class_weight (C_local,)`` or None, and a :class:`LinearCrossEntropyConfig`.
+    global class indices or ``(N, C)`` class probabilities (single process), ``class_weight (C_local,)`` or
+    None, and a :class:`LinearCrossEntropyConfig`.
     """
 
     @staticmethod
@@ -338,14 +476,22 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         local_classes = weight.shape[0]
         work_dtype = work_dtype_of(weight.dtype)
         accumulation_dtype = config.accumulation_dtype or work_dtype
-        rows = _Rows(target, class_weight, config, local_classes, work_dtype)
+        probabilities = target.dim() == 2
+        if probabilities:
+            rows = _ProbabilityRows(target, class_weight, config, work_dtype)
+        else:
+            rows = _Rows(target, class_weight, config, local_classes, work_dtype)
         needs = tuple(
             config.grad_enabled and need
             for need in (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         )
-        precompute = config.reduction != "none" and any(needs)
+        need_target = probabilities and config.grad_enabled and ctx.needs_input_grad[3]
+        precompute = config.reduction != "none" and (any(needs) or need_target)
         grads = _Accumulators(hidden, weight, bias, needs, accumulation_dtype) if precompute else None
         scale = rows.scale(config.reduction) if precompute else None
+        # ∂ℓ/∂t has the target's own (N, C) shape: the one full-size tensor, and only when it is asked for
+        target_grad = torch.empty_like(target, memory_format=torch.contiguous_format) if (
+            precompute and need_target) else None
 
         loss = torch.empty(num_rows, dtype=work_dtype, device=hidden.device)
         lse = torch.empty(num_rows, dtype=work_dtype, device=hidden.device)
@@ -355,9 +501,15 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, num_rows, step):
             sl = slice(start, min(start + step, num_rows))
             logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], hidden[sl], weight, bias)
-            loss[sl], lse[sl] = _chunk_loss_and_grad(
-                logits, derivative, rows, sl, None if scale is None else scale[sl], config
-            )
+            if probabilities:
+                loss[sl], lse[sl] = _chunk_loss_and_grad_probabilities(
+                    logits, derivative, rows, sl, None if scale is None else scale[sl], config,
+                    None if target_grad is None else target_grad[sl],
+                )
+            else:
+                loss[sl], lse[sl] = _chunk_loss_and_grad(
+                    logits, derivative, rows, sl, None if scale is None else scale[sl], config
+                )
             if grads is not None:
                 grads.add_chunk(logits, hidden[sl], sl)
             del logits  # free this chunk's logits before the next chunk allocates its own (oneDNN path)
@@ -377,7 +529,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if precompute:
             if grads.hidden is not None:
                 config.reduce.sum_hidden_grad_(grads.hidden)
-            ctx.save_for_backward(grads.hidden, grads.weight_grad, grads.bias_grad)
+            ctx.save_for_backward(grads.hidden, grads.weight_grad, grads.bias_grad, target_grad)
         else:
             ctx.rows = rows
             ctx.save_for_backward(hidden, weight, bias, lse)
@@ -389,22 +541,27 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if ctx.precompute:
             stored = ctx.saved_tensors
-            grad_hidden, grad_weight, grad_bias = (
+            grad_hidden, grad_weight, grad_bias, grad_target = (
                 None if g is None else g * grad_output.to(g.dtype) for g in stored
             )
         else:
-            grad_hidden, grad_weight, grad_bias = _recompute_backward(ctx, grad_output)
+            grad_hidden, grad_weight, grad_bias, grad_target = _recompute_backward(ctx, grad_output)
         grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden_dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, grad_target, None, None
 
 
 def _recompute_backward(ctx, grad_output):
     """``"none"`` (or a scalar loss whose forward ran without grad): recompute each chunk's logits."""
     config = ctx.config
     hidden, weight, bias, lse = ctx.saved_tensors
-    rows: _Rows = ctx.rows
+    rows: _Rows | _ProbabilityRows = ctx.rows
+    probabilities = isinstance(rows, _ProbabilityRows)
+    target_grad = (
+        torch.empty_like(rows.target, memory_format=torch.contiguous_format)
+        if probabilities and ctx.needs_input_grad[3] else None
+    )
     num_rows, hidden_size = hidden.shape
     work_dtype = lse.dtype
     accumulation_dtype = config.accumulation_dtype or work_dtype
@@ -421,10 +578,14 @@ def _recompute_backward(ctx, grad_output):
     for start in range(0, num_rows, step):
         sl = slice(start, min(start + step, num_rows))
         logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], hidden[sl], weight, bias)
-        _chunk_grad_from_lse(logits, derivative, rows, sl, lse[sl], scale[sl], config)
+        if probabilities:
+            _chunk_grad_from_lse_probabilities(logits, derivative, rows, sl, lse[sl], scale[sl], config,
+                                               None if target_grad is None else target_grad[sl])
+        else:
+            _chunk_grad_from_lse(logits, derivative, rows, sl, lse[sl], scale[sl], config)
         grads.add_chunk(logits, hidden[sl], sl)
         del logits
     grads.weight_t = None
     if grads.hidden is not None:
         config.reduce.sum_hidden_grad_(grads.hidden)
-    return grads.hidden, grads.weight_grad, grads.bias_grad
+    return grads.hidden, grads.weight_grad, grads.bias_grad, target_grad
