@@ -8,6 +8,7 @@ Impls:
 * ``softmaxkit``: ``impl="auto"`` (the C kernel on CPU, Triton on CUDA), ``softmaxkit_inplace`` the same
   with ``inplace_backward=True``;
 * ``softmaxkit_torch``: ``impl="torch"``, the chunked-ATen fused path (the fallback without a compiler);
+* ``softmaxkit_triton``: ``impl="triton"`` forced (what ``"auto"`` picks on CUDA; CUDA only);
 * ``liger``: Liger-Kernel's Triton cross-entropy (CUDA only).
 
 Roofline: the least traffic each mode needs (forward reads the logits; forward+backward reads them and
@@ -64,6 +65,12 @@ def _softmaxkit(**options):
     return lambda x, y: softmaxkit.cross_entropy(x, y, **options)
 
 
+def _softmaxkit_triton(device: str):
+    if device != "cuda":
+        raise Skip("Triton kernels need a CUDA device")
+    return _softmaxkit(impl="triton")
+
+
 def _torch_compile():
     return torch.compile(lambda x, y: F.cross_entropy(x, y), dynamic=False)
 
@@ -94,6 +101,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             "softmaxkit": lambda: _softmaxkit(),
             "softmaxkit_inplace": lambda: _softmaxkit(inplace_backward=True),
             "softmaxkit_torch": lambda: _softmaxkit(impl="torch"),
+            "softmaxkit_triton": lambda: _softmaxkit_triton(device),
             "liger": lambda: _liger(device),
         }
         for impl, factory in impls.items():

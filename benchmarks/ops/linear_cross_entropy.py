@@ -7,6 +7,10 @@ Impls:
 * ``torch_chunked``: PyTorch's own ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``
   (its chunked path with default options);
 * ``softmaxkit``: ``softmaxkit.linear_cross_entropy`` (chunked; gradients built in forward);
+* ``softmaxkit_triton``: ``impl="triton"`` (chunked GEMM + fused Triton CE kernel, fp32 ``∂W`` accumulation;
+  CUDA only);
+* ``softmaxkit_triton_fused``: ``impl="triton_fused"`` (fused matmul–log-sum-exp kernel, logits only in
+  registers, backward recomputes them: cut-cross-entropy's scheme; CUDA only);
 * ``liger``: Liger-Kernel's fused linear cross-entropy (Triton, CUDA only);
 * ``cut_cross_entropy``: Apple's Cut Cross-Entropy (CUDA only).
 
@@ -63,6 +67,14 @@ def _softmaxkit():
     return lambda h, w, y: softmaxkit.linear_cross_entropy(h, w, y)
 
 
+def _softmaxkit_triton(device, impl):
+    if device != "cuda":
+        raise Skip("Triton kernels need a CUDA device")
+    import softmaxkit
+
+    return lambda h, w, y: softmaxkit.linear_cross_entropy(h, w, y, impl=impl)
+
+
 def _liger(device):
     if device != "cuda":
         raise Skip("liger-kernel runs on CUDA only")
@@ -92,6 +104,8 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             "torch": lambda: _naive,
             "torch_chunked": _torch_chunked,
             "softmaxkit": _softmaxkit,
+            "softmaxkit_triton": lambda: _softmaxkit_triton(device, "triton"),
+            "softmaxkit_triton_fused": lambda: _softmaxkit_triton(device, "triton_fused"),
             "liger": lambda: _liger(device),
             "cut_cross_entropy": lambda: _cut_cross_entropy(device),
         }

@@ -3,8 +3,10 @@
 Ops (each its own table, ratios to its own ``torch`` baseline):
 
 * ``sparsemax``: ``torch`` = ``torch.softmax`` (the dense map it replaces: the baseline), ``softmaxkit`` =
-  :func:`softmaxkit.sparsemax`, ``entmax`` = ``entmax.sparsemax`` (full sort per row),
-  ``entmax_bisect`` = ``entmax.sparsemax_bisect``. "full" back-propagates a fixed random upstream gradient.
+  :func:`softmaxkit.sparsemax`, ``softmaxkit_triton`` = its Triton kernels called directly (what
+  :func:`softmaxkit.sparsemax` uses on CUDA; CUDA only), ``entmax`` = ``entmax.sparsemax`` (full sort per
+  row), ``entmax_bisect`` = ``entmax.sparsemax_bisect``. "full" back-propagates a fixed random upstream
+  gradient.
 * ``sparsemax_loss``: ``torch`` = ``F.cross_entropy`` (softmax + cross-entropy: the baseline),
   ``softmaxkit`` = :func:`softmaxkit.sparsemax_loss`, ``entmax`` = ``entmax.sparsemax_loss(...).mean()``.
 
@@ -101,10 +103,20 @@ def _softmaxkit(name: str):
     return getattr(softmaxkit, name)
 
 
+def softmaxkit_triton(kind: str, device: str):
+    """``x -> triton_entmax(x, kind)`` for 2-D ``x`` (the Triton sparsemax / 1.5-entmax kernels); CUDA only."""
+    if device != "cuda":
+        raise Skip("Triton kernels need a CUDA device")
+    from softmaxkit.backends.triton.sparse import triton_entmax
+
+    return lambda x: triton_entmax(x, kind)
+
+
 def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
     return map_cases("sparsemax", {
         "torch": lambda: (lambda x: torch.softmax(x, dim=-1)),
         "softmaxkit": lambda: _softmaxkit("sparsemax"),
+        "softmaxkit_triton": lambda: softmaxkit_triton("sparsemax", device),
         "entmax": lambda: peer_map("sparsemax"),
         "entmax_bisect": lambda: peer_map("sparsemax_bisect"),
     }, device, dtype, quick)
