@@ -26,7 +26,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__F16C__) || defined(__SSE2__)
+#if defined(__F16C__) || defined(__SSE2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -157,6 +157,46 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
     for (; j < n; j++) dst[j] = float_to_half(src[j]);
 }
 
+/* out[j] = exp(in[j] − shift) over a tile (out may be in). With
+ * AVX-512 the fp32 version runs 16 lanes at a time with the same Cephes polynomial as sk_expf and fewer
+ * instructions (vscalefps for 2^k, which also gives exact 0 on underflow; vrndscaleps for rounding); the
+ * tail of a tile goes through sk_expf. A given element always takes the same route (tiles are cut the same
+ * way in every pass), so the fused and the deferred gradient still round identically. */
+#if defined(__AVX512F__)
+static inline __m512 sk_exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.33654f), hi = _mm512_set1_ps(88.0f);
+    __m512 xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x)); /* NaN stays NaN (it is the second operand) */
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), xc);
+    r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    __m512 y = _mm512_scalef_ps(p, k);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), y, _mm512_setzero_ps());
+}
+#endif
+
+static inline void exp_shift_f32(const float *in, float *out, int64_t n, float shift) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    const __m512 s = _mm512_set1_ps(shift);
+    for (; j + 16 <= n; j += 16)
+        _mm512_storeu_ps(out + j, sk_exp16(_mm512_sub_ps(_mm512_loadu_ps(in + j), s)));
+#endif
+    for (; j < n; j++) out[j] = sk_expf(in[j] - shift);
+}
+
+static inline void exp_shift_f64(const double *in, double *out, int64_t n, double shift) {
+    for (int64_t j = 0; j < n; j++) out[j] = exp(in[j] - shift);
+}
+
+
 /* Copy `bytes` from a local tile to memory with non-temporal stores where the CPU has them: a fresh
  * gradient buffer much larger than the caches is written without first being read into them (no
  * read-for-ownership), which saves a third of the memory traffic of the gradient pass. Unaligned head
@@ -210,7 +250,7 @@ static inline void prefetch_ahead(const void *at, int64_t left, size_t element_s
 }
 
 /* SUFFIX: exported name suffix; IN_T: element type of x and grad; ACC_T: compute type. */
-#define DEFINE_CE_ROWS(SUFFIX, IN_T, ACC_T, LOAD, STORE, EXP, TANH, LOG)                                     \
+#define DEFINE_CE_ROWS(SUFFIX, IN_T, ACC_T, LOAD, STORE, EXP, EXP_SHIFT, TANH, LOG)                                     \
     static inline ACC_T transform_##SUFFIX(ACC_T x, ACC_T inv_t, ACC_T softcap) {                            \
         if (softcap > 0) x = softcap * TANH(x / softcap);                                                     \
         return x * inv_t;                                                                                     \
@@ -230,6 +270,13 @@ static inline void prefetch_ahead(const void *at, int64_t left, size_t element_s
         } else if (inv_t != (ACC_T)1) {                                                                       \
             for (int64_t j = 0; j < n; j++) buf[j] *= inv_t;                                                  \
         }                                                                                                     \
+    }                                                                                                         \
+                                                                                                              \
+    /* out = coefficient · in. Not inlined, like transform_tile: the fused pass (from the kept exp) and the \
+     * deferred pass (from a fresh exp) then round identically whatever the compiler contracts around it. */ \
+    static __attribute__((noinline)) void scale_tile_##SUFFIX(const ACC_T *in, ACC_T *out, int64_t n,        \
+                                                              ACC_T coefficient) {                          \
+        for (int64_t j = 0; j < n; j++) out[j] = coefficient * in[j];                                         \
     }                                                                                                         \
                                                                                                               \
     static inline ACC_T tile_max_##SUFFIX(const ACC_T *buf, int64_t n) {                                       \
@@ -253,7 +300,7 @@ static inline void prefetch_ahead(const void *at, int64_t left, size_t element_s
         const ACC_T eps = (ACC_T)eps_d, inv_t = (ACC_T)inv_t_d, z_loss = (ACC_T)z_loss_d;                     \
         const ACC_T softcap = (ACC_T)softcap_d, weight_total = (ACC_T)weight_total_d;                         \
         const int64_t C = num_classes;                                                                        \
-        ACC_T buf[TILE], dzdx[TILE], acc[LANES];                                                              \
+        ACC_T buf[TILE], ebuf[TILE], dzdx[TILE], acc[LANES];                                                              \
         const int transformed = softcap > 0 || inv_t != (ACC_T)1;                                             \
         /* fused stats + gradient with a scratch row: keep e = exp(z − m) (and dz/dx) from the stats pass */  \
         ACC_T *keep_e = (flags & FLAG_STATS) && (flags & FLAG_GRAD) ? scratch : 0;                            \
@@ -304,19 +351,15 @@ static inline void prefetch_ahead(const void *at, int64_t left, size_t element_s
                             for (; j < n; j++) wz[0] += buf[j];                                               \
                         }                                                                                     \
                     }                                                                                         \
-                    if (keep_e) {                                                                             \
-                        ACC_T *e = keep_e + j0;                                                               \
-                        keep_shift[t] = shift;                                                                \
-                        for (int64_t j = 0; j < n; j++) e[j] = EXP(buf[j] - shift);                           \
+                    { /* e = exp(z − shift) (kept for the gradient pass when fused), summed the same way either \
+                       * way so that the fused and the deferred gradient share Σe bit for bit */               \
+                        ACC_T *e = keep_e ? keep_e + j0 : ebuf;                                               \
+                        if (keep_e) keep_shift[t] = shift;                                                    \
+                        EXP_SHIFT(buf, e, n, shift);                                                          \
                         int64_t j = 0;                                                                        \
                         for (; j + LANES <= n; j += LANES)                                                    \
                             for (int k = 0; k < LANES; k++) acc[k] += e[j + k];                               \
                         for (; j < n; j++) acc[0] += e[j];                                                    \
-                    } else {                                                                                  \
-                        int64_t j = 0;                                                                        \
-                        for (; j + LANES <= n; j += LANES)                                                    \
-                            for (int k = 0; k < LANES; k++) acc[k] += EXP(buf[j + k] - shift);                \
-                        for (; j < n; j++) acc[0] += EXP(buf[j] - shift);                                     \
                     }                                                                                         \
                 }                                                                                             \
                 ACC_T total = 0, weighted = 0;                                                                \
@@ -377,7 +420,7 @@ static inline void prefetch_ahead(const void *at, int64_t left, size_t element_s
                     const ACC_T *e = keep_e + j0;                                                             \
                     tile_shift = keep_shift[t];                                                               \
                     const ACC_T coefficient = factor * EXP(tile_shift - row_max);                             \
-                    for (int64_t j = 0; j < n; j++) buf[j] = coefficient * e[j];                              \
+                    scale_tile_##SUFFIX(e, buf, n, coefficient);                                              \
                     if (keep_d) d = keep_d + j0;                                                              \
                 } else {                                                                                      \
                     LOAD(row + j0, buf, n);                                                                   \
@@ -386,7 +429,8 @@ static inline void prefetch_ahead(const void *at, int64_t left, size_t element_s
                     m_run = tile_max > m_run ? tile_max : m_run;                                              \
                     tile_shift = isfinite(m_run) ? m_run : 0;                                                 \
                     const ACC_T coefficient = factor * EXP(tile_shift - row_max);                             \
-                    for (int64_t j = 0; j < n; j++) buf[j] = coefficient * EXP(buf[j] - tile_shift);          \
+                    EXP_SHIFT(buf, buf, n, tile_shift);                                                       \
+                    scale_tile_##SUFFIX(buf, buf, n, coefficient);                                            \
                 }                                                                                             \
                 if (eps > 0) {                                                                                \
                     if (weight) {                                                                             \
@@ -422,16 +466,16 @@ static inline void prefetch_ahead(const void *at, int64_t left, size_t element_s
 #define SKCE_F64
 #endif
 #ifdef SKCE_F32
-DEFINE_CE_ROWS(f32, float, float, load_f32, store_f32, sk_expf, sk_tanhf, logf)
+DEFINE_CE_ROWS(f32, float, float, load_f32, store_f32, sk_expf, exp_shift_f32, sk_tanhf, logf)
 #endif
 #ifdef SKCE_BF16
-DEFINE_CE_ROWS(bf16, uint16_t, float, load_bf16, store_bf16, sk_expf, sk_tanhf, logf)
+DEFINE_CE_ROWS(bf16, uint16_t, float, load_bf16, store_bf16, sk_expf, exp_shift_f32, sk_tanhf, logf)
 #endif
 #ifdef SKCE_F16
-DEFINE_CE_ROWS(f16, uint16_t, float, load_f16, store_f16, sk_expf, sk_tanhf, logf)
+DEFINE_CE_ROWS(f16, uint16_t, float, load_f16, store_f16, sk_expf, exp_shift_f32, sk_tanhf, logf)
 #endif
 #ifdef SKCE_F64
-DEFINE_CE_ROWS(f64, double, double, load_f64, store_f64, exp, tanh, log)
+DEFINE_CE_ROWS(f64, double, double, load_f64, store_f64, exp, exp_shift_f64, tanh, log)
 #endif
 
 /* Bumped whenever the exported signature changes; checked by the loader. */
