@@ -13,8 +13,9 @@
  * lies in the candidate set {v > −1} (x > m − 1, resp. x > m − 2).
  *
  * Per row (linear time, no full sort):
- *   1. max pass: m (NaN if any entry is NaN). A row whose max is not finite (a NaN, a +inf, or every entry
- *      −inf) has no solution: its p, t, loss are NaN, as on the PyTorch path.
+ *   1. max pass: m. A row with a NaN, a +inf, or every entry −inf has no solution: its p, t, loss and
+ *      gradients are NaN, every entry of the row (the PyTorch path gives NaN too, in entries that depend on
+ *      its top-k order).
  *   2. candidate pass: the v > −1 are compacted into the per-thread scratch row (capacity C: any count,
  *      all-equal rows included).
  *   3. filter passes on the candidate set S (which always contains the support): a lower bound t' <= t from S
@@ -203,27 +204,27 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
         return count;                                                                                         \
     }                                                                                                         \
                                                                                                               \
-    /* p = φ((x − m)·c − t) in place, times w (1 for the map) */                                              \
+    /* p = φ((x − m)·c − t) in place, times w (1 for the map); NaN m and t (no solution) give NaN */          \
     static inline void tile_probabilities_##F(ACC_T *restrict buf, int64_t n, int64_t kind, ACC_T m, ACC_T c, \
                                               ACC_T t, ACC_T w) {                                             \
         if (kind == KIND_SPARSEMAX) {                                                                         \
             for (int64_t j = 0; j < n; j++) {                                                                 \
                 ACC_T d = (buf[j] - m) - t;                                                                   \
-                buf[j] = w * (d > 0 ? d : 0);                                                                 \
+                buf[j] = w * (d < 0 ? 0 : d);                                                                 \
             }                                                                                                 \
         } else {                                                                                              \
             for (int64_t j = 0; j < n; j++) {                                                                 \
                 ACC_T d = (buf[j] - m) * c - t;                                                               \
-                d = d > 0 ? d : 0;                                                                            \
+                d = d < 0 ? 0 : d;                                                                            \
                 buf[j] = w * (d * d);                                                                         \
             }                                                                                                 \
         }                                                                                                     \
     }                                                                                                         \
                                                                                                               \
-    /* s = 1[p > 0] (sparsemax) or √p (1.5-entmax) in place over a tile of p (NaN p: 0, resp. NaN) */         \
+    /* s = 1[p > 0] (sparsemax) or √p (1.5-entmax) in place over a tile of p; NaN stays NaN */                \
     static inline void tile_derivative_weights_##F(ACC_T *restrict p, int64_t n, int64_t kind) {             \
         if (kind == KIND_SPARSEMAX) {                                                                         \
-            for (int64_t j = 0; j < n; j++) p[j] = p[j] > 0 ? (ACC_T)1 : (ACC_T)0;                            \
+            for (int64_t j = 0; j < n; j++) p[j] = p[j] > 0 ? (ACC_T)1 : p[j] != p[j] ? p[j] : (ACC_T)0;     \
         } else {                                                                                              \
             for (int64_t j = 0; j < n; j++) p[j] = SQRT(p[j]);                                                \
         }                                                                                                     \
@@ -379,7 +380,7 @@ DEFINE_TILE_OPS(d, double, sqrt)
             for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
                 int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
                 LOAD(row + j0, buf, n);                                                                       \
-                tile_probabilities_##F(buf, n, kind, m, c, t, 1); /* NaN m, t give NaN */                     \
+                tile_probabilities_##F(buf, n, kind, m, c, t, 1);                                             \
                 STORE(buf, p + j0, n);                                                                        \
             }                                                                                                 \
         }                                                                                                     \

@@ -18,8 +18,8 @@ recomputes ``p`` into the gradient buffer. Scratch is one row per thread.
 the saved (rounded) output: in fp16 an entry whose probability is below fp16's smallest subnormal (3e-8)
 rounds to 0 and is then outside the support the Jacobian sees.
 
-**Non-finite rows** (a NaN, a +inf, or every entry −inf) have no threshold: their ``p`` and loss are NaN, as
-on the PyTorch path.
+**Non-finite rows** (a NaN, a +inf, or every entry −inf) have no threshold: their ``p``, loss and gradients
+are NaN in every entry of the row (the PyTorch path gives NaN too, in entries that depend on its top-k order).
 
 Used automatically for CPU tensors of a supported dtype; ``SOFTMAXKIT_CPU_KERNELS=0`` or a missing compiler
 leave the PyTorch path (:mod:`softmaxkit.backends.torch.sparse`). Tests force that path by monkeypatching
