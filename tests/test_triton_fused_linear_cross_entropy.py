@@ -223,6 +223,22 @@ def test_no_grad_partial_grads_and_inputs_untouched():
         assert torch.equal(original, copy)
 
 
+def test_frozen_hidden_wider_accumulation_and_module():
+    """Only ∂W, ∂b wanted (frozen hidden); fp32 inputs with an fp64 ∂W accumulator; the nn module's impl."""
+    hidden, weight, bias, target = _make(26, 11, 35, torch.float32)
+    weight_leaf, bias_leaf = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    loss = softmaxkit.linear_cross_entropy(hidden, weight_leaf, target, bias=bias_leaf, impl="triton_fused",
+                                           accumulation_dtype=torch.float64, label_smoothing=0.1)
+    grad_w, grad_b = torch.autograd.grad(loss, (weight_leaf, bias_leaf))
+    expected, expected_grads = _oracle(hidden, weight, bias, target, label_smoothing=0.1)
+    assert grad_w.dtype == torch.float32
+    np.testing.assert_allclose(loss.item(), float(expected), rtol=1e-5)
+    for grad, reference in zip((grad_w, grad_b), expected_grads[1:]):
+        np.testing.assert_allclose(to_numpy(grad), reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    module = softmaxkit.nn.LinearCrossEntropyLoss(impl="triton_fused", label_smoothing=0.1)
+    np.testing.assert_allclose(module(hidden, weight, target, bias=bias).item(), float(expected), rtol=1e-5)
+
+
 def test_bad_arguments_raise():
     hidden, weight, _, target = _make(4, 3, 5, torch.float64)
     probabilities = torch.softmax(torch.randn(4, 5, dtype=torch.float64, device=DEVICE), -1)

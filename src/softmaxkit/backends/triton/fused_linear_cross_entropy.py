@@ -256,7 +256,8 @@ def default_splits(num_rows: int, num_classes: int, block_m: int, block_n: int, 
     tiles = triton.cdiv(num_classes, block_n)
     if device.type != "cuda":
         return min(tiles, 2)  # interpreter: exercise the combination of ranges on tiny shapes
-    wanted = triton.cdiv(4 * _multiprocessors(device.index or 0), row_blocks)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    wanted = triton.cdiv(4 * _multiprocessors(index), row_blocks)
     return max(1, min(tiles, wanted))
 
 
@@ -370,11 +371,24 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
 def fused_linear_cross_entropy(hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig,
                                splits: int | None = None):
-    """Linear CE of ``hidden (N, D)``, ``weight (C, D)``, ``bias (C,)``/None and class indices ``(N,)``.
+    r"""Linear cross-entropy ``cross_entropy(h Wᵀ + b, y)`` by the fused matmul–LSE kernels (module docstring).
 
-    Arguments are validated by :func:`softmaxkit.linear_cross_entropy` (``impl="triton_fused"``). CUDA
-    tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``splits`` (vocabulary ranges per row block in
-    the forward) is picked from the GPU's size when None; the result does not depend on it beyond rounding.
+    Arguments are validated by :func:`softmaxkit.linear_cross_entropy` (``impl="triton_fused"``), which
+    flattens the leading dimensions. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+
+    Args:
+        hidden: ``(N, D)`` hidden states (fp16, bf16, fp32 or fp64).
+        weight: ``(C, D)`` projection, same dtype and device.
+        bias: ``(C,)`` or None.
+        target: ``(N,)`` class indices (int64), ``config.ignore_index`` for ignored rows.
+        class_weight: ``(C,)`` per-class loss weights or None.
+        config: the non-tensor options (reduction, label smoothing, temperature, z-loss, softcap;
+            ``chunk_size`` is not used; ``accumulation_dtype`` must be None, fp32 or fp64).
+        splits: vocabulary ranges per row block in the forward; None picks enough for ~4 waves of the GPU's
+            multiprocessors. Changes only the summation order of the log-sum-exp.
+
+    Returns:
+        A scalar for ``"mean"``/``"sum"``, ``(N,)`` for ``"none"``; dtype of ``hidden``.
     """
     if not hidden.is_cuda and not _interpreting():
         raise ValueError(
@@ -392,4 +406,7 @@ def fused_linear_cross_entropy(hidden, weight, bias, target, class_weight, confi
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
+    if hidden.is_cuda:  # Triton launches on the current device: make it the tensors' one
+        with torch.cuda.device(hidden.device):
+            return _FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config, splits)
     return _FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config, splits)
