@@ -3,12 +3,14 @@
 Ops (each its own table, ratios to its own ``torch`` baseline):
 
 * ``sparsemax``: ``torch`` = ``torch.softmax`` (the dense map it replaces: the baseline), ``softmaxkit`` =
-  :func:`softmaxkit.sparsemax`, ``softmaxkit_triton`` = its Triton kernels called directly (what
+  :func:`softmaxkit.sparsemax` (on CPU its compiled kernel), ``softmaxkit_torch`` = the same on its PyTorch
+  path (what runs on CPU where no C compiler is found; CPU only), ``softmaxkit_triton`` = its Triton kernels called directly (what
   :func:`softmaxkit.sparsemax` uses on CUDA; CUDA only), ``entmax`` = ``entmax.sparsemax`` (full sort per
   row), ``entmax_bisect`` = ``entmax.sparsemax_bisect``. "full" back-propagates a fixed random upstream
   gradient.
 * ``sparsemax_loss``: ``torch`` = ``F.cross_entropy`` (softmax + cross-entropy: the baseline),
-  ``softmaxkit`` = :func:`softmaxkit.sparsemax_loss`, ``entmax`` = ``entmax.sparsemax_loss(...).mean()``.
+  ``softmaxkit`` = :func:`softmaxkit.sparsemax_loss`, ``softmaxkit_torch`` its PyTorch path (CPU only),
+  ``entmax`` = ``entmax.sparsemax_loss(...).mean()``.
 
 The speed target for softmaxkit is 3× the baseline's time at (4096, 1000) and (1024, 32000) fp32 with a peak
 extra memory of at most 2× the input. Logits are ``2·N(0, 1)``; targets uniform.
@@ -103,6 +105,26 @@ def _softmaxkit(name: str):
     return getattr(softmaxkit, name)
 
 
+def softmaxkit_torch(name: str, device: str):
+    """``softmaxkit.<name>`` on its PyTorch path: the CPU kernel is reported unavailable during each call
+    (backward runs the Function that forward chose); CPU only."""
+    if device != "cpu":
+        raise Skip("the PyTorch path is softmaxkit's CPU fallback (on CUDA see softmaxkit_triton)")
+    from softmaxkit.backends.cpu import sparse as cpu_sparse
+
+    function = _softmaxkit(name)
+
+    def call(*args):
+        available = cpu_sparse.available
+        cpu_sparse.available = lambda dtype=None: False
+        try:
+            return function(*args)
+        finally:
+            cpu_sparse.available = available
+
+    return call
+
+
 def softmaxkit_triton(kind: str, device: str):
     """``x -> triton_entmax(x, kind)`` for 2-D ``x`` (the Triton sparsemax / 1.5-entmax kernels); CUDA only."""
     if device != "cuda":
@@ -116,6 +138,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
     return map_cases("sparsemax", {
         "torch": lambda: (lambda x: torch.softmax(x, dim=-1)),
         "softmaxkit": lambda: _softmaxkit("sparsemax"),
+        "softmaxkit_torch": lambda: softmaxkit_torch("sparsemax", device),
         "softmaxkit_triton": lambda: softmaxkit_triton("sparsemax", device),
         "entmax": lambda: peer_map("sparsemax"),
         "entmax_bisect": lambda: peer_map("sparsemax_bisect"),
@@ -126,5 +149,6 @@ def sparsemax_loss_cases(device: str, dtype: torch.dtype, quick: bool) -> list[C
     return loss_cases("sparsemax_loss", {
         "torch": lambda: (lambda x, y: F.cross_entropy(x, y)),
         "softmaxkit": lambda: _softmaxkit("sparsemax_loss"),
+        "softmaxkit_torch": lambda: softmaxkit_torch("sparsemax_loss", device),
         "entmax": lambda: peer_loss("sparsemax_loss"),
     }, device, dtype, quick)
