@@ -165,9 +165,13 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
         }                                                                                                     \
     }                                                                                                         \
                                                                                                               \
-    /* lane-wise running max; `nan` lanes become nonzero where an entry is NaN */                             \
-    static inline void tile_max_##F(const ACC_T *restrict buf, int64_t n, ACC_T *restrict acc,                \
-                                    ACC_T *restrict nan) {                                                    \
+    /* lane-wise running max over a tile; `nan` lanes count NaN entries. (Accumulators are copied into locals \
+     * so that the LANES-wide inner loops vectorise.) */                                                      \
+    static inline void tile_max_##F(const ACC_T *restrict buf, int64_t n, ACC_T *restrict acc_out,            \
+                                    ACC_T *restrict nan_out) {                                                \
+        ACC_T acc[LANES], nan[LANES];                                                                         \
+        memcpy(acc, acc_out, sizeof acc);                                                                     \
+        memcpy(nan, nan_out, sizeof nan);                                                                     \
         int64_t j = 0;                                                                                        \
         for (; j + LANES <= n; j += LANES)                                                                    \
             for (int k = 0; k < LANES; k++) {                                                                 \
@@ -179,6 +183,8 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
             acc[0] = buf[j] > acc[0] ? buf[j] : acc[0];                                                       \
             nan[0] += buf[j] != buf[j] ? (ACC_T)1 : (ACC_T)0;                                                 \
         }                                                                                                     \
+        memcpy(acc_out, acc, sizeof acc);                                                                     \
+        memcpy(nan_out, nan, sizeof nan);                                                                     \
     }                                                                                                         \
                                                                                                               \
     /* append v = (x − m)·c to cand[count..] where v > −1; returns the new count. A vector test per block of \
@@ -232,7 +238,10 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
                                                                                                               \
     /* lane-wise Σ s and Σ s·g over a tile */                                                                 \
     static inline void tile_jvp_sums_##F(const ACC_T *restrict s, const ACC_T *restrict g, int64_t n,         \
-                                         ACC_T *restrict acc_s, ACC_T *restrict acc_sg) {                     \
+                                         ACC_T *restrict acc_s_out, ACC_T *restrict acc_sg_out) {             \
+        ACC_T acc_s[LANES], acc_sg[LANES];                                                                    \
+        memcpy(acc_s, acc_s_out, sizeof acc_s);                                                               \
+        memcpy(acc_sg, acc_sg_out, sizeof acc_sg);                                                            \
         int64_t j = 0;                                                                                        \
         for (; j + LANES <= n; j += LANES)                                                                    \
             for (int k = 0; k < LANES; k++) {                                                                 \
@@ -243,6 +252,8 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
             acc_s[0] += s[j];                                                                                 \
             acc_sg[0] += s[j] * g[j];                                                                         \
         }                                                                                                     \
+        memcpy(acc_s_out, acc_s, sizeof acc_s);                                                               \
+        memcpy(acc_sg_out, acc_sg, sizeof acc_sg);                                                            \
     }                                                                                                         \
                                                                                                               \
     /* The threshold t (in v = (x − m)·c coordinates) from the candidates cand[0..n), a superset of the      \

@@ -36,6 +36,7 @@ from ..._reduction import safe_divide
 from .._autograd import strict_once_differentiable
 from ..torch.sparse import ENTMAX15, SPARSEMAX, _row_scale
 from . import _build, row_workers, run_row_ranges
+from .cross_entropy import new_gradient
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
 _KIND = {SPARSEMAX: 0, ENTMAX15: 1}
@@ -113,7 +114,7 @@ class _CpuEntmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, kind: str) -> torch.Tensor:
         x = _unit_class_stride(x)
-        out = torch.empty(x.shape, dtype=x.dtype)
+        out = new_gradient(tuple(x.shape), x.dtype)  # (huge pages where the OS allows: fewer first-touch faults)
         _solve(x, kind, out, None)
         ctx.kind = kind
         ctx.save_for_backward(out)
@@ -125,7 +126,7 @@ class _CpuEntmaxFunction(torch.autograd.Function):
         (p,) = ctx.saved_tensors
         num_rows, num_classes = p.shape
         grad_output = _unit_class_stride(grad_output.to(p.dtype))
-        grad = torch.empty(p.shape, dtype=p.dtype)
+        grad = new_gradient(tuple(p.shape), p.dtype)
         if num_rows:
             function = _function("map_backward", p.dtype)
             kind = _KIND[ctx.kind]
@@ -183,7 +184,7 @@ class _CpuFenchelYoungFunction(torch.autograd.Function):
         x, row_stats, target, w_y, denominator = ctx.saved_tensors
         num_rows, num_classes = x.shape
         scale = _row_scale(grad_output, ctx.reduction, w_y, denominator).contiguous()
-        grad = torch.empty(x.shape, dtype=x.dtype)
+        grad = new_gradient(tuple(x.shape), x.dtype)
         if num_rows:
             function = _function("loss_backward", x.dtype)
             kind = _KIND[ctx.kind]
