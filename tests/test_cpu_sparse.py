@@ -385,7 +385,7 @@ def test_masked_classes_equal_truncation():
 
 
 @pytest.mark.parametrize("name", MAPS)
-@pytest.mark.parametrize("num_classes", [4, 5, 1000])
+@pytest.mark.parametrize("num_classes", [4, 5, 1000, 8192])  # 8192: the PyTorch path's block filter
 def test_non_finite_rows_are_nan_as_on_the_torch_path(name, num_classes):
     # No threshold exists for a row of all −inf, with a NaN, or with +inf. The kernel makes the whole row NaN
     # (output, loss, both gradients); the PyTorch path gives NaN too, in entries that depend on its top-k

@@ -289,6 +289,8 @@ def _solve_by_blocks(x: torch.Tensor, kind: str, keep_support: bool) -> Solution
         return None
     work = work_dtype(x.dtype)
     block_max = x.view(num_rows, num_classes // size, size).amax(dim=2).to(work)
+    if not bool(torch.isfinite(block_max.amax(dim=1)).all()):
+        return None  # a row without a threshold (NaN, +inf, all −inf): the top-k path makes it NaN
     lower, settled = _newton_exact(block_max, kind, None)
     # An unsettled row (never seen in practice) keeps the always-valid bound max − 1 (or − 2).
     lower = torch.where(settled, lower, block_max.amax(dim=1) - (1.0 if kind == SPARSEMAX else 2.0))
