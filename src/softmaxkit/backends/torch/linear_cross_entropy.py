@@ -19,7 +19,8 @@ target weight) are combined across processes by a ``Reduce`` object; single-proc
 Class-probability targets ``t`` (``(N, C)``, single process) take the same loop: each chunk reads its
 ``r × C`` slice of ``t`` and builds the chunk's coefficients ``a = w ⊙ ((1 − ε) t + ε/C)`` (one ``r × C``
 temporary), so the loss ``ℓ_i = A_i (LSE_i − m_i) − Σ_c a_ic (z_ic − m_i) + λ LSE_i²`` (``m`` the row max,
-``A_i = Σ_c a_ic``) and ``G`` above need nothing ``N × C`` but the target itself. The loss is also
+``A_i = Σ_c a_ic``) and ``G`` above need nothing ``N × C`` but the target itself (``Σ_c a_ic (z_ic − m_i)``
+is a batched dot product, so a chunk holds its logits and ``a``, no third ``r × C`` tensor). The loss is also
 differentiable in ``t``: ``∂ℓ/∂t_ic = −(1 − ε) w_c \log p_ic · g_i``, written chunk by chunk into the
 target-shaped gradient (only when ``t`` requires a gradient).
 
@@ -207,11 +208,9 @@ class _ProbabilityRows:
 
     def coefficients(self, sl: slice, label_smoothing: float, num_classes: int, work_dtype) -> torch.Tensor:
         """The chunk's ``a = w ⊙ ((1 − ε) t + ε/C)`` as a new ``r × C`` tensor (the target is never written)."""
-        t = self.target[sl]
+        a = self.target[sl].to(work_dtype, copy=True)  # the one r × C allocation
         if label_smoothing > 0:
-            a = t.to(work_dtype) * (1.0 - label_smoothing) + label_smoothing / num_classes
-        else:
-            a = t.to(work_dtype, copy=True)
+            a.mul_(1.0 - label_smoothing).add_(label_smoothing / num_classes)
         if self.class_weight is not None:
             a.mul_(self.class_weight)
         return a
@@ -263,11 +262,16 @@ def _chunk_loss_and_grad_probabilities(
     row_max = z.amax(dim=1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     z.sub_(row_max[:, None])
-    product = a * z
-    product.masked_fill_(a == 0, 0.0)
-    weighted = product.sum(dim=1)
+    if bool(torch.isinf(z.amin(dim=1)).any()):
+        # a −inf logit (a masked class): a_c (z_c − m) must count 0 where a_c = 0, not NaN (0·−inf)
+        product = a * z
+        product.masked_fill_(a == 0, 0.0)
+        weighted = product.sum(dim=1)
+        del product
+    else:
+        # Σ_c a_c (z_c − m) as r dot products: no r × C temporary
+        weighted = torch.bmm(a.unsqueeze(1), z.unsqueeze(2)).view(-1)
     shifted = z.clone() if target_grad is not None else None
-    del product
     z.exp_()
     sum_exp = z.sum(dim=1)
     log_sum = sum_exp.log()
