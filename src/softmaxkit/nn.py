@@ -183,7 +183,10 @@ def _alpha_attribute(module: nn.Module, alpha: float | torch.Tensor) -> None:
 
 
 class FocalLoss(nn.Module):
-    """Module form of :func:`softmaxkit.focal_loss`; ``alpha`` and ``weight`` are buffers."""
+    """Module form of :func:`softmaxkit.focal_loss`; ``alpha`` and ``weight`` are buffers.
+
+    ``forward(logits, target)`` takes class indices or class probabilities of the logits' shape.
+    """
 
     def __init__(
         self,
@@ -219,7 +222,10 @@ class FocalLoss(nn.Module):
 
 
 class Poly1Loss(nn.Module):
-    """Module form of :func:`softmaxkit.poly1_cross_entropy`; ``weight`` is a buffer."""
+    """Module form of :func:`softmaxkit.poly1_cross_entropy`; ``weight`` is a buffer.
+
+    ``forward(logits, target)`` takes class indices or class probabilities of the logits' shape.
+    """
 
     def __init__(
         self,
