@@ -780,3 +780,17 @@ def test_probability_targets_bad_input(kwargs, error, message):
     hidden, weight, target = args.pop("hidden"), args.pop("weight"), args.pop("target")
     with pytest.raises(error, match=_escape(message)):
         softmaxkit.linear_cross_entropy(hidden, weight, target, **args)
+
+
+def test_probability_targets_taken_as_given_like_cross_entropy():
+    """Unnormalised and negative targets are not rejected (cross_entropy's rule): the chunked path equals the
+    oracle on them too, values and gradients."""
+    hidden, weight, bias, _, class_weight = _problem((5,), 3, 6)
+    target = torch.randn(5, 6, dtype=torch.float64)
+    options = dict(class_weight=class_weight, label_smoothing=0.1, z_loss=1e-2)
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, chunk_size=2,
+                                  **options)
+    args = [to_numpy(t) for t in (hidden, weight, target, bias)]
+    assert_close_f64(loss, ref.linear_cross_entropy(*args, **_ref_options(options)))
+    for actual, wanted in zip(grads, ref.linear_cross_entropy_grad(*args, **_ref_options(options))):
+        assert_close_f64(actual, wanted)

@@ -328,3 +328,16 @@ def test_probability_targets_module_and_inputs():
     assert torch.equal(logits.detach(), before[0]) and torch.equal(target, before[1])
     with pytest.raises(ValueError, match=r"`ignore_index` is not supported with class-probability targets"):
         softmaxkit.poly1_cross_entropy(logits, target, ignore_index=0)
+
+
+def test_probability_targets_taken_as_given_like_cross_entropy():
+    """No sign or normalisation check (cross_entropy and F.cross_entropy make none): the formula as written,
+    with w̄ = Σ_c w_c t_c, and ε = 0 still equal to F.cross_entropy."""
+    logits, _, _ = _make((4, 5))
+    target = torch.randn(4, 5, dtype=torch.float64)
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+    loss = softmaxkit.poly1_cross_entropy(logits, target, epsilon=2.0, weight=weight, reduction="none")
+    assert_close_f64(loss, ref.poly1_cross_entropy(to_numpy(logits), to_numpy(target), epsilon=2.0,
+                                                   weight=to_numpy(weight), reduction="none"))
+    assert_close_f64(softmaxkit.poly1_cross_entropy(logits, target, epsilon=0.0, weight=weight),
+                     F.cross_entropy(logits, target, weight=weight))
