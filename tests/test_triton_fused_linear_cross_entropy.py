@@ -252,6 +252,39 @@ def test_saves_no_logits_sized_tensor():
     torch.autograd.grad(loss, leaves)
 
 
+def _filtered(hidden, weight, bias, target, filter_eps, reduction="none", upstream=None):
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    config = LinearCrossEntropyConfig(reduction=reduction, z_loss=1e-3, num_classes=weight.shape[0])
+    loss = fused_linear_cross_entropy(*leaves, target, None, config, filter_eps=filter_eps)
+    return loss.detach(), torch.autograd.grad(loss if upstream is None else (loss * upstream).sum(), leaves)
+
+
+def test_gradient_filtering_is_opt_in_and_bounded():
+    """filter_eps=None or 0 is exact; filter_eps>0 skips whole tiles of negligible G (here the classes past the
+    first 16-wide tile, pushed to p ≈ e⁻³⁰ by their bias), within the documented bound, loss unchanged."""
+    hidden, weight, bias, target = _make(32, 8, 64, torch.float64)
+    bias[16:] -= 30.0
+    target[target >= 16] = 5
+    upstream = torch.rand(32, dtype=torch.float64, device=DEVICE) + 0.5
+    exact_loss, exact = _filtered(hidden, weight, bias, target, None, upstream=upstream)
+    zero_loss, zero = _filtered(hidden, weight, bias, target, 0.0, upstream=upstream)
+    assert torch.equal(exact_loss, zero_loss) and all(torch.equal(a, b) for a, b in zip(exact, zero))
+    filter_eps = 1e-6
+    loss, (grad_h, grad_w, grad_b) = _filtered(hidden, weight, bias, target, filter_eps, upstream=upstream)
+    assert torch.equal(loss, exact_loss)
+    assert torch.count_nonzero(grad_w[16:]) == 0 and torch.count_nonzero(exact[1][16:]) > 0  # tiles skipped
+    assert_close_f64(grad_w[:16], exact[1][:16])
+    s = to_numpy(upstream)
+    h, w = to_numpy(hidden), to_numpy(weight)
+    bound_h = filter_eps * s[:, None] * np.abs(w[16:]).sum(0)[None, :]
+    bound_w = filter_eps * (s[:, None] * np.abs(h)).sum(0)
+    assert np.all(np.abs(to_numpy(grad_h) - to_numpy(exact[0])) <= bound_h)
+    assert np.all(np.abs(to_numpy(grad_w[16:]) - to_numpy(exact[1][16:])) <= bound_w[None, :])
+    assert np.all(np.abs(to_numpy(grad_b) - to_numpy(exact[2])) <= filter_eps * s.sum())
+    with pytest.raises(ValueError, match="`filter_eps` must be None or a finite number >= 0, but got -1.0"):
+        _filtered(hidden, weight, bias, target, -1.0)
+
+
 def test_bad_arguments_raise():
     hidden, weight, _, target = _make(4, 3, 5, torch.float64)
     probabilities = torch.softmax(torch.randn(4, 5, dtype=torch.float64, device=DEVICE), -1)
@@ -382,7 +415,7 @@ FLAGS = dict(HAS_BIAS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=Tru
 for kernel, blocks, extra in (
     (fused._fused_lce_fwd_kernel, fused._blocks(None), {}),
     (fused._fused_lce_bwd_kernel, fused._blocks(None, backward=True),
-     dict(NEED_HIDDEN=True, NEED_WEIGHT=True, NEED_BIAS=True)),
+     dict(NEED_HIDDEN=True, NEED_WEIGHT=True, NEED_BIAS=True, HAS_FILTER=True)),
 ):
     constants = dict(FLAGS, **extra, BLOCK_M=blocks[0], BLOCK_N=blocks[1], BLOCK_K=blocks[2])
     def kind(name):
@@ -394,7 +427,7 @@ for kernel, blocks, extra in (
             return "*i64"
         if name.endswith("_ptr"):
             return "*fp32"
-        return "fp32" if name in ("eps", "inv_t", "softcap", "z_loss") else "i64"
+        return "fp32" if name in ("eps", "inv_t", "softcap", "z_loss", "filter_eps") else "i64"
     source = ASTSource(kernel, {name: kind(name) for name in kernel.arg_names}, constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": blocks[3]})
     assert compiled.asm["cubin"], kernel

@@ -48,8 +48,9 @@ Offsets are int64 (``N·D``, ``C·D`` or ``N·C`` beyond ``2^31`` are fine). Und
 ``tanh`` comes from ``exp`` (:func:`.cross_entropy._tanh`) and the tiles are 16-wide; the interpreter
 mis-computes bf16 ``tl.dot``, so CPU tests use fp64/fp32/fp16 operands.
 
-Not implemented: cut-cross-entropy's gradient filtering (skipping tiles whose softmax is below a
-threshold); every tile's gradient is computed exactly.
+Gradient filtering (cut-cross-entropy's skipping of tiles whose gradient is negligible) is opt-in, through
+:func:`fused_linear_cross_entropy`'s ``filter_eps`` (default None: every tile is added, exactly); see there
+for what it drops and the resulting error bound.
 """
 
 from __future__ import annotations
@@ -160,13 +161,14 @@ def _fused_lce_bwd_kernel(
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
     n_rows, n_cols, hidden_size,
     stride_hn, stride_hd, stride_wc, stride_wd,
-    ignore_index, eps, inv_t, softcap, z_loss, params_ptr,
+    ignore_index, eps, inv_t, softcap, z_loss, params_ptr, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    NEED_HIDDEN: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
+    NEED_HIDDEN: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, HAS_FILTER: tl.constexpr,
     PARAMS_IN_MEMORY: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Recompute one logits tile, form ``G`` and atomically add ``G W``, ``Gᵀ h``, ``Σ_rows G``."""
+    """Recompute one logits tile, form ``G`` and atomically add ``G W``, ``Gᵀ h``, ``Σ_rows G`` (unless
+    ``HAS_FILTER`` and every ``|G_ij| ≤ filter_eps·|s_i|``: then the tile adds nothing)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if PARAMS_IN_MEMORY:
@@ -203,32 +205,37 @@ def _fused_lce_bwd_kernel(
             g -= (s * eps / n_cols)[:, None]
     g = tl.where(cols[None, :] == safe_y[:, None], g - (s * (1.0 - eps) * w_y)[:, None], g) * derivative
     g = tl.where(active[:, None] & col_ok[None, :], g, 0.0)
-    if NEED_BIAS:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(g, 0).to(grad_bias_ptr.dtype.element_ty), mask=col_ok)
-    if NEED_HIDDEN or NEED_WEIGHT:
-        g_operand = g.to(hidden_ptr.dtype.element_ty)
-        for k0 in range(0, hidden_size, BLOCK_K):
-            ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            k_ok = ks < hidden_size
-            if NEED_HIDDEN:
-                w_tile = tl.load(weight_ptr + cols[:, None] * stride_wc + ks[None, :] * stride_wd,
-                                 mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
-                if IEEE:
-                    part = tl.dot(g_operand, w_tile, input_precision="ieee", out_dtype=ACC_DTYPE)
-                else:
-                    part = tl.dot(g_operand, w_tile, out_dtype=ACC_DTYPE)
-                tl.atomic_add(grad_hidden_ptr + rows[:, None] * hidden_size + ks[None, :], part,
-                              mask=row_ok[:, None] & k_ok[None, :])
-            if NEED_WEIGHT:
-                h_tile = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hd,
-                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-                if IEEE:
-                    part = tl.dot(tl.trans(g_operand), h_tile, input_precision="ieee", out_dtype=ACC_DTYPE)
-                else:
-                    part = tl.dot(tl.trans(g_operand), h_tile, out_dtype=ACC_DTYPE)
-                tl.atomic_add(grad_weight_ptr + cols[:, None] * hidden_size + ks[None, :],
-                              part.to(grad_weight_ptr.dtype.element_ty),
-                              mask=col_ok[:, None] & k_ok[None, :])
+    if HAS_FILTER:  # gradient filtering (opt-in): a tile whose every entry is negligible is skipped
+        keep = tl.max(tl.max(tl.abs(g) - filter_eps * tl.abs(s)[:, None], 1), 0) > 0.0
+    else:
+        keep = True
+    if keep:
+        if NEED_BIAS:
+            tl.atomic_add(grad_bias_ptr + cols, tl.sum(g, 0).to(grad_bias_ptr.dtype.element_ty), mask=col_ok)
+        if NEED_HIDDEN or NEED_WEIGHT:
+            g_operand = g.to(hidden_ptr.dtype.element_ty)
+            for k0 in range(0, hidden_size, BLOCK_K):
+                ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                k_ok = ks < hidden_size
+                if NEED_HIDDEN:
+                    w_tile = tl.load(weight_ptr + cols[:, None] * stride_wc + ks[None, :] * stride_wd,
+                                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+                    if IEEE:
+                        part = tl.dot(g_operand, w_tile, input_precision="ieee", out_dtype=ACC_DTYPE)
+                    else:
+                        part = tl.dot(g_operand, w_tile, out_dtype=ACC_DTYPE)
+                    tl.atomic_add(grad_hidden_ptr + rows[:, None] * hidden_size + ks[None, :], part,
+                                  mask=row_ok[:, None] & k_ok[None, :])
+                if NEED_WEIGHT:
+                    h_tile = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hd,
+                                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+                    if IEEE:
+                        part = tl.dot(tl.trans(g_operand), h_tile, input_precision="ieee", out_dtype=ACC_DTYPE)
+                    else:
+                        part = tl.dot(tl.trans(g_operand), h_tile, out_dtype=ACC_DTYPE)
+                    tl.atomic_add(grad_weight_ptr + cols[:, None] * hidden_size + ks[None, :],
+                                  part.to(grad_weight_ptr.dtype.element_ty),
+                                  mask=col_ok[:, None] & k_ok[None, :])
 
 
 @functools.lru_cache(maxsize=8)
@@ -265,7 +272,8 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Class-index linear CE, every reduction; logits recomputed tile by tile in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig, splits):
+    def forward(ctx, hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig, splits,
+                filter_eps):
         num_rows, hidden_size = hidden.shape
         num_classes = weight.shape[0]
         device = hidden.device
@@ -320,6 +328,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
             out = loss
         ctx.save_for_backward(hidden, weight, bias, target, class_weight, weight_total, lse, denominator)
         ctx.config = config
+        ctx.filter_eps = filter_eps
         return out.to(hidden.dtype)
 
     @staticmethod
@@ -355,9 +364,11 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 config.ignore_index,
                 *_scalars(work, config.label_smoothing, config.temperature, config.softcap, config.z_loss, lse),
+                float(ctx.filter_eps or 0.0),
                 HAS_BIAS=bias is not None, HAS_WEIGHT=class_weight is not None,
                 HAS_SMOOTHING=config.label_smoothing > 0, HAS_SOFTCAP=config.softcap is not None,
                 NEED_HIDDEN=needs[0], NEED_WEIGHT=needs[1], NEED_BIAS=needs[2],
+                HAS_FILTER=ctx.filter_eps is not None,
                 PARAMS_IN_MEMORY=work == torch.float64, IEEE=hidden.dtype in (torch.float32, torch.float64),
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
             )
@@ -366,11 +377,11 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
         )
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig,
-                               splits: int | None = None):
+                               splits: int | None = None, filter_eps: float | None = None):
     r"""Linear cross-entropy ``cross_entropy(h Wᵀ + b, y)`` by the fused matmul–LSE kernels (module docstring).
 
     Arguments are validated by :func:`softmaxkit.linear_cross_entropy` (``impl="triton_fused"``), which
@@ -386,6 +397,14 @@ def fused_linear_cross_entropy(hidden, weight, bias, target, class_weight, confi
             ``chunk_size`` is not used; ``accumulation_dtype`` must be None, fp32 or fp64).
         splits: vocabulary ranges per row block in the forward; None picks enough for ~4 waves of the GPU's
             multiprocessors. Changes only the summation order of the log-sum-exp.
+        filter_eps: None (exact, the default) or ``ε_f ≥ 0``: opt-in gradient filtering. Backward skips
+            a ``BLOCK_M × BLOCK_N`` tile when every entry satisfies ``|G_ij| ≤ ε_f·|s_i|`` (``s_i`` the row's
+            upstream scale), which drops its atomic adds; the loss is unchanged and the gradients change by
+            at most ``|Δ∂h_i| ≤ ε_f |s_i| Σ_c |W_c|``, ``|Δ∂W_c| ≤ ε_f Σ_i |s_i| |h_i|``,
+            ``|Δ∂b_c| ≤ ε_f Σ_i |s_i|`` (sums over the skipped entries only). ``0`` skips only all-zero
+            tiles (exact). cut-cross-entropy's default is ``finfo(dtype).eps / 32`` (2⁻¹² for bf16); with
+            peaked softmaxes most tiles hold only ``p ≈ 0`` and are skipped. Not exposed through
+            :func:`softmaxkit.linear_cross_entropy`; its speed-up is unmeasured (no GPU was available).
 
     Returns:
         A scalar for ``"mean"``/``"sum"``, ``(N,)`` for ``"none"``; dtype of ``hidden``.
@@ -402,11 +421,16 @@ def fused_linear_cross_entropy(hidden, weight, bias, target, class_weight, confi
         )
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise ValueError(f"`splits` must be a positive int or None, but got {splits!r}")
+    if filter_eps is not None and (isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float))
+                                   or not 0.0 <= filter_eps < float("inf")):
+        raise ValueError(f"`filter_eps` must be None or a finite number >= 0, but got {filter_eps!r}")
     # contiguous feature dimension makes the tile loads coalesced; strides are honoured either way
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     if hidden.is_cuda:  # Triton launches on the current device: make it the tensors' one
         with torch.cuda.device(hidden.device):
-            return _FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config, splits)
-    return _FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config, splits)
+            return _FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config,
+                                                          splits, filter_eps)
+    return _FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config, splits,
+                                                  filter_eps)
