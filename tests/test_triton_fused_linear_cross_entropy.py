@@ -415,6 +415,8 @@ FLAGS = dict(HAS_BIAS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=Tru
 for kernel, blocks, extra in (
     (fused._fused_lce_fwd_kernel, fused._blocks(None), {}),
     (fused._fused_lce_bwd_kernel, fused._blocks(None, backward=True),
+     dict(NEED_HIDDEN=True, NEED_WEIGHT=True, NEED_BIAS=True, HAS_FILTER=False)),
+    (fused._fused_lce_bwd_kernel, fused._blocks(None, backward=True),
      dict(NEED_HIDDEN=True, NEED_WEIGHT=True, NEED_BIAS=True, HAS_FILTER=True)),
 ):
     constants = dict(FLAGS, **extra, BLOCK_M=blocks[0], BLOCK_N=blocks[1], BLOCK_K=blocks[2])
@@ -438,7 +440,8 @@ print("compiled")
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests run the compiled kernels themselves")
 def test_bfloat16_kernels_compile_for_sm90():
     """The interpreter never compiles: check that Triton's code generator and ptxas accept both kernels with
-    every option on, bf16 operands and the GPU tile sizes (what the CPU-only CI cannot otherwise see)."""
+    every option on (backward with and without gradient filtering), bf16 operands and the GPU tile sizes
+    (what the CPU-only CI cannot otherwise see)."""
     import subprocess
     import sys
 
