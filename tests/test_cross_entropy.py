@@ -491,3 +491,39 @@ def test_validation_messages():
         ce(logits, target, ignore_index=1.5)
     with pytest.raises(ValueError, match="`inplace_backward=True` needs"):
         ce(logits, target, impl="composite", inplace_backward=True)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_probability_target_gradient_matches_torch_where_target_is_zero(label_smoothing, weighted):
+    """∂ℓ/∂t_c = −(1−ε)·w_c·log p_c / N for every class, including those the target gives 0 (where a
+    `where(t == 0, 0, t·log p)` guard would wrongly give 0)."""
+    logits = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    target = torch.softmax(torch.randn(6, 7, dtype=torch.float64), dim=1)
+    target[:, [0, 3]] = 0.0
+    target.requires_grad_()
+    weight = torch.rand(7, dtype=torch.float64) + 0.5 if weighted else None
+    options = {"weight": weight, "label_smoothing": label_smoothing}
+    loss = softmaxkit.cross_entropy(logits, target, impl="composite", **options)
+    expected = F.cross_entropy(logits, target, **options)
+    grads = torch.autograd.grad(loss, (logits, target))
+    expected_grads = torch.autograd.grad(expected, (logits, target))
+    assert_close_f64(loss, expected.detach().numpy())
+    assert_close_f64(grads[0], expected_grads[0].numpy())
+    assert_close_f64(grads[1], expected_grads[1].numpy())
+    assert torch.all(grads[1][:, [0, 3]] != 0)
+
+
+def test_probability_target_over_masked_class_is_finite():
+    """A −inf logit the target gives 0: the loss is finite (PyTorch's is NaN from 0·(−inf)), the logits'
+    gradient is p − t, and the target's gradient there is 0 by convention (its limit is +inf)."""
+    logits = torch.tensor([[1.0, -float("inf"), 0.5]], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[0.25, 0.0, 0.75]], dtype=torch.float64, requires_grad=True)
+    loss = softmaxkit.cross_entropy(logits, target, impl="composite")
+    grad_logits, grad_target = torch.autograd.grad(loss, (logits, target))
+    p = torch.softmax(logits.detach(), dim=1)
+    log_p = torch.log_softmax(logits.detach()[:, [0, 2]], dim=1)
+    assert_close_f64(loss, -(target.detach()[:, [0, 2]] * log_p).sum().numpy())
+    assert_close_f64(grad_logits, (p - target.detach()).numpy())
+    assert grad_target[0, 1] == 0 and torch.isfinite(grad_target).all()
+    assert_close_f64(grad_target[:, [0, 2]], (-log_p).numpy())

@@ -794,3 +794,19 @@ def test_probability_targets_taken_as_given_like_cross_entropy():
     assert_close_f64(loss, ref.linear_cross_entropy(*args, **_ref_options(options)))
     for actual, wanted in zip(grads, ref.linear_cross_entropy_grad(*args, **_ref_options(options))):
         assert_close_f64(actual, wanted)
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "composite"])
+def test_hidden_size_zero_gives_the_bias_only_loss(impl):
+    """D = 0: the logits are the bias alone; every path handles it (reshape(-1, 0) would be ambiguous)."""
+    hidden = torch.randn(2, 3, 0, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 0, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[0, 1, 4], [2, -100, 3]])
+    loss = softmaxkit.linear_cross_entropy(hidden, weight, target, bias=bias, impl=impl)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    expected = torch_F.cross_entropy(bias.expand(6, 5), target.reshape(-1))
+    (expected_bias_grad,) = torch.autograd.grad(expected, bias)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    assert grads[0].shape == hidden.shape and grads[1].shape == weight.shape
+    torch.testing.assert_close(grads[2], expected_bias_grad, rtol=1e-12, atol=1e-12)

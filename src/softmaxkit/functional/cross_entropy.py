@@ -87,7 +87,10 @@ def _composite_cross_entropy(
             coefficient = coefficient * (1.0 - eps) + eps / num_classes
         if w is not None:
             coefficient = coefficient * w
-        product = torch.where(coefficient == 0, torch.zeros_like(log_p), coefficient * log_p)
+        # 0·log 0 = 0 for masked classes (log p = −inf) that the target does not use, without a NaN; elsewhere
+        # the plain product, so the target's gradient is −log p_c (F.cross_entropy's) wherever p_c > 0.
+        safe_log_p = log_p.masked_fill((coefficient == 0) & torch.isneginf(log_p), 0.0)
+        product = coefficient * safe_log_p
         loss = -product.sum(class_dim)
         if z_loss > 0:
             loss = loss + z_loss * lse * lse

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _validation as v
@@ -163,6 +165,8 @@ def linear_cross_entropy(
         )
     rows_shape = hidden.shape[:-1]
     num_classes = weight.shape[0]
+    # explicit row count: reshape(-1, 0) is ambiguous for a hidden size of 0
+    flat_hidden = hidden.reshape(math.prod(rows_shape), hidden.shape[-1])
     if impl == "composite":
         logits = torch.nn.functional.linear(hidden, weight, bias).reshape(-1, num_classes)
         flat_target = target.reshape(-1, num_classes) if probabilities else target.reshape(-1)
@@ -185,18 +189,18 @@ def linear_cross_entropy(
         from ..backends.triton.fused_linear_cross_entropy import fused_linear_cross_entropy
 
         loss = fused_linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), class_weight, config
+            flat_hidden, weight, bias, target.reshape(-1), class_weight, config
         )
         return loss.reshape(rows_shape) if reduction == "none" else loss
     if impl == "triton":
         from ..backends.triton.linear_cross_entropy import triton_linear_cross_entropy
 
         loss = triton_linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, target.reshape(-1), class_weight, config
+            flat_hidden, weight, bias, target.reshape(-1), class_weight, config
         )
         return loss.reshape(rows_shape) if reduction == "none" else loss
     flat_target = target.reshape(-1, num_classes) if probabilities else target.reshape(-1)
     loss = _LinearCrossEntropyFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_target, class_weight, config
+        flat_hidden, weight, bias, flat_target, class_weight, config
     )
     return loss.reshape(rows_shape) if reduction == "none" else loss
