@@ -55,12 +55,7 @@
 #define KIND_ENTMAX15 1
 
 /* ------------------------------------------------------------------------------------- dtype converters */
-/* (the same converters as _cross_entropy.c: each kernel source is compiled on its own) */
-static inline void load_f32(const float *src, float *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(float)); }
-static inline void store_f32(const float *src, float *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(float)); }
-static inline void load_f64(const double *src, double *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(double)); }
-static inline void store_f64(const double *src, double *dst, int64_t n) { memcpy(dst, src, (size_t)n * sizeof(double)); }
-
+/* (bf16/fp16 as in _cross_entropy.c: each kernel source is compiled on its own) */
 static inline void load_bf16(const uint16_t *src, float *dst, int64_t n) {
     for (int64_t j = 0; j < n; j++) {
         uint32_t bits = (uint32_t)src[j] << 16;
@@ -140,6 +135,35 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
     for (; j < n; j++) dst[j] = float_to_half(src[j]);
 }
 
+/* Tile access: VIEW gives a tile of the input in the compute type (the input itself for f32/f64, else
+ * converted into buf); TARGET gives where to compute an output tile (the output itself for f32/f64, else
+ * buf) and COMMIT rounds buf into the output (nothing to do for f32/f64). */
+#define SAME_TYPE_ACCESS(T)                                                                                  \
+    static inline const T *view_##T(const T *src, T *buf, int64_t n) {                                        \
+        (void)buf, (void)n;                                                                                   \
+        return src;                                                                                           \
+    }                                                                                                         \
+    static inline T *target_##T(T *dst, T *buf) {                                                            \
+        (void)buf;                                                                                            \
+        return dst;                                                                                           \
+    }                                                                                                         \
+    static inline void commit_##T(const T *buf, T *dst, int64_t n) { (void)buf, (void)dst, (void)n; }
+SAME_TYPE_ACCESS(float)
+SAME_TYPE_ACCESS(double)
+
+#define CONVERTED_ACCESS(NAME)                                                                               \
+    static inline const float *view_##NAME(const uint16_t *src, float *buf, int64_t n) {                     \
+        load_##NAME(src, buf, n);                                                                             \
+        return buf;                                                                                           \
+    }                                                                                                         \
+    static inline float *target_##NAME(uint16_t *dst, float *buf) {                                           \
+        (void)dst;                                                                                            \
+        return buf;                                                                                           \
+    }                                                                                                         \
+    static inline void commit_##NAME(const float *buf, uint16_t *dst, int64_t n) { store_##NAME(buf, dst, n); }
+CONVERTED_ACCESS(bf16)
+CONVERTED_ACCESS(f16)
+
 /* ------------------------------------------------------------------------------ tile arithmetic (ACC_T) */
 /* One set per compute type (F: f for float, d for double). Every loop is branch-free over a tile already
  * converted to the compute type, so it vectorises; `kind` is decided outside the loops. */
@@ -210,29 +234,30 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
         return count;                                                                                         \
     }                                                                                                         \
                                                                                                               \
-    /* p = φ((x − m)·c − t) in place, times w (1 for the map); NaN m and t (no solution) give NaN */          \
-    static inline void tile_probabilities_##F(ACC_T *restrict buf, int64_t n, int64_t kind, ACC_T m, ACC_T c, \
-                                              ACC_T t, ACC_T w) {                                             \
+    /* out = w·φ((x − m)·c − t) (w = 1 for the map); NaN m and t (no solution) give NaN */                    \
+    static inline void tile_probabilities_##F(const ACC_T *restrict x, ACC_T *restrict out, int64_t n,        \
+                                              int64_t kind, ACC_T m, ACC_T c, ACC_T t, ACC_T w) {             \
         if (kind == KIND_SPARSEMAX) {                                                                         \
             for (int64_t j = 0; j < n; j++) {                                                                 \
-                ACC_T d = (buf[j] - m) - t;                                                                   \
-                buf[j] = w * (d < 0 ? 0 : d);                                                                 \
+                ACC_T d = (x[j] - m) - t;                                                                     \
+                out[j] = w * (d < 0 ? 0 : d);                                                                 \
             }                                                                                                 \
         } else {                                                                                              \
             for (int64_t j = 0; j < n; j++) {                                                                 \
-                ACC_T d = (buf[j] - m) * c - t;                                                               \
+                ACC_T d = (x[j] - m) * c - t;                                                                 \
                 d = d < 0 ? 0 : d;                                                                            \
-                buf[j] = w * (d * d);                                                                         \
+                out[j] = w * (d * d);                                                                         \
             }                                                                                                 \
         }                                                                                                     \
     }                                                                                                         \
                                                                                                               \
-    /* s = 1[p > 0] (sparsemax) or √p (1.5-entmax) in place over a tile of p; NaN stays NaN */                \
-    static inline void tile_derivative_weights_##F(ACC_T *restrict p, int64_t n, int64_t kind) {             \
+    /* s = 1[p > 0] (sparsemax) or √p (1.5-entmax) over a tile of p; NaN stays NaN */                         \
+    static inline void tile_derivative_weights_##F(const ACC_T *restrict p, ACC_T *restrict s, int64_t n,     \
+                                                   int64_t kind) {                                            \
         if (kind == KIND_SPARSEMAX) {                                                                         \
-            for (int64_t j = 0; j < n; j++) p[j] = p[j] > 0 ? (ACC_T)1 : p[j] != p[j] ? p[j] : (ACC_T)0;     \
+            for (int64_t j = 0; j < n; j++) s[j] = p[j] > 0 ? (ACC_T)1 : p[j] != p[j] ? p[j] : (ACC_T)0;     \
         } else {                                                                                              \
-            for (int64_t j = 0; j < n; j++) p[j] = SQRT(p[j]);                                                \
+            for (int64_t j = 0; j < n; j++) s[j] = SQRT(p[j]);                                                \
         }                                                                                                     \
     }                                                                                                         \
                                                                                                               \
@@ -331,8 +356,8 @@ DEFINE_TILE_OPS(d, double, sqrt)
 
 /* ------------------------------------------------------------------------------------------- the rows */
 /* SUFFIX: exported name suffix; IN_T: element type of x, p, g and grad; ACC_T: compute type and F its tile
- * ops; EPS: the compute type's machine epsilon. */
-#define DEFINE_SPARSE_ROWS(SUFFIX, IN_T, ACC_T, F, LOAD, STORE, EPS)                                         \
+ * ops; ACCESS: the view_/target_/commit_ suffix; EPS: the compute type's machine epsilon. */
+#define DEFINE_SPARSE_ROWS(SUFFIX, IN_T, ACC_T, F, ACCESS, EPS)                                              \
     /* The threshold of one row: sets *m_out and *t_out and returns the support size s, with cand[0..s) the  \
      * support's v in descending order; 0 (and NaN m, t) for a row without a solution. */                     \
     static int64_t solve_row_##SUFFIX(const IN_T *row, int64_t C, int64_t kind, ACC_T *cand, ACC_T *m_out,    \
@@ -341,8 +366,7 @@ DEFINE_TILE_OPS(d, double, sqrt)
         for (int k = 0; k < LANES; k++) acc[k] = -INFINITY, nan[k] = 0;                                       \
         for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                            \
             int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                        \
-            LOAD(row + j0, buf, n);                                                                           \
-            tile_max_##F(buf, n, acc, nan);                                                                   \
+            tile_max_##F(view_##ACCESS(row + j0, buf, n), n, acc, nan);                                       \
         }                                                                                                     \
         ACC_T m = acc[0], nans = nan[0];                                                                      \
         for (int k = 1; k < LANES; k++) m = acc[k] > m ? acc[k] : m, nans += nan[k];                          \
@@ -354,8 +378,7 @@ DEFINE_TILE_OPS(d, double, sqrt)
         int64_t count = 0;                                                                                    \
         for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                            \
             int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                        \
-            LOAD(row + j0, buf, n);                                                                           \
-            count = tile_collect_##F(buf, n, m, c, cand, count);                                              \
+            count = tile_collect_##F(view_##ACCESS(row + j0, buf, n), n, m, c, cand, count);                  \
         }                                                                                                     \
         *m_out = m;                                                                                           \
         return solve_candidates_##F(cand, count, kind, EPS, t_out);                                           \
@@ -367,7 +390,7 @@ DEFINE_TILE_OPS(d, double, sqrt)
                                int64_t kind, ACC_T *scratch, ACC_T *row_stats, IN_T *out, int64_t ldo,        \
                                const int64_t *target, ACC_T *loss) {                                          \
         const ACC_T c = kind == KIND_SPARSEMAX ? (ACC_T)1 : (ACC_T)0.5;                                       \
-        ACC_T buf[TILE];                                                                                      \
+        ACC_T buf[TILE], result[TILE];                                                                        \
         for (int64_t i = start; i < stop; i++) {                                                              \
             const IN_T *row = x + i * ldx;                                                                    \
             ACC_T m, t;                                                                                       \
@@ -379,8 +402,8 @@ DEFINE_TILE_OPS(d, double, sqrt)
                     ACC_T d = scratch[j] - t;                                                                 \
                     power_sum += kind == KIND_SPARSEMAX ? d * d : d * d * d;                                  \
                 }                                                                                             \
-                ACC_T xy;                                                                                     \
-                LOAD(row + target[i], &xy, 1);                                                                \
+                ACC_T xy_buf;                                                                                 \
+                const ACC_T xy = *view_##ACCESS(row + target[i], &xy_buf, 1);                                 \
                 const ACC_T margin = ((xy - m) * c - t) / c; /* x_y − τ */                                    \
                 loss[i] = s == 0 ? (ACC_T)NAN                                                                 \
                         : kind == KIND_SPARSEMAX ? (1 + power_sum) / 2 - margin                               \
@@ -390,9 +413,9 @@ DEFINE_TILE_OPS(d, double, sqrt)
             IN_T *p = out + i * ldo;                                                                          \
             for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
                 int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
-                LOAD(row + j0, buf, n);                                                                       \
-                tile_probabilities_##F(buf, n, kind, m, c, t, 1);                                             \
-                STORE(buf, p + j0, n);                                                                        \
+                ACC_T *tile = target_##ACCESS(p + j0, result);                                                \
+                tile_probabilities_##F(view_##ACCESS(row + j0, buf, n), tile, n, kind, m, c, t, 1);           \
+                commit_##ACCESS(tile, p + j0, n);                                                             \
             }                                                                                                 \
         }                                                                                                     \
     }                                                                                                         \
@@ -401,16 +424,14 @@ DEFINE_TILE_OPS(d, double, sqrt)
      * formula: an infinite g where s = 0 gives NaN). */                                                      \
     void sksp_map_backward_##SUFFIX(const IN_T *p, int64_t ldp, const IN_T *g, int64_t ldg, IN_T *grad,      \
                                     int64_t ldr, int64_t start, int64_t stop, int64_t C, int64_t kind) {      \
-        ACC_T pb[TILE], gb[TILE], acc_s[LANES], acc_sg[LANES];                                                \
+        ACC_T pb[TILE], gb[TILE], sb[TILE], result[TILE], acc_s[LANES], acc_sg[LANES];                        \
         for (int64_t i = start; i < stop; i++) {                                                              \
             const IN_T *prow = p + i * ldp, *grow = g + i * ldg;                                              \
             for (int k = 0; k < LANES; k++) acc_s[k] = 0, acc_sg[k] = 0;                                      \
             for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
                 int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
-                LOAD(prow + j0, pb, n);                                                                       \
-                LOAD(grow + j0, gb, n);                                                                       \
-                tile_derivative_weights_##F(pb, n, kind);                                                     \
-                tile_jvp_sums_##F(pb, gb, n, acc_s, acc_sg);                                                  \
+                tile_derivative_weights_##F(view_##ACCESS(prow + j0, pb, n), sb, n, kind);                    \
+                tile_jvp_sums_##F(sb, view_##ACCESS(grow + j0, gb, n), n, acc_s, acc_sg);                     \
             }                                                                                                 \
             ACC_T total_s = 0, total_sg = 0;                                                                  \
             for (int k = 0; k < LANES; k++) total_s += acc_s[k], total_sg += acc_sg[k];                       \
@@ -418,11 +439,11 @@ DEFINE_TILE_OPS(d, double, sqrt)
             IN_T *out = grad + i * ldr;                                                                       \
             for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
                 int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
-                LOAD(prow + j0, pb, n);                                                                       \
-                LOAD(grow + j0, gb, n);                                                                       \
-                tile_derivative_weights_##F(pb, n, kind);                                                     \
-                for (int64_t j = 0; j < n; j++) gb[j] = pb[j] * (gb[j] - q);                                  \
-                STORE(gb, out + j0, n);                                                                       \
+                tile_derivative_weights_##F(view_##ACCESS(prow + j0, pb, n), sb, n, kind);                    \
+                const ACC_T *restrict gv = view_##ACCESS(grow + j0, gb, n);                                   \
+                ACC_T *restrict tile = target_##ACCESS(out + j0, result);                                     \
+                for (int64_t j = 0; j < n; j++) tile[j] = sb[j] * (gv[j] - q);                                \
+                commit_##ACCESS(tile, out + j0, n);                                                           \
             }                                                                                                 \
         }                                                                                                     \
     }                                                                                                         \
@@ -433,7 +454,7 @@ DEFINE_TILE_OPS(d, double, sqrt)
                                      const int64_t *target, const ACC_T *scale, IN_T *grad, int64_t ldg,      \
                                      int64_t start, int64_t stop, int64_t C, int64_t kind) {                  \
         const ACC_T c = kind == KIND_SPARSEMAX ? (ACC_T)1 : (ACC_T)0.5;                                       \
-        ACC_T buf[TILE];                                                                                      \
+        ACC_T buf[TILE], result[TILE];                                                                        \
         for (int64_t i = start; i < stop; i++) {                                                              \
             const IN_T *row = x + i * ldx;                                                                    \
             IN_T *out = grad + i * ldg;                                                                       \
@@ -441,29 +462,29 @@ DEFINE_TILE_OPS(d, double, sqrt)
             const int64_t y = target[i];                                                                      \
             for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
                 int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
+                ACC_T *tile = target_##ACCESS(out + j0, result);                                              \
                 if (w == 0) {                                                                                 \
-                    memset(buf, 0, (size_t)n * sizeof(ACC_T));                                                \
+                    memset(tile, 0, (size_t)n * sizeof(ACC_T));                                               \
                 } else {                                                                                      \
-                    LOAD(row + j0, buf, n);                                                                   \
-                    tile_probabilities_##F(buf, n, kind, m, c, t, w);                                         \
-                    if (y >= j0 && y < j0 + n) buf[y - j0] -= w;                                              \
+                    tile_probabilities_##F(view_##ACCESS(row + j0, buf, n), tile, n, kind, m, c, t, w);       \
+                    if (y >= j0 && y < j0 + n) tile[y - j0] -= w;                                             \
                 }                                                                                             \
-                STORE(buf, out + j0, n);                                                                      \
+                commit_##ACCESS(tile, out + j0, n);                                                           \
             }                                                                                                 \
         }                                                                                                     \
     }
 
 #ifdef SKSP_F32
-DEFINE_SPARSE_ROWS(f32, float, float, f, load_f32, store_f32, 1.1920929e-7f)
+DEFINE_SPARSE_ROWS(f32, float, float, f, float, 1.1920929e-7f)
 #endif
 #ifdef SKSP_BF16
-DEFINE_SPARSE_ROWS(bf16, uint16_t, float, f, load_bf16, store_bf16, 1.1920929e-7f)
+DEFINE_SPARSE_ROWS(bf16, uint16_t, float, f, bf16, 1.1920929e-7f)
 #endif
 #ifdef SKSP_F16
-DEFINE_SPARSE_ROWS(f16, uint16_t, float, f, load_f16, store_f16, 1.1920929e-7f)
+DEFINE_SPARSE_ROWS(f16, uint16_t, float, f, f16, 1.1920929e-7f)
 #endif
 #ifdef SKSP_F64
-DEFINE_SPARSE_ROWS(f64, double, double, d, load_f64, store_f64, 2.220446049250313e-16)
+DEFINE_SPARSE_ROWS(f64, double, double, d, double, 2.220446049250313e-16)
 #endif
 
 /* Bumped whenever an exported signature changes; checked by the loader. */
