@@ -34,7 +34,7 @@ import torch
 
 from ..._reduction import safe_divide
 from .._autograd import strict_once_differentiable
-from ..torch.sparse import ENTMAX15, SPARSEMAX, _row_scale
+from ..torch.sparse import ENTMAX15, SPARSEMAX, _row_scale, work_dtype
 from . import _build, row_workers, run_row_ranges
 from .cross_entropy import new_gradient
 
@@ -73,10 +73,6 @@ def _function(name: str, dtype: torch.dtype):
     return _functions[name, suffix]
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _unit_class_stride(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` itself when its classes are contiguous (any row stride), else a contiguous copy."""
     return tensor if tensor.stride(1) == 1 or tensor.shape[1] <= 1 else tensor.contiguous()
@@ -87,7 +83,7 @@ def _solve(x: torch.Tensor, kind: str, out: torch.Tensor | None, target: torch.T
     ``row_stats`` ``(N, 2)`` holds each row's ``(m, t)`` and ``loss`` ``(N,)`` its loss when ``target`` is
     given (else None); ``p`` goes into ``out`` when given."""
     num_rows, num_classes = x.shape
-    work = _work_dtype(x.dtype)
+    work = work_dtype(x.dtype)
     row_stats = torch.empty((num_rows, 2), dtype=work)
     loss = torch.empty(num_rows, dtype=work) if target is not None else None
     if num_rows == 0:
@@ -159,7 +155,7 @@ class _CpuFenchelYoungFunction(torch.autograd.Function):
         reduction: str,
     ) -> torch.Tensor:
         x = _unit_class_stride(x)
-        work = _work_dtype(x.dtype)
+        work = work_dtype(x.dtype)
         valid = target != ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target)).to(torch.int64).contiguous()
         zero = torch.zeros((), dtype=work)
