@@ -7,7 +7,7 @@ step; a Newton step and a Cauchy–Schwarz bound for 1.5-entmax), sorted, and ``
 closed form, which is exact on any superset of the support. Rows are split over torch's threads
 (:func:`softmaxkit.backends.cpu.run_row_ranges`).
 
-.. math:: \frac{∂ℓ}{∂x} = \mathrm{diag}(s) − \frac{s s^⊤}{Σ_j s_j}\quad(s = 1[p > 0]\ \text{or}\ \sqrt p),
+.. math:: \frac{∂p}{∂x} = \mathrm{diag}(s) − \frac{s s^⊤}{Σ_j s_j}\quad(s = 1[p > 0]\ \text{or}\ \sqrt p),
           \qquad \frac{∂ℓ_{FY}}{∂x} = w_y (p − e_y)
 
 **Memory.** The maps save only their output ``p`` (forward + backward allocate ``p`` and the gradient: 2× the
@@ -15,8 +15,8 @@ input); the losses save nothing ``(N, C)`` besides the logits and a per-row ``(m
 recomputes ``p`` into the gradient buffer. Scratch is one row per thread.
 
 **Precision.** fp16/bf16 are solved in fp32 and rounded once; float64 stays float64. The maps' backward uses
-the saved (rounded) output: in fp16 an entry whose probability is below fp16's smallest subnormal (3e-8)
-rounds to 0 and is then outside the support the Jacobian sees.
+the saved (rounded) output: in fp16 an entry whose probability is below 3e-8 (half of fp16's smallest
+subnormal) rounds to 0 and is then outside the support the Jacobian sees.
 
 **Non-finite rows** (a NaN, a +inf, or every entry −inf) have no threshold: their ``p``, loss and gradients
 are NaN in every entry of the row (the PyTorch path gives NaN too, in entries that depend on its top-k order).
