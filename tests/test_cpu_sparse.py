@@ -324,8 +324,8 @@ def test_ties_and_all_equal_rows(name, num_classes):
 
 @pytest.mark.parametrize("name", MAPS)
 def test_rows_needing_many_filter_passes(name):
-    # geometric gaps below the max: each lower bound drops only a few candidates per pass, so the filter
-    # runs out of passes on some rows and the sort finishes; linear ramps give supports of ~45 (sparsemax)
+    # candidates crowding towards max − 1 (geometric gaps) or spread evenly over it (linear ramps: supports of
+    # ~45 for sparsemax at 1e-3 spacing, hundreds at 1e-6), where the lower bounds drop few per pass
     function, oracle, _ = MAPS[name]
     j = torch.arange(2000, dtype=torch.float64)
     x = torch.stack([-(1 - 0.5**j), -(1 - 0.97**j) * 1.9, -j * 1e-3, -j * 1e-6, torch.sqrt(j) * -0.04])
