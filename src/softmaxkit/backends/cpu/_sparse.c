@@ -42,7 +42,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -213,8 +213,8 @@ CONVERTED_ACCESS(f16)
                                                                                                               \
     /* append v = (x − m)·c to cand[count..] where v > −1; returns the new count. A vector test per block of \
      * LANES skips the (usual) blocks without a candidate; cand has room for every entry of the row. */      \
-    static inline int64_t tile_collect_##F(const ACC_T *restrict buf, int64_t n, ACC_T m, ACC_T c,           \
-                                           ACC_T *restrict cand, int64_t count) {                             \
+    static inline int64_t tile_collect_portable_##F(const ACC_T *restrict buf, int64_t n, ACC_T m, ACC_T c,  \
+                                                    ACC_T *restrict cand, int64_t count) {                    \
         int64_t j = 0;                                                                                        \
         for (; j + LANES <= n; j += LANES) {                                                                  \
             int hit = 0;                                                                                      \
@@ -349,9 +349,35 @@ CONVERTED_ACCESS(f16)
 #endif
 #if defined(SKSP_F32) || defined(SKSP_BF16) || defined(SKSP_F16)
 DEFINE_TILE_OPS(f, float, sqrtf)
+#if defined(__AVX512F__)
+/* fp32 candidates with AVX-512: per 16 entries one compare and a compress into a register, stored whole, no
+ * branch. The store's 16 lanes stay inside cand (C entries): count never exceeds the number of entries read
+ * before this block, so count + 16 <= (entries read) + 16 <= C. */
+static inline int64_t tile_collect_f(const float *restrict buf, int64_t n, float m, float c, float *restrict cand,
+                                     int64_t count) {
+    const __m512 shift = _mm512_set1_ps(m), scale = _mm512_set1_ps(c), floor = _mm512_set1_ps(-1.0f);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + j), shift), scale);
+        __mmask16 keep = _mm512_cmp_ps_mask(v, floor, _CMP_GT_OQ);
+        _mm512_storeu_ps(cand + count, _mm512_maskz_compress_ps(keep, v));
+        count += __builtin_popcount((unsigned)keep);
+    }
+    return tile_collect_portable_f(buf + j, n - j, m, c, cand, count);
+}
+#else
+static inline int64_t tile_collect_f(const float *restrict buf, int64_t n, float m, float c, float *restrict cand,
+                                     int64_t count) {
+    return tile_collect_portable_f(buf, n, m, c, cand, count);
+}
+#endif
 #endif
 #ifdef SKSP_F64
 DEFINE_TILE_OPS(d, double, sqrt)
+static inline int64_t tile_collect_d(const double *restrict buf, int64_t n, double m, double c,
+                                     double *restrict cand, int64_t count) {
+    return tile_collect_portable_d(buf, n, m, c, cand, count);
+}
 #endif
 
 /* ------------------------------------------------------------------------------------------- the rows */
