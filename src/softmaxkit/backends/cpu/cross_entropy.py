@@ -32,8 +32,6 @@ _FLAG_STATS, _FLAG_GRAD, _FLAG_STREAM = 1, 2, 4
 #: a gradient at least this large (and not written over the logits) is written with non-temporal stores:
 #: it cannot stay in the caches anyway, and streaming skips reading each line before overwriting it
 _STREAM_MIN_BYTES = 32 << 20
-#: classes per tile in the kernel (TILE in _cross_entropy.c; the fused pass keeps one float per tile)
-_TILE = 512
 _functions: dict[str, object] = {}
 
 
@@ -148,9 +146,7 @@ def run_rows(
     scratch = None
     if flags & (_FLAG_STATS | _FLAG_GRAD) == _FLAG_STATS | _FLAG_GRAD:
         # one row of exp(z − m) (and dz/dx under softcap) per worker: cache-sized, not logits-sized
-        # ... and the running shift of each tile (one per _TILE classes; the kernel's TILE)
-        width = num_classes * (2 if softcap is not None else 1) + -(-num_classes // _TILE)
-        scratch = torch.empty((workers, width), dtype=lse.dtype)
+        scratch = torch.empty((workers, num_classes * (2 if softcap is not None else 1)), dtype=lse.dtype)
 
     def call(worker: int, start: int, stop: int) -> None:
         row = None if scratch is None else scratch[worker].data_ptr()
