@@ -26,7 +26,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__F16C__) || defined(__SSE2__)
+#if defined(__F16C__) || defined(__SSE2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -157,6 +157,46 @@ static inline void store_f16(const float *src, uint16_t *dst, int64_t n) {
     for (; j < n; j++) dst[j] = float_to_half(src[j]);
 }
 
+/* out[j] = exp(in[j] − shift) over a tile (out may be in). With
+ * AVX-512 the fp32 version runs 16 lanes at a time with the same Cephes polynomial as sk_expf and fewer
+ * instructions (vscalefps for 2^k, which also gives exact 0 on underflow; vrndscaleps for rounding); the
+ * tail of a tile goes through sk_expf. A given element always takes the same route (tiles are cut the same
+ * way in every pass), so the fused and the deferred gradient still round identically. */
+#if defined(__AVX512F__)
+static inline __m512 sk_exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.33654f), hi = _mm512_set1_ps(88.0f);
+    __m512 xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x)); /* NaN stays NaN (it is the second operand) */
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), xc);
+    r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    __m512 y = _mm512_scalef_ps(p, k);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), y, _mm512_setzero_ps());
+}
+#endif
+
+static inline void exp_shift_f32(const float *in, float *out, int64_t n, float shift) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    const __m512 s = _mm512_set1_ps(shift);
+    for (; j + 16 <= n; j += 16)
+        _mm512_storeu_ps(out + j, sk_exp16(_mm512_sub_ps(_mm512_loadu_ps(in + j), s)));
+#endif
+    for (; j < n; j++) out[j] = sk_expf(in[j] - shift);
+}
+
+static inline void exp_shift_f64(const double *in, double *out, int64_t n, double shift) {
+    for (int64_t j = 0; j < n; j++) out[j] = exp(in[j] - shift);
+}
+
+
 /* Copy `bytes` from a local tile to memory with non-temporal stores where the CPU has them: a fresh
  * gradient buffer much larger than the caches is written without first being read into them (no
  * read-for-ownership), which saves a third of the memory traffic of the gradient pass. Unaligned head
@@ -199,7 +239,7 @@ static inline void stream_fence(void) {
 
 /* ------------------------------------------------------------------------------------------- the rows */
 /* SUFFIX: exported name suffix; IN_T: element type of x and grad; ACC_T: compute type. */
-#define DEFINE_CE_ROWS(SUFFIX, IN_T, ACC_T, LOAD, STORE, EXP, TANH, LOG)                                     \
+#define DEFINE_CE_ROWS(SUFFIX, IN_T, ACC_T, LOAD, STORE, EXP, EXP_SHIFT, TANH, LOG)                                     \
     static inline ACC_T transform_##SUFFIX(ACC_T x, ACC_T inv_t, ACC_T softcap) {                            \
         if (softcap > 0) x = softcap * TANH(x / softcap);                                                     \
         return x * inv_t;                                                                                     \
@@ -221,6 +261,13 @@ static inline void stream_fence(void) {
         }                                                                                                     \
     }                                                                                                         \
                                                                                                               \
+    /* out = coefficient · in. Not inlined, like transform_tile: the fused pass (from the kept exp) and the \
+     * deferred pass (from a fresh exp) then round identically whatever the compiler contracts around it. */ \
+    static __attribute__((noinline)) void scale_tile_##SUFFIX(const ACC_T *in, ACC_T *out, int64_t n,        \
+                                                              ACC_T coefficient) {                          \
+        for (int64_t j = 0; j < n; j++) out[j] = coefficient * in[j];                                         \
+    }                                                                                                         \
+                                                                                                              \
     void skce_rows_##SUFFIX(const IN_T *x, int64_t ldx, const int64_t *target, const ACC_T *weight,          \
                             int64_t start, int64_t stop, int64_t num_classes, int64_t ignore_index,           \
                             double eps_d, double inv_t_d, double z_loss_d, double softcap_d,                  \
@@ -230,7 +277,7 @@ static inline void stream_fence(void) {
         const ACC_T eps = (ACC_T)eps_d, inv_t = (ACC_T)inv_t_d, z_loss = (ACC_T)z_loss_d;                     \
         const ACC_T softcap = (ACC_T)softcap_d, weight_total = (ACC_T)weight_total_d;                         \
         const int64_t C = num_classes;                                                                        \
-        ACC_T buf[TILE], dzdx[TILE], acc[LANES];                                                              \
+        ACC_T buf[TILE], ebuf[TILE], dzdx[TILE], acc[LANES];                                                              \
         const int transformed = softcap > 0 || inv_t != (ACC_T)1;                                             \
         /* fused stats + gradient with a scratch row: keep e = exp(z − m) (and dz/dx) from the stats pass */  \
         ACC_T *keep_e = (flags & FLAG_STATS) && (flags & FLAG_GRAD) ? scratch : 0;                            \
@@ -277,18 +324,14 @@ static inline void stream_fence(void) {
                             for (; j < n; j++) wz[0] += buf[j];                                               \
                         }                                                                                     \
                     }                                                                                         \
-                    if (keep_e) {                                                                             \
-                        ACC_T *e = keep_e + j0;                                                               \
-                        for (int64_t j = 0; j < n; j++) e[j] = EXP(buf[j] - m);                               \
+                    { /* e = exp(z − m), kept for the gradient pass when fused; summed the same way either   \
+                       * way, so the fused and the deferred gradient share Σe bit for bit */                  \
+                        ACC_T *e = keep_e ? keep_e + j0 : ebuf;                                               \
+                        EXP_SHIFT(buf, e, n, m);                                                              \
                         int64_t j = 0;                                                                        \
                         for (; j + LANES <= n; j += LANES)                                                    \
                             for (int k = 0; k < LANES; k++) acc[k] += e[j + k];                               \
                         for (; j < n; j++) acc[0] += e[j];                                                    \
-                    } else {                                                                                  \
-                        int64_t j = 0;                                                                        \
-                        for (; j + LANES <= n; j += LANES)                                                    \
-                            for (int k = 0; k < LANES; k++) acc[k] += EXP(buf[j + k] - m);                    \
-                        for (; j < n; j++) acc[0] += EXP(buf[j] - m);                                         \
                     }                                                                                         \
                 }                                                                                             \
                 ACC_T total = 0, weighted = 0;                                                                \
@@ -341,12 +384,13 @@ static inline void stream_fence(void) {
                 const ACC_T *d = dzdx;                                                                        \
                 if (keep_e) { /* p = e / Σe: no second exp, no second transform */                            \
                     const ACC_T *e = keep_e + j0;                                                             \
-                    for (int64_t j = 0; j < n; j++) buf[j] = factor * e[j];                                   \
+                    scale_tile_##SUFFIX(e, buf, n, factor);                                                   \
                     if (keep_d) d = keep_d + j0;                                                              \
                 } else {                                                                                      \
                     LOAD(row + j0, buf, n);                                                                   \
                     transform_tile_##SUFFIX(buf, softcap > 0 ? dzdx : 0, n, inv_t, softcap);                  \
-                    for (int64_t j = 0; j < n; j++) buf[j] = factor * EXP(buf[j] - row_max);                  \
+                    EXP_SHIFT(buf, buf, n, row_max);                                                          \
+                    scale_tile_##SUFFIX(buf, buf, n, factor);                                                 \
                 }                                                                                             \
                 if (eps > 0) {                                                                                \
                     if (weight) {                                                                             \
@@ -382,16 +426,16 @@ static inline void stream_fence(void) {
 #define SKCE_F64
 #endif
 #ifdef SKCE_F32
-DEFINE_CE_ROWS(f32, float, float, load_f32, store_f32, sk_expf, sk_tanhf, logf)
+DEFINE_CE_ROWS(f32, float, float, load_f32, store_f32, sk_expf, exp_shift_f32, sk_tanhf, logf)
 #endif
 #ifdef SKCE_BF16
-DEFINE_CE_ROWS(bf16, uint16_t, float, load_bf16, store_bf16, sk_expf, sk_tanhf, logf)
+DEFINE_CE_ROWS(bf16, uint16_t, float, load_bf16, store_bf16, sk_expf, exp_shift_f32, sk_tanhf, logf)
 #endif
 #ifdef SKCE_F16
-DEFINE_CE_ROWS(f16, uint16_t, float, load_f16, store_f16, sk_expf, sk_tanhf, logf)
+DEFINE_CE_ROWS(f16, uint16_t, float, load_f16, store_f16, sk_expf, exp_shift_f32, sk_tanhf, logf)
 #endif
 #ifdef SKCE_F64
-DEFINE_CE_ROWS(f64, double, double, load_f64, store_f64, exp, tanh, log)
+DEFINE_CE_ROWS(f64, double, double, load_f64, store_f64, exp, exp_shift_f64, tanh, log)
 #endif
 
 /* Bumped whenever the exported signature changes; checked by the loader. */
