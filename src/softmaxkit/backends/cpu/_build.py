@@ -161,7 +161,8 @@ def _load_uncached(variant: str, source_name: str = "cross_entropy") -> ctypes.C
     if compiler is None:
         failure_reason = "no C compiler found (set CC, or install gcc/clang)"
         return None
-    source = spec.path.read_bytes()
+    # the source and the headers it includes from this folder (_dtypes.h): a change to either rebuilds
+    source = spec.path.read_bytes() + b"".join(path.read_bytes() for path in sorted(spec.path.parent.glob("*.h")))
     version = _compiler_version(compiler)
     errors = []
     for flags in (_FLAGS_NATIVE, _FLAGS_PORTABLE):
