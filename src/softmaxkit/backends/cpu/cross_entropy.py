@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from ..._reduction import safe_divide
+from ..._reduction import reduce_loss, safe_divide
 from .._autograd import strict_once_differentiable
 from . import _build, row_workers, run_row_ranges
 
@@ -216,12 +216,7 @@ class _CpuCrossEntropyFunction(torch.autograd.Function):
         if z_loss > 0:
             loss = loss + z_loss * lse * lse
         loss = torch.where(valid, loss, torch.zeros_like(loss))
-        if reduction == "mean":
-            out = safe_divide(loss.sum(), denominator)
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
+        out = reduce_loss(loss, reduction, denominator)
 
         ctx.save_for_backward(logits, target, lse, row_stats, weight, denominator, scale)
         ctx.grad = grad

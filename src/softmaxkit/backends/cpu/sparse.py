@@ -32,7 +32,7 @@ import ctypes
 
 import torch
 
-from ..._reduction import safe_divide
+from ..._reduction import reduce_loss
 from .._autograd import strict_once_differentiable
 from ..torch.sparse import ENTMAX15, SPARSEMAX, _row_scale, work_dtype
 from . import _build, row_workers, run_row_ranges
@@ -164,12 +164,7 @@ class _CpuFenchelYoungFunction(torch.autograd.Function):
         # A target class with probability 0 and logit −inf has infinite loss; an ignored row has none.
         loss = torch.where(valid, w_y * row, zero)
         denominator = w_y.sum()
-        if reduction == "mean":
-            out = safe_divide(loss.sum(), denominator)
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
+        out = reduce_loss(loss, reduction, denominator)
         ctx.save_for_backward(x, row_stats, safe_target, w_y, denominator)
         ctx.kind, ctx.reduction = kind, reduction
         return out.to(x.dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._reduction import safe_divide
+from ..._reduction import reduce_loss, safe_divide
 from .._autograd import strict_once_differentiable
 
 #: bytes of fp32 work per chunk: ~4 MiB keeps a chunk (and its temporaries) in L2/L3 on CPUs.
@@ -207,12 +207,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         loss = row_loss(lse, z_target, z_weighted_sum, w_y, valid, weight_total, eps, num_classes, z_loss)
 
         denominator = w_y.sum()
-        if reduction == "mean":
-            out = safe_divide(loss.sum(), denominator)
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
+        out = reduce_loss(loss, reduction, denominator)
 
         ctx.save_for_backward(logits, safe_target, valid, w_y, lse, weight, denominator)
         ctx.options = (reduction, eps, inv_t, z_loss, softcap, chunk_size, inplace_backward, weight_total)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._reduction import safe_divide
+from ..._reduction import reduce_loss, safe_divide
 from .._autograd import strict_once_differentiable
 
 
@@ -102,12 +102,7 @@ class _FocalFunction(torch.autograd.Function):
         loss = torch.where(valid, loss, zero)
 
         denominator = w_y.sum()
-        if reduction == "mean":
-            out = safe_divide(loss.sum(), denominator)
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
+        out = reduce_loss(loss, reduction, denominator)
         ctx.save_for_backward(logits, safe_target, valid, scale, denominator)
         ctx.options = (gamma, reduction, eps, temperature)
         return out.to(logits.dtype)

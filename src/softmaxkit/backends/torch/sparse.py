@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..._reduction import safe_divide
+from ..._reduction import reduce_loss, safe_divide
 from .._autograd import strict_once_differentiable
 from .cross_entropy import chunk_rows
 
@@ -729,12 +729,7 @@ class _FenchelYoungFunction(torch.autograd.Function):
         # A target class with probability 0 and logit −inf has infinite loss; an ignored row has none.
         loss = torch.where(valid, w_y * row, zero)
         denominator = w_y.sum()
-        if reduction == "mean":
-            out = safe_divide(loss.sum(), denominator)
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
+        out = reduce_loss(loss, reduction, denominator)
         if ctx.sparse:
             ctx.save_for_backward(x, solution.index, p, safe_target, w_y, denominator)
         else:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._reduction import safe_divide
+from ..._reduction import reduce_loss, safe_divide
 from .._autograd import strict_once_differentiable
 
 
@@ -237,12 +237,7 @@ class _TritonCrossEntropyFunction(torch.autograd.Function):
                 HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=softcap is not None,
                 BLOCK=block, PARAMS_IN_MEMORY=work == torch.float64, num_warps=warps,
             )
-        if reduction == "mean":
-            out = safe_divide(loss.sum(), denominator)
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
+        out = reduce_loss(loss, reduction, denominator)
         ctx.save_for_backward(rows, target, weight, weight_total, lse, denominator)
         # in place only into the caller's own buffer (a contiguous copy made here would be invisible)
         ctx.options = (ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
