@@ -227,7 +227,7 @@ def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setattr(_build, "_libraries", {})
     monkeypatch.setenv("SOFTMAXKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(_build, "_compile", lambda compiler, flags, target, variant: "error: simulated")
+    monkeypatch.setattr(_build, "_compile", lambda compiler, flags, target, variant, source: "error: simulated")
     assert _build.load() is None
     assert "simulated" in _build.failure_reason
 

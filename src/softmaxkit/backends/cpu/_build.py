@@ -44,7 +44,6 @@ SOURCES = {
     "cross_entropy": _Source(SOURCE, "SKCE", "skce_abi_version", ABI_VERSION),
     "sparse": _Source(Path(__file__).with_name("_sparse.c"), "SKSP", "sksp_abi_version", 1),
 }
-_CROSS_ENTROPY = SOURCES["cross_entropy"]
 # -O2 plus the vectoriser compiles in ~1 s and runs as fast as -O3 (which takes 2-4 s) on this code.
 _FLAGS_PORTABLE = ["-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-fPIC", "-shared", "-fno-math-errno",
                    "-std=gnu99"]
@@ -54,8 +53,8 @@ _FLAGS_NATIVE = [*_FLAGS_PORTABLE, "-march=native"]
 VARIANTS = ("f32", "bf16", "f16", "f64")
 
 _lock = threading.Lock()
-#: loaded libraries by key: the variant for cross_entropy (as before), "<source>_<variant>" for the others
-_libraries: dict[str, ctypes.CDLL | None] = {}
+#: loaded libraries by (source, variant)
+_libraries: dict[tuple[str, str], ctypes.CDLL | None] = {}
 #: why the last :func:`load` returned None ("" when it did not)
 failure_reason = ""
 
@@ -98,7 +97,7 @@ def _compiler_version(compiler: str) -> str:
         return ""
 
 
-def _compile(compiler: str, flags: list[str], target: Path, variant: str, source: _Source = _CROSS_ENTROPY) -> str:
+def _compile(compiler: str, flags: list[str], target: Path, variant: str, source: _Source) -> str:
     """Compile ``source`` into ``target`` atomically; return "" on success or the compiler's complaint."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -119,7 +118,7 @@ def _compile(compiler: str, flags: list[str], target: Path, variant: str, source
             os.unlink(temporary)
 
 
-def _open(path: Path, source: _Source = _CROSS_ENTROPY) -> ctypes.CDLL | None:
+def _open(path: Path, source: _Source) -> ctypes.CDLL | None:
     try:
         library = ctypes.CDLL(str(path))
         abi_version = getattr(library, source.abi_symbol)
@@ -138,7 +137,7 @@ def load(variant: str = "f32", source: str = "cross_entropy") -> ctypes.CDLL | N
     Builds it on the first call (about 0.5 s of compiler time), then reuses the cached file; None when it
     cannot be had (:data:`failure_reason` says why).
     """
-    key = variant if source == "cross_entropy" else f"{source}_{variant}"
+    key = (source, variant)
     if key in _libraries:
         return _libraries[key]
     with _lock:
@@ -173,9 +172,7 @@ def _load_uncached(variant: str, source_name: str = "cross_entropy") -> ctypes.C
         for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"softmaxkit-{os.getuid()}"):
             path = directory / f"{source_name}_{variant}_{key}.so"
             if not path.exists():
-                # (cross-entropy keeps the four-argument call that existing callers and tests rely on)
-                error = (_compile(compiler, flags, path, variant) if spec is _CROSS_ENTROPY
-                         else _compile(compiler, flags, path, variant, spec))
+                error = _compile(compiler, flags, path, variant, spec)
                 if error:
                     errors.append(error)
                     continue
