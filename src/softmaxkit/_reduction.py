@@ -46,6 +46,28 @@ def reduce_loss(
     return safe_divide(total, denominator.to(total.dtype))
 
 
+def row_scale(
+    grad_output: torch.Tensor,
+    reduction: str,
+    num_rows: int,
+    denominator: torch.Tensor,
+    row_factor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each row's upstream gradient for a per-row loss reduced by :func:`reduce_loss`, times ``row_factor``.
+
+    ``g_i`` (``"none"``), ``g/denominator`` (``"mean"``, 0 when the denominator is) or ``g`` (``"sum"``) for
+    each of ``num_rows`` rows, multiplied by ``row_factor`` (e.g. the ignore mask or ``w_y``) when given.
+    Stays on the device (no host sync). ``grad_output`` should already be in the compute dtype.
+    """
+    if reduction == "none":
+        scale = grad_output
+    elif reduction == "mean":
+        scale = safe_divide(grad_output, denominator).expand(num_rows)
+    else:
+        scale = grad_output.expand(num_rows)
+    return scale if row_factor is None else scale * row_factor
+
+
 def target_weight(
     target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:

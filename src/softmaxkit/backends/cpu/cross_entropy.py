@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from ..._reduction import reduce_loss, safe_divide
+from ..._reduction import reduce_loss, row_scale, safe_divide
 from .._autograd import strict_once_differentiable
 from . import _build, row_workers, run_row_ranges
 
@@ -248,14 +248,7 @@ class _CpuCrossEntropyFunction(torch.autograd.Function):
 
         work = lse.dtype
         valid = target != ignore_index
-        grad_output = grad_output.to(work)
-        if reduction == "none":
-            scale = grad_output * valid
-        elif reduction == "mean":
-            scale = safe_divide(grad_output, denominator).expand(target.shape[0]) * valid
-        else:
-            scale = grad_output.expand(target.shape[0]) * valid
-        scale = scale.contiguous()
+        scale = row_scale(grad_output.to(work), reduction, target.shape[0], denominator, valid).contiguous()
         if inplace_backward:
             grad = logits
             torch.autograd.graph.increment_version(logits)

@@ -32,9 +32,9 @@ import ctypes
 
 import torch
 
-from ..._reduction import reduce_loss
+from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
-from ..torch.sparse import ENTMAX15, SPARSEMAX, _row_scale, work_dtype
+from ..torch.sparse import ENTMAX15, SPARSEMAX, work_dtype
 from . import _build, row_workers, run_row_ranges
 from .cross_entropy import new_gradient
 
@@ -174,7 +174,7 @@ class _CpuFenchelYoungFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         x, row_stats, target, w_y, denominator = ctx.saved_tensors
         num_rows, num_classes = x.shape
-        scale = _row_scale(grad_output, ctx.reduction, w_y, denominator).contiguous()
+        scale = row_scale(grad_output.to(w_y.dtype), ctx.reduction, num_rows, denominator, w_y).contiguous()
         grad = new_gradient(tuple(x.shape), x.dtype)
         if num_rows:
             function = _function("loss_backward", x.dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._reduction import reduce_loss, safe_divide
+from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
 
 #: bytes of fp32 work per chunk: ~4 MiB keeps a chunk (and its temporaries) in L2/L3 on CPUs.
@@ -222,13 +222,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         work_dtype = lse.dtype
 
         # Per-row upstream scale g_i (0 on ignored rows), folded into every coefficient below.
-        grad_output = grad_output.to(work_dtype)
-        if reduction == "none":
-            scale = grad_output * valid
-        elif reduction == "mean":
-            scale = safe_divide(grad_output, denominator).expand(num_rows) * valid
-        else:
-            scale = grad_output.expand(num_rows) * valid
+        scale = row_scale(grad_output.to(work_dtype), reduction, num_rows, denominator, valid)
         row_coefficient, target_coefficient, smooth_coefficient = row_coefficients(
             scale, w_y, valid, weight_total, lse, eps, num_classes, z_loss
         )

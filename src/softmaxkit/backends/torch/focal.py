@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._reduction import reduce_loss, safe_divide
+from ..._reduction import reduce_loss, row_scale, safe_divide
 from .._autograd import strict_once_differentiable
 
 
@@ -120,28 +120,22 @@ class _FocalFunction(torch.autograd.Function):
         log_p = torch.log_softmax(z, dim=1)  # a fresh buffer: it becomes the gradient
         zero = torch.zeros((), dtype=work, device=logits.device)
 
-        grad_output = grad_output.to(work)
-        if reduction == "none":
-            row_scale = grad_output * valid
-        elif reduction == "mean":
-            row_scale = safe_divide(grad_output, denominator).expand(num_rows) * valid
-        else:
-            row_scale = grad_output.expand(num_rows) * valid
+        scale_i = row_scale(grad_output.to(work), reduction, num_rows, denominator, valid)
         if temperature != 1.0:
-            row_scale = row_scale / temperature
+            scale_i = scale_i / temperature
 
         s_y = torch.ones((), dtype=work, device=logits.device) if scale is None else scale[target]
         log_p_y = log_p.gather(1, target[:, None])[:, 0]
         _, coefficient_y = focal_terms(log_p_y, gamma)
         # g_y = (1 − ε) α_y w_y (1 − p_y)^γ (γ r_y − 1), times the row's upstream scale.
-        g_y = torch.where(s_y == 0, zero, (1.0 - eps) * s_y * coefficient_y) * row_scale
+        g_y = torch.where(s_y == 0, zero, (1.0 - eps) * s_y * coefficient_y) * scale_i
 
         if eps > 0:
             _, coefficients = focal_terms(log_p, gamma)
             g = coefficients * (eps / num_classes)
             if scale is not None:
                 g = torch.where(scale == 0, zero, g * scale)
-            g = g * row_scale[:, None]
+            g = g * scale_i[:, None]
             g.scatter_add_(1, target[:, None], g_y[:, None])
             grad = g.sub_(log_p.exp_().mul_(g.sum(dim=1, keepdim=True)))
         else:
@@ -210,14 +204,8 @@ class _FocalProbabilityFunction(torch.autograd.Function):
         coefficients = probability_coefficients(target, class_scale, eps, work)
         zero = torch.zeros((), dtype=work, device=logits.device)
 
-        grad_output = grad_output.to(work)
-        if reduction == "none":
-            row_scale = grad_output
-        elif reduction == "mean":
-            count = torch.tensor(float(num_rows), dtype=work, device=logits.device)
-            row_scale = safe_divide(grad_output, count).expand(num_rows)
-        else:
-            row_scale = grad_output.expand(num_rows)
+        count = torch.tensor(float(num_rows), dtype=work, device=logits.device)  # "mean" is over rows here
+        scale_i = row_scale(grad_output.to(work), reduction, num_rows, count)
 
         terms, factors = focal_terms(log_p, gamma)
         inactive = coefficients == 0
@@ -225,10 +213,10 @@ class _FocalProbabilityFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # ∂ℓ/∂t_c = (1 − ε) α_c w_c f_c, also where t_c = 0; 0 where a_c = 0 and p_c = 0 (f_c = +inf)
             scale = (1.0 - eps) if class_scale is None else (1.0 - eps) * class_scale.to(work)
-            grad_target = torch.where(inactive & torch.isinf(terms), zero, terms * scale) * row_scale[:, None]
+            grad_target = torch.where(inactive & torch.isinf(terms), zero, terms * scale) * scale_i[:, None]
             grad_target = grad_target.to(target.dtype)
         # g_c = a_c (1 − p_c)^γ (γ r_c − 1); ∂ℓ/∂z = g − p Σ_c g_c, times the row's upstream scale and 1/T
         g = torch.where(inactive, zero, coefficients * factors)
-        g.mul_((row_scale / temperature)[:, None] if temperature != 1.0 else row_scale[:, None])
+        g.mul_((scale_i / temperature)[:, None] if temperature != 1.0 else scale_i[:, None])
         grad = g.sub_(log_p.exp_().mul_(g.sum(dim=1, keepdim=True)))
         return grad.to(logits.dtype), grad_target, None, None, None, None, None

@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..._reduction import reduce_loss, safe_divide
+from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
 from .cross_entropy import chunk_rows
 
@@ -562,16 +562,6 @@ def _normaliser(x: torch.Tensor, tau: torch.Tensor, delta) -> torch.Tensor:
     return total
 
 
-def _row_scale(grad_output: torch.Tensor, reduction: str, w_y: torch.Tensor, denominator: torch.Tensor):
-    """The upstream gradient of each row's loss: ``g·w_y`` (``none``), ``g·w_y/Σw`` (``mean``), ``g·w_y``."""
-    grad_output = grad_output.to(w_y.dtype)
-    if reduction == "none":
-        return grad_output * w_y
-    if reduction == "mean":
-        return safe_divide(grad_output, denominator).expand(w_y.shape[0]) * w_y
-    return grad_output.expand(w_y.shape[0]) * w_y
-
-
 def _support_probabilities(solution: Solution, kind: str) -> torch.Tensor:
     """``p`` at the kept support positions ``(N, K)`` (work dtype)."""
     return probabilities(solution.values, solution.tau, kind)
@@ -747,8 +737,8 @@ class _FenchelYoungFunction(torch.autograd.Function):
         kind, scalar_delta, reduction = ctx.options
         if ctx.sparse:
             x, index, p, target, w_y, denominator = ctx.saved_tensors
-            row_scale = _row_scale(grad_output, reduction, w_y, denominator)
-            scale = row_scale[:, None]
+            scale_i = row_scale(grad_output.to(w_y.dtype), reduction, w_y.shape[0], denominator, w_y)
+            scale = scale_i[:, None]
             grad = _dense_from_support(index, p * scale, x)
             grad.scatter_add_(1, target[:, None], -scale.to(x.dtype))
             return grad, None, None, None, None, None, None, None, None
@@ -756,7 +746,7 @@ class _FenchelYoungFunction(torch.autograd.Function):
         delta = delta_tensor if delta_tensor is not None else scalar_delta
         num_rows = x.shape[0]
         work = tau.dtype
-        row_scale = _row_scale(grad_output, reduction, w_y, denominator)
+        scale_i = row_scale(grad_output.to(w_y.dtype), reduction, w_y.shape[0], denominator, w_y)
         grad = None
         if ctx.needs_input_grad[0]:
             grad = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -768,13 +758,13 @@ class _FenchelYoungFunction(torch.autograd.Function):
                     x[start:stop].to(work), tau[start:stop], kind, _delta_rows(delta, start, stop, work),
                     None if norm is None else norm[start:stop], out=grad[start:stop] if direct else None,
                 )
-                scale = row_scale[start:stop, None]
+                scale = scale_i[start:stop, None]
                 p.mul_(scale).scatter_add_(1, target[start:stop, None], -scale)
                 if not direct:
                     grad[start:stop].copy_(p)
         grad_alpha = None
         if ctx.needs_input_grad[1] and entropy_alpha is not None:
-            grad_alpha = (row_scale.to(torch.float64) * entropy_alpha).to(ctx.alpha_dtype).reshape(-1, 1)
+            grad_alpha = (scale_i.to(torch.float64) * entropy_alpha).to(ctx.alpha_dtype).reshape(-1, 1)
         return grad, grad_alpha, None, None, None, None, None, None, None
 
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._reduction import reduce_loss, safe_divide
+from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
 
 
@@ -252,14 +252,7 @@ class _TritonCrossEntropyFunction(torch.autograd.Function):
         num_rows, num_classes = logits.shape
         valid = target != ignore_index
         # the row scale s_i on the device: no .item(), graph-capturable
-        grad_output = grad_output.to(lse.dtype)
-        if reduction == "none":
-            scale = grad_output * valid
-        elif reduction == "mean":
-            scale = safe_divide(grad_output, denominator).expand(num_rows) * valid
-        else:
-            scale = grad_output.expand(num_rows) * valid
-        scale = scale.contiguous()
+        scale = row_scale(grad_output.to(lse.dtype), reduction, num_rows, denominator, valid).contiguous()
         if inplace_backward:
             grad = logits
             torch.autograd.graph.increment_version(logits)

@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._reduction import safe_divide
+from ..._reduction import row_scale, safe_divide
 from .._autograd import strict_once_differentiable
 from ..torch.linear_cross_entropy import LinearCrossEntropyConfig
 from .cross_entropy import _interpreting, _load_params, _or, _scalars, _tanh
@@ -342,14 +342,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         work = lse.dtype
         valid = target != config.ignore_index
         # the row scale s_i on the device: no .item(), graph-capturable
-        grad_output = grad_output.to(work)
-        if config.reduction == "none":
-            scale = grad_output * valid
-        elif config.reduction == "mean":
-            scale = safe_divide(grad_output, denominator).expand(num_rows) * valid
-        else:
-            scale = grad_output.expand(num_rows) * valid
-        scale = scale.contiguous()
+        scale = row_scale(grad_output.to(work), config.reduction, num_rows, denominator, valid).contiguous()
         accumulation = config.accumulation_dtype or work
         grad_hidden = torch.zeros((num_rows, hidden_size), dtype=work, device=hidden.device) if needs[0] else None
         grad_weight = torch.zeros((num_classes, hidden_size), dtype=accumulation, device=hidden.device) \
