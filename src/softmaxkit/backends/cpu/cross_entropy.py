@@ -25,6 +25,7 @@ import torch
 
 from ..._reduction import reduce_loss, row_scale, safe_divide
 from .._autograd import strict_once_differentiable
+from ..torch.cross_entropy import row_loss, row_weights
 from . import _build, row_workers, run_row_ranges
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
@@ -177,15 +178,9 @@ class _CpuCrossEntropyFunction(torch.autograd.Function):
         work = torch.float64 if logits.dtype == torch.float64 else torch.float32
         eps = label_smoothing
         target = target.to(torch.int64).contiguous()
-        valid = target != ignore_index
-        if weight is not None:
-            weight = weight.to(work).contiguous()
-            safe_target = torch.where(valid, target, torch.zeros_like(target))
-            w_y = torch.where(valid, weight[safe_target], torch.zeros((), dtype=work))
-            weight_total = float(weight.sum())
-        else:
-            w_y = valid.to(work)
-            weight_total = float(num_classes)
+        valid, _, weight, w_y, weight_total_tensor = row_weights(target, weight, ignore_index, num_classes, work)
+        weight = None if weight is None else weight.contiguous()
+        weight_total = float(weight_total_tensor)
         denominator = w_y.sum()
 
         lse = torch.empty(num_rows, dtype=work)
@@ -209,13 +204,7 @@ class _CpuCrossEntropyFunction(torch.autograd.Function):
             lse, row_stats, z_target, z_weighted_sum, scale, grad,
         )
 
-        # ℓ_i = (1−ε) w_y (LSE − z_y) + (ε/C)(W·LSE − Σ_c w_c z_c) + λ LSE², 0 on ignored rows.
-        loss = (1.0 - eps) * w_y * (lse - z_target)
-        if eps > 0:
-            loss = loss + (weight_total * lse - z_weighted_sum) * (eps / num_classes)
-        if z_loss > 0:
-            loss = loss + z_loss * lse * lse
-        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        loss = row_loss(lse, z_target, z_weighted_sum, w_y, valid, weight_total_tensor, eps, num_classes, z_loss)
         out = reduce_loss(loss, reduction, denominator)
 
         ctx.save_for_backward(logits, target, lse, row_stats, weight, denominator, scale)

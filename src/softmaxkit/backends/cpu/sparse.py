@@ -34,6 +34,7 @@ import torch
 
 from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
+from ..torch.cross_entropy import row_weights
 from ..torch.sparse import ENTMAX15, SPARSEMAX, work_dtype
 from . import _build, row_workers, run_row_ranges
 from .cross_entropy import new_gradient
@@ -156,13 +157,11 @@ class _CpuFenchelYoungFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         x = _unit_class_stride(x)
         work = work_dtype(x.dtype)
-        valid = target != ignore_index
-        safe_target = torch.where(valid, target, torch.zeros_like(target)).to(torch.int64).contiguous()
-        zero = torch.zeros((), dtype=work)
-        w_y = valid.to(work) if weight is None else torch.where(valid, weight.to(work)[safe_target], zero)
+        valid, safe_target, _, w_y, _ = row_weights(target, weight, ignore_index, x.shape[1], work)
+        safe_target = safe_target.contiguous()
         row_stats, row = _solve(x, kind, None, safe_target)
         # A target class with probability 0 and logit −inf has infinite loss; an ignored row has none.
-        loss = torch.where(valid, w_y * row, zero)
+        loss = torch.where(valid, w_y * row, torch.zeros((), dtype=work))
         denominator = w_y.sum()
         out = reduce_loss(loss, reduction, denominator)
         ctx.save_for_backward(x, row_stats, safe_target, w_y, denominator)
