@@ -259,10 +259,11 @@ def _chunk_loss_and_grad_probabilities(
     z = logits
     a = rows.coefficients(sl, eps, config.num_classes, z.dtype)
     total = a.sum(dim=1)
-    row_max = z.amax(dim=1)
+    row_min, row_max = torch.aminmax(z, dim=1)  # one pass for both
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     z.sub_(row_max[:, None])
-    if bool(torch.isinf(z.amin(dim=1)).any()):
+    # min(z − m) = fl(min z − m) (rounding is monotone): the shifted chunk's minimum without another pass
+    if bool(torch.isinf(row_min - row_max).any()):
         # a −inf logit (a masked class): a_c (z_c − m) must count 0 where a_c = 0, not NaN (0·−inf)
         product = a * z
         product.masked_fill_(a == 0, 0.0)
