@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from ..._reduction import reduce_loss, row_scale, safe_divide
+from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
 from ..torch.cross_entropy import row_loss, row_weights
 from . import _build, row_workers, run_row_ranges
@@ -194,9 +194,7 @@ class _CpuCrossEntropyFunction(torch.autograd.Function):
         scale = grad = None
         flags = _FLAG_STATS
         if fused:
-            scale = valid.to(work)
-            if reduction == "mean":
-                scale = safe_divide(scale, denominator)
+            scale = row_scale(torch.ones((), dtype=work), reduction, num_rows, denominator, valid).contiguous()
             grad = new_gradient((num_rows, num_classes), logits.dtype)
             flags |= _FLAG_GRAD
         run_rows(

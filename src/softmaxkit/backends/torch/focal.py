@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._reduction import reduce_loss, row_scale, safe_divide
+from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
 
 
@@ -180,12 +180,7 @@ class _FocalProbabilityFunction(torch.autograd.Function):
         zero = torch.zeros((), dtype=work, device=logits.device)
         # a zero coefficient contributes 0 even where the term is infinite (a masked class, log p = −inf)
         loss = torch.where(coefficients == 0, zero, coefficients * terms).sum(dim=1)
-        if reduction == "mean":
-            out = safe_divide(loss.sum(), torch.tensor(float(loss.shape[0]), dtype=work, device=logits.device))
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
+        out = reduce_loss(loss, reduction)  # "mean": over the rows (PyTorch's rule for probabilities)
         ctx.save_for_backward(logits, target, class_scale)
         ctx.options = (gamma, reduction, label_smoothing, temperature)
         return out.to(logits.dtype)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..._reduction import safe_divide
+from ..._reduction import row_scale, safe_divide
 from .._autograd import strict_once_differentiable
 from .cross_entropy import (
     _load_transformed,
@@ -183,9 +183,8 @@ class _Rows:
 
     def scale(self, reduction: str) -> torch.Tensor:
         """The upstream gradient ``g_i`` of each row for a unit upstream scalar (0 on ignored rows)."""
-        if reduction == "mean":
-            return safe_divide(self.valid.to(self.w_y.dtype), self.denominator)
-        return self.valid.to(self.w_y.dtype)
+        one = torch.ones((), dtype=self.w_y.dtype, device=self.w_y.device)
+        return row_scale(one, reduction, self.valid.shape[0], self.denominator, self.valid)
 
 
 class _ProbabilityRows:
@@ -203,8 +202,8 @@ class _ProbabilityRows:
 
     def scale(self, reduction: str) -> torch.Tensor:
         """The upstream gradient ``g_i`` of each row for a unit upstream scalar."""
-        ones = self.valid.to(self.denominator.dtype)
-        return safe_divide(ones, self.denominator) if reduction == "mean" else ones
+        one = torch.ones((), dtype=self.denominator.dtype, device=self.denominator.device)
+        return row_scale(one, reduction, self.valid.shape[0], self.denominator, self.valid)
 
     def coefficients(self, sl: slice, label_smoothing: float, num_classes: int, work_dtype) -> torch.Tensor:
         """The chunk's ``a = w ⊙ ((1 − ε) t + ε/C)`` as a new ``r × C`` tensor (the target is never written)."""
