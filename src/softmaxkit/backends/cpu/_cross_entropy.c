@@ -322,7 +322,9 @@ static inline void stream_fence(void) {
                     for (int64_t j = 0; j < n; j++) buf[j] *= inv_t;                                          \
                 }                                                                                             \
                 if (y >= j0 && y < j0 + n) buf[y - j0] = g_y;                                                 \
-                if (stream) { /* convert into a local tile, then stream it out */                               \
+                if (stream && sizeof(IN_T) == sizeof(ACC_T)) { /* fp32/fp64: the tile is already the output */ \
+                    stream_bytes(out + j0, buf, n * (int64_t)sizeof(IN_T));                                   \
+                } else if (stream) { /* bf16/fp16: convert into a local tile, then stream it out */           \
                     IN_T converted[TILE];                                                                     \
                     STORE(buf, converted, n);                                                                 \
                     stream_bytes(out + j0, converted, n * (int64_t)sizeof(IN_T));                             \
