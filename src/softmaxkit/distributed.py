@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from . import _validation as v
-from ._reduction import safe_divide
+from ._reduction import reduce_loss
 from .backends._autograd import strict_once_differentiable
 from .backends.torch.cross_entropy import chunk_rows
 from .backends.torch.linear_cross_entropy import (
@@ -163,12 +163,7 @@ class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
             sl = slice(start, min(start + step, num_rows))
             chunk = buffer[: sl.stop - start].copy_(logits[sl])
             loss[sl], lse[sl] = _chunk_loss_and_grad(chunk, derivative, rows, sl, None, config)
-        if config.reduction == "mean":
-            out = safe_divide(loss.sum(), rows.denominator)
-        elif config.reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
+        out = reduce_loss(loss, config.reduction, rows.denominator)
         ctx.config, ctx.rows = config, rows
         ctx.save_for_backward(logits, lse)
         return out.to(logits.dtype)

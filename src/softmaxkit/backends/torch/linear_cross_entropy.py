@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..._reduction import row_scale, safe_divide
+from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
 from .cross_entropy import (
     _load_transformed,
@@ -521,12 +521,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if grads is not None:
             grads.weight_t = None
 
-        if config.reduction == "mean":
-            out = safe_divide(loss.sum(), rows.denominator)
-        elif config.reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
+        out = reduce_loss(loss, config.reduction, rows.denominator)
         ctx.config = config
         ctx.precompute = precompute
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)

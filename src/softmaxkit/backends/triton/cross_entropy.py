@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
+from ..torch.cross_entropy import row_weights
 
 
 @triton.jit
@@ -217,17 +218,14 @@ class _TritonCrossEntropyFunction(torch.autograd.Function):
         work = torch.float64 if logits.dtype == torch.float64 else torch.float32
         rows = logits if logits.stride(1) == 1 or num_classes <= 1 else logits.contiguous()
         target = target.contiguous()
-        valid = target != ignore_index
         lse = torch.empty(num_rows, dtype=work, device=logits.device)
         loss = torch.empty(num_rows, dtype=work, device=logits.device)
+        _, _, weight, w_y, weight_total = row_weights(target, weight, ignore_index, num_classes, work)
+        # the kernels read Σ_c w_c by pointer, and only with class weights
         if weight is not None:
-            weight = weight.to(work).contiguous()
-            weight_total = weight.sum().reshape(1)
-            w_y = torch.where(valid, weight[torch.where(valid, target, torch.zeros_like(target))],
-                              torch.zeros((), dtype=work, device=logits.device))
+            weight, weight_total = weight.contiguous(), weight_total.reshape(1)
         else:
             weight_total = None
-            w_y = valid.to(work)
         denominator = w_y.sum()
         block, warps = _launch_config(num_classes)
         if num_rows > 0:

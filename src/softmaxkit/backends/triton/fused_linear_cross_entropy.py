@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._reduction import row_scale, safe_divide
+from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
 from ..torch.linear_cross_entropy import LinearCrossEntropyConfig
 from .cross_entropy import _interpreting, _load_params, _or, _scalars, _tanh
@@ -320,12 +320,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if smoothing:
             loss = loss + (eps / num_classes) * (smooth_total * lse - part_smooth.sum(0))
         loss = torch.where(valid, loss, torch.zeros((), dtype=work, device=device))
-        if config.reduction == "mean":
-            out = safe_divide(loss.sum(), denominator)
-        elif config.reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss
+        out = reduce_loss(loss, config.reduction, denominator)
         ctx.save_for_backward(hidden, weight, bias, target, class_weight, weight_total, lse, denominator)
         ctx.config = config
         ctx.filter_eps = filter_eps

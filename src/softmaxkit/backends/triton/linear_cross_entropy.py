@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._reduction import safe_divide
+from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
+from ..torch.cross_entropy import row_weights
 from ..torch.linear_cross_entropy import LinearCrossEntropyConfig, _LinearCrossEntropyFunction, chunk_rows_for
 from .cross_entropy import (
     _ce_fused_inplace_kernel,
@@ -89,19 +90,16 @@ class _TritonLinearCrossEntropyFunction(torch.autograd.Function):
         work = torch.float64 if weight.dtype == torch.float64 else torch.float32
         accumulation = config.accumulation_dtype or work
         target = target.contiguous()
-        valid = target != config.ignore_index
+        valid, _, class_weight, w_y, weight_total = row_weights(target, class_weight, config.ignore_index,
+                                                                 num_classes, work)
+        # the kernels read Σ_c w_c by pointer, and only with class weights
         if class_weight is not None:
-            class_weight = class_weight.to(work).contiguous()
-            weight_total = class_weight.sum().reshape(1)
-            zero = torch.zeros((), dtype=work, device=hidden.device)
-            w_y = torch.where(valid, class_weight[torch.where(valid, target, torch.zeros_like(target))], zero)
+            class_weight, weight_total = class_weight.contiguous(), weight_total.reshape(1)
         else:
             weight_total = None
-            w_y = valid.to(work)
         denominator = w_y.sum()
-        scale = valid.to(work)
-        if config.reduction == "mean":
-            scale = safe_divide(scale, denominator)
+        one = torch.ones((), dtype=work, device=hidden.device)
+        scale = row_scale(one, config.reduction, num_rows, denominator, valid).contiguous()
         needs = (wanted[0], wanted[1], bias is not None and wanted[2])
         grad_hidden = torch.empty_like(hidden) if needs[0] else None
         grad_weight = torch.zeros((num_classes, hidden_size), dtype=accumulation, device=hidden.device) \
@@ -137,7 +135,7 @@ class _TritonLinearCrossEntropyFunction(torch.autograd.Function):
                 _ce_fwd_kernel[(stop - start,)](
                     logits, logits.stride(0), *common, num_classes, config.ignore_index, *scalars, **flags,
                 )
-        out = safe_divide(loss.sum(), denominator) if config.reduction == "mean" else loss.sum()
+        out = reduce_loss(loss, config.reduction, denominator)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return out.to(hidden.dtype)
