@@ -124,20 +124,23 @@ def check_class_weight(
 
 
 def check_class_target(
-    target: torch.Tensor, num_classes: int, ignore_index: int, name: str = "target"
+    target: torch.Tensor, num_classes: int, ignore_index: int | None, name: str = "target"
 ) -> None:
-    """Every entry of an integer target is a class in ``[0, C)`` or ``ignore_index``.
+    """Every entry of an integer target is a class in ``[0, C)`` or ``ignore_index`` (None: no ignore value).
 
     One fused reduction over the target (``N`` integers), and one host sync; skipped while capturing.
     """
     if target.numel() == 0 or not _data_checks_enabled(target):
         return
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_index is not None:
+        bad &= target != ignore_index
     if bool(bad.any()):
         position = int(bad.reshape(-1).nonzero()[0, 0])
         value = int(target.reshape(-1)[position])
+        allowed = "" if ignore_index is None else f" or ignore_index={ignore_index}"
         raise ValueError(
-            f"`{name}` must hold class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
+            f"`{name}` must hold class indices in [0, {num_classes}){allowed}, "
             f"but holds {value} at position {position}"
         )
 
@@ -286,15 +289,7 @@ def check_positive_counts(name: str, counts: object, num_classes: int | None = N
 def check_class_indices(target: torch.Tensor, num_classes: int, name: str = "target") -> None:
     """Every entry of an integer ``target`` is a class in ``[0, C)`` (no ignore value)."""
     check_target_dtype(target, name)
-    if target.numel() == 0 or not _data_checks_enabled(target):
-        return
-    bad = (target < 0) | (target >= num_classes)
-    if bool(bad.any()):
-        position = int(bad.reshape(-1).nonzero()[0, 0])
-        value = int(target.reshape(-1)[position])
-        raise ValueError(
-            f"`{name}` must hold class indices in [0, {num_classes}), but holds {value} at position {position}"
-        )
+    check_class_target(target, num_classes, None, name)
 
 
 # --- the loss family: focal, poly-1, class weights, distillation, sparsemax / entmax, Gumbel (issue 3) ---
