@@ -130,6 +130,22 @@ def _open(path: Path, source: _Source) -> ctypes.CDLL | None:
         return None
 
 
+def _disabled() -> bool:
+    return os.environ.get("SOFTMAXKIT_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def usable(variant: str = "f32", source: str = "cross_entropy") -> bool:
+    """Whether :func:`load` may give a library for this variant, without building or loading anything.
+
+    True when it is already loaded, or when kernels are not disabled and a compiler is on ``PATH``. The
+    dispatch table asks this; a build that then fails makes the caller fall back to the PyTorch path.
+    """
+    key = (source, variant)
+    if key in _libraries:
+        return _libraries[key] is not None
+    return not _disabled() and _compiler() is not None
+
+
 def load(variant: str = "f32", source: str = "cross_entropy") -> ctypes.CDLL | None:
     """The compiled kernel library of one dtype variant (``"f32"``, ``"bf16"``, ``"f16"``, ``"f64"``) of one
     C source (``"cross_entropy"`` or ``"sparse"``, see :data:`SOURCES`).
@@ -153,7 +169,7 @@ def _load_uncached(variant: str, source_name: str = "cross_entropy") -> ctypes.C
     if source_name not in SOURCES:
         raise ValueError(f"`source` must be one of {tuple(SOURCES)}, but got {source_name!r}")
     spec = SOURCES[source_name]
-    if os.environ.get("SOFTMAXKIT_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _disabled():
         failure_reason = "disabled by SOFTMAXKIT_CPU_KERNELS=0"
         return None
     compiler = _compiler()
