@@ -244,9 +244,6 @@ def _forward_with_signature(original):
 
 def _patched_forward(self, *args, **kwargs):
     state = self.__dict__[_STATE]
-    original = state.previous_forward
-    if original is None:
-        original = types.MethodType(type(self).forward, self)
     labels = kwargs.get("labels")
     if args:
         if len(args) > len(state.positional):
@@ -258,7 +255,7 @@ def _patched_forward(self, *args, **kwargs):
         labels = named.get("labels", labels)
     fused = state.skip_logits if state.skip_logits is not None else self.training
     if labels is None or not fused:
-        return original(*args, **kwargs)
+        return _own_forward(self, state, *args, **kwargs)
     if args:
         duplicate = sorted(set(named) & set(kwargs))
         if duplicate:
@@ -276,7 +273,7 @@ def _patched_forward(self, *args, **kwargs):
     try:
         # the model's own forward with no labels and no position kept: the decoder, routers and caches run
         # as always, the head projects a (batch, 0, hidden) slice
-        output = original(**kwargs, labels=None, logits_to_keep=no_position, return_dict=True)
+        output = _own_forward(self, state, **kwargs, labels=None, logits_to_keep=no_position, return_dict=True)
         hidden = state.hidden
     finally:
         state.capturing = False
@@ -298,6 +295,13 @@ def _patched_forward(self, *args, **kwargs):
     values = {key: value for key, value in output.items() if key not in ("loss", "logits")}
     output = type(output)(loss=loss, **values)
     return output if return_dict else output.to_tuple()
+
+
+def _own_forward(model, state, *args, **kwargs):
+    """The forward :func:`patch` replaced (called as a function: ``torch.compile`` traces it inline)."""
+    if state.previous_forward is not None:
+        return state.previous_forward(*args, **kwargs)
+    return type(model).forward(model, *args, **kwargs)
 
 
 def _causal_lm_loss(model, state, hidden, labels, *, shift_labels, num_items_in_batch, ignore_index):
