@@ -111,6 +111,7 @@ def test_loss_and_every_gradient_equal_the_models_own(name):
         # the router's auxiliary loss is part of the loss, as in the model's own forward
         assert ours.aux_loss is not None and own.aux_loss is not None
         torch.testing.assert_close(ours.aux_loss, own.aux_loss)
+        assert model.router_aux_loss_coef * ours.aux_loss.item() > 1e-2  # large enough to be seen in the loss
         assert any("gate" in key or "router" in key for key in our_grads)
 
 
@@ -440,10 +441,11 @@ def test_a_head_with_bias_is_used():
 
 
 # ------------------------------------------------------------------- training stack: ckpt, PEFT, Trainer
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("name", ["LlamaForCausalLM", "Gemma2ForCausalLM"])
-def test_gradient_checkpointing(name):
+def test_gradient_checkpointing(name, reentrant):
     model = build(name)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     input_ids, attention_mask, labels = batch()
     own, own_grads = loss_and_grads(model, input_ids, attention_mask=attention_mask, labels=labels)
     patch(model)
@@ -474,10 +476,11 @@ def test_peft_lora(order):
     assert_same_training_signal(own, own_grads, ours, our_grads)
 
 
-def test_peft_lora_on_the_head_is_refused():
+@pytest.mark.parametrize("on_head", [dict(target_modules=["q_proj", "lm_head"]),
+                                     dict(target_modules=["q_proj"], modules_to_save=["lm_head"])])
+def test_peft_on_the_head_is_refused(on_head):
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(build("LlamaForCausalLM"),
-                                peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    model = peft.get_peft_model(build("LlamaForCausalLM"), peft.LoraConfig(r=4, **on_head))
     with pytest.raises(TypeError, match="PEFT adapter"):
         patch(model)
 
@@ -552,3 +555,11 @@ def test_torch_compile_of_the_whole_patched_model():
 def test_torch_compile_traces_the_patch_aot_eager():
     torch._dynamo.reset()
     _compiled_parity("aot_eager")
+
+
+def test_without_transformers_patch_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    with pytest.raises(ImportError, match=r"softmaxkit\[transformers\]"):
+        patch(torch.nn.Linear(2, 2))

@@ -267,8 +267,7 @@ def _patched_forward(self, *args, **kwargs):
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    device = labels.device if isinstance(labels, torch.Tensor) else None
-    no_position = torch.empty(0, dtype=torch.long, device=device)
+    no_position = torch.empty(0, dtype=torch.long, device=_plain_head(self).weight.device)
     state.capturing = True
     try:
         # the model's own forward with no labels and no position kept: the decoder, routers and caches run
