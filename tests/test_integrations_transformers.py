@@ -542,9 +542,10 @@ def _compiled_parity(backend):
         assert ours.logits is None
         assert_same_training_signal(own, own_grads, ours, {k.removeprefix("_orig_mod."): v
                                                            for k, v in our_grads.items()})
-    with torch.no_grad():  # generation/eval path through the compiled model
-        assert torch.equal(compiled(input_ids, attention_mask=attention_mask).logits,
-                           unpatch(copy.deepcopy(model))(input_ids, attention_mask=attention_mask).logits)
+    with torch.no_grad():  # generation/eval path through the compiled model (Inductor may reorder sums)
+        logits = compiled(input_ids, attention_mask=attention_mask).logits
+        expected = unpatch(copy.deepcopy(model))(input_ids, attention_mask=attention_mask).logits
+        assert relative_error(logits, expected) <= LOSS_RTOL
 
 
 def test_torch_compile_of_the_whole_patched_model():
