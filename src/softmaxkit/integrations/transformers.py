@@ -108,6 +108,9 @@ class _PatchState:
     previous_forward: object
     #: names of the original forward's positional parameters, to turn positional arguments into keywords
     positional: tuple[str, ...]
+    #: per low-precision dtype: whether ``linear_cross_entropy`` already returns an fp32 loss for it (else
+    #: the inputs of the loss are upcast to fp32)
+    fp32_loss: dict = field(default_factory=dict)
     capturing: bool = False
     hidden: torch.Tensor | None = field(default=None, repr=False)
 
@@ -187,6 +190,8 @@ def patch(
     state = _PatchState(
         family=family, z_loss=float(z_loss), label_smoothing=float(label_smoothing), impl=impl,
         chunk_size=chunk_size, skip_logits=skip_logits, previous_forward=previous, positional=positional,
+        fp32_loss={dtype: _loss_is_fp32(dtype, head.weight.device, impl)
+                   for dtype in (torch.float16, torch.bfloat16)},
     )
     object.__setattr__(target, _STATE, state)  # a plain attribute, not a submodule or buffer
     decoder.register_forward_hook(state.capture)
@@ -318,11 +323,11 @@ def _causal_lm_loss(model, state, hidden, labels, *, shift_labels, num_items_in_
             f"{tuple(labels.shape)})"
         )
     softcap, temperature = _FAMILIES[state.family](model)
-    # The loss is computed and returned in fp32, as the model's own (which upcasts the logits): the fused
-    # op returns its loss in the inputs' dtype, so low-precision inputs are upcast here. Autocast is off so
-    # the product is not recast to low precision inside the op.
+    # The loss is computed and returned in fp32, as the model's own (which upcasts the logits): where the
+    # fused op returns its loss in the inputs' low-precision dtype, the inputs are upcast here. Autocast is
+    # off so the product is not recast to low precision inside the op.
     dtype = torch.promote_types(rows.dtype, head.weight.dtype)
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in (torch.float16, torch.bfloat16) and not state.fp32_loss[dtype]:
         dtype = torch.float32
     bias = None if head.bias is None else head.bias.to(dtype)
     with torch.autocast(device_type=rows.device.type, enabled=False):
@@ -410,6 +415,19 @@ def _decoder_of(model) -> torch.nn.Module:
     if not isinstance(decoder, torch.nn.Module) or decoder is model:
         raise TypeError(f"{type(model).__name__} has no decoder (model.get_decoder() / model.base_model)")
     return decoder
+
+
+def _loss_is_fp32(dtype: torch.dtype, device: torch.device, impl: str) -> bool:
+    """Whether ``linear_cross_entropy`` returns an fp32 loss for ``dtype`` inputs (one tiny call)."""
+    try:
+        with torch.no_grad():
+            loss = linear_cross_entropy(
+                torch.zeros(1, 1, dtype=dtype, device=device), torch.zeros(2, 1, dtype=dtype, device=device),
+                torch.zeros(1, dtype=torch.long, device=device), impl=impl,
+            )
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):  # dtype unsupported by this impl here
+        return False
+    return loss.dtype == torch.float32
 
 
 def _check_options(head, z_loss, label_smoothing, impl, chunk_size, skip_logits) -> None:
