@@ -145,6 +145,35 @@ def test_num_items_in_batch_divides_the_sum(name):
     assert abs(ours_int.loss.item() - own.loss.item()) <= LOSS_RTOL * own.loss.item()
 
 
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
+def test_the_tokens_by_vocabulary_logits_never_exist():
+    model = build("LlamaForCausalLM")
+    input_ids, attention_mask, labels = batch()
+    tokens = input_ids.numel()
+    with _LargestTensor() as own:
+        model(input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+    assert own.numel >= tokens * VOCAB  # the own loss holds them (the test can fail)
+    patch(model, chunk_size=8)
+    with _LargestTensor() as ours:
+        model(input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+    # the largest tensors are now the parameters' gradients (VOCAB x hidden) and one chunk of 8 rows' logits
+    assert ours.numel <= max(8 * VOCAB, VOCAB * 32) < tokens * VOCAB
+
+
 def test_padding_equals_dropping_the_padded_positions():
     model = patch(build("LlamaForCausalLM"))
     input_ids, attention_mask, labels = batch()
