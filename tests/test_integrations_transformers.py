@@ -505,13 +505,31 @@ def test_peft_lora(order):
     assert_same_training_signal(own, own_grads, ours, our_grads)
 
 
-@pytest.mark.parametrize("on_head", [dict(target_modules=["q_proj", "lm_head"]),
-                                     dict(target_modules=["q_proj"], modules_to_save=["lm_head"])])
-def test_peft_on_the_head_is_refused(on_head):
+def test_peft_lora_on_the_head_is_refused():
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(build("LlamaForCausalLM"), peft.LoraConfig(r=4, **on_head))
+    model = peft.get_peft_model(build("LlamaForCausalLM"),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(TypeError, match="PEFT adapter"):
         patch(model)
+
+
+def test_peft_modules_to_save_trains_the_heads_copy():
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    reference = peft.get_peft_model(build("LlamaForCausalLM"), lora)
+    with torch.no_grad():  # the trained copy differs from the frozen original
+        reference.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    model = patch(copy.deepcopy(reference))
+    input_ids, attention_mask, labels = batch()
+    own, own_grads = loss_and_grads(reference, input_ids, attention_mask=attention_mask, labels=labels)
+    ours, our_grads = loss_and_grads(model, input_ids, attention_mask=attention_mask, labels=labels)
+    assert any("modules_to_save.default" in key for key in our_grads)
+    assert_same_training_signal(own, own_grads, ours, our_grads)
+    # adapters disabled: the frozen original head again (nothing requires a gradient then)
+    with torch.no_grad(), model.disable_adapter(), reference.disable_adapter():
+        own = reference(input_ids, attention_mask=attention_mask, labels=labels).loss
+        ours = model(input_ids, attention_mask=attention_mask, labels=labels).loss
+    assert abs(ours.item() - own.item()) <= LOSS_RTOL * own.item()
 
 
 class _TokenDataset(torch.utils.data.Dataset):

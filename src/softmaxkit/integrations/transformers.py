@@ -389,12 +389,23 @@ def _family_of(model) -> str:
     )
 
 
+def _active_module(head):
+    """The module a PEFT ``ModulesToSaveWrapper`` forwards to: the active adapter's trained copy, or the
+    original module when adapters are disabled (any other module is returned as is)."""
+    if type(head).__name__ != "ModulesToSaveWrapper" or "peft" not in type(head).__module__:
+        return head
+    active = head.active_adapters
+    if head.disable_adapters or not active or active[0] not in head.modules_to_save:
+        return head.original_module
+    return head.modules_to_save[active[0]]
+
+
 def _plain_head(model) -> torch.nn.Linear:
-    head = model.get_output_embeddings()
+    head = _active_module(model.get_output_embeddings())
     if not (isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward):
         hint = (
-            " (a PEFT adapter or modules_to_save on the head: leave lm_head out of target_modules and "
-            "modules_to_save)" if head is not None and "peft" in type(head).__module__ else ""
+            " (a PEFT adapter on the head: leave lm_head out of target_modules; modules_to_save is supported)"
+            if head is not None and "peft" in type(head).__module__ else ""
         )
         raise TypeError(
             f"the output embedding of {type(model).__name__} (model.get_output_embeddings()) must be a plain "
