@@ -53,7 +53,7 @@ class Dataset:
         target_names: a display name per class, in the order of ``np.unique(y)``.
         name: the dataset's name or file name.
         table: the raw feature columns as a pandas DataFrame (numeric columns as float64 with NaN for a
-            missing value, categorical columns as text with None), when the data came from a table.
+            missing value, categorical columns as text with NaN), when the data came from a table.
         notes: one-line notes on what the reader decided (a dropped index column, the delimiter, ...).
     """
 
@@ -407,7 +407,7 @@ def _choose_columns(source: str, frame, features, drop_columns):
 
 
 def _typed_features(source: str, frame, y, preprocess: bool):
-    """Numeric columns as float64 (NaN where missing), text columns as categories; checks both."""
+    """Numeric columns as float64 (NaN where missing), text columns as object arrays (NaN when missing); checks both."""
     import pandas as pd
 
     typed = {}
@@ -428,7 +428,7 @@ def _typed_features(source: str, frame, y, preprocess: bool):
                         f"{source}: column {name!r} must be numeric, but row {row + 1} holds "
                         f"{text.iloc[row]!r} (categorical columns are one-hot encoded unless --no-preprocess)"
                     )
-                values = text.where(~missing, None).astype(object)
+                values = text.astype(object).where(~missing, np.nan)
                 distinct = values.nunique(dropna=True)
                 if len(values) > 20 and distinct > IDENTIFIER_FRACTION * len(values):
                     raise DatasetError(
@@ -486,7 +486,7 @@ def build_preprocessor(table, *, categorical: list[str] | None = None):
         parts.append(("numeric", SimpleImputer(strategy="median", keep_empty_features=True), numeric))
     if categorical:
         parts.append(("categorical", Pipeline([
-            ("impute", SimpleImputer(strategy="most_frequent", missing_values=None)),
+            ("impute", SimpleImputer(strategy="most_frequent", missing_values=np.nan)),
             ("one_hot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
         ]), categorical))
     return ColumnTransformer(parts, remainder="drop", verbose_feature_names_out=False)

@@ -98,6 +98,7 @@ class Experiment:
     preprocessor: object = None
     input_features: list[str] = field(default_factory=list)
     categorical: list[str] = field(default_factory=list)
+    labels: list = field(default_factory=list)  # the original class labels, in the order of the encoding
 
 
 def _stratify_or_none(y):
@@ -273,6 +274,7 @@ def run(
         n_features=len(data.feature_names), long_tail=long_tail, results=results, y_test=y_test,
         mean=mean, scale=scale, feature_names=feature_names, preprocessor=preprocessor,
         input_features=list(data.feature_names), categorical=list(data.categorical),
+        labels=[c.item() if isinstance(c, np.generic) else c for c in classes],
         settings={"alpha": alpha, "n_encoded_features": len(feature_names), "test_size": test_size, "validation_size": validation_size,
                   "max_iter": max_iter, "seed": seed, "profile": profile, "n_train": len(y_train),
                   "n_validation": len(y_val), "n_test": len(y_test)},

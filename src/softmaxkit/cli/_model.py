@@ -48,7 +48,7 @@ class SavedModel:
 
     Attributes:
         estimator: the fitted :class:`softmaxkit.SoftmaxRegression` (it expects standardised features).
-        classes_: the class labels.
+        classes_: the class labels as in the training data (``predict`` returns these).
         input_features: the raw feature columns ``X`` must hold, in order.
         preprocessor: the fitted ``ColumnTransformer``, or None.
         mean, scale: the standardisation (None when the model was saved without one).
@@ -63,7 +63,8 @@ class SavedModel:
         self.temperature = float(extra.get("temperature", 1.0))
         self.input_features = list(meta.get("input_features") or meta["feature_names"])
         self.categorical = list(meta.get("categorical", []))
-        self.classes_ = estimator.classes_
+        labels = extra.get("labels")
+        self.classes_ = np.asarray(labels) if labels and len(labels) == len(estimator.classes_) else estimator.classes_
         self.class_names = list(extra.get("class_names") or [str(c) for c in self.classes_])
 
     def __repr__(self) -> str:
@@ -98,7 +99,7 @@ class SavedModel:
         return self._typed(frame)
 
     def _typed(self, frame):
-        """Numeric columns as float64 (NaN when missing), categorical ones as text (None when missing)."""
+        """Numeric columns as float64 (NaN when missing), categorical ones as text (NaN when missing)."""
         import pandas as pd
 
         from ..datasets import MISSING
@@ -111,7 +112,7 @@ class SavedModel:
                 if text is None:
                     text = column.astype(str)
                 missing = text.isin(MISSING) | column.isna().to_numpy()
-                typed[name] = text.where(~missing, None).astype(object)
+                typed[name] = text.astype(object).where(~missing, np.nan)
                 continue
             if text is not None:
                 missing = text.isin(MISSING) | column.isna().to_numpy()
@@ -162,7 +163,8 @@ class SavedModel:
 
 def save_trained(result, experiment, directory: Path, *, dataset: str) -> Path:
     """Write a trained model of ``experiment`` (its preprocessing, standardisation and temperature)."""
-    extra = {"dataset": dataset, "class_names": experiment.class_names, "temperature": result.temperature,
+    extra = {"dataset": dataset, "class_names": experiment.class_names, "labels": experiment.labels,
+             "temperature": result.temperature,
              "temperature_at_bound": bool(getattr(result, "temperature_at_bound", False)),
              "converged": bool(getattr(result.model, "converged_", True))}
     directory = save_model(result.model, directory, feature_names=experiment.feature_names,
