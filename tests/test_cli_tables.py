@@ -443,3 +443,20 @@ def test_gzip_garbage_is_one_line(tmp_path):
     from softmaxkit.datasets import load_dataset
 
     assert load_dataset(good).X.shape == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("train", "iris", "--seed", "abc"), "Invalid value for '--seed'"),
+        (("calibrate", "x.csv", "--method", "nosuch"), "Invalid value for '--method'"),
+        (("train", "iris", "--bogus"), "No such option: --bogus"),
+        (("frobnicate",), "No such command 'frobnicate'"),
+    ],
+)
+def test_usage_errors_are_one_line_without_traceback(args, fragment):
+    result = _subprocess("-m", "softmaxkit", *args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0] and "--help" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr

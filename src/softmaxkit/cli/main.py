@@ -37,7 +37,25 @@ def _root(
 
 
 def run(argv: list[str] | None = None) -> None:
-    app(args=argv, prog_name="softmaxkit")
+    """Run the app; a usage error (an unknown option, a value of the wrong type) is one line, exit 2."""
+    import sys
+
+    # typer's own click (older typer: the click package); BadParameter derives from UsageError in both
+    usage_error = typer.BadParameter.__mro__[1]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["--help"]
+    try:
+        status = app(args=argv, prog_name="softmaxkit", standalone_mode=False)
+    except usage_error as error:
+        name = error.ctx.command_path if error.ctx is not None else "softmaxkit"
+        message = " ".join(error.format_message().split())
+        sys.stderr.write(f"{name}: error: {message} (see `{name} --help`)\n")
+        raise SystemExit(2) from None
+    except typer.Abort:
+        sys.stderr.write("softmaxkit: interrupted\n")
+        raise SystemExit(130) from None
+    raise SystemExit(status if isinstance(status, int) else 0)
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ def check_scores(name: str, scores, labels, kind: str, label_column: str, column
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= n_classes:
         raise UserError(
             f"{name}: column {label_column!r} must hold class indices in [0, {n_classes}) matching the "
-            f"{n_classes} score columns ({', '.join(columns[:8])}{', ...' if n_classes > 8 else ''})"
+            f"{n_classes} logit columns ({', '.join(columns[:8])}{', ...' if n_classes > 8 else ''})"
         )
     probabilities = _looks_like_probabilities(scores)
     if kind == "probabilities" and not probabilities:
