@@ -126,3 +126,10 @@ def test_packaging_metadata():
     assert "Apache License" in (root / "LICENSE").read_text() and "Version 2.0" in (root / "LICENSE").read_text()
     assert (Path(SRC) / "softmaxkit" / "py.typed").exists()
     assert '-e ".[cli]"' in (root / "Makefile").read_text()
+
+
+def test_importing_the_estimator_module_names_the_extra(blocked_env):
+    result = run(blocked_env, "-c", "import softmaxkit.estimator")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("ImportError: softmaxkit.SoftmaxRegression needs")
+    assert "softmaxkit[cli]" in result.stderr.strip().splitlines()[-1]

@@ -17,11 +17,17 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.preprocessing import LabelEncoder
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+try:  # scikit-learn (and SciPy) come with the `cli` extra
+    from sklearn.base import BaseEstimator, ClassifierMixin
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.preprocessing import LabelEncoder
+    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+except ImportError as _error:
+    from . import missing_extra_message
+
+    raise ImportError(missing_extra_message(_error, "softmaxkit.SoftmaxRegression")) from None
 
 from . import _validation as v
 from ._reduction import safe_divide

@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     from .main import run
 
+    globals()["main"] = _entry  # importing the submodule `main` rebinds this name to it: keep the function
     run(argv)
+
+
+_entry = main
 
 
 def __getattr__(name: str):

@@ -166,6 +166,17 @@ def _interpretation(experiment) -> str:
     return " ".join(parts)
 
 
+def _features(experiment) -> str:
+    encoded = experiment.settings.get("n_encoded_features", experiment.n_features)
+    if experiment.preprocessor is None:
+        return f"{experiment.n_features} features"
+    categorical = experiment.categorical
+    what = (f"{len(categorical)} categorical one-hot encoded ({html.escape(', '.join(categorical[:5]))}"
+            f"{', ...' if len(categorical) > 5 else ''}), " if categorical else "")
+    return (f"{experiment.n_features} feature columns ({what}missing values imputed; {encoded} features after "
+            "preprocessing, fitted on the training rows)")
+
+
 def _convergence(experiment) -> str:
     """A warning paragraph for models that stopped short and temperatures at a bound (empty otherwise)."""
     parts = []
@@ -194,7 +205,7 @@ def render(experiment, *, title: str, command: str, pngs: dict[str, bytes] | Non
         f" · <code>{html.escape(command)}</code></p>",
         "<h2>Setup</h2>",
         f"<p>Dataset <b>{html.escape(experiment.dataset)}</b>: {len(experiment.class_names)} classes, "
-        f"{experiment.n_features} features. Stratified split into {settings['n_train']} training rows "
+        f"{_features(experiment)}. Stratified split into {settings['n_train']} training rows "
         f"(training pool {tail}), {settings['n_validation']} validation rows (used only to fit the temperature) "
         f"and {settings['n_test']} test rows (every number below). Features standardised with the training "
         f"statistics. Each model is <code>softmaxkit.SoftmaxRegression</code> (L-BFGS, "
