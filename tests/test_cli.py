@@ -242,8 +242,9 @@ def test_compare_bad_options(tmp_path):
     result = invoke("train", "iris", "--class-weight", "bogus", "--out", tmp_path / "cw")
     assert_user_error(result, "--class-weight must be one of 'balanced', 'effective_number', but got 'bogus'")
     assert "training" not in result.stdout  # options are checked before any work (or progress bar) starts
-    assert_user_error(invoke("train", "iris", "--loss", "sparsemax", "--label-smoothing", "0.1", "--out", tmp_path),
+    assert_user_error(invoke("train", "iris", "--loss", "sparsemax", "--label-smoothing", "0.1", "--out", tmp_path / "ls"),
                       "--label-smoothing is not supported with --loss 'sparsemax'")
+    assert not (tmp_path / "ls").exists()
 
 
 # ---------------------------------------------------------------------------------------------- calibrate

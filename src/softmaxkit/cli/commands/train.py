@@ -25,6 +25,11 @@ from ._shared import (
 )
 
 
+#: cheap checks of the choices before PyTorch is loaded (the estimator checks them again).
+SOLVERS = ("lbfgs", "adamw")
+CLASS_WEIGHTS = ("balanced", "effective_number")
+
+
 def parse_hidden(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(h) for h in text.split(",") if h.strip())
@@ -78,8 +83,12 @@ def train(
         overrides["class_weight"] = class_weight
     if hidden.strip():
         overrides["hidden_layer_sizes"] = parse_hidden(hidden)
-    _experiment.check_models([name], alpha=1.0 if alpha_value is None else alpha_value, max_iter=max_iter,
-                             seed=seed, overrides=overrides)
+    for flag, value, choices in (("--solver", solver, SOLVERS), ("--class-weight", class_weight, CLASS_WEIGHTS)):
+        if value is not None and value not in choices:
+            raise UserError(f"{flag} must be one of {', '.join(map(repr, choices))}, but got {value!r}")
+    if label_smoothing is not None and not 0 <= label_smoothing <= 1:
+        raise UserError(f"--label-smoothing must lie in [0, 1], but got {label_smoothing:g}")
+    # the remaining checks need the estimator (and PyTorch): run_experiment makes them before any training
     output = OutputDir(out, overwrite=overwrite)
     dataset = load(data, label_column=label_column, delimiter=delimiter, no_header=no_header, features=features,
                    drop_columns=drop_columns, no_preprocess=no_preprocess)
