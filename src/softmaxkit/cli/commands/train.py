@@ -24,7 +24,6 @@ from ._shared import (
     write_report,
 )
 
-
 #: cheap checks of the choices before PyTorch is loaded (the estimator checks them again).
 SOLVERS = ("lbfgs", "adamw")
 CLASS_WEIGHTS = ("balanced", "effective_number")
