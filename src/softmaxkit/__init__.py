@@ -3,12 +3,16 @@
 The public functions live here (``softmaxkit.cross_entropy``, ...); modules in :mod:`softmaxkit.nn`, the
 NumPy float64 oracle in :mod:`softmaxkit.reference`.
 
-``import softmaxkit`` itself is cheap: the first use of any public name imports the library (PyTorch and
-every op, exactly the imports below), so ``softmaxkit --help`` answers without loading PyTorch.
+``import softmaxkit`` imports the library (PyTorch, every public name and every registered
+``torch.ops.softmaxkit`` op), except in the ``softmaxkit`` command itself (the console script,
+``python -m softmaxkit`` or ``python -m softmaxkit.cli``): there each name is imported on first use, so
+``softmaxkit --help`` and option errors answer without loading PyTorch.
 """
 
 # ruff: noqa: F401  (_load_all binds the public names through locals())
 import importlib as _importlib
+import os as _os
+import sys as _sys
 from typing import TYPE_CHECKING
 
 _loaded = False
@@ -146,3 +150,16 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
+
+
+def _is_command_line() -> bool:
+    """Whether this process is the ``softmaxkit`` command (which imports what each sub-command needs)."""
+    script = _os.path.basename(_sys.argv[0] if _sys.argv else "")
+    if _os.path.splitext(script)[0] == "softmaxkit":  # the console script (softmaxkit, softmaxkit.exe)
+        return True
+    argv = list(getattr(_sys, "orig_argv", ()))
+    return any(argv[i] == "-m" and argv[i + 1] in ("softmaxkit", "softmaxkit.cli") for i in range(len(argv) - 1))
+
+
+if not _is_command_line():
+    _load_all()
