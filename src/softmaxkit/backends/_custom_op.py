@@ -31,11 +31,13 @@ def differentiable(op, setup_context: Callable, backward: Callable) -> type[torc
         backward: ``(ctx, *grad_outputs) -> one gradient (or None) per input of op``.
     """
     op.register_autograd(backward, setup_context=setup_context)
+    namespace, _, name = op._qualname.partition("::")
+    overload = getattr(getattr(torch.ops, namespace), name).default  # what Dynamo traces (not the CustomOpDef)
 
     class _OpFunction(torch.autograd.Function):
         @staticmethod
         def forward(*args):
-            return op(*args)
+            return overload(*args)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -49,8 +51,13 @@ def differentiable(op, setup_context: Callable, backward: Callable) -> type[torc
     return _OpFunction
 
 
-def once_differentiable(op) -> None:
-    """Make a differentiation through ``op`` (a backward op) raise a clear ``RuntimeError``."""
+def once_differentiable(op) -> type[torch.autograd.Function]:
+    """Make a differentiation through ``op`` (a backward op) raise a clear ``RuntimeError``.
+
+    Registers that as the op's autograd and returns a Function calling ``op`` with the same refusal, for the
+    forward ops' backward to call (``torch.func`` runs backward with ``create_graph=True`` and accepts only
+    Functions with ``setup_context``; it never differentiates this one, a second-order transform raises).
+    """
 
     def refuse(ctx, *grad_outputs):
         raise RuntimeError(
@@ -62,4 +69,4 @@ def once_differentiable(op) -> None:
     def keep_nothing(ctx, inputs, output):
         return None
 
-    op.register_autograd(refuse, setup_context=keep_nothing)
+    return differentiable(op, keep_nothing, refuse)

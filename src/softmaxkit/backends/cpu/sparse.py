@@ -183,11 +183,11 @@ def _map_setup(ctx, inputs, output):
 
 def _map_backward(ctx, grad_output):
     (p,) = ctx.saved_tensors
-    return torch.ops.softmaxkit.sparse_map_backward_cpu(p, grad_output, ctx.kind), None
+    return _MapBackward.apply(p, grad_output, ctx.kind), None
 
 
 _MapFunction = differentiable(_map_op, _map_setup, _map_backward)
-once_differentiable(_map_backward_op)
+_MapBackward = once_differentiable(_map_backward_op)
 
 
 @torch.library.custom_op("softmaxkit::fenchel_young_cpu", mutates_args=(), device_types="cpu")
@@ -258,12 +258,12 @@ def _loss_setup(ctx, inputs, output):
 
 def _loss_backward(ctx, grad_loss, grad_row_stats):
     x, row_stats, target, weight = ctx.saved_tensors
-    grad = torch.ops.softmaxkit.fenchel_young_backward_cpu(grad_loss, x, row_stats, target, weight, *ctx.options)
+    grad = _LossBackward.apply(grad_loss, x, row_stats, target, weight, *ctx.options)
     return grad, None, None, None, None, None
 
 
 _LossFunction = differentiable(_loss_op, _loss_setup, _loss_backward)
-once_differentiable(_loss_backward_op)
+_LossBackward = once_differentiable(_loss_backward_op)
 
 
 def cpu_entmax(

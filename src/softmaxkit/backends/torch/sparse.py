@@ -705,14 +705,14 @@ def _entmax_setup(ctx, inputs, output):
 def _entmax_backward(ctx, grad_p, grad_tau, grad_norm):
     saved, tau, norm, alpha = ctx.saved_tensors
     alpha_grad = alpha is not None and ctx.needs_input_grad[1]
-    grad, grad_alpha = torch.ops.softmaxkit.entmax_torch_backward(
+    grad, grad_alpha = _EntmaxBackward.apply(
         grad_p, saved, tau, norm, alpha, ctx.kind, ctx.scalar_alpha, alpha_grad
     )
     return grad if ctx.needs_input_grad[0] else None, grad_alpha if alpha_grad else None, None, None, None
 
 
 _EntmaxFunction = differentiable(_entmax_op, _entmax_setup, _entmax_backward)
-once_differentiable(_entmax_backward_op)
+_EntmaxBackward = once_differentiable(_entmax_backward_op)
 
 
 def torch_entmax(
@@ -866,7 +866,7 @@ def _fenchel_young_setup(ctx, inputs, output):
 def _fenchel_young_backward(ctx, grad_loss, grad_tau, grad_norm, grad_entropy):
     x, tau, norm, alpha, target, weight, entropy_alpha = ctx.saved_tensors
     alpha_grad = alpha is not None and ctx.needs_input_grad[1]
-    grad, grad_alpha = torch.ops.softmaxkit.fenchel_young_torch_backward(
+    grad, grad_alpha = _FenchelYoungBackward.apply(
         grad_loss, x, tau, norm, alpha, target, weight, entropy_alpha, *ctx.options, alpha_grad
     )
     return (grad if ctx.needs_input_grad[0] else None, grad_alpha if alpha_grad else None,
@@ -874,7 +874,7 @@ def _fenchel_young_backward(ctx, grad_loss, grad_tau, grad_norm, grad_entropy):
 
 
 _FenchelYoungFunction = differentiable(_fenchel_young_op, _fenchel_young_setup, _fenchel_young_backward)
-once_differentiable(_fenchel_young_backward_op)
+_FenchelYoungBackward = once_differentiable(_fenchel_young_backward_op)
 
 
 def torch_fenchel_young(

@@ -197,11 +197,11 @@ def _map_setup(ctx, inputs, output):
 
 def _map_backward(ctx, grad_output):
     (p,) = ctx.saved_tensors
-    return torch.ops.softmaxkit.sparse_map_backward_triton(p, grad_output, ctx.kind), None
+    return _MapBackward.apply(p, grad_output, ctx.kind), None
 
 
 _MapFunction = differentiable(_map_op, _map_setup, _map_backward)
-once_differentiable(_map_backward_op)
+_MapBackward = once_differentiable(_map_backward_op)
 
 
 def triton_entmax(
