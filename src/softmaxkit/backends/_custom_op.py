@@ -51,12 +51,12 @@ def differentiable(op, setup_context: Callable, backward: Callable) -> type[torc
     return _OpFunction
 
 
-def once_differentiable(op) -> type[torch.autograd.Function]:
+def once_differentiable(op) -> Callable:
     """Make a differentiation through ``op`` (a backward op) raise a clear ``RuntimeError``.
 
-    Registers that as the op's autograd and returns a Function calling ``op`` with the same refusal, for the
-    forward ops' backward to call (``torch.func`` runs backward with ``create_graph=True`` and accepts only
-    Functions with ``setup_context``; it never differentiates this one, a second-order transform raises).
+    Registers that as the op's autograd and returns the function the forward ops' backward calls: ``op``
+    itself, or under ``torch.func`` (which runs a backward with ``create_graph=True`` and accepts only Functions
+    with ``setup_context``) a Function calling ``op`` with the same refusal.
     """
 
     def refuse(ctx, *grad_outputs):
@@ -69,4 +69,15 @@ def once_differentiable(op) -> type[torch.autograd.Function]:
     def keep_nothing(ctx, inputs, output):
         return None
 
-    return differentiable(op, keep_nothing, refuse)
+    function = differentiable(op, keep_nothing, refuse)
+    namespace, _, name = op._qualname.partition("::")
+    overload = getattr(getattr(torch.ops, namespace), name).default
+
+    def run(*args):
+        # the op itself (its registered autograd refuses a double backward) except under torch.func, which
+        # needs the Function; Dynamo traces the plain op (it cannot trace a Function inside a backward)
+        if torch._C._are_functorch_transforms_active():
+            return function.apply(*args)
+        return overload(*args)
+
+    return run

@@ -183,7 +183,7 @@ def _map_setup(ctx, inputs, output):
 
 def _map_backward(ctx, grad_output):
     (p,) = ctx.saved_tensors
-    return _MapBackward.apply(p, grad_output, ctx.kind), None
+    return _MapBackward(p, grad_output, ctx.kind), None
 
 
 _MapFunction = differentiable(_map_op, _map_setup, _map_backward)
@@ -258,7 +258,7 @@ def _loss_setup(ctx, inputs, output):
 
 def _loss_backward(ctx, grad_loss, grad_row_stats):
     x, row_stats, target, weight = ctx.saved_tensors
-    grad = _LossBackward.apply(grad_loss, x, row_stats, target, weight, *ctx.options)
+    grad = _LossBackward(grad_loss, x, row_stats, target, weight, *ctx.options)
     return grad, None, None, None, None, None
 
 

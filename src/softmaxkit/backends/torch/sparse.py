@@ -705,7 +705,7 @@ def _entmax_setup(ctx, inputs, output):
 def _entmax_backward(ctx, grad_p, grad_tau, grad_norm):
     saved, tau, norm, alpha = ctx.saved_tensors
     alpha_grad = alpha is not None and ctx.needs_input_grad[1]
-    grad, grad_alpha = _EntmaxBackward.apply(
+    grad, grad_alpha = _EntmaxBackward(
         grad_p, saved, tau, norm, alpha, ctx.kind, ctx.scalar_alpha, alpha_grad
     )
     return grad if ctx.needs_input_grad[0] else None, grad_alpha if alpha_grad else None, None, None, None
@@ -866,7 +866,7 @@ def _fenchel_young_setup(ctx, inputs, output):
 def _fenchel_young_backward(ctx, grad_loss, grad_tau, grad_norm, grad_entropy):
     x, tau, norm, alpha, target, weight, entropy_alpha = ctx.saved_tensors
     alpha_grad = alpha is not None and ctx.needs_input_grad[1]
-    grad, grad_alpha = _FenchelYoungBackward.apply(
+    grad, grad_alpha = _FenchelYoungBackward(
         grad_loss, x, tau, norm, alpha, target, weight, entropy_alpha, *ctx.options, alpha_grad
     )
     return (grad if ctx.needs_input_grad[0] else None, grad_alpha if alpha_grad else None,

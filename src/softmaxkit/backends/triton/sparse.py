@@ -197,7 +197,7 @@ def _map_setup(ctx, inputs, output):
 
 def _map_backward(ctx, grad_output):
     (p,) = ctx.saved_tensors
-    return _MapBackward.apply(p, grad_output, ctx.kind), None
+    return _MapBackward(p, grad_output, ctx.kind), None
 
 
 _MapFunction = differentiable(_map_op, _map_setup, _map_backward)
