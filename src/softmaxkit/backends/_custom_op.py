@@ -5,10 +5,10 @@
 
 * ``op.register_autograd``, so the op itself is differentiable wherever it is called (eager, ``torch.compile``,
   ``torch.export``, ``torch.library.opcheck``);
-* a thin :class:`torch.autograd.Function` with a ``setup_context`` staticmethod whose forward is the op, which
-  the public functions call: ``torch.func`` transforms (``grad``, ``vjp``) refuse the autograd Function that
-  ``register_autograd`` generates (it has no ``setup_context``), and they accept this one. Dynamo traces it
-  without a graph break, so compiled and exported graphs still hold the custom op.
+* a thin :class:`torch.autograd.Function` with a ``setup_context`` staticmethod whose forward is the op, used
+  only while a ``torch.func`` transform is active: ``torch.func`` (``grad``, ``vjp``) refuses the autograd
+  Function that ``register_autograd`` generates (it has no ``setup_context``) and accepts this one. Otherwise
+  the op is called directly, which is what Dynamo and ``torch.export`` trace.
 
 The backward of a fused op is a closed form evaluated by another custom op (``<name>_backward``), which is
 not differentiable again: :func:`once_differentiable` registers an autograd formula for it that raises a
@@ -22,8 +22,12 @@ from collections.abc import Callable
 import torch
 
 
-def differentiable(op, setup_context: Callable, backward: Callable) -> type[torch.autograd.Function]:
-    """Register ``backward`` / ``setup_context`` as ``op``'s autograd and return a Function calling ``op``.
+def differentiable(op, setup_context: Callable, backward: Callable) -> Callable:
+    """Register ``backward`` / ``setup_context`` as ``op``'s autograd; return the function to call ``op`` with.
+
+    The returned function calls the op (``torch.ops.<namespace>.<name>``) directly, except while a
+    ``torch.func`` transform is active, where it goes through an autograd Function with the same
+    ``setup_context`` / ``backward`` (Dynamo traces the plain op; ``torch.func`` needs the Function).
 
     Args:
         op: a custom op made by :func:`torch.library.custom_op` or :func:`torch.library.triton_op`.
@@ -47,16 +51,22 @@ def differentiable(op, setup_context: Callable, backward: Callable) -> type[torc
         def backward(ctx, *grad_outputs):
             return backward(ctx, *grad_outputs)
 
-    _OpFunction.__name__ = _OpFunction.__qualname__ = f"{op._name}_function"
-    return _OpFunction
+    _OpFunction.__name__ = _OpFunction.__qualname__ = f"{name}_function"
+
+    def run(*args):
+        if torch._C._are_functorch_transforms_active():
+            return _OpFunction.apply(*args)
+        return overload(*args)
+
+    run.__name__ = name
+    return run
 
 
 def once_differentiable(op) -> Callable:
     """Make a differentiation through ``op`` (a backward op) raise a clear ``RuntimeError``.
 
-    Registers that as the op's autograd and returns the function the forward ops' backward calls: ``op``
-    itself, or under ``torch.func`` (which runs a backward with ``create_graph=True`` and accepts only Functions
-    with ``setup_context``) a Function calling ``op`` with the same refusal.
+    Registers that as the op's autograd and returns the function the forward ops' backward calls (as
+    :func:`differentiable`: ``torch.func`` runs a backward with ``create_graph=True``).
     """
 
     def refuse(ctx, *grad_outputs):
@@ -69,15 +79,4 @@ def once_differentiable(op) -> Callable:
     def keep_nothing(ctx, inputs, output):
         return None
 
-    function = differentiable(op, keep_nothing, refuse)
-    namespace, _, name = op._qualname.partition("::")
-    overload = getattr(getattr(torch.ops, namespace), name).default
-
-    def run(*args):
-        # the op itself (its registered autograd refuses a double backward) except under torch.func, which
-        # needs the Function; Dynamo traces the plain op (it cannot trace a Function inside a backward)
-        if torch._C._are_functorch_transforms_active():
-            return function.apply(*args)
-        return overload(*args)
-
-    return run
+    return differentiable(op, keep_nothing, refuse)

@@ -273,7 +273,7 @@ def cpu_entmax(
     """Sparsemax (``kind="sparsemax"``) or 1.5-entmax (``"entmax15"``) of 2-D rows ``x`` ``(N, C)`` along the
     last dim through ``torch.ops.softmaxkit.sparse_map_cpu`` (the α arguments are not used: the dispatch
     table's common signature)."""
-    return _MapFunction.apply(x, kind)
+    return _MapFunction(x, kind)
 
 
 def cpu_fenchel_young(
@@ -290,4 +290,4 @@ def cpu_fenchel_young(
     """The Fenchel-Young loss of ``kind`` for 2-D logits ``(N, C)`` and class indices ``(N,)`` through
     ``torch.ops.softmaxkit.fenchel_young_cpu``; arguments are already validated (see
     :func:`softmaxkit.sparsemax_loss`)."""
-    return _LossFunction.apply(x, target, weight, ignore_index, kind, reduction)[0]
+    return _LossFunction(x, target, weight, ignore_index, kind, reduction)[0]

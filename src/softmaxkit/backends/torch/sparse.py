@@ -17,16 +17,24 @@ sort-free-in-the-common-case searches use this:
   (:func:`_solve_rows`).
 
 The result never depends on these guesses, only the time does. When every row's support has been found
-this way (and is at most ``C/4`` wide) the outputs and gradients are built from it alone: zeros plus a
-scatter over ``(N, K)`` entries.
+this way (and is at most ``C/4`` wide) the output is built from it alone: zeros plus a scatter over
+``(N, K)`` entries.
+
+**Custom ops.** The maps are ``torch.ops.softmaxkit.entmax_torch`` (→ ``(p, τ, norm)``) with
+``entmax_torch_backward``, the losses ``fenchel_young_torch`` (→ ``(loss, τ, norm, ∂H/∂α)``) with
+``fenchel_young_torch_backward``: opaque to ``torch.compile`` (the top-k search has data-dependent shapes),
+with fake kernels and the autograd of :mod:`softmaxkit.backends._custom_op`.
 
 **Memory.** Forward allocates the output; backward the gradient; everything else is ``(N, K)`` support data
-or works on row chunks of about 4 MiB (:func:`~softmaxkit.backends.torch.cross_entropy.chunk_rows`). On the
-dense path the backward recomputes ``p`` from the input and the saved per-row threshold instead of saving
-an fp32 copy, and the Fenchel-Young losses never hold ``p`` outside a chunk.
+or works on row chunks of about 4 MiB (:func:`~softmaxkit.backends.torch.cross_entropy.chunk_rows`). The
+sparsemax / 1.5-entmax backward reads the saved output ``p``; α-entmax's recomputes ``p`` from the input
+and the per-row ``(τ, Σ p)`` instead of saving an fp32 copy, and the Fenchel-Young losses never hold ``p``
+outside a chunk (backward recomputes it into the gradient buffer).
 
 **Precision.** fp16/bf16 input is solved and exponentiated in fp32 (the ``entmax`` package bisects in the
-low-precision dtype itself and lands up to ~0.1 away from the answer in bf16); float64 stays float64.
+low-precision dtype itself and lands up to ~0.1 away from the answer in bf16); float64 stays float64. The
+sparsemax / 1.5-entmax thresholds are solved in float64 for every dtype (:func:`threshold_dtype`) and the
+backward's row sums run in float64.
 
 **Backward.** On the support, ``∂p/∂x = diag(s) − s sᵀ/Σ s`` with ``s = p^{2−α}``: ``1[p > 0]`` for
 sparsemax, ``√p`` for 1.5-entmax. The α-gradient of α-entmax (Correia et al. 2019),
@@ -722,7 +730,7 @@ def torch_entmax(
     """Sparsemax, 1.5-entmax or α-entmax (``kind``) of 2-D rows ``x`` ``(N, C)`` along the last dim, through
     ``torch.ops.softmaxkit.entmax_torch``; arguments already validated (see :func:`softmaxkit.entmax_bisect`)."""
     scalar = 1.5 if scalar_alpha is None else float(scalar_alpha)
-    return _EntmaxFunction.apply(x, alpha_rows, kind, scalar, n_iter)[0]
+    return _EntmaxFunction(x, alpha_rows, kind, scalar, n_iter)[0]
 
 
 def _row_weights(target, weight, ignore_index, work):
@@ -892,7 +900,7 @@ def torch_fenchel_young(
     ``torch.ops.softmaxkit.fenchel_young_torch``; arguments already validated (see
     :func:`softmaxkit.sparsemax_loss`)."""
     scalar = 1.5 if scalar_alpha is None else float(scalar_alpha)
-    return _FenchelYoungFunction.apply(
+    return _FenchelYoungFunction(
         x, alpha_rows, target, weight, kind, scalar, n_iter, ignore_index, reduction
     )[0]
 

@@ -219,4 +219,4 @@ def triton_entmax(
         raise ValueError(
             f"the Triton entmax kernels need CUDA tensors (or TRITON_INTERPRET=1), but got a tensor on {rows.device}"
         )
-    return _MapFunction.apply(rows, kind)
+    return _MapFunction(rows, kind)
