@@ -87,6 +87,16 @@ def test_compiled_equals_eager(name):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["sparsemax", "entmax15", "entmax_bisect"])
+def test_compiled_without_grad(name, impl):
+    """Inference (no input requires grad) traces as well: the op is called directly, no Function."""
+    torch._dynamo.reset()
+    function = getattr(softmaxkit, name)
+    compiled = torch.compile(lambda v: function(v, impl=impl), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(_x()), function(_x(), impl=impl), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["sparsemax", "sparsemax_loss"])
 def test_inductor_compile_equals_eager(name):
     """The default backend (Inductor) too, on the C kernel's ops."""
