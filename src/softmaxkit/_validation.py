@@ -20,7 +20,15 @@ def _data_checks_enabled(tensor: torch.Tensor) -> bool:
     """Whether value checks that read tensor data (and so sync with the device) may run now."""
     if torch.compiler.is_compiling():
         return False
+    if tensor.is_meta or _is_fake(tensor):  # no data to read: shapes only
+        return False
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor)
 
 
 def check_reduction(reduction: object, allowed: Sequence[str] = REDUCTIONS) -> str:

@@ -160,3 +160,56 @@ def always(request: Request) -> str | None:
 # The table. Each op's row is registered by the section below that names it; rows are filled in preference
 # order. Implementations live in the backends (``backends/<name>/...``) or, for the composite paths, in
 # ``functional/``.
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sparse maps and their Fenchel-Young losses: sparsemax, entmax15, entmax_bisect and their *_loss.
+# Every implementation is a torch.library custom op (``torch.ops.softmaxkit.*``) behind a Python entry with
+# one signature per kind of op:
+#   maps   fn(rows (N, C), kind, alpha_rows (N, 1) | None, scalar_alpha | None, n_iter) -> p (N, C)
+#   losses fn(rows (N, C), target (N,), kind, weight, ignore_index, reduction, alpha_rows, scalar_alpha,
+#             n_iter) -> loss
+# ``kind`` is "sparsemax", "entmax15" or "bisect". Row order: C kernel (CPU), Triton (CUDA), PyTorch (any
+# device, meta included). The functional layer (functional/sparse.py) refuses tensor subclasses such as
+# DTensor with a TypeError before asking; ``flags`` may carry "subclass" for callers that ask anyway.
+
+_SPARSE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_SPARSE_VARIANTS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def _sparse_plain_rows(request: Request) -> str | None:
+    if request.has("subclass"):
+        return "needs plain tensors (not a tensor subclass such as DTensor)"
+    if request.dtype not in _SPARSE_DTYPES:
+        return f"needs float32, float64, bfloat16 or float16 input, got {request.dtype}"
+    if request.ndim != 2:
+        return f"needs 2-D rows, got {request.ndim}-D"
+    return None
+
+
+def _sparse_cpu_kernel(request: Request) -> str | None:
+    from .cpu import _build
+
+    if not _build.usable(_SPARSE_VARIANTS[request.dtype], "sparse"):
+        return "the C kernel cannot be built here (SOFTMAXKIT_CPU_KERNELS=0 or no C compiler on PATH)"
+    return None
+
+
+def _sparse_triton_installed(request: Request) -> str | None:
+    import importlib.util
+
+    return None if importlib.util.find_spec("triton") is not None else "Triton is not installed"
+
+
+_SPARSE_CPU = all_of(needs_device("cpu"), _sparse_plain_rows, _sparse_cpu_kernel)
+_SPARSE_TRITON = all_of(needs_device("cuda"), _sparse_plain_rows, _sparse_triton_installed)
+
+for _op in ("sparsemax", "entmax15"):
+    register(_op, Implementation("cpu", ".cpu.sparse:cpu_entmax", _SPARSE_CPU))
+    register(_op, Implementation("triton", ".triton.sparse:triton_entmax", _SPARSE_TRITON))
+    register(_op, Implementation("torch", ".torch.sparse:torch_entmax", always))
+    register(f"{_op}_loss", Implementation("cpu", ".cpu.sparse:cpu_fenchel_young", _SPARSE_CPU))
+    register(f"{_op}_loss", Implementation("torch", ".torch.sparse:torch_fenchel_young", always))
+register("entmax_bisect", Implementation("torch", ".torch.sparse:torch_entmax", always))
+register("entmax_bisect_loss", Implementation("torch", ".torch.sparse:torch_fenchel_young", always))
+del _op

@@ -1,17 +1,23 @@
 """Sparse alternatives to softmax: sparsemax, 1.5-entmax, α-entmax, and their Fenchel-Young losses.
 
-All run along any ``dim``, in float64 down to bf16 (fp16/bf16 are solved in fp32), with exact closed-form
-backward passes and without a full sort per row (see :mod:`softmaxkit.backends.torch.sparse`). On CPU,
-sparsemax, 1.5-entmax and their losses use the compiled kernel of :mod:`softmaxkit.backends.cpu.sparse`
-when it can be built (else the PyTorch path); on CUDA the maps use Triton.
+All run along any ``dim``, in float64 down to bf16 (fp16/bf16 are solved in fp32, the sparsemax / 1.5-entmax
+thresholds in float64), with exact closed-form backward passes and without a full sort per row (see
+:mod:`softmaxkit.backends.torch.sparse`). Each function reads validate → select → call: the dispatch table
+(:mod:`softmaxkit.backends`, rows ``sparsemax``, ``entmax15``, ``entmax_bisect`` and their ``*_loss``) picks
+the C kernel on CPU (:mod:`softmaxkit.backends.cpu.sparse`), Triton on CUDA (maps), else the PyTorch path;
+every one is a ``torch.ops.softmaxkit`` custom op, so the functions trace under ``torch.compile(fullgraph=True)``,
+``torch.export``, FakeTensorMode and meta tensors, and differentiate under ``torch.func``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .. import _validation as v
-from ..backends.torch.sparse import BISECT, ENTMAX15, SPARSEMAX, _EntmaxFunction, _FenchelYoungFunction
+from .. import backends
+from ..backends.torch.sparse import BISECT, ENTMAX15, SPARSEMAX, work_dtype
 from ._rows import class_rows, from_last_dim_rows, last_dim_rows, restore_rows
 
 
@@ -24,31 +30,69 @@ def _alpha_rows(alpha: float | torch.Tensor, x: torch.Tensor, dim: int) -> tuple
     return alpha.expand(shape).movedim(dim, -1).reshape(-1, 1), None
 
 
-def _entmax_map(x: torch.Tensor, dim: int, kind: str, alpha=None, n_iter: int = 50) -> torch.Tensor:
-    if x.dim() == 0:
-        return _entmax_map(x.unsqueeze(0), 0, kind, alpha.reshape(1) if isinstance(alpha, torch.Tensor) else alpha,
-                           n_iter).squeeze(0)
-    alpha_rows, scalar_alpha = _alpha_rows(alpha, x, dim) if kind == BISECT else (None, None)
-    if x.numel() == 0:
-        return x * 0 + (0 * alpha_rows.sum() if alpha_rows is not None else 0)
-    rows, moved_shape = last_dim_rows(x, dim)
-    if rows.is_cuda and kind in (SPARSEMAX, ENTMAX15):
-        from ..backends import triton as triton_backend
+def _check_plain(name: str, tensor: torch.Tensor | None, function: str) -> None:
+    """Refuse tensor subclasses (DTensor, ...): no implementation here shards or unwraps them.
 
-        if triton_backend.available():
-            from ..backends.triton.sparse import triton_entmax
+    Plain tensors on any device (meta included), parameters, and the FakeTensor / FunctionalTensor wrappers of
+    ``torch.compile`` / ``torch.export`` tracing are served (the custom ops' fake kernels take the last two).
+    """
+    if tensor is None or type(tensor) in (torch.Tensor, torch.nn.Parameter):
+        return
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
 
-            return from_last_dim_rows(triton_entmax(rows, kind), moved_shape, dim)
-    if rows.device.type == "cpu" and kind in (SPARSEMAX, ENTMAX15):
+    if isinstance(tensor, (FakeTensor, FunctionalTensor)):
+        return
+    raise TypeError(
+        f"`{name}` of {function} must be a plain torch.Tensor (CPU, CUDA or meta), but got a "
+        f"{type(tensor).__name__}; convert it first (a DTensor: `.full_tensor()` or `.to_local()`)"
+    )
+
+
+#: the implementations :func:`_choose` resolved, by (op, name): read by traced code after the choice
+_RESOLVED: dict[tuple[str, str], Callable] = {}
+
+
+@torch.compiler.assume_constant_result
+def _choose(op: str, impl: str, device: str, dtype: torch.dtype) -> str:
+    """The name of the implementation of ``op`` serving 2-D rows of ``dtype`` on ``device`` (see
+    :func:`softmaxkit.backends.select`); the C kernel is loaded here, and when it cannot be (a build that
+    fails) ``impl="auto"`` falls back to the PyTorch path. Under ``torch.compile`` this runs once while tracing
+    and its answer is a constant of the graph (no graph break)."""
+    request = backends.Request(device=device, dtype=dtype, ndim=2)
+    chosen = backends.select(op, impl, request)
+    if chosen.name == "cpu":
+        from ..backends.cpu import _build
         from ..backends.cpu import sparse as cpu_sparse
 
-        if cpu_sparse.supports(rows):
-            return from_last_dim_rows(cpu_sparse.cpu_entmax(rows, kind), moved_shape, dim)
-    out = _EntmaxFunction.apply(rows, alpha_rows, kind, scalar_alpha, n_iter)
-    return from_last_dim_rows(out, moved_shape, dim)
+        if not cpu_sparse.available(dtype):
+            if impl != "auto":
+                raise ValueError(f"`impl={impl!r}` cannot serve this call: {_build.failure_reason}")
+            chosen = backends.select(op, "torch", request)
+    _RESOLVED[op, chosen.name] = chosen.resolve()
+    return chosen.name
 
 
-def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def _implementation(op: str, impl: str, rows: torch.Tensor) -> Callable:
+    name = _choose(op, impl, rows.device.type, rows.dtype)
+    return _RESOLVED[op, name]
+
+
+def _entmax_map(
+    x: torch.Tensor, dim: int, kind: str, op: str, impl: str, alpha=None, n_iter: int = 50
+) -> torch.Tensor:
+    if x.dim() == 0:
+        alpha = alpha.reshape(1) if isinstance(alpha, torch.Tensor) else alpha
+        return _entmax_map(x.unsqueeze(0), 0, kind, op, impl, alpha, n_iter).squeeze(0)
+    alpha_rows, scalar_alpha = _alpha_rows(alpha, x, dim) if kind == BISECT else (None, None)
+    rows, moved_shape = last_dim_rows(x, dim)
+    function = _implementation(op, impl, rows)
+    if x.numel() == 0:
+        return x * 0 + (0 * alpha_rows.sum() if alpha_rows is not None else 0)
+    return from_last_dim_rows(function(rows, kind, alpha_rows, scalar_alpha, n_iter), moved_shape, dim)
+
+
+def sparsemax(x: torch.Tensor, dim: int = -1, *, impl: str = "auto") -> torch.Tensor:
     r"""Sparsemax: the Euclidean projection onto the probability simplex (Martins & Astudillo 2016).
 
     .. math:: \mathrm{sparsemax}(x) = \arg\min_{p ∈ Δ}\|p − x\|^2 = [x − τ]_+,\qquad \sum_i [x_i − τ]_+ = 1
@@ -59,6 +103,8 @@ def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Args:
         x: input of any shape and floating dtype; ``-inf`` entries get probability 0.
         dim: the dimension to normalise (negative counts from the end).
+        impl: ``"auto"`` (the C kernel on CPU, Triton on CUDA, else PyTorch), or ``"cpu"``, ``"triton"``,
+            ``"torch"`` to ask for one (a ``ValueError`` says why when it cannot serve the input).
 
     Returns:
         Tensor of ``x``'s shape and dtype whose slices along ``dim`` sum to 1. Equals
@@ -75,11 +121,12 @@ def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         Martins & Astudillo, "From Softmax to Sparsemax", ICML 2016.
     """
     x = v.check_floating("x", x)
+    _check_plain("x", x, "sparsemax")
     dim = v.check_dim(dim, x.dim())
-    return _entmax_map(x, dim, SPARSEMAX)
+    return _entmax_map(x, dim, SPARSEMAX, "sparsemax", impl)
 
 
-def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def entmax15(x: torch.Tensor, dim: int = -1, *, impl: str = "auto") -> torch.Tensor:
     r"""Exact 1.5-entmax (Peters et al. 2019): between softmax and sparsemax, sparse but smoother.
 
     .. math:: \mathrm{entmax}_{1.5}(x) = \arg\max_{p ∈ Δ} ⟨p, x⟩ + H_{1.5}(p) = \big[(x − τ)/2\big]_+^2,
@@ -90,6 +137,7 @@ def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Args:
         x: input of any shape and floating dtype.
         dim: the dimension to normalise.
+        impl: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"torch"``, as for :func:`sparsemax`.
 
     Returns:
         Tensor of ``x``'s shape and dtype; slices along ``dim`` sum to 1. Equals ``entmax.entmax15``.
@@ -103,12 +151,13 @@ def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         Peters, Niculae & Martins, "Sparse Sequence-to-Sequence Models", ACL 2019.
     """
     x = v.check_floating("x", x)
+    _check_plain("x", x, "entmax15")
     dim = v.check_dim(dim, x.dim())
-    return _entmax_map(x, dim, ENTMAX15)
+    return _entmax_map(x, dim, ENTMAX15, "entmax15", impl)
 
 
 def entmax_bisect(
-    x: torch.Tensor, alpha: float | torch.Tensor = 1.5, dim: int = -1, n_iter: int = 50
+    x: torch.Tensor, alpha: float | torch.Tensor = 1.5, dim: int = -1, n_iter: int = 50, *, impl: str = "auto"
 ) -> torch.Tensor:
     r"""α-entmax for any ``α >= 1``, by bisection on the threshold (Peters et al. 2019; Blondel et al. 2020).
 
@@ -127,6 +176,7 @@ def entmax_bisect(
             per slice: broadcastable to ``x``'s shape with size 1 at ``dim`` (e.g. ``(N, 1)`` for ``(N, C)``).
         dim: the dimension to normalise.
         n_iter: bisection steps (each halves a bracket of width ``≤ log C``): 50 reach float64 precision.
+        impl: ``"auto"`` or ``"torch"`` (the one implementation: a custom op with a PyTorch kernel).
 
     Returns:
         Tensor of ``x``'s shape and dtype; slices along ``dim`` sum to 1. Equals ``entmax.entmax_bisect``.
@@ -141,42 +191,42 @@ def entmax_bisect(
         EMNLP 2019 (the α-gradient); Blondel, Martins & Niculae, "Learning with Fenchel-Young Losses", JMLR 2020.
     """
     x = v.check_floating("x", x)
+    _check_plain("x", x, "entmax_bisect")
     dim = v.check_dim(dim, x.dim())
     alpha = v.check_entmax_alpha(alpha, x, dim)
+    _check_plain("alpha", alpha if isinstance(alpha, torch.Tensor) else None, "entmax_bisect")
     n_iter = v.check_positive_int("n_iter", n_iter)
-    return _entmax_map(x, dim, BISECT, alpha, n_iter)
+    return _entmax_map(x, dim, BISECT, "entmax_bisect", impl, alpha, n_iter)
 
 
 def _fenchel_young(
-    logits, target, kind, alpha, weight, ignore_index, reduction, temperature, n_iter, function
+    logits, target, kind, alpha, weight, ignore_index, reduction, temperature, n_iter, function, impl
 ) -> torch.Tensor:
     logits = v.check_floating("logits", logits)
+    _check_plain("logits", logits, function)
     num_classes = v.check_class_index_target(logits, target, function)
+    _check_plain("target", target, function)
     reduction = v.check_reduction(reduction)
     ignore_index = v.check_int("ignore_index", ignore_index)
     temperature = v.check_positive("temperature", temperature)
     weight = v.check_class_weight(weight, num_classes, logits)
+    _check_plain("weight", weight, function)
     class_dim = 0 if logits.dim() == 1 else 1
     if kind == BISECT:
         alpha = v.check_entmax_alpha(alpha, logits, class_dim)
+        _check_plain("alpha", alpha if isinstance(alpha, torch.Tensor) else None, function)
         n_iter = v.check_positive_int("n_iter", n_iter)
     v.check_class_target(target, num_classes, ignore_index)
 
-    z = logits / temperature if temperature != 1.0 else logits
+    # z = x/T in the compute dtype (fp16 700/0.01 overflows; bf16 would round z once more)
+    z = logits.to(work_dtype(logits.dtype)) / temperature if temperature != 1.0 else logits
     rows, row_target = class_rows(z, target)
-    if rows.device.type == "cpu" and kind in (SPARSEMAX, ENTMAX15):
-        from ..backends.cpu import sparse as cpu_sparse
-
-        if cpu_sparse.supports(rows):
-            loss = cpu_sparse.cpu_fenchel_young(rows, row_target, kind, weight, ignore_index, reduction)
-            return restore_rows(loss, reduction, target)
+    loss_function = _implementation(function, impl, rows)
     alpha_rows, scalar_alpha = (None, None)
     if kind == BISECT:
         alpha_rows, scalar_alpha = _alpha_rows(alpha, logits, class_dim)
-    loss = _FenchelYoungFunction.apply(
-        rows, alpha_rows, row_target, kind, scalar_alpha, n_iter, weight, ignore_index, reduction
-    )
-    return restore_rows(loss, reduction, target)
+    loss = loss_function(rows, row_target, kind, weight, ignore_index, reduction, alpha_rows, scalar_alpha, n_iter)
+    return restore_rows(loss.to(logits.dtype), reduction, target)
 
 
 def sparsemax_loss(
@@ -187,6 +237,7 @@ def sparsemax_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     temperature: float = 1.0,
+    impl: str = "auto",
 ) -> torch.Tensor:
     r"""Sparsemax loss: the Fenchel-Young loss of sparsemax (Martins & Astudillo 2016; Blondel et al. 2020).
 
@@ -204,7 +255,9 @@ def sparsemax_loss(
         weight: ``(C,)`` class weights; a row's loss is multiplied by ``w_y`` and ``"mean"`` divides by ``Σ w_y``.
         ignore_index: targets equal to it (any value, negative too) contribute nothing.
         reduction: ``"mean"`` (0 when every target is ignored), ``"sum"`` or ``"none"``.
-        temperature: ``T > 0`` dividing the logits.
+        temperature: ``T > 0`` dividing the logits (in fp32 for fp16/bf16 logits).
+        impl: ``"auto"`` (the C kernel on CPU, else PyTorch), ``"cpu"`` or ``"torch"``; a ``ValueError`` says
+            why when the one asked for cannot serve the input.
 
     Returns:
         A scalar for ``"mean"``/``"sum"``, the target's shape for ``"none"``; dtype of ``logits``. Equals the
@@ -219,7 +272,7 @@ def sparsemax_loss(
         Martins & Astudillo, ICML 2016; Blondel, Martins & Niculae, "Learning with Fenchel-Young Losses", JMLR 2020.
     """
     return _fenchel_young(
-        logits, target, SPARSEMAX, None, weight, ignore_index, reduction, temperature, 0, "sparsemax_loss"
+        logits, target, SPARSEMAX, None, weight, ignore_index, reduction, temperature, 0, "sparsemax_loss", impl
     )
 
 
@@ -231,13 +284,14 @@ def entmax15_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     temperature: float = 1.0,
+    impl: str = "auto",
 ) -> torch.Tensor:
     r"""1.5-entmax loss: the Fenchel-Young loss of :func:`entmax15` (Peters et al. 2019).
 
     .. math:: ℓ = w_y\Big(⟨p − e_y, z⟩ + \tfrac43\big(1 − \textstyle\sum_i p_i^{3/2}\big)\Big),
               \qquad p = \mathrm{entmax}_{1.5}(z),\ z = x/T,\qquad \frac{∂ℓ}{∂z} = w_y (p − e_y)
 
-    Arguments, shapes and reductions as :func:`sparsemax_loss`. Equals ``entmax.entmax15_loss``.
+    Arguments, shapes and reductions as :func:`sparsemax_loss` (``impl`` too). Equals ``entmax.entmax15_loss``.
 
     Example:
         >>> import torch, softmaxkit
@@ -245,7 +299,7 @@ def entmax15_loss(
         tensor(0.0617)
     """
     return _fenchel_young(
-        logits, target, ENTMAX15, None, weight, ignore_index, reduction, temperature, 0, "entmax15_loss"
+        logits, target, ENTMAX15, None, weight, ignore_index, reduction, temperature, 0, "entmax15_loss", impl
     )
 
 
@@ -259,6 +313,7 @@ def entmax_bisect_loss(
     reduction: str = "mean",
     temperature: float = 1.0,
     n_iter: int = 50,
+    impl: str = "auto",
 ) -> torch.Tensor:
     r"""α-entmax loss: the Fenchel-Young loss of :func:`entmax_bisect`, for any ``α >= 1``.
 
@@ -268,7 +323,9 @@ def entmax_bisect_loss(
     ``α = 1`` is cross-entropy, ``α = 2`` the sparsemax loss. A tensor ``alpha`` (one per row: broadcastable to
     the logits' shape with size 1 at the class dim, e.g. ``(N, 1)``) receives a gradient.
 
-    Arguments, shapes and reductions as :func:`sparsemax_loss`, plus ``n_iter`` (bisection steps).
+    Arguments, shapes and reductions as :func:`sparsemax_loss`, plus ``n_iter`` (bisection steps); ``impl``
+    is ``"auto"`` or ``"torch"`` (the one implementation). A row without a threshold (a NaN, a +inf, every
+    logit −inf) has a NaN loss and gradient, as softmax cross-entropy.
     Equals ``entmax.entmax_bisect_loss``.
 
     Example:
@@ -277,5 +334,6 @@ def entmax_bisect_loss(
         tensor(0.4170)
     """
     return _fenchel_young(
-        logits, target, BISECT, alpha, weight, ignore_index, reduction, temperature, n_iter, "entmax_bisect_loss"
+        logits, target, BISECT, alpha, weight, ignore_index, reduction, temperature, n_iter, "entmax_bisect_loss",
+        impl,
     )

@@ -21,6 +21,8 @@ and its gradient is ``∂L/∂x = p^⋆ − e_y``: the loss is 0 exactly when ``
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .cross_entropy import _reduce, _rows
@@ -37,15 +39,29 @@ def _back(rows: np.ndarray, moved_shape, axis: int) -> np.ndarray:
     return np.moveaxis(rows.reshape(moved_shape), -1, axis)
 
 
+def _candidates(z: np.ndarray, scale: float) -> tuple[np.ndarray | None, float]:
+    """``u = (z − max z)/scale`` of the entries that can be in the support (``u > −1``), sorted descending,
+    and ``max z``; None for a row without a solution (a NaN, a +inf, every entry −inf).
+
+    Shifting by the row max first keeps every quantity below small (``3e38 − 1`` rounds to ``3e38``; ``0 −
+    1`` does not), and ``τ >= max − scale`` means only the ``u > −1`` can be in the support."""
+    top = np.max(z)
+    if not np.isfinite(top) or np.isnan(z).any():
+        return None, top
+    u = (z - top) / scale
+    return np.sort(u[u > -1.0])[::-1], top
+
+
 def _sparsemax_row(z: np.ndarray) -> np.ndarray:
-    """Sort descending; the support size ``k`` is the one whose threshold ``τ_k = (Σ_{i≤k} z_(i) − 1)/k``
-    satisfies ``z_(k) > τ_k >= z_(k+1)`` (the KKT conditions of the projection)."""
-    v = np.sort(z)[::-1]
-    for k in range(1, len(v) + 1):
-        tau = (v[:k].sum() - 1.0) / k
-        if v[k - 1] > tau and (k == len(v) or tau >= v[k]):
-            return np.maximum(z - tau, 0.0)
-    raise AssertionError("unreachable: some support size always satisfies the KKT conditions")
+    """With ``u = z − max z`` sorted descending, the support size is ``k = max{j : 1 + j u_(j) > Σ_{i≤j} u_(i)}``
+    (Martins & Astudillo 2016; ``j = 1`` always qualifies) and ``τ = (Σ_{i≤k} u_(i) − 1)/k``, the sum exactly
+    rounded (``math.fsum``)."""
+    u, top = _candidates(z, 1.0)
+    if u is None:
+        return np.full_like(z, np.nan)
+    k = int(np.nonzero(1.0 + np.arange(1, len(u) + 1) * u > np.cumsum(u))[0].max()) + 1
+    tau = (math.fsum(u[:k]) - 1.0) / k
+    return np.maximum((z - top) - tau, 0.0)
 
 
 def sparsemax(x, axis: int = -1) -> np.ndarray:
@@ -58,20 +74,21 @@ def sparsemax(x, axis: int = -1) -> np.ndarray:
 
 
 def _entmax15_row(z: np.ndarray) -> np.ndarray:
-    """With ``u = z/2`` sorted descending, the support size ``k`` is the one whose threshold, the larger root of
-    ``Σ_{i≤k}(u_(i) − τ)² = 1``, satisfies ``u_(k) > τ_k >= u_(k+1)``."""
-    u = np.sort(z / 2.0)[::-1]
-    for k in range(1, len(u) + 1):
-        top = u[:k]
-        mean = top.mean()
-        # Σ (u − τ)² = 1  ⇔  k(τ − mean)² + Σ(u − mean)² = 1  ⇒  τ = mean − sqrt((1 − Σ(u − mean)²)/k)
-        spread = np.sum((top - mean) ** 2)
-        if spread > 1.0:
-            continue
-        tau = mean - np.sqrt((1.0 - spread) / k)
-        if u[k - 1] > tau and (k == len(u) or tau >= u[k]):
-            return np.maximum(z / 2.0 - tau, 0.0) ** 2
-    raise AssertionError("unreachable: some support size always satisfies the KKT conditions")
+    """With ``u = (z − max z)/2`` sorted descending, ``τ_k = mean_k − sqrt((1 − Σ_{i≤k}(u_(i) − mean_k)²)/k)``
+    (the larger root of ``Σ_{i≤k}(u_(i) − τ)² = 1``, Peters et al. 2019) and the support size is the largest
+    ``k`` with ``τ_k <= u_(k)`` (``k = 1`` always qualifies); sums exactly rounded (``math.fsum``)."""
+    u, top = _candidates(z, 2.0)
+    if u is None:
+        return np.full_like(z, np.nan)
+    ranks = np.arange(1, len(u) + 1)
+    mean = np.cumsum(u) / ranks
+    spread = np.cumsum(u * u) - ranks * mean * mean  # |u| < 1: a few ulps of k, enough to pick k
+    tau_k = mean - np.sqrt(np.maximum(0.0, (1.0 - spread) / ranks))
+    k = int(np.nonzero(tau_k <= u)[0].max()) + 1
+    head = u[:k]
+    mean_k = math.fsum(head) / k  # τ itself from exactly rounded sums
+    tau = mean_k - math.sqrt(max(0.0, (1.0 - math.fsum((head - mean_k) ** 2)) / k))
+    return np.maximum((z - top) / 2.0 - tau, 0.0) ** 2
 
 
 def entmax15(x, axis: int = -1) -> np.ndarray:
@@ -86,10 +103,13 @@ def entmax15(x, axis: int = -1) -> np.ndarray:
 def _entmax_bisect_row(z: np.ndarray, alpha: float, n_iter: int) -> np.ndarray:
     if alpha == 1.0:
         return softmax(z)
+    top = np.max(z)
+    if not np.isfinite(top) or np.isnan(z).any():
+        return np.full_like(z, np.nan)  # a NaN, a +inf or every entry −inf: no solution
     d = alpha - 1.0
-    scaled = d * z
-    # Σ p(τ) decreases in τ; at τ = max − 1 the largest p is 1, at τ = max − (1/C)^d every p <= 1/C.
-    lo, hi = scaled.max() - 1.0, scaled.max() - (1.0 / len(z)) ** d
+    scaled = d * (z - top)  # shifted by the max (large |z| would swallow the bracket's width)
+    # Σ p(τ) decreases in τ; at τ = −1 the largest p is 1, at τ = −(1/C)^d every p <= 1/C.
+    lo, hi = -1.0, -((1.0 / len(z)) ** d)
     for _ in range(n_iter):
         mid = 0.5 * (lo + hi)
         if np.sum(np.maximum(scaled - mid, 0.0) ** (1.0 / d)) >= 1.0:

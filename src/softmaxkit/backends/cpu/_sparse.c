@@ -36,7 +36,11 @@
  *   grad = s ⊙ (g − Σ s g / Σ s),  s = 1[p > 0] (sparsemax) or √p (1.5-entmax).
  * Backward of the losses recomputes p from x and the row's (m, t): grad = scale·(p − e_y), one pass.
  *
- * fp16/bf16 are computed in fp32, float64 in float64; results are rounded once to the input's dtype.
+ * fp16/bf16 are computed in fp32, float64 in float64; results are rounded once to the input's dtype. The
+ * threshold solve (every sum over the candidates, t itself, the loss) is double for every dtype: over a
+ * wide near-uniform row (C ~ 10^5 candidates within 1 of the max) an fp32 prefix sum is off by units, and
+ * fp32 rounding of t alone shifts every one of the C entries by the same ulp. The (m, t) row statistics
+ * are double; the output pass subtracts t as t_hi + t_lo in the compute type, so it stays vectorised.
  */
 #include <math.h>
 #include <stdint.h>
@@ -156,17 +160,20 @@ CONVERTED_ACCESS(f16)
         return count;                                                                                         \
     }                                                                                                         \
                                                                                                               \
-    /* out = w·φ((x − m)·c − t) (w = 1 for the map); NaN m and t (no solution) give NaN */                    \
+    /* out = w·φ((x − m)·c − t) (w = 1 for the map), t = t_hi + t_lo given as two ACC_T (the float64 t of  \
+     * an fp32 row without a float64 pass: v − t_hi is exact near the threshold, so t's precision reaches    \
+     * every entry); NaN m and t (no solution) give NaN */                                                   \
     static inline void tile_probabilities_##F(const ACC_T *restrict x, ACC_T *restrict out, int64_t n,        \
-                                              int64_t kind, ACC_T m, ACC_T c, ACC_T t, ACC_T w) {             \
+                                              int64_t kind, ACC_T m, ACC_T c, ACC_T t_hi, ACC_T t_lo,         \
+                                              ACC_T w) {                                                      \
         if (kind == KIND_SPARSEMAX) {                                                                         \
             for (int64_t j = 0; j < n; j++) {                                                                 \
-                ACC_T d = (x[j] - m) - t;                                                                     \
+                ACC_T d = ((x[j] - m) - t_hi) - t_lo;                                                         \
                 out[j] = w * (d < 0 ? 0 : d);                                                                 \
             }                                                                                                 \
         } else {                                                                                              \
             for (int64_t j = 0; j < n; j++) {                                                                 \
-                ACC_T d = (x[j] - m) * c - t;                                                                 \
+                ACC_T d = ((x[j] - m) * c - t_hi) - t_lo;                                                     \
                 d = d < 0 ? 0 : d;                                                                            \
                 out[j] = w * (d * d);                                                                         \
             }                                                                                                 \
@@ -183,56 +190,57 @@ CONVERTED_ACCESS(f16)
         }                                                                                                     \
     }                                                                                                         \
                                                                                                               \
-    /* lane-wise Σ s and Σ s·g over a tile */                                                                 \
+    /* lane-wise Σ s and Σ s·g over a tile, accumulated in double */                                          \
     static inline void tile_jvp_sums_##F(const ACC_T *restrict s, const ACC_T *restrict g, int64_t n,         \
-                                         ACC_T *restrict acc_s_out, ACC_T *restrict acc_sg_out) {             \
-        ACC_T acc_s[LANES], acc_sg[LANES];                                                                    \
+                                         double *restrict acc_s_out, double *restrict acc_sg_out) {           \
+        double acc_s[LANES], acc_sg[LANES];                                                                   \
         memcpy(acc_s, acc_s_out, sizeof acc_s);                                                               \
         memcpy(acc_sg, acc_sg_out, sizeof acc_sg);                                                            \
         int64_t j = 0;                                                                                        \
         for (; j + LANES <= n; j += LANES)                                                                    \
             for (int k = 0; k < LANES; k++) {                                                                 \
-                acc_s[k] += s[j + k];                                                                         \
-                acc_sg[k] += s[j + k] * g[j + k];                                                             \
+                acc_s[k] += (double)s[j + k];                                                                 \
+                acc_sg[k] += (double)s[j + k] * (double)g[j + k];                                             \
             }                                                                                                 \
         for (; j < n; j++) {                                                                                  \
-            acc_s[0] += s[j];                                                                                 \
-            acc_sg[0] += s[j] * g[j];                                                                         \
+            acc_s[0] += (double)s[j];                                                                         \
+            acc_sg[0] += (double)s[j] * (double)g[j];                                                         \
         }                                                                                                     \
         memcpy(acc_s_out, acc_s, sizeof acc_s);                                                               \
         memcpy(acc_sg_out, acc_sg, sizeof acc_sg);                                                            \
     }                                                                                                         \
                                                                                                               \
     /* The threshold t (in v = (x − m)·c coordinates) from the candidates cand[0..n), a superset of the      \
-     * support holding v > −1: filter passes, then the sorted closed form (module comment). Returns the     \
+     * support holding v > −1: filter passes, then the sorted closed form (module comment). Every sum and t \
+     * itself are double whatever ACC_T is: the sums run over up to C near-equal entries. Returns the        \
      * support size s >= 1 and leaves the support's v sorted descending in cand[0..s). */                     \
-    static int64_t solve_candidates_##F(ACC_T *cand, int64_t n, int64_t kind, ACC_T eps, ACC_T *t_out) {      \
-        ACC_T t = -1; /* a lower bound of the threshold throughout */                                         \
+    static int64_t solve_candidates_##F(ACC_T *cand, int64_t n, int64_t kind, double *t_out) {                \
+        double t = -1; /* a lower bound of the threshold throughout */                                        \
         for (int pass = 0; pass < MAX_FILTER_PASSES && n > 1; pass++) {                                       \
-            ACC_T sum = 0, sd = 0, sd2 = 0;                                                                   \
+            double sum = 0, sd = 0, sd2 = 0;                                                                  \
             for (int64_t i = 0; i < n; i++) {                                                                 \
-                ACC_T v = cand[i], d = v - t;                                                                 \
+                double v = (double)cand[i], d = v - t;                                                        \
                 d = d > 0 ? d : 0;                                                                            \
                 sum += v, sd += d, sd2 += d * d;                                                              \
             }                                                                                                 \
-            ACC_T bound;                                                                                      \
+            double bound;                                                                                     \
             if (kind == KIND_SPARSEMAX) {                                                                     \
-                bound = (sum - 1) / (ACC_T)n; /* Michelot: Σ_S (v − τ) <= Σ_S (v − τ)_+ = 1 */                \
+                bound = (sum - 1) / (double)n; /* Michelot: Σ_S (v − τ) <= Σ_S (v − τ)_+ = 1 */               \
             } else {                                                                                          \
                 /* Cauchy–Schwarz: Σ_S (v − τ) <= Σ (v − τ)_+ <= √|S| (Σ (v − τ)_+²)^{1/2} = √|S| */          \
-                bound = sum / (ACC_T)n - 1 / SQRT((ACC_T)n);                                                  \
+                bound = sum / (double)n - 1 / sqrt((double)n);                                                \
                 /* Newton on the convex, decreasing F(t) = Σ (v − t)_+² − 1 from a point left of the root */  \
-                ACC_T newton = sd > 0 ? t + (sd2 - 1) / (2 * sd) : t;                                         \
+                double newton = sd > 0 ? t + (sd2 - 1) / (2 * sd) : t;                                        \
                 bound = newton > bound ? newton : bound;                                                      \
             }                                                                                                 \
             if (bound > t) t = bound;                                                                         \
-            /* the sums above err by at most ~n ulps of 1 (every |v| <= 1, every d <= 1): keep a wider band */ \
-            const ACC_T cut = t - 4 * eps * (ACC_T)(n + 4);                                                   \
+            /* the double sums err by at most ~n ulps of 1 (every |v| <= 1, every d <= 1): keep a wider band */\
+            const double cut = t - 4 * 2.220446049250313e-16 * (double)(n + 4);                               \
             int64_t kept = 0;                                                                                 \
             for (int64_t i = 0; i < n; i++) {                                                                 \
                 ACC_T v = cand[i];                                                                            \
                 cand[kept] = v;                                                                               \
-                kept += v > cut;                                                                              \
+                kept += (double)v > cut;                                                                      \
             }                                                                                                 \
             if (kept == n) break;                                                                             \
             n = kept;                                                                                         \
@@ -240,21 +248,21 @@ CONVERTED_ACCESS(f16)
         sort_descending_##F(cand, n);                                                                         \
         int64_t s = 1;                                                                                        \
         if (kind == KIND_SPARSEMAX) {                                                                         \
-            ACC_T cumulative = 0, chosen = cand[0];                                                           \
+            double cumulative = 0, chosen = (double)cand[0];                                                  \
             for (int64_t j = 1; j <= n; j++) {                                                                \
-                cumulative += cand[j - 1];                                                                    \
-                if (1 + (ACC_T)j * cand[j - 1] > cumulative) s = j, chosen = cumulative;                      \
+                cumulative += (double)cand[j - 1];                                                            \
+                if (1 + (double)j * (double)cand[j - 1] > cumulative) s = j, chosen = cumulative;             \
             }                                                                                                 \
-            t = (chosen - 1) / (ACC_T)s;                                                                      \
+            t = (chosen - 1) / (double)s;                                                                     \
         } else {                                                                                              \
-            ACC_T mean = 0, m2 = 0;                                                                           \
-            t = cand[0] - 1;                                                                                  \
+            double mean = 0, m2 = 0;                                                                          \
+            t = (double)cand[0] - 1;                                                                          \
             for (int64_t j = 1; j <= n; j++) {                                                                \
-                ACC_T v = cand[j - 1], delta = v - mean;                                                      \
-                mean += delta / (ACC_T)j; /* Welford: mean and Σ (v − mean)² of the j largest */              \
+                double v = (double)cand[j - 1], delta = v - mean;                                             \
+                mean += delta / (double)j; /* Welford: mean and Σ (v − mean)² of the j largest */             \
                 m2 += delta * (v - mean);                                                                     \
-                ACC_T slack = (1 - m2) / (ACC_T)j;                                                            \
-                ACC_T tau_j = mean - SQRT(slack > 0 ? slack : 0);                                             \
+                double slack = (1 - m2) / (double)j;                                                          \
+                double tau_j = mean - sqrt(slack > 0 ? slack : 0);                                            \
                 if (tau_j <= v) s = j, t = tau_j;                                                             \
             }                                                                                                 \
         }                                                                                                     \
@@ -304,12 +312,12 @@ static inline int64_t tile_collect_d(const double *restrict buf, int64_t n, doub
 
 /* ------------------------------------------------------------------------------------------- the rows */
 /* SUFFIX: exported name suffix; IN_T: element type of x, p, g and grad; ACC_T: compute type and F its tile
- * ops; ACCESS: the view_/target_/commit_ suffix; EPS: the compute type's machine epsilon. */
-#define DEFINE_SPARSE_ROWS(SUFFIX, IN_T, ACC_T, F, ACCESS, EPS)                                              \
+ * ops; ACCESS: the view_/target_/commit_ suffix. */
+#define DEFINE_SPARSE_ROWS(SUFFIX, IN_T, ACC_T, F, ACCESS)                                                   \
     /* The threshold of one row: sets *m_out and *t_out and returns the support size s, with cand[0..s) the  \
      * support's v in descending order; 0 (and NaN m, t) for a row without a solution. */                     \
-    static int64_t solve_row_##SUFFIX(const IN_T *row, int64_t C, int64_t kind, ACC_T *cand, ACC_T *m_out,    \
-                                      ACC_T *t_out) {                                                         \
+    static int64_t solve_row_##SUFFIX(const IN_T *row, int64_t C, int64_t kind, ACC_T *cand, double *m_out,   \
+                                      double *t_out) {                                                        \
         ACC_T buf[TILE], acc[LANES], nan[LANES];                                                              \
         for (int k = 0; k < LANES; k++) acc[k] = -INFINITY, nan[k] = 0;                                       \
         for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                            \
@@ -328,41 +336,43 @@ static inline int64_t tile_collect_d(const double *restrict buf, int64_t n, doub
             int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                        \
             count = tile_collect_##F(view_##ACCESS(row + j0, buf, n), n, m, c, cand, count);                  \
         }                                                                                                     \
-        *m_out = m;                                                                                           \
-        return solve_candidates_##F(cand, count, kind, EPS, t_out);                                           \
+        *m_out = (double)m;                                                                                   \
+        return solve_candidates_##F(cand, count, kind, t_out);                                                \
     }                                                                                                         \
                                                                                                               \
     /* Forward: per row the (m, t) of the threshold into row_stats (N × 2); p into out when given (the map);  \
      * the Fenchel-Young loss of the target class into loss when target is given. */                          \
     void sksp_forward_##SUFFIX(const IN_T *x, int64_t ldx, int64_t start, int64_t stop, int64_t C,           \
-                               int64_t kind, ACC_T *scratch, ACC_T *row_stats, IN_T *out, int64_t ldo,        \
+                               int64_t kind, ACC_T *scratch, double *row_stats, IN_T *out, int64_t ldo,       \
                                const int64_t *target, ACC_T *loss) {                                          \
         const ACC_T c = kind == KIND_SPARSEMAX ? (ACC_T)1 : (ACC_T)0.5;                                       \
         ACC_T buf[TILE], result[TILE];                                                                        \
         for (int64_t i = start; i < stop; i++) {                                                              \
             const IN_T *row = x + i * ldx;                                                                    \
-            ACC_T m, t;                                                                                       \
+            double m, t;                                                                                      \
             const int64_t s = solve_row_##SUFFIX(row, C, kind, scratch, &m, &t);                              \
             row_stats[2 * i] = m, row_stats[2 * i + 1] = t;                                                   \
             if (target) {                                                                                     \
-                ACC_T power_sum = 0; /* Σ p² (sparsemax) or Σ p^{3/2} (1.5-entmax) over the support */        \
+                double power_sum = 0; /* Σ p² (sparsemax) or Σ p^{3/2} (1.5-entmax) over the support */       \
                 for (int64_t j = 0; j < s; j++) {                                                             \
-                    ACC_T d = scratch[j] - t;                                                                 \
+                    double d = (double)scratch[j] - t;                                                        \
                     power_sum += kind == KIND_SPARSEMAX ? d * d : d * d * d;                                  \
                 }                                                                                             \
                 ACC_T xy_buf;                                                                                 \
-                const ACC_T xy = *view_##ACCESS(row + target[i], &xy_buf, 1);                                 \
-                const ACC_T margin = ((xy - m) * c - t) / c; /* x_y − τ */                                    \
+                const double xy = (double)*view_##ACCESS(row + target[i], &xy_buf, 1);                        \
+                const double margin = ((xy - m) * (double)c - t) / (double)c; /* x_y − τ */                   \
                 loss[i] = s == 0 ? (ACC_T)NAN                                                                 \
-                        : kind == KIND_SPARSEMAX ? (1 + power_sum) / 2 - margin                               \
-                                                 : (ACC_T)2 / 3 * power_sum + (ACC_T)4 / 3 - margin;          \
+                        : (ACC_T)(kind == KIND_SPARSEMAX ? (1 + power_sum) / 2 - margin                       \
+                                                         : 2.0 / 3 * power_sum + 4.0 / 3 - margin);           \
             }                                                                                                 \
             if (!out) continue;                                                                               \
             IN_T *p = out + i * ldo;                                                                          \
+            const ACC_T t_hi = (ACC_T)t, t_lo = (ACC_T)(t - (double)t_hi);                                    \
             for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
                 int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
                 ACC_T *tile = target_##ACCESS(p + j0, result);                                                \
-                tile_probabilities_##F(view_##ACCESS(row + j0, buf, n), tile, n, kind, m, c, t, 1);           \
+                tile_probabilities_##F(view_##ACCESS(row + j0, buf, n), tile, n, kind, (ACC_T)m, c, t_hi,     \
+                                       t_lo, 1);                                                              \
                 commit_##ACCESS(tile, p + j0, n);                                                             \
             }                                                                                                 \
         }                                                                                                     \
@@ -372,7 +382,8 @@ static inline int64_t tile_collect_d(const double *restrict buf, int64_t n, doub
      * formula: an infinite g where s = 0 gives NaN). */                                                      \
     void sksp_map_backward_##SUFFIX(const IN_T *p, int64_t ldp, const IN_T *g, int64_t ldg, IN_T *grad,      \
                                     int64_t ldr, int64_t start, int64_t stop, int64_t C, int64_t kind) {      \
-        ACC_T pb[TILE], gb[TILE], sb[TILE], result[TILE], acc_s[LANES], acc_sg[LANES];                        \
+        ACC_T pb[TILE], gb[TILE], sb[TILE], result[TILE];                                                     \
+        double acc_s[LANES], acc_sg[LANES];                                                                   \
         for (int64_t i = start; i < stop; i++) {                                                              \
             const IN_T *prow = p + i * ldp, *grow = g + i * ldg;                                              \
             for (int k = 0; k < LANES; k++) acc_s[k] = 0, acc_sg[k] = 0;                                      \
@@ -381,9 +392,9 @@ static inline int64_t tile_collect_d(const double *restrict buf, int64_t n, doub
                 tile_derivative_weights_##F(view_##ACCESS(prow + j0, pb, n), sb, n, kind);                    \
                 tile_jvp_sums_##F(sb, view_##ACCESS(grow + j0, gb, n), n, acc_s, acc_sg);                     \
             }                                                                                                 \
-            ACC_T total_s = 0, total_sg = 0;                                                                  \
+            double total_s = 0, total_sg = 0;                                                                 \
             for (int k = 0; k < LANES; k++) total_s += acc_s[k], total_sg += acc_sg[k];                       \
-            const ACC_T q = total_s > 0 ? total_sg / total_s : 0;                                             \
+            const ACC_T q = (ACC_T)(total_s > 0 ? total_sg / total_s : 0);                                    \
             IN_T *out = grad + i * ldr;                                                                       \
             for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
                 int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
@@ -398,7 +409,7 @@ static inline int64_t tile_collect_d(const double *restrict buf, int64_t n, doub
                                                                                                               \
     /* Backward of the losses: grad = w_i (p − e_y), p recomputed from x and the row's (m, t); rows with     \
      * w_i = 0 (ignored targets, zero upstream) get exact zeros. */                                           \
-    void sksp_loss_backward_##SUFFIX(const IN_T *x, int64_t ldx, const ACC_T *row_stats,                     \
+    void sksp_loss_backward_##SUFFIX(const IN_T *x, int64_t ldx, const double *row_stats,                    \
                                      const int64_t *target, const ACC_T *scale, IN_T *grad, int64_t ldg,      \
                                      int64_t start, int64_t stop, int64_t C, int64_t kind) {                  \
         const ACC_T c = kind == KIND_SPARSEMAX ? (ACC_T)1 : (ACC_T)0.5;                                       \
@@ -406,7 +417,9 @@ static inline int64_t tile_collect_d(const double *restrict buf, int64_t n, doub
         for (int64_t i = start; i < stop; i++) {                                                              \
             const IN_T *row = x + i * ldx;                                                                    \
             IN_T *out = grad + i * ldg;                                                                       \
-            const ACC_T w = scale[i], m = row_stats[2 * i], t = row_stats[2 * i + 1];                         \
+            const ACC_T w = scale[i], m = (ACC_T)row_stats[2 * i];                                            \
+            const double t = row_stats[2 * i + 1];                                                            \
+            const ACC_T t_hi = (ACC_T)t, t_lo = (ACC_T)(t - (double)t_hi);                                    \
             const int64_t y = target[i];                                                                      \
             for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
                 int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
@@ -414,7 +427,8 @@ static inline int64_t tile_collect_d(const double *restrict buf, int64_t n, doub
                 if (w == 0) {                                                                                 \
                     memset(tile, 0, (size_t)n * sizeof(ACC_T));                                               \
                 } else {                                                                                      \
-                    tile_probabilities_##F(view_##ACCESS(row + j0, buf, n), tile, n, kind, m, c, t, w);       \
+                    tile_probabilities_##F(view_##ACCESS(row + j0, buf, n), tile, n, kind, m, c, t_hi, t_lo,  \
+                                           w);                                                                \
                     if (y >= j0 && y < j0 + n) tile[y - j0] -= w;                                             \
                 }                                                                                             \
                 commit_##ACCESS(tile, out + j0, n);                                                           \
@@ -423,16 +437,16 @@ static inline int64_t tile_collect_d(const double *restrict buf, int64_t n, doub
     }
 
 #ifdef SKSP_F32
-DEFINE_SPARSE_ROWS(f32, float, float, f, float, 1.1920929e-7f)
+DEFINE_SPARSE_ROWS(f32, float, float, f, float)
 #endif
 #ifdef SKSP_BF16
-DEFINE_SPARSE_ROWS(bf16, uint16_t, float, f, bf16, 1.1920929e-7f)
+DEFINE_SPARSE_ROWS(bf16, uint16_t, float, f, bf16)
 #endif
 #ifdef SKSP_F16
-DEFINE_SPARSE_ROWS(f16, uint16_t, float, f, f16, 1.1920929e-7f)
+DEFINE_SPARSE_ROWS(f16, uint16_t, float, f, f16)
 #endif
 #ifdef SKSP_F64
-DEFINE_SPARSE_ROWS(f64, double, double, d, double, 2.220446049250313e-16)
+DEFINE_SPARSE_ROWS(f64, double, double, d, double)
 #endif
 
 /* Bumped whenever an exported signature changes; checked by the loader. */

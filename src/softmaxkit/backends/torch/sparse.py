@@ -17,16 +17,24 @@ sort-free-in-the-common-case searches use this:
   (:func:`_solve_rows`).
 
 The result never depends on these guesses, only the time does. When every row's support has been found
-this way (and is at most ``C/4`` wide) the outputs and gradients are built from it alone: zeros plus a
-scatter over ``(N, K)`` entries.
+this way (and is at most ``C/4`` wide) the output is built from it alone: zeros plus a scatter over
+``(N, K)`` entries.
+
+**Custom ops.** The maps are ``torch.ops.softmaxkit.entmax_torch`` (→ ``(p, τ, norm)``) with
+``entmax_torch_backward``, the losses ``fenchel_young_torch`` (→ ``(loss, τ, norm, ∂H/∂α)``) with
+``fenchel_young_torch_backward``: opaque to ``torch.compile`` (the top-k search has data-dependent shapes),
+with fake kernels and the autograd of :mod:`softmaxkit.backends._custom_op`.
 
 **Memory.** Forward allocates the output; backward the gradient; everything else is ``(N, K)`` support data
-or works on row chunks of about 4 MiB (:func:`~softmaxkit.backends.torch.cross_entropy.chunk_rows`). On the
-dense path the backward recomputes ``p`` from the input and the saved per-row threshold instead of saving
-an fp32 copy, and the Fenchel-Young losses never hold ``p`` outside a chunk.
+or works on row chunks of about 4 MiB (:func:`~softmaxkit.backends.torch.cross_entropy.chunk_rows`). The
+sparsemax / 1.5-entmax backward reads the saved output ``p``; α-entmax's recomputes ``p`` from the input
+and the per-row ``(τ, Σ p)`` instead of saving an fp32 copy, and the Fenchel-Young losses never hold ``p``
+outside a chunk (backward recomputes it into the gradient buffer).
 
 **Precision.** fp16/bf16 input is solved and exponentiated in fp32 (the ``entmax`` package bisects in the
-low-precision dtype itself and lands up to ~0.1 away from the answer in bf16); float64 stays float64.
+low-precision dtype itself and lands up to ~0.1 away from the answer in bf16); float64 stays float64. The
+sparsemax / 1.5-entmax thresholds are solved in float64 for every dtype (:func:`threshold_dtype`) and the
+backward's row sums run in float64.
 
 **Backward.** On the support, ``∂p/∂x = diag(s) − s sᵀ/Σ s`` with ``s = p^{2−α}``: ``1[p > 0]`` for
 sparsemax, ``√p`` for 1.5-entmax. The α-gradient of α-entmax (Correia et al. 2019),
@@ -51,7 +59,7 @@ from typing import NamedTuple
 import torch
 
 from ..._reduction import reduce_loss, row_scale
-from .._autograd import strict_once_differentiable
+from .._custom_op import differentiable, once_differentiable
 from .cross_entropy import chunk_rows
 
 SPARSEMAX, ENTMAX15, BISECT = "sparsemax", "entmax15", "bisect"
@@ -65,6 +73,16 @@ GROWTH = 8
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def threshold_dtype(kind: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype sparsemax / 1.5-entmax thresholds are solved in: float64 for every input dtype.
+
+    The closed forms sum up to ``C`` near-equal shifted entries; in fp32 that sum (and the rounding of ``τ``
+    itself, shared by every entry) is off by enough to make a wide near-uniform row sum to 2 or more, so the
+    solve reads the few candidate entries in float64. α-entmax bisects in the work dtype and renormalises.
+    """
+    return work_dtype(dtype) if kind == BISECT else torch.float64
 
 
 def _ranks(k: int, like: torch.Tensor) -> torch.Tensor:
@@ -287,7 +305,7 @@ def _solve_by_blocks(x: torch.Tensor, kind: str, keep_support: bool) -> Solution
     size = _block_size(num_classes)
     if size is None or not x.is_contiguous():
         return None
-    work = work_dtype(x.dtype)
+    work = threshold_dtype(kind, x.dtype)
     block_max = x.view(num_rows, num_classes // size, size).amax(dim=2).to(work)
     if not bool(torch.isfinite(block_max.amax(dim=1)).all()):
         return None  # a row without a threshold (NaN, +inf, all −inf): the top-k path makes it NaN
@@ -343,7 +361,7 @@ def _solve_rows(
     (default ``C/4``: wider supports are cheaper to handle densely).
     """
     num_rows, num_classes = x.shape
-    work = work_dtype(x.dtype)
+    work = threshold_dtype(kind, x.dtype)
     tau = torch.empty(num_rows, dtype=work, device=x.device)
     if num_rows == 0:
         return Solution(tau)
@@ -437,8 +455,18 @@ def _solve_rows(
 # ----------------------------------------------------------------------------- maps from the threshold
 def probabilities(x: torch.Tensor, tau: torch.Tensor, kind: str, delta=None, norm=None, out=None) -> torch.Tensor:
     """``p = φ(x − τ)`` for a chunk: ``x`` ``(n, C)`` in the work dtype, ``tau`` ``(n,)``; written into ``out``
-    when given (same shape, the work dtype)."""
-    out = torch.sub(x, tau[:, None], out=out) if out is not None else x - tau[:, None]
+    when given (same shape, the work dtype).
+
+    A float64 ``τ`` with fp32 ``x`` is split as ``τ_hi + τ_lo`` (both fp32) and subtracted in two steps, so
+    ``τ``'s float64 precision reaches every entry without an ``(n, C)`` float64 temporary.
+    """
+    if tau.dtype != x.dtype:
+        high = tau.to(x.dtype)
+        low = (tau - high.to(tau.dtype)).to(x.dtype)
+        out = torch.sub(x, high[:, None], out=out) if out is not None else x - high[:, None]
+        out.sub_(low[:, None])
+    else:
+        out = torch.sub(x, tau[:, None], out=out) if out is not None else x - tau[:, None]
     if kind == SPARSEMAX:
         return out.clamp_(min=0.0)
     if kind == ENTMAX15:
@@ -454,12 +482,12 @@ def probabilities(x: torch.Tensor, tau: torch.Tensor, kind: str, delta=None, nor
 def derivative_weights(p: torch.Tensor, kind: str, delta=None) -> torch.Tensor:
     """``s = p^{2−α}`` on the support (0 off it): the diagonal of the Jacobian's ``diag(s) − s sᵀ/Σ s``."""
     if kind == SPARSEMAX:
-        return (p > 0).to(p.dtype)
+        return torch.where(p > 0, torch.ones_like(p), p * 0)  # p * 0: a NaN (a row without a solution) stays NaN
     if kind == ENTMAX15:
         return p.sqrt()
     positive = p > 0
     log_p = torch.log(torch.where(positive, p, torch.ones_like(p)))
-    return torch.where(positive, torch.exp((1.0 - delta) * log_p), torch.zeros_like(p))
+    return torch.where(positive, torch.exp((1.0 - delta) * log_p), p * 0)
 
 
 # ----------------------------------------------------------------------------- α-derivatives (float64)
@@ -574,203 +602,312 @@ def _dense_from_support(index: torch.Tensor, values: torch.Tensor, like: torch.T
     return out.scatter_add_(1, index, values.to(like.dtype))
 
 
-class _EntmaxFunction(torch.autograd.Function):
-    """Private autograd Function behind :func:`softmaxkit.sparsemax`, ``entmax15`` and ``entmax_bisect``.
+# ----------------------------------------------------------------------------- the custom ops
+# ``torch.ops.softmaxkit.entmax_torch`` / ``fenchel_young_torch`` and their backward ops. The solvers choose
+# ``k`` from the data (top-k with an exactness check), so their intermediate shapes are data-dependent: as
+# opaque custom ops with fake kernels they trace (torch.compile, torch.export, FakeTensorMode, meta tensors)
+# without a graph break. ``alpha`` is the per-row α ``(N, 1)`` when it is a tensor (it then gets a
+# gradient), else None and ``scalar_alpha`` holds the number (ignored for sparsemax / 1.5-entmax).
 
-    ``alpha_rows`` is the per-row α ``(N, 1)`` when it is a tensor (it then gets a gradient), else None and
-    ``scalar_alpha`` holds the float. Sparsemax and 1.5-entmax keep the support found by top-k (when every
-    row's was) and then touch only it: ``p`` is a scatter into zeros, and the backward a gather and a scatter.
+
+def _alpha_arguments(alpha: torch.Tensor | None, scalar_alpha: float, kind: str):
+    return (alpha, None) if alpha is not None else (None, scalar_alpha if kind == BISECT else None)
+
+
+@torch.library.custom_op("softmaxkit::entmax_torch", mutates_args=())
+def _entmax_op(
+    x: torch.Tensor, alpha: torch.Tensor | None, kind: str, scalar_alpha: float, n_iter: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(p, τ, norm)`` of 2-D rows ``x`` ``(N, C)``: the map, each row's threshold (float64 for sparsemax /
+    1.5-entmax, the work dtype for α-entmax) and, for α-entmax, each row's ``Σ p(τ)`` (else empty)."""
+    work = work_dtype(x.dtype)
+    delta = _split_alpha(*_alpha_arguments(alpha, scalar_alpha, kind), work)
+    solution = solve_threshold(x, kind, delta, n_iter, keep_support=True)
+    tau = solution.tau
+    empty = x.new_empty(0, dtype=work)
+    if solution.index is not None:
+        return _dense_from_support(solution.index, _support_probabilities(solution, kind), x), tau, empty
+    norm = _normaliser(x, tau, delta) if kind == BISECT else empty
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    direct = work == x.dtype
+    step = chunk_rows(*x.shape)
+    for start in range(0, x.shape[0], step):
+        stop = min(start + step, x.shape[0])
+        p = probabilities(
+            x[start:stop].to(work), tau[start:stop], kind, _delta_rows(delta, start, stop, work),
+            norm[start:stop] if kind == BISECT else None, out=out[start:stop] if direct else None,
+        )
+        if not direct:
+            out[start:stop].copy_(p)
+    return out, tau, norm
+
+
+@_entmax_op.register_fake
+def _entmax_fake(x, alpha, kind, scalar_alpha, n_iter):
+    work = work_dtype(x.dtype)
+    norm = x.new_empty(x.shape[0] if kind == BISECT else 0, dtype=work)
+    p = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return p, x.new_empty(x.shape[0], dtype=threshold_dtype(kind, x.dtype)), norm
+
+
+@torch.library.custom_op("softmaxkit::entmax_torch_backward", mutates_args=())
+def _entmax_backward_op(
+    grad_output: torch.Tensor,
+    saved: torch.Tensor,
+    tau: torch.Tensor,
+    norm: torch.Tensor,
+    alpha: torch.Tensor | None,
+    kind: str,
+    scalar_alpha: float,
+    alpha_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂/∂x, ∂/∂α)`` of the map: ``J g = s ⊙ g − s (Σ s g)/Σ s`` with ``s = p^{2−α}``, and, when
+    ``alpha_grad``, ``Σ_i g_i ∂p_i/∂α`` per row ``(N, 1)`` (else empty).
+
+    ``saved`` is the output ``p`` for sparsemax / 1.5-entmax, and the input ``x`` for α-entmax, whose ``p`` is
+    recomputed from ``(τ, norm)`` a chunk of rows at a time (no saved fp32 copy for fp16/bf16 input).
     """
-
-    @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, alpha_rows: torch.Tensor | None, kind: str, scalar_alpha: float | None, n_iter: int
-    ) -> torch.Tensor:
-        work = work_dtype(x.dtype)
-        delta = _split_alpha(alpha_rows, scalar_alpha, work)
-        solution = solve_threshold(x, kind, delta, n_iter, keep_support=True)
-        tau = solution.tau
-        ctx.kind, ctx.scalar_delta = kind, None if isinstance(delta, torch.Tensor) else delta
-        ctx.alpha_dtype = None if alpha_rows is None else alpha_rows.dtype
-        ctx.sparse = solution.index is not None
-        if ctx.sparse:
-            p = _support_probabilities(solution, kind)
-            ctx.save_for_backward(solution.index, p)
-            return _dense_from_support(solution.index, p, x)
-        norm = _normaliser(x, tau, delta) if kind == BISECT else None
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        direct = work == x.dtype
-        step = chunk_rows(*x.shape)
-        for start in range(0, x.shape[0], step):
-            stop = min(start + step, x.shape[0])
-            p = probabilities(
-                x[start:stop].to(work), tau[start:stop], kind, _delta_rows(delta, start, stop, work),
-                None if norm is None else norm[start:stop], out=out[start:stop] if direct else None,
-            )
-            if not direct:
-                out[start:stop].copy_(p)
-        ctx.save_for_backward(x, tau, norm, delta if isinstance(delta, torch.Tensor) else None)
-        return out
-
-    @staticmethod
-    @strict_once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
-        kind = ctx.kind
-        if ctx.sparse:
-            index, p = ctx.saved_tensors
-            # (diag(s) − s sᵀ/Σs) g on the support: s ⊙ (g − q), q = Σ s g / Σ s.
-            s = derivative_weights(p, kind)
-            g = grad_output.gather(1, index).to(p.dtype)
-            q = (s * g).sum(dim=1, keepdim=True) / s.sum(dim=1, keepdim=True)
-            return _dense_from_support(index, s * (g - q), grad_output), None, None, None, None
-        x, tau, norm, delta_tensor = ctx.saved_tensors
-        delta = delta_tensor if delta_tensor is not None else ctx.scalar_delta
-        work = tau.dtype
-        need_alpha = ctx.needs_input_grad[1]
-        grad = torch.empty_like(x, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
-        grad_alpha = torch.empty(x.shape[0], dtype=torch.float64, device=x.device) if need_alpha else None
-        step = chunk_rows(*x.shape)
-        for start in range(0, x.shape[0], step):
-            stop = min(start + step, x.shape[0])
-            chunk_delta = _delta_rows(delta, start, stop, work)
-            p = probabilities(
-                x[start:stop].to(work), tau[start:stop], kind, chunk_delta,
-                None if norm is None else norm[start:stop],
-            )
-            g = grad_output[start:stop].to(work)
-            if grad is not None:
-                # (diag(s) − s sᵀ/Σs) g = s ⊙ g − s (Σ s⊙g)/Σs
-                s = derivative_weights(p, kind, chunk_delta)
-                gs = g.mul_(s) if work != grad_output.dtype else g * s  # never write into grad_output
-                total = s.sum(dim=1, keepdim=True)
-                q = gs.sum(dim=1, keepdim=True) / torch.where(total == 0, torch.ones_like(total), total)
-                torch.sub(gs, s.mul_(q), out=grad[start:stop])
-            if need_alpha:
-                g = grad_output[start:stop].to(torch.float64)
-                derivative = entmax_alpha_derivative(p.to(torch.float64), delta_tensor[start:stop].to(torch.float64))
-                grad_alpha[start:stop] = (g * derivative).sum(dim=1)
-        if grad_alpha is not None:
-            grad_alpha = grad_alpha.to(ctx.alpha_dtype).reshape(-1, 1)
-        return grad, grad_alpha, None, None, None
+    work = work_dtype(saved.dtype)
+    delta = _split_alpha(*_alpha_arguments(alpha, scalar_alpha, kind), work)
+    grad = torch.empty_like(saved, memory_format=torch.contiguous_format)
+    need_alpha = alpha_grad and alpha is not None
+    grad_alpha = torch.empty(saved.shape[0] if need_alpha else 0, dtype=torch.float64, device=saved.device)
+    step = chunk_rows(*saved.shape)
+    for start in range(0, saved.shape[0], step):
+        stop = min(start + step, saved.shape[0])
+        chunk_delta = _delta_rows(delta, start, stop, work)
+        if kind == BISECT:
+            p = probabilities(saved[start:stop].to(work), tau[start:stop], kind, chunk_delta, norm[start:stop])
+        else:
+            p = saved[start:stop].to(work)
+        g = grad_output[start:stop].to(work)
+        # (diag(s) − s sᵀ/Σs) g = s ⊙ (g − q), q = Σ s⊙g / Σ s (sums in float64)
+        s = derivative_weights(p, kind, chunk_delta)
+        total = s.sum(dim=1, keepdim=True, dtype=torch.float64)
+        q = (g * s).sum(dim=1, keepdim=True, dtype=torch.float64) / torch.where(total == 0, 1.0, total)
+        torch.mul(s, g.sub_(q.to(work)) if work != grad_output.dtype else g - q.to(work), out=grad[start:stop])
+        if need_alpha:
+            derivative = entmax_alpha_derivative(p.to(torch.float64), delta[start:stop].to(torch.float64))
+            grad_alpha[start:stop] = (grad_output[start:stop].to(torch.float64) * derivative).sum(dim=1)
+    if need_alpha:
+        grad_alpha = grad_alpha.to(alpha.dtype).reshape(-1, 1)
+    return grad, grad_alpha
 
 
-class _FenchelYoungFunction(torch.autograd.Function):
-    r"""Private autograd Function behind the Fenchel-Young losses of sparsemax / entmax.
+@_entmax_backward_op.register_fake
+def _entmax_backward_fake(grad_output, saved, tau, norm, alpha, kind, scalar_alpha, alpha_grad):
+    grad = torch.empty_like(saved, memory_format=torch.contiguous_format)
+    if alpha_grad and alpha is not None:
+        return grad, alpha.new_empty((saved.shape[0], 1))
+    return grad, saved.new_empty(0, dtype=torch.float64)
+
+
+def _entmax_setup(ctx, inputs, output):
+    x, alpha, kind, scalar_alpha, _ = inputs
+    p, tau, norm = output
+    ctx.mark_non_differentiable(tau, norm)
+    ctx.kind, ctx.scalar_alpha = kind, scalar_alpha
+    ctx.save_for_backward(x if kind == BISECT else p, tau, norm, alpha)
+
+
+def _entmax_backward(ctx, grad_p, grad_tau, grad_norm):
+    saved, tau, norm, alpha = ctx.saved_tensors
+    alpha_grad = alpha is not None and ctx.needs_input_grad[1]
+    grad, grad_alpha = _EntmaxBackward(
+        grad_p, saved, tau, norm, alpha, ctx.kind, ctx.scalar_alpha, alpha_grad
+    )
+    return grad if ctx.needs_input_grad[0] else None, grad_alpha if alpha_grad else None, None, None, None
+
+
+_EntmaxFunction = differentiable(_entmax_op, _entmax_setup, _entmax_backward)
+_EntmaxBackward = once_differentiable(_entmax_backward_op)
+
+
+def torch_entmax(
+    x: torch.Tensor, kind: str, alpha_rows: torch.Tensor | None = None, scalar_alpha: float | None = None,
+    n_iter: int = 50,
+) -> torch.Tensor:
+    """Sparsemax, 1.5-entmax or α-entmax (``kind``) of 2-D rows ``x`` ``(N, C)`` along the last dim, through
+    ``torch.ops.softmaxkit.entmax_torch``; arguments already validated (see :func:`softmaxkit.entmax_bisect`)."""
+    scalar = 1.5 if scalar_alpha is None else float(scalar_alpha)
+    return _EntmaxFunction(x, alpha_rows, kind, scalar, n_iter)[0]
+
+
+def _row_weights(target, weight, ignore_index, work):
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
+    zero = torch.zeros((), dtype=work, device=target.device)
+    w_y = valid.to(work) if weight is None else torch.where(valid, weight.to(work)[safe_target], zero)
+    return valid, safe_target, w_y
+
+
+@torch.library.custom_op("softmaxkit::fenchel_young_torch", mutates_args=())
+def _fenchel_young_op(
+    x: torch.Tensor,
+    alpha: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    kind: str,
+    scalar_alpha: float,
+    n_iter: int,
+    ignore_index: int,
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""``(loss, τ, norm, ∂H_α/∂α)`` of the Fenchel-Young loss of ``kind`` for 2-D logits ``(N, C)``.
 
     Per row ``ℓ = w_y [⟨p − e_y, x⟩ + H_α(p)]`` (0 where ignored), written without ``⟨p, x⟩`` cancellation:
     sparsemax ``(1 + ‖p‖²)/2 − (x_y − τ)``; 1.5-entmax ``(2/3)Σ p^{3/2} + 4/3 − (x_y − τ)``; α-entmax
-    ``Σ_{p_i>0} p_i (x_i − x_y) + H_α(p)``. ``∂ℓ/∂x = w_y (p − e_y)``, ``∂ℓ/∂α = w_y ∂H_α(p)/∂α`` (envelope
-    theorem). With a top-k support (sparsemax, 1.5-entmax) everything works on the ``(N, K)`` support and the
-    gradient is a scatter into zeros; otherwise forward keeps ``τ`` ``(N,)`` only and backward recomputes ``p``
-    into the gradient buffer, a chunk of rows at a time.
+    ``Σ_{p_i>0} p_i (x_i − x_y) + H_α(p)``. A row without a threshold (a NaN, a +inf, every entry −inf) has a
+    NaN loss; a target on a −inf class an infinite one. The loss is ``()`` for ``"mean"`` / ``"sum"`` and
+    ``(N,)`` for ``"none"``, in ``x``'s dtype; ``τ`` ``(N,)`` and ``norm`` (α-entmax: ``(N,)``, else empty)
+    let the backward recompute ``p``; ``∂H_α(p)/∂α`` ``(N,)`` float64 is computed for a tensor ``alpha``
+    (else empty).
     """
-
-    @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        alpha_rows: torch.Tensor | None,
-        target: torch.Tensor,
-        kind: str,
-        scalar_alpha: float | None,
-        n_iter: int,
-        weight: torch.Tensor | None,
-        ignore_index: int,
-        reduction: str,
-    ) -> torch.Tensor:
-        num_rows = x.shape[0]
-        work = work_dtype(x.dtype)
-        delta = _split_alpha(alpha_rows, scalar_alpha, work)
-        valid = target != ignore_index
-        safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
-        zero = torch.zeros((), dtype=work, device=x.device)
-        w_y = valid.to(work) if weight is None else torch.where(valid, weight.to(work)[safe_target], zero)
-
-        solution = solve_threshold(x, kind, delta, n_iter, keep_support=True)
-        tau = solution.tau
-        x_y = x.gather(1, safe_target[:, None])[:, 0].to(work)
-        need_alpha = alpha_rows is not None and ctx.needs_input_grad[1]
-        entropy_alpha = None
-        norm = None
-        ctx.sparse = solution.index is not None
-        if ctx.sparse:
-            p = _support_probabilities(solution, kind)
-            row = _exact_row_loss(p, x_y - tau, kind)
-        else:
-            norm = _normaliser(x, tau, delta) if kind == BISECT else None
-            row = torch.empty(num_rows, dtype=work, device=x.device)
-            entropy_alpha = torch.empty(num_rows, dtype=torch.float64, device=x.device) if need_alpha else None
-            step = chunk_rows(*x.shape)
-            for start in range(0, num_rows, step):
-                stop = min(start + step, num_rows)
-                chunk = x[start:stop].to(work)
-                chunk_delta = _delta_rows(delta, start, stop, work)
-                chunk_p = probabilities(chunk, tau[start:stop], kind, chunk_delta,
-                                        None if norm is None else norm[start:stop])
-                if kind == BISECT:
-                    gap = torch.where(chunk_p > 0, chunk_p * (chunk - x_y[start:stop, None]), zero).sum(dim=1)
-                    row[start:stop] = gap + tsallis_entropy(chunk_p, chunk_delta)
-                else:
-                    row[start:stop] = _exact_row_loss(chunk_p, x_y[start:stop] - tau[start:stop], kind)
-                if need_alpha:
-                    entropy_alpha[start:stop] = tsallis_alpha_derivative(
-                        chunk_p.to(torch.float64), delta[start:stop].to(torch.float64)
-                    )
-        # A target class with probability 0 and logit −inf has infinite loss; an ignored row has none.
-        loss = torch.where(valid, w_y * row, zero)
-        denominator = w_y.sum()
-        out = reduce_loss(loss, reduction, denominator)
-        if ctx.sparse:
-            ctx.save_for_backward(x, solution.index, p, safe_target, w_y, denominator)
-        else:
-            ctx.save_for_backward(
-                x, tau, norm, delta if isinstance(delta, torch.Tensor) else None, safe_target, w_y, denominator,
-                entropy_alpha,
-            )
-        ctx.options = (kind, None if isinstance(delta, torch.Tensor) else delta, reduction)
-        ctx.alpha_dtype = None if alpha_rows is None else alpha_rows.dtype
-        return out.to(x.dtype)
-
-    @staticmethod
-    @strict_once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
-        kind, scalar_delta, reduction = ctx.options
-        if ctx.sparse:
-            x, index, p, target, w_y, denominator = ctx.saved_tensors
-            scale_i = row_scale(grad_output.to(w_y.dtype), reduction, w_y.shape[0], denominator, w_y)
-            scale = scale_i[:, None]
-            grad = _dense_from_support(index, p * scale, x)
-            grad.scatter_add_(1, target[:, None], -scale.to(x.dtype))
-            return grad, None, None, None, None, None, None, None, None
-        x, tau, norm, delta_tensor, target, w_y, denominator, entropy_alpha = ctx.saved_tensors
-        delta = delta_tensor if delta_tensor is not None else scalar_delta
-        num_rows = x.shape[0]
-        work = tau.dtype
-        scale_i = row_scale(grad_output.to(w_y.dtype), reduction, w_y.shape[0], denominator, w_y)
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = torch.empty_like(x, memory_format=torch.contiguous_format)
-            direct = work == x.dtype
-            step = chunk_rows(*x.shape)
-            for start in range(0, num_rows, step):
-                stop = min(start + step, num_rows)
-                p = probabilities(
-                    x[start:stop].to(work), tau[start:stop], kind, _delta_rows(delta, start, stop, work),
-                    None if norm is None else norm[start:stop], out=grad[start:stop] if direct else None,
+    num_rows = x.shape[0]
+    work = work_dtype(x.dtype)
+    delta = _split_alpha(*_alpha_arguments(alpha, scalar_alpha, kind), work)
+    valid, safe_target, w_y = _row_weights(target, weight, ignore_index, work)
+    zero = torch.zeros((), dtype=work, device=x.device)
+    solution = solve_threshold(x, kind, delta, n_iter, keep_support=True)
+    tau = solution.tau
+    x_y = x.gather(1, safe_target[:, None])[:, 0].to(work)
+    entropy_alpha = x.new_empty(num_rows if alpha is not None else 0, dtype=torch.float64)
+    norm = x.new_empty(0, dtype=work)
+    if solution.index is not None:
+        row = _exact_row_loss(_support_probabilities(solution, kind), x_y - tau, kind)
+    else:
+        norm = _normaliser(x, tau, delta) if kind == BISECT else norm
+        row = torch.empty(num_rows, dtype=tau.dtype if kind != BISECT else work, device=x.device)
+        step = chunk_rows(*x.shape)
+        for start in range(0, num_rows, step):
+            stop = min(start + step, num_rows)
+            chunk = x[start:stop].to(work)
+            chunk_delta = _delta_rows(delta, start, stop, work)
+            chunk_p = probabilities(chunk, tau[start:stop], kind, chunk_delta,
+                                    norm[start:stop] if kind == BISECT else None)
+            if kind == BISECT:
+                gap = torch.where(chunk_p > 0, chunk_p * (chunk - x_y[start:stop, None]), zero).sum(dim=1)
+                # a row without a threshold (NaN p) has no loss: NaN, as softmax cross-entropy gives
+                unsolved = torch.isnan(chunk_p).any(dim=1)
+                row[start:stop] = torch.where(unsolved, math.nan, gap + tsallis_entropy(chunk_p, chunk_delta))
+            else:
+                row[start:stop] = _exact_row_loss(chunk_p, x_y[start:stop] - tau[start:stop], kind)
+            if alpha is not None:
+                entropy_alpha[start:stop] = tsallis_alpha_derivative(
+                    chunk_p.to(torch.float64), delta[start:stop].to(torch.float64)
                 )
-                scale = scale_i[start:stop, None]
-                p.mul_(scale).scatter_add_(1, target[start:stop, None], -scale)
-                if not direct:
-                    grad[start:stop].copy_(p)
-        grad_alpha = None
-        if ctx.needs_input_grad[1] and entropy_alpha is not None:
-            grad_alpha = (scale_i.to(torch.float64) * entropy_alpha).to(ctx.alpha_dtype).reshape(-1, 1)
-        return grad, grad_alpha, None, None, None, None, None, None, None
+    loss = torch.where(valid, w_y * row, zero)
+    out = reduce_loss(loss, reduction, w_y.sum())
+    return out.to(x.dtype), tau, norm, entropy_alpha
+
+
+@_fenchel_young_op.register_fake
+def _fenchel_young_fake(x, alpha, target, weight, kind, scalar_alpha, n_iter, ignore_index, reduction):
+    num_rows = x.shape[0]
+    loss = x.new_empty((num_rows,) if reduction == "none" else ())
+    tau = x.new_empty(num_rows, dtype=threshold_dtype(kind, x.dtype))
+    norm = x.new_empty(num_rows if kind == BISECT else 0, dtype=work_dtype(x.dtype))
+    return loss, tau, norm, x.new_empty(num_rows if alpha is not None else 0, dtype=torch.float64)
+
+
+@torch.library.custom_op("softmaxkit::fenchel_young_torch_backward", mutates_args=())
+def _fenchel_young_backward_op(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    tau: torch.Tensor,
+    norm: torch.Tensor,
+    alpha: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    entropy_alpha: torch.Tensor,
+    kind: str,
+    scalar_alpha: float,
+    ignore_index: int,
+    reduction: str,
+    alpha_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂ℓ/∂x, ∂ℓ/∂α)``: ``scale_i (p − e_y)`` with ``p`` recomputed into the gradient buffer a chunk of
+    rows at a time, and ``scale_i ∂H_α/∂α`` ``(N, 1)`` when ``alpha_grad`` (else empty)."""
+    num_rows = x.shape[0]
+    work = work_dtype(x.dtype)
+    delta = _split_alpha(*_alpha_arguments(alpha, scalar_alpha, kind), work)
+    _, safe_target, w_y = _row_weights(target, weight, ignore_index, work)
+    scale_i = row_scale(grad_output.to(work), reduction, num_rows, w_y.sum(), w_y)
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    direct = work == x.dtype
+    step = chunk_rows(*x.shape)
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        p = probabilities(
+            x[start:stop].to(work), tau[start:stop], kind, _delta_rows(delta, start, stop, work),
+            norm[start:stop] if kind == BISECT else None, out=grad[start:stop] if direct else None,
+        )
+        scale = scale_i[start:stop, None]
+        # p·scale is exactly 0 off the support; an ignored row (scale 0) gets exact zeros even when its p is NaN
+        p.mul_(scale).masked_fill_(scale == 0, 0.0).scatter_add_(1, safe_target[start:stop, None], -scale)
+        if not direct:
+            grad[start:stop].copy_(p)
+    if alpha_grad and alpha is not None and entropy_alpha.numel() == num_rows:
+        grad_alpha = (scale_i.to(torch.float64) * entropy_alpha).to(alpha.dtype).reshape(-1, 1)
+    else:
+        grad_alpha = x.new_empty(0, dtype=torch.float64)
+    return grad, grad_alpha
+
+
+@_fenchel_young_backward_op.register_fake
+def _fenchel_young_backward_fake(grad_output, x, tau, norm, alpha, target, weight, entropy_alpha, kind,
+                                 scalar_alpha, ignore_index, reduction, alpha_grad):
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if alpha_grad and alpha is not None:
+        return grad, alpha.new_empty((x.shape[0], 1))
+    return grad, x.new_empty(0, dtype=torch.float64)
+
+
+def _fenchel_young_setup(ctx, inputs, output):
+    x, alpha, target, weight, kind, scalar_alpha, _, ignore_index, reduction = inputs
+    _, tau, norm, entropy_alpha = output
+    ctx.mark_non_differentiable(tau, norm, entropy_alpha)
+    ctx.options = (kind, scalar_alpha, ignore_index, reduction)
+    ctx.save_for_backward(x, tau, norm, alpha, target, weight, entropy_alpha)
+
+
+def _fenchel_young_backward(ctx, grad_loss, grad_tau, grad_norm, grad_entropy):
+    x, tau, norm, alpha, target, weight, entropy_alpha = ctx.saved_tensors
+    alpha_grad = alpha is not None and ctx.needs_input_grad[1]
+    grad, grad_alpha = _FenchelYoungBackward(
+        grad_loss, x, tau, norm, alpha, target, weight, entropy_alpha, *ctx.options, alpha_grad
+    )
+    return (grad if ctx.needs_input_grad[0] else None, grad_alpha if alpha_grad else None,
+            None, None, None, None, None, None, None)
+
+
+_FenchelYoungFunction = differentiable(_fenchel_young_op, _fenchel_young_setup, _fenchel_young_backward)
+_FenchelYoungBackward = once_differentiable(_fenchel_young_backward_op)
+
+
+def torch_fenchel_young(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    kind: str,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    alpha_rows: torch.Tensor | None = None,
+    scalar_alpha: float | None = None,
+    n_iter: int = 50,
+) -> torch.Tensor:
+    """The Fenchel-Young loss of ``kind`` for 2-D logits ``(N, C)`` and class indices ``(N,)`` through
+    ``torch.ops.softmaxkit.fenchel_young_torch``; arguments already validated (see
+    :func:`softmaxkit.sparsemax_loss`)."""
+    scalar = 1.5 if scalar_alpha is None else float(scalar_alpha)
+    return _FenchelYoungFunction(
+        x, alpha_rows, target, weight, kind, scalar, n_iter, ignore_index, reduction
+    )[0]
 
 
 def _exact_row_loss(p: torch.Tensor, margin: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-row Fenchel-Young loss of sparsemax / 1.5-entmax from ``p`` (any set of columns holding the
     support) and ``margin = x_y − τ``."""
     if kind == SPARSEMAX:
-        return 0.5 * (1.0 + (p * p).sum(dim=1)) - margin
-    return (2.0 / 3.0) * (p * p.sqrt()).sum(dim=1) + 4.0 / 3.0 - margin
+        return 0.5 * (1.0 + (p * p).sum(dim=1, dtype=torch.float64)) - margin
+    return (2.0 / 3.0) * (p * p.sqrt()).sum(dim=1, dtype=torch.float64) + 4.0 / 3.0 - margin
