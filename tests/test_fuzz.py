@@ -21,6 +21,7 @@ Profiles: the conftest's ``ci`` profile (the default) runs a few thousand cases 
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def _bad(actual, expected, baseline, tol, dtype) -> tuple[np.ndarray, int]:
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.broadcast_to(np.asarray(expected, dtype=np.float64), actual.shape)
     top = float(torch.finfo(dtype).max)
-    overflow = top + _eps(dtype) * 2.0 ** np.floor(np.log2(top)) / 2  # max + half an ulp rounds to inf
+    overflow = top + math.ldexp(_eps(dtype), math.floor(math.log2(top))) / 2  # max + half an ulp rounds to inf
     with np.errstate(invalid="ignore"):  # an exact value beyond the dtype's range is ±inf in that dtype
         expected = np.where(np.abs(expected) >= overflow, np.sign(expected) * np.inf, expected)
     baseline = np.broadcast_to(np.asarray(baseline, dtype=np.float64), actual.shape)
