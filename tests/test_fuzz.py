@@ -93,8 +93,12 @@ def _eps(dtype: torch.dtype) -> float:
 
 
 def _bad(actual, expected, baseline, tol, dtype) -> tuple[np.ndarray, int]:
-    """Elementwise failures of ``|actual − exact| <= FACTOR·|baseline − exact| + tol`` where exact is finite,
-    and the count of non-finite results there; where exact is not finite the values must agree exactly."""
+    """Failures of ``|actual − exact| <= FACTOR·(PyTorch's error) + tol`` where exact is finite, and the count
+    of non-finite results there; where exact is not finite the values must agree exactly.
+
+    PyTorch's error is its largest over the row for per-class outputs (probabilities, gradients) and over the
+    batch for per-row losses (as the issue measures it): a rounding that happens to land PyTorch near the exact
+    value of one entry is luck, not its error level."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.broadcast_to(np.asarray(expected, dtype=np.float64), actual.shape)
     top = float(torch.finfo(dtype).max)
@@ -104,7 +108,11 @@ def _bad(actual, expected, baseline, tol, dtype) -> tuple[np.ndarray, int]:
     baseline = np.broadcast_to(np.asarray(baseline, dtype=np.float64), actual.shape)
     finite = np.isfinite(expected)
     with np.errstate(invalid="ignore"):
-        allowed = FACTOR * np.where(np.isfinite(baseline), np.abs(baseline - expected), 0.0) + tol
+        baseline_error = np.where(np.isfinite(baseline) & finite, np.abs(baseline - expected), 0.0)
+        if baseline_error.ndim:
+            axis = -1 if baseline_error.ndim > 1 else None
+            baseline_error = np.broadcast_to(baseline_error.max(axis=axis, keepdims=True), actual.shape)
+        allowed = FACTOR * baseline_error + tol
         error = np.abs(actual - expected)
     bad = finite & ~(error <= allowed)
     same_nonfinite = (np.isnan(actual) & np.isnan(expected)) | (actual == expected)
@@ -302,13 +310,18 @@ _LAYOUTS = textwrap.dedent("""
         target = torch.from_numpy(rng.integers(0, cols, size=rows))
         for impl in ("auto", "cpu"):
             leaf = x.detach().clone().requires_grad_()
-            loss = softmaxkit.cross_entropy(leaf, target, impl=impl)
+            try:
+                loss = softmaxkit.cross_entropy(leaf, target, impl=impl)
+            except ValueError:  # an explicit impl may refuse a layout it cannot serve (never garbage)
+                if impl == "cpu" and x.stride(1) != 1:
+                    continue
+                raise
             loss.backward()
             ref_leaf = x.detach().clone().to(torch.float64).requires_grad_()
             ref_loss = F.cross_entropy(ref_leaf, target)
             ref_loss.backward()
             tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
-            if not (abs(float(loss) - float(ref_loss)) <= tol * (1 + abs(float(ref_loss)))
+            if not (abs(loss.item() - ref_loss.item()) <= tol * (1 + abs(ref_loss.item()))
                     and torch.allclose(leaf.grad.double(), ref_leaf.grad, atol=tol * 2, rtol=tol)):
                 failures.append((case, layout, str(dtype), impl))
         for op in ("sparsemax", "entmax15"):
