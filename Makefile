@@ -8,7 +8,7 @@ BASE_STAMP := $(VENV)/.installed-base
 DEV_STAMP  := $(VENV)/.installed-dev
 PYTEST_ARGS ?= -n 2
 
-.PHONY: test demo bench lint install install-dev clean
+.PHONY: test demo bench lint install install-dev clean gpu-check
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit("softmaxkit needs Python >= 3.10") if sys.version_info < (3, 10) else None'
@@ -37,6 +37,11 @@ demo: $(BASE_STAMP)
 
 bench: $(DEV_STAMP)
 	$(PY) -m benchmarks --quick --no-csv
+
+# GPU readiness (benchmarks/gpu_check.py): tests, accuracy at real sizes, compile, CUDA graphs, timings (< 8 min on
+# one H100/H200); without CUDA it runs its CPU dry run. Results in $$OUT or benchmarks/results/gpu_check.
+gpu-check: $(DEV_STAMP)
+	$(PY) -m benchmarks.gpu_check $(if $(OUT),--out $(OUT),)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

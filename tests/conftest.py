@@ -17,6 +17,7 @@ from hypothesis import settings
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=100, deadline=None)
+settings.register_profile("fuzz", max_examples=2000, deadline=None)  # the long fuzz (tests/test_fuzz.py)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Under pytest-xdist each worker already has a core: more torch threads per worker oversubscribe the machine

@@ -620,8 +620,9 @@ def test_bad_targets_raise_the_same_errors_as_cross_entropy(target, kwargs, loss
 
 def test_bad_target_messages():
     logits = torch.randn(3, 4)
-    with pytest.raises(ValueError, match=r"`target` must have shape \(3,\) \(class indices\) or \(3, 4\) \(class "
-                                         r"probabilities\) for logits of shape \(3, 4\), but has shape \(3, 4\)"):
+    # the probability shape with an integer dtype: the dtype is the problem, and the message says so
+    with pytest.raises(TypeError, match=r"holds class probabilities and must be floating point, but has dtype "
+                                        r"torch\.int64"):
         softmaxkit.focal_loss(logits, torch.ones(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"`ignore_index` is not supported with class-probability targets"):
         softmaxkit.focal_loss(logits, torch.full((3, 4), 0.25), ignore_index=1)

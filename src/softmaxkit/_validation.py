@@ -18,7 +18,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def _data_checks_enabled(tensor: torch.Tensor) -> bool:
     """Whether value checks that read tensor data (and so sync with the device) may run now."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not has_data(tensor):
         return False
     if tensor.is_meta or _is_fake(tensor):  # no data to read: shapes only
         return False
@@ -100,6 +100,9 @@ def check_softcap(value: object) -> float | None:
 
 
 def check_int(name: str, value: object) -> int:
+    """An ``int``; NumPy integers and 0-d integer tensors are accepted (as PyTorch accepts them)."""
+    if is_integer_scalar(value):
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"`{name}` must be an int, but got {type(value).__name__}")
     return value
@@ -269,6 +272,7 @@ def check_positive_counts(name: str, counts: object, num_classes: int | None = N
     ``num_classes`` (when given) is the required length. Returns a float64 tensor on the input's device.
     """
     if isinstance(counts, torch.Tensor):
+        check_meta_free(name, counts)
         tensor = counts.detach()
     else:
         try:
@@ -401,6 +405,7 @@ def check_class_counts(counts: object) -> torch.Tensor:
     Returns a float64 tensor (on the input tensor's device).
     """
     if isinstance(counts, torch.Tensor):
+        check_meta_free("counts", counts)
         tensor = counts.detach()
     else:
         import numpy as np
@@ -409,8 +414,8 @@ def check_class_counts(counts: object) -> torch.Tensor:
             array = np.asarray(counts)
         except (TypeError, ValueError) as error:
             raise TypeError(f"`counts` must be a 1-d tensor or array of numbers, but got {type(counts).__name__}") from error
-        if array.dtype.kind not in "biuf":
-            raise TypeError(f"`counts` must hold numbers, but has dtype {array.dtype}")
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"`counts` must hold numbers (not booleans), but has dtype {array.dtype}")
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"`counts` must hold real numbers, but has dtype {tensor.dtype}")
@@ -455,6 +460,7 @@ def as_tensor(name: str, value: object) -> torch.Tensor:
     :func:`torch.from_numpy` (shared memory); anything else goes through :func:`numpy.asarray` first.
     """
     if isinstance(value, torch.Tensor):
+        check_meta_free(name, value)
         return value.detach()
     import numpy as np
 
@@ -583,3 +589,59 @@ def check_labels(name: str, labels: torch.Tensor, num_rows: int | None, num_clas
                 f"at position {position}"
             )
     return labels
+
+
+# --- helpers added for the extreme-input audit: scalars, dtypes, tensors without data, array-likes ---
+
+
+def is_integer_scalar(value: object) -> bool:
+    """A NumPy integer or a 0-d integer tensor with data (not ``bool``): what PyTorch takes for an int."""
+    import numbers
+
+    if isinstance(value, torch.Tensor):
+        return (value.dim() == 0 and not value.is_floating_point() and not value.is_complex()
+                and value.dtype != torch.bool and has_data(value))
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, int))
+
+
+def has_data(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` has real storage to read (not a meta or fake tensor)."""
+    if tensor.device.type == "meta":
+        return False
+    fake = getattr(getattr(torch, "_subclasses", None), "FakeTensor", None)
+    return fake is None or not isinstance(tensor, fake)
+
+
+def check_float_dtype(name: str, dtype: object) -> torch.dtype | None:
+    """None, or a floating-point ``torch.dtype`` (a result of the softmax family is a probability)."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"`{name}` must be None or a floating-point torch.dtype, but got {dtype!r}")
+    return dtype
+
+
+def as_float_tensor(name: str, value: object) -> torch.Tensor:
+    """:func:`as_tensor`, with integer and boolean arrays converted to float64 (as scikit-learn accepts them)."""
+    tensor = as_tensor(name, value)
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        tensor = tensor.to(torch.float64)
+    return tensor
+
+
+def check_same_length(name: str, tensor: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    """Two 1-d (or row-indexed) inputs with one entry per row each."""
+    if tensor.dim() >= 1 and other.dim() >= 1 and tensor.shape[0] != other.shape[0]:
+        raise ValueError(
+            f"`{name}` has {tensor.shape[0]} entries but `{other_name}` has {other.shape[0]}; they must have "
+            f"one entry per row each"
+        )
+
+
+def check_meta_free(name: str, tensor: torch.Tensor) -> None:
+    """A clear message for a meta tensor where an eager value check would have to read its data."""
+    if tensor.device.type == "meta":
+        raise TypeError(
+            f"`{name}` is a meta tensor (no data), which this function cannot check or compute on; pass a CPU or "
+            f"CUDA tensor"
+        )

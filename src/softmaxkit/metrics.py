@@ -91,13 +91,13 @@ class ReliabilityCurve(NamedTuple):
 
 # ----------------------------------------------------------------------------------------- input helpers
 def _prepare_probs(probs: object, labels: object) -> tuple[torch.Tensor, torch.Tensor]:
-    probs = v.check_probabilities("probs", v.as_tensor("probs", probs))
+    probs = v.check_probabilities("probs", v.as_float_tensor("probs", probs))
     labels = _labels_like(labels, probs)
     return probs, labels
 
 
 def _prepare_scores(scores: object, labels: object) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = v.check_scores("scores", v.as_tensor("scores", scores))
+    scores = v.check_scores("scores", v.as_float_tensor("scores", scores))
     return scores, _labels_like(labels, scores)
 
 
@@ -117,7 +117,7 @@ def _prepare_predictions(
     if num_classes is not None:
         num_classes = v.check_positive_int("num_classes", num_classes)
     if preds.dim() == 2:
-        scores = v.check_scores("preds", preds)
+        scores = v.check_scores("preds", v.as_float_tensor("preds", preds))
         if num_classes is not None and num_classes != scores.shape[1]:
             raise ValueError(
                 f"`num_classes` is {num_classes} but `preds` holds scores for {scores.shape[1]} classes "
@@ -127,6 +127,7 @@ def _prepare_predictions(
         preds = scores.argmax(dim=1)
     else:
         preds = v.check_labels("preds", preds, None, num_classes)
+    v.check_same_length("labels", labels, "preds", preds)
     labels = v.check_labels("labels", labels, preds.shape[0], num_classes).to(preds.device)
     if num_classes is None:
         num_classes = int(torch.maximum(labels.max(), preds.max())) + 1
@@ -200,7 +201,7 @@ def accuracy(scores: object, labels: object) -> float:
     """
     preds = v.as_tensor("scores", scores)
     if preds.dim() == 2:
-        scores = v.check_scores("scores", preds)
+        scores = v.check_scores("scores", v.as_float_tensor("scores", preds))
         preds, labels = scores.argmax(dim=1), _labels_like(labels, scores)
     else:
         preds = v.check_labels("scores", preds, None, None)

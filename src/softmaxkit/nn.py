@@ -33,7 +33,7 @@ class Softmax(nn.Module):
         super().__init__()
         self.dim = v.check_int("dim", dim)
         self.temperature = v.check_positive("temperature", temperature)
-        self.dtype = dtype
+        self.dtype = v.check_float_dtype("dtype", dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.softmax(x, self.dim, temperature=self.temperature, dtype=self.dtype)
@@ -64,14 +64,14 @@ class CrossEntropyLoss(nn.Module):
         chunk_size: int | None = None,
     ):
         super().__init__()
-        self.register_buffer("weight", None if weight is None else v.check_floating("weight", weight))
+        _buffer(self, "weight", weight)
         self.ignore_index = v.check_int("ignore_index", ignore_index)
         self.reduction = v.check_reduction(reduction)
         self.label_smoothing = v.check_label_smoothing(label_smoothing)
         self.temperature = v.check_positive("temperature", temperature)
         self.z_loss = v.check_non_negative("z_loss", z_loss)
         self.softcap = v.check_softcap(softcap)
-        self.impl = impl
+        self.impl = _check_impl(impl, "cross_entropy")
         self.inplace_backward = inplace_backward
         self.chunk_size = chunk_size
 
@@ -122,9 +122,7 @@ class LinearCrossEntropyLoss(nn.Module):
         accumulation_dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        self.register_buffer(
-            "class_weight", None if class_weight is None else v.check_floating("class_weight", class_weight)
-        )
+        _buffer(self, "class_weight", class_weight)
         self.ignore_index = v.check_int("ignore_index", ignore_index)
         self.reduction = v.check_reduction(reduction)
         self.label_smoothing = v.check_label_smoothing(label_smoothing)
@@ -132,9 +130,9 @@ class LinearCrossEntropyLoss(nn.Module):
         self.z_loss = v.check_non_negative("z_loss", z_loss)
         self.softcap = v.check_softcap(softcap)
         self.chunk_size = v.check_optional_positive_int("chunk_size", chunk_size)
-        self.impl = impl
+        self.impl = _check_impl(impl, "linear_cross_entropy")
         self.inplace_backward = inplace_backward
-        self.accumulation_dtype = accumulation_dtype
+        self.accumulation_dtype = v.check_float_dtype("accumulation_dtype", accumulation_dtype)
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
@@ -169,7 +167,18 @@ class LinearCrossEntropyLoss(nn.Module):
 
 
 def _buffer(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
-    module.register_buffer(name, None if value is None else v.check_floating(name, value))
+    """A per-class vector option, registered as a buffer; checked here so a bad one fails at construction."""
+    if value is not None and v.check_floating(name, value).dim() != 1:
+        raise ValueError(f"`{name}` must be a 1-d tensor (one entry per class), but has shape {tuple(value.shape)}")
+    module.register_buffer(name, value)
+
+
+def _check_impl(impl: object, function_module: str) -> object:
+    """``impl`` is one of the choices its function accepts (its module's ``IMPLS``), checked at construction."""
+    import importlib
+
+    choices = getattr(importlib.import_module(f".functional.{function_module}", __package__), "IMPLS", None)
+    return v.check_choice("impl", impl, choices) if choices else impl
 
 
 def _alpha_attribute(module: nn.Module, alpha: float | torch.Tensor) -> None:
@@ -179,7 +188,7 @@ def _alpha_attribute(module: nn.Module, alpha: float | torch.Tensor) -> None:
     elif isinstance(alpha, torch.Tensor):
         module.register_buffer("alpha", v.check_floating("alpha", alpha))
     else:
-        module.alpha = v.check_number("alpha", alpha)
+        module.alpha = v.check_entmax_alpha(alpha, None, -1)  # a number: >= 1 and finite (no tensor needed)
 
 
 class FocalLoss(nn.Module):

@@ -64,15 +64,18 @@ def explain(logits, temperature: float = 1.0, target: int = 0) -> Explanation:
     onehot = np.eye(z.size)[target]
     gradient = (probs - onehot) / temperature
 
-    # Central differences of the reference functions, one logit at a time.
+    # Central differences of the reference functions, one logit at a time, at the shifted logits z − max z
+    # (the same softmax; a step of STEP would vanish in rounding next to a logit of 1e300).
+    shifted = z - z.max()
     jacobian_fd = np.empty_like(jacobian)
     gradient_fd = np.empty_like(gradient)
     for j in range(z.size):
         step = np.zeros_like(z)
         step[j] = STEP
-        jacobian_fd[:, j] = (reference.softmax(z + step, temperature=temperature)
-                             - reference.softmax(z - step, temperature=temperature)) / (2 * STEP)
-        gradient_fd[j] = (_loss(z + step, target, temperature) - _loss(z - step, target, temperature)) / (2 * STEP)
+        jacobian_fd[:, j] = (reference.softmax(shifted + step, temperature=temperature)
+                             - reference.softmax(shifted - step, temperature=temperature)) / (2 * STEP)
+        gradient_fd[j] = (_loss(shifted + step, target, temperature)
+                          - _loss(shifted - step, target, temperature)) / (2 * STEP)
 
     rows = []
     temperatures = sorted({*TEMPERATURES, float(temperature)})
@@ -88,12 +91,12 @@ def explain(logits, temperature: float = 1.0, target: int = 0) -> Explanation:
         jacobian_fd_error=float(np.abs(jacobian - jacobian_fd).max()),
         gradient_fd_error=float(np.abs(gradient - gradient_fd).max()),
         temperatures=rows, scales=scales,
-        scale_gradient_norms=reference.gradient_norm_vs_scale(z / temperature, target, scales),
+        scale_gradient_norms=reference.gradient_norm_vs_scale(shifted / temperature, target, scales),
     )
 
 
 def _vector(values, digits: int = 4) -> str:
-    return "(" + ", ".join(f"{v:.{digits}f}" for v in values) + ")"
+    return "(" + ", ".join(f"{v:.{digits}f}" if abs(v) < 1e6 else f"{v:.{digits}g}" for v in values) + ")"
 
 
 def render(result: Explanation, console) -> None:

@@ -23,6 +23,8 @@ def _check_target_shape(logits: torch.Tensor, target: torch.Tensor) -> bool:
         raise ValueError("`logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
     if _is_probability_target(logits, target):
         return True
+    if target.shape == logits.shape:  # the probability shape with an integer dtype: the dtype is the problem
+        v.check_probability_target(target, logits)
     expected = () if logits.dim() == 1 else (logits.shape[0], *logits.shape[2:])
     if tuple(target.shape) != expected:
         raise ValueError(
@@ -54,7 +56,7 @@ def validate_cross_entropy_args(
     softcap = v.check_softcap(softcap)
     probabilities = _check_target_shape(logits, target)
     num_classes = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
-    if num_classes == 0:
+    if num_classes == 0 and not probabilities:  # no class index can be valid
         raise ValueError(f"`logits` must have at least one class, but has shape {tuple(logits.shape)}")
     weight = v.check_class_weight(weight, num_classes, logits)
     v.check_target_values(target, num_classes, ignore_index, probabilities)
@@ -207,6 +209,9 @@ def cross_entropy(
         )
     )
     probabilities = _is_probability_target(logits, target)
+    if logits.shape[0 if logits.dim() == 1 else 1] == 0:  # zero classes (probability targets): PyTorch's value
+        return torch.nn.functional.cross_entropy(logits, target, weight, reduction=reduction,
+                                                 label_smoothing=label_smoothing)
     chosen = _pick_impl(impl, logits, probabilities, inplace_backward)
     if chosen == "composite":
         return _composite_cross_entropy(

@@ -165,6 +165,7 @@ def sampled_softmax_loss(
     ignore_index = v.check_int("ignore_index", ignore_index)
     reduction = v.check_reduction(reduction)
     v.check_class_target(target, num_classes, ignore_index)
+    generator = v.check_generator(generator, hidden.device)
 
     work = compute_dtype(hidden.dtype)
     rows = hidden.reshape(-1, hidden.shape[-1]).to(work)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_dim, check_floating, check_positive
+from .._validation import check_dim, check_float_dtype, check_floating, check_positive
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -45,6 +45,7 @@ def softmax(
     x = check_floating("x", x)
     dim = check_dim(dim, x.dim())
     temperature = check_positive("temperature", temperature)
+    dtype = check_float_dtype("dtype", dtype)
     if temperature == 1.0:
         return torch.softmax(x, dim, dtype=dtype)
     return torch.softmax(_scaled(x, temperature, dtype), dim).to(dtype or x.dtype)
@@ -67,6 +68,7 @@ def log_softmax(
     x = check_floating("x", x)
     dim = check_dim(dim, x.dim())
     temperature = check_positive("temperature", temperature)
+    dtype = check_float_dtype("dtype", dtype)
     if temperature == 1.0:
         return torch.log_softmax(x, dim, dtype=dtype)
     return torch.log_softmax(_scaled(x, temperature, dtype), dim).to(dtype or x.dtype)

@@ -8,6 +8,8 @@ The loss of one row with logits ``x`` (``C`` classes) is built in four steps:
    for class probabilities ``t``, ``a = w ⊙ ((1 − ε)·t + ε/C)`` (``w`` the class weights, 1 when absent);
 4. loss: ``ℓ = −Σ_c a_c log p_c + λ·LSE(z)²`` (the z-loss, unweighted, 0 on ignored rows).
 
+Computed in the shifted form (``log p = (z − m) − log Σ e^{z − m}``, never ``z − LSE(z)``), so the oracle is
+exact to a few ulps at any magnitude. Ignored rows have loss and gradient exactly 0, whatever their logits.
 ``"mean"`` divides the summed loss by ``Σ w_y`` over non-ignored rows for class indices and by the number
 of rows for probabilities (PyTorch's rules), and is 0 when that is 0. Terms with ``a_c = 0`` count as 0 even
 where ``log p_c = −inf`` (a ``−inf`` logit is a masked class).
@@ -23,15 +25,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from .softmax import logsumexp
+from .softmax import shifted
 
 
 def _transform(x: np.ndarray, temperature: float, softcap: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """``z = softcap(x) / T`` and the elementwise derivative ``dz/dx``."""
+    """``s = softcap(x)`` (``x`` without a softcap) and ``dz/dx`` for ``z = s / T``."""
     if softcap is None:
-        return x / temperature, np.full_like(x, 1.0 / temperature)
+        return x, np.full_like(x, 1.0 / temperature)
     t = np.tanh(x / softcap)
-    return softcap * t / temperature, (1.0 - t * t) / temperature
+    return softcap * t, (1.0 - t * t) / temperature
+
+
+def _normalised(x: np.ndarray, temperature: float, softcap: float | None):
+    """The shifted form of ``z = softcap(x)/T``: ``log p = d − log S``, ``p = e^d / S``, ``LSE(z) = m/T + log S``.
+
+    ``d = (s − m)/T`` with ``m = max s`` (:func:`softmaxkit.reference.softmax.shifted`), so ``log p`` never
+    loses ``|z|·2^-53`` to the cancellation of ``z − LSE(z)``. Returns ``(log_p, p, lse, dz_dx)``, classes last.
+    """
+    s, dz_dx = _transform(x, temperature, softcap)
+    m, d, log_s = shifted(s, axis=-1, temperature=temperature)
+    with np.errstate(invalid="ignore", over="ignore"):
+        log_p = d - log_s
+        p = np.exp(d) / np.exp(log_s)
+        lse = np.where(m == np.inf, np.inf, m / temperature + log_s)[..., 0]
+    return log_p, p, lse, dz_dx
 
 
 def _rows(logits, target, weight, ignore_index, label_smoothing):
@@ -83,12 +100,11 @@ def cross_entropy(
     Returns a float for ``"mean"``/``"sum"`` and the per-element losses for ``"none"``.
     """
     x, _, a, valid, denominator = _rows(logits, target, weight, ignore_index, label_smoothing)
-    z, _ = _transform(x, temperature, softcap)
-    lse = logsumexp(z, axis=-1)
-    log_p = z - lse[..., None]
+    log_p, _, lse, _ = _normalised(x, temperature, softcap)
     with np.errstate(invalid="ignore"):
         cross = -np.sum(np.where(a == 0, 0.0, a * log_p), axis=-1)
-    loss = cross + z_loss * lse**2 * valid
+        z_term = np.where(valid, z_loss * lse**2, 0.0) if z_loss else 0.0
+    loss = cross + z_term
     return _reduce(loss, reduction, denominator)
 
 
@@ -113,11 +129,13 @@ def cross_entropy_grad(
     scaled by ``grad_output`` (the upstream gradient, ones by default). Returned in the logits' shape.
     """
     x, class_axis, a, valid, denominator = _rows(logits, target, weight, ignore_index, label_smoothing)
-    z, dz_dx = _transform(x, temperature, softcap)
-    lse = logsumexp(z, axis=-1, keepdims=True)
-    p = np.exp(z - lse)
-    coefficient = a.sum(axis=-1, keepdims=True) + 2.0 * z_loss * lse * valid[..., None]
-    grad = (coefficient * p - a) * dz_dx
+    _, p, lse, dz_dx = _normalised(x, temperature, softcap)
+    with np.errstate(invalid="ignore"):
+        coefficient = a.sum(axis=-1, keepdims=True)
+        if z_loss:
+            coefficient = coefficient + 2.0 * z_loss * lse[..., None]
+        # ignored rows: an exact 0, whatever their logits hold
+        grad = np.where(valid[..., None], (coefficient * p - a) * dz_dx, 0.0)
     if reduction == "mean":
         grad = grad / denominator if denominator != 0 else np.zeros_like(grad)
     elif reduction == "none" and grad_output is not None:

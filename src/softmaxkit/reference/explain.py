@@ -37,7 +37,8 @@ def jacobian_eigenvalues(p) -> np.ndarray:
         >>> np.round(jacobian_eigenvalues([0.5, 0.5]), 6)
         array([0. , 0.5])
     """
-    return np.linalg.eigvalsh(softmax_jacobian(p))
+    # J is positive semi-definite: a rounding below 0 (~1e-17) is clipped, never printed as a negative
+    return np.maximum(np.linalg.eigvalsh(softmax_jacobian(p)), 0.0)
 
 
 def gradient_norm_vs_scale(logits, target, scales) -> np.ndarray:
@@ -61,6 +62,7 @@ def gradient_norm_vs_scale(logits, target, scales) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float64)
     target = np.asarray(target)
     onehot = np.eye(x.shape[-1])[target]
+    x = x - np.max(x, axis=-1, keepdims=True)  # softmax is shift invariant; s·x then cannot overflow
     norms = [np.linalg.norm(softmax(s * x, axis=-1) - onehot, axis=-1) for s in np.asarray(scales, dtype=np.float64)]
     return np.asarray(norms)
 
@@ -90,7 +92,7 @@ def temperature_gradient_factor(logits, target, temperatures) -> dict[str, np.nd
         raise ValueError(f"`temperatures` must all be > 0, but got {t.tolist()}")
     x = np.asarray(logits, dtype=np.float64)
     onehot = np.eye(x.shape[-1])[np.asarray(target)]
-    residual = np.asarray([np.linalg.norm(softmax(x / tt, axis=-1) - onehot, axis=-1) for tt in t])
+    residual = np.asarray([np.linalg.norm(softmax(x, axis=-1, temperature=tt) - onehot, axis=-1) for tt in t])
     factor = 1.0 / t
     shaped = factor.reshape((-1,) + (1,) * (residual.ndim - 1))
     return {

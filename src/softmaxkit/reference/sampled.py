@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .softmax import logsumexp
+from .softmax import log_softmax, softmax
 
 
 def sampler_probabilities(sampler: str, num_classes: int, counts=None, power: float = 0.75) -> np.ndarray:
@@ -66,7 +66,7 @@ def sampled_softmax_loss(
     _, _, y, rows = _candidates(hidden, weight, target, sampled, probabilities, bias, remove_accidental_hits,
                                 subtract_log_q)
     valid = y != ignore_index
-    loss = np.array([logsumexp(o) - o[0] if ok else 0.0 for (_, o), ok in zip(rows, valid)])
+    loss = np.array([-log_softmax(o)[0] if ok else 0.0 for (_, o), ok in zip(rows, valid)])  # shifted form
     if reduction == "none":
         return loss.reshape(np.shape(target))
     if reduction == "sum":
@@ -99,7 +99,7 @@ def sampled_softmax_loss_grad(
     for i, (classes, o) in enumerate(rows):
         if not valid[i]:
             continue
-        g = np.exp(o - logsumexp(o))
+        g = softmax(o)
         g[0] -= 1.0
         g *= scale
         grad_h[i] = g @ w[classes]

@@ -219,7 +219,9 @@ static inline void stream_fence(void) {
                 ACC_T m = acc[0];                                                                             \
                 for (int k = 1; k < LANES; k++) m = acc[k] > m ? acc[k] : m;                                  \
                 m = transform_##SUFFIX(m, inv_t, softcap);                                                    \
-                if (!isfinite(m)) m = 0;                                                                      \
+                /* an all −inf (or all NaN) row: shift by 0, so Σe = 0 and lse = −inf (or NaN). A +inf max   \
+                 * stays: exp(+inf − inf) = NaN makes the row's loss and gradient NaN, as in PyTorch */       \
+                if (m == -INFINITY) m = 0;                                                                    \
                 /* pass 2: Σ exp(z − m), and Σ w_j z_j when smoothing */                                      \
                 ACC_T wz[LANES];                                                                              \
                 for (int k = 0; k < LANES; k++) acc[k] = 0, wz[k] = 0;                                        \
