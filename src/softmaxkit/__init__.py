@@ -7,6 +7,13 @@ NumPy float64 oracle in :mod:`softmaxkit.reference`.
 from . import calibration, metrics, nn, reference  # subpackages reachable as attributes, like torch.nn
 from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from .functional import cross_entropy, log_softmax, logsumexp, softmax
+from .functional.comparison import (
+    crammer_singer_loss,
+    multi_margin_loss,
+    multilabel_soft_margin_loss,
+    score_mse_loss,
+    softmax_mse_loss,
+)
 from .functional.distillation import distillation_loss
 from .functional.focal import focal_loss, poly1_cross_entropy
 from .functional.gumbel import gumbel_softmax
@@ -20,6 +27,7 @@ from .functional.sparse import (
     sparsemax,
     sparsemax_loss,
 )
+from .functional.topk import topk_softmax
 from .functional.weights import class_weights
 
 __version__ = "0.1.0"
@@ -29,6 +37,7 @@ __all__ = [
     "__version__",
     "calibration",
     "class_weights",
+    "crammer_singer_loss",
     "cross_entropy",
     "distillation_loss",
     "entmax15",
@@ -41,13 +50,18 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "metrics",
+    "multi_margin_loss",
+    "multilabel_soft_margin_loss",
     "nn",
     "poly1_cross_entropy",
     "reference",
     "sampled_softmax_loss",
+    "score_mse_loss",
     "softmax",
+    "softmax_mse_loss",
     "sparsemax",
     "sparsemax_loss",
+    "topk_softmax",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
 ]
