@@ -194,7 +194,9 @@ def compare(
     data: str = typer.Argument(..., help=DATA_HELP),
     losses: str = typer.Option("ce,ls,cb,focal,poly1", "--losses",
                                help="Comma-separated losses: ce, ls (label smoothing), cb (class-balanced), "
-                                    "focal, poly1, sparsemax."),
+                                    "focal, poly1, sparsemax, and the comparisons hinge (Weston-Watkins), "
+                                    "crammer_singer, mse (on softmax probabilities), mse_scores (on raw "
+                                    "scores), sigmoid (one-vs-rest)."),
     long_tail: float | None = typer.Option(None, "--long-tail", help="Make the training set long-tailed with this imbalance ratio (>= 1)."),
     profile: Profile = typer.Option(Profile.exponential, help="Long-tail profile: exponential, or step (two levels, e.g. 98:2)."),
     alpha: float = typer.Option(1e-3, help="L2 strength on the weights."),
@@ -280,13 +282,17 @@ class Method(str, Enum):
     vector = "vector"
     isotonic = "isotonic"
     histogram = "histogram"
+    platt = "platt"
+    dirichlet = "dirichlet"
 
 
 @app.command()
 @_user_errors
 def calibrate(
     scores: str = typer.Argument(..., help="CSV / NPZ / Parquet with one logit column per class and a label column."),
-    method: Method = typer.Option(Method.temperature, help="temperature, vector, isotonic or histogram."),
+    method: Method = typer.Option(Method.temperature,
+                                  help="temperature, vector, isotonic, histogram, platt (one-vs-rest sigmoid) or "
+                                       "dirichlet (matrix scaling, Kull et al. 2019)."),
     label_column: str = typer.Option("label", "--label-column", help="Name of the label column."),
     test_size: float = typer.Option(0.5, "--test-size",
                                      help="Fraction of rows held out to measure ECE/NLL before and after (the rest fits the calibrator)."),
@@ -330,6 +336,7 @@ def calibrate(
     calibrator = {
         "temperature": calibration.TemperatureScaling, "vector": calibration.VectorScaling,
         "isotonic": calibration.IsotonicCalibration, "histogram": calibration.HistogramBinning,
+        "platt": calibration.PlattScaling, "dirichlet": calibration.DirichletCalibration,
     }[method.value]()
     with console.status(f"fitting {method.value} calibration on {len(fit_index)} rows"):
         calibrator.fit(logits[fit_index], labels[fit_index])
