@@ -7,6 +7,7 @@ re-exported from :mod:`softmaxkit.calibration`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -22,9 +23,26 @@ from .calibration import (
     _masked,
     _row_chunks,
 )
-from .functional.cross_entropy import cross_entropy
 
 __all__ = ["DirichletCalibration", "PlattScaling"]
+
+
+@contextlib.contextmanager
+def _one_thread_for_small(numel: int):
+    """One BLAS / torch thread while fitting a small problem: each L-BFGS step is microseconds of work, and
+    thread hand-offs (spinning OpenMP / OpenBLAS workers on a busy machine) cost milliseconds per step."""
+    if numel >= 1 << 20:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------------------- Platt scaling
@@ -147,7 +165,8 @@ class PlattScaling(_Calibrator):
             if keep.sum() == 0:
                 a, b = 1.0, 0.0
             else:
-                a, b = _fit_sigmoid(scores[keep, column], target, self.max_iter, self.tolerance)
+                with _one_thread_for_small(int(keep.sum())):
+                    a, b = _fit_sigmoid(scores[keep, column], target, self.max_iter, self.tolerance)
             slopes.append(a)
             intercepts.append(b)
         self.slope_ = np.asarray(slopes, dtype=np.float64)
@@ -212,7 +231,8 @@ class DirichletCalibration(_Calibrator):
     regularisation (ODIR) shrinks the ``C² − C`` cross terms and the biases, never the diagonal, which keeps
     the map close to a per-class scaling unless the data insist. Convex in ``(W, b)``; fitted by L-BFGS-B
     from the identity (``W = I, b = 0``: the uncalibrated softmax), with float64 gradients over row
-    chunks. Can change the predicted class. ``-inf`` logits (masked classes) stay at probability 0.
+    chunks (closed form: ``∂/∂W = (q − e_y)ᵀ log p / N``, ``∂/∂b = mean(q − e_y)``, plus the penalties).
+    Can change the predicted class. ``-inf`` logits (masked classes) stay at probability 0.
 
     Args:
         off_diagonal: ``λ >= 0``, the off-diagonal penalty.
@@ -278,23 +298,33 @@ class DirichletCalibration(_Calibrator):
         off_scale = self.off_diagonal / (num_classes * (num_classes - 1))
         bias_scale = self.intercept / num_classes
 
+        onehot = torch.nn.functional.one_hot(labels, num_classes).double()
+
         def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
-            params = torch.from_numpy(x).to(logits.device).requires_grad_(True)
+            # closed form: with q = softmax(ℓ Wᵀ + b) and r = q − onehot(y), ∂NLL/∂W = rᵀℓ / N, ∂NLL/∂b = Σr / N
+            params = torch.from_numpy(x).to(logits.device)
             weights = params[: num_classes * num_classes].view(num_classes, num_classes)
             bias = params[num_classes * num_classes :]
-            total = 0.0
+            nll = torch.zeros((), dtype=torch.float64, device=logits.device)
+            grad_w = torch.zeros_like(weights)
+            grad_b = torch.zeros_like(bias)
             for rows in _row_chunks(num_rows, num_classes):
                 chunk_mask = None if mask is None else mask[rows]
                 out = self._transform(features[rows], chunk_mask, weights, bias)
-                loss = cross_entropy(out, labels[rows], reduction="sum") / num_rows
-                loss.backward()
-                total += float(loss.detach())
-            penalty = off_scale * ((weights * off) ** 2).sum() + bias_scale * (bias**2).sum()
-            penalty.backward()
-            return total + float(penalty.detach()), params.grad.cpu().numpy()
+                log_q = torch.log_softmax(out, dim=1)
+                nll -= log_q.gather(1, labels[rows, None]).sum()
+                residual = log_q.exp() - onehot[rows]
+                grad_w += residual.T @ features[rows]
+                grad_b += residual.sum(dim=0)
+            off_weights = weights * off
+            value = float(nll) / num_rows + off_scale * float((off_weights**2).sum()) + bias_scale * float((bias**2).sum())
+            grad_w = grad_w / num_rows + 2.0 * off_scale * off_weights
+            grad_b = grad_b / num_rows + 2.0 * bias_scale * bias
+            return value, torch.cat([grad_w.reshape(-1), grad_b]).cpu().numpy()
 
         start = np.concatenate([np.eye(num_classes).ravel(), np.zeros(num_classes)])
-        solution = _lbfgs(objective, start, None, self.max_iter, self.tolerance)
+        with _one_thread_for_small(num_rows * num_classes):
+            solution = _lbfgs(objective, start, None, self.max_iter, self.tolerance)
         self.weights_ = solution[: num_classes * num_classes].reshape(num_classes, num_classes).copy()
         self.bias_ = solution[num_classes * num_classes :].copy()
         self.n_classes_ = num_classes

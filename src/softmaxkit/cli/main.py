@@ -475,5 +475,11 @@ def bench(
         raise typer.Exit(int(status))
 
 
+# ---------------------------------------------------------------- claims (its own module: cli/claims.py)
+from .claims import claims as _claims  # noqa: E402
+
+app.command(name="claims")(_user_errors(_claims))
+
+
 def main() -> None:
     app()
