@@ -170,7 +170,7 @@ def _range(ctx):
     gap = _softmax(np.array([0.0, 800.0]))
     verdict = DEPENDS if low == 0.0 or high == 1.0 else HOLDS
     return Result(verdict, f"exact arithmetic: yes; float64: min p = {low:.3g}, max p = {high!r} (z = (0, 800) gives "
-                  f"p = ({gap[0]:.3g}, {gap[1]!r}): the open interval fails once logits differ by more than ~745); "
+                  f"p = ({float(gap[0]):.3g}, {float(gap[1])!r}): the open interval fails once logits differ by more than ~745); "
                   f"|Σp − 1| ≤ {total:.2g}", {"min": low, "max": high, "sum_error": total})
 
 
