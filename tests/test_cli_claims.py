@@ -112,3 +112,10 @@ def test_calibrate_platt_and_dirichlet(tmp_path, method):
     rows = (tmp_path / "o" / "calibrated.csv").read_text().splitlines()[1:]
     written = np.array([[float(v) for v in row.split(",")[:3]] for row in rows])
     np.testing.assert_allclose(written.sum(1), 1.0, atol=1e-8)
+
+
+def test_claims_is_listed_and_has_help():
+    result = invoke("--help")
+    assert result.exit_code == 0 and "claims" in result.stdout
+    result = invoke("claims", "--help")
+    assert result.exit_code == 0 and "--quick" in result.stdout and "--only" in result.stdout

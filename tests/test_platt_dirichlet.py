@@ -8,7 +8,6 @@ import pytest
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.frozen import FrozenEstimator
 
 from softmaxkit import calibration, metrics
 from softmaxkit.calibration import DirichletCalibration, PlattScaling, TemperatureScaling, VectorScaling
@@ -30,6 +29,16 @@ class _Scores(ClassifierMixin, BaseEstimator):
         return self.classes_[np.asarray(X).argmax(axis=1)]
 
 
+def _sklearn_sigmoid(logits, labels):
+    """scikit-learn's sigmoid calibration of the fitted `_Scores` (FrozenEstimator from 1.6, cv="prefit" before)."""
+    base = _Scores().fit(logits, labels)
+    try:
+        from sklearn.frozen import FrozenEstimator
+    except ImportError:  # scikit-learn < 1.6
+        return CalibratedClassifierCV(base, method="sigmoid", cv="prefit").fit(logits, labels)
+    return CalibratedClassifierCV(FrozenEstimator(base), method="sigmoid").fit(logits, labels)
+
+
 def _problem(num_classes, n=600, seed=0, scale=3.0):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, n)
@@ -42,8 +51,7 @@ def test_platt_equals_sklearn_sigmoid_calibration(num_classes):
     logits, labels = _problem(num_classes)
     fit, new = slice(0, 400), slice(400, None)
     ours = PlattScaling().fit(logits[fit], labels[fit])
-    base = _Scores().fit(logits[fit], labels[fit])
-    theirs = CalibratedClassifierCV(FrozenEstimator(base), method="sigmoid").fit(logits[fit], labels[fit])
+    theirs = _sklearn_sigmoid(logits[fit], labels[fit])
     np.testing.assert_allclose(ours.predict_proba(logits[new]), theirs.predict_proba(logits[new]), atol=2e-6)
     if num_classes == 2:
         (calibrator,) = theirs.calibrated_classifiers_[0].calibrators
@@ -54,7 +62,7 @@ def test_platt_on_huge_scores_matches_sklearn_rescaling():
     logits, labels = _problem(2)
     logits = logits * 40  # |s| > 30: both rescale the scores before fitting
     ours = PlattScaling().fit(logits, labels)
-    theirs = CalibratedClassifierCV(FrozenEstimator(_Scores().fit(logits, labels)), method="sigmoid").fit(logits, labels)
+    theirs = _sklearn_sigmoid(logits, labels)
     np.testing.assert_allclose(ours.predict_proba(logits), theirs.predict_proba(logits), atol=2e-6)
 
 

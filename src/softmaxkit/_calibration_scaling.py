@@ -34,12 +34,14 @@ def _one_thread_for_small(numel: int):
     if numel >= 1 << 20:
         yield
         return
-    from threadpoolctl import threadpool_limits
-
+    try:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    except ImportError:  # pragma: no cover - without it only torch's threads are limited
+        threadpool_limits = None
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with threadpool_limits(limits=1):
+        with threadpool_limits(limits=1) if threadpool_limits else contextlib.nullcontext():
             yield
     finally:
         torch.set_num_threads(previous)

@@ -77,6 +77,9 @@ def measured(result, y_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         options["gamma"] = model.gamma
     elif model.loss == "poly1":
         options["epsilon"] = model.epsilon
+    if model.label_smoothing > 0:
+        options["label_smoothing"] = model.label_smoothing
+    # class weights are left out: the panel shows each row's push before its weight w_y scales it
     gradient = np.abs(true_class_gradient(model.loss, result.test_logits, y_test, options))
     error = 1.0 - result.test_proba[np.arange(len(y_test)), y_test]
     return error, gradient
@@ -135,6 +138,7 @@ def section(experiment, image_html: str) -> str:
         "<p>How hard each loss pushes the true-class logit <i>z<sub>y</sub></i> on the test rows, against the "
         "error 1 − q<sub>y</sub>. Cross-entropy's push equals the error; MSE on raw scores is linear in the "
         "score; MSE on probabilities fades where the model is confidently wrong; a hinge is constant until "
-        "the margin is met, then 0. The line is the same loss on synthetic rows z = (s, 0, …, 0).</p>"
+        "the margin is met, then 0. The line is the same loss on synthetic rows z = (s, 0, …, 0). Class "
+        "weights are left out (a weighted model's push is w_y times the one shown).</p>"
         + image_html + "<ul>" + "".join(parts) + "</ul>"
     )
