@@ -14,8 +14,9 @@ $(PY):
 	$(PYTHON) -c 'import sys; sys.exit("softmaxkit needs Python >= 3.10") if sys.version_info < (3, 10) else None'
 	$(PYTHON) -m venv $(VENV)
 
+# The demo needs the `cli` extra (scikit-learn, matplotlib, rich, typer, pandas); `dev` includes it.
 $(BASE_STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PIP) -e .
+	$(PIP) -e ".[cli]"
 	touch $@
 
 $(DEV_STAMP): pyproject.toml constraints.txt | $(PY)

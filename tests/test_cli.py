@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_iris, load_wine
 
-COMMANDS = ("demo", "train", "compare", "calibrate", "explain", "bench")
+COMMANDS = ("demo", "train", "predict", "compare", "calibrate", "explain", "bench", "claims")
 
 
 def run_cli(*args, cwd=None, timeout=240):
@@ -39,6 +39,12 @@ def _cli_module():
     import importlib
 
     return importlib.import_module("softmaxkit.cli.main")
+
+
+def _bench_module():
+    import importlib
+
+    return importlib.import_module("softmaxkit.cli.commands.bench")
 
 
 def assert_user_error(result, *fragments):
@@ -176,6 +182,17 @@ def test_train_saves_a_loadable_pickle_free_model(tmp_path):
     assert np.mean(model.predict((X - mean) / scale) == y) > 0.95
     assert meta["extra"]["dataset"] == "wine"
 
+    # the public loader: one object, raw features in, preprocessing + standardisation + temperature applied
+    import softmaxkit
+
+    saved = softmaxkit.load_model(out / "model")
+    T = meta["extra"]["temperature"]
+    logits = model._logits((X - mean) / scale) / T
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(saved.predict_proba(X), expected, rtol=1e-10, atol=1e-12)
+    assert np.mean(saved.predict(X) == y) > 0.95  # raw features: 99%, not the 33% of an unscaled estimator
+
 
 def test_train_with_long_tail_and_adamw(tmp_path):
     result = invoke("train", "iris", "--loss", "cb", "--solver", "adamw", "--max-iter", "30",
@@ -205,15 +222,17 @@ def test_broken_empty_and_missing_files(tmp_path, command, name):
     source = tmp_path / name if name != "mnist" else name
     if content is not None:
         source.write_text(content)
-    result = invoke(command, source, "--out", tmp_path / "out")
+    # --no-preprocess: text feature values are errors (by default they are one-hot encoded)
+    result = invoke(command, source, "--out", tmp_path / "out", "--no-preprocess")
     assert_user_error(result, f"softmaxkit {command}: error:", *fragments)
+    assert not (tmp_path / "out").exists()  # a validation error leaves no (empty) output folder
     assert not (tmp_path / "out" / "report.html").exists()
 
 
 
 def test_compare_bad_options(tmp_path):
-    assert_user_error(invoke("compare", "iris", "--losses", "ce,bogus", "--out", tmp_path),
-                      "unknown loss 'bogus'")
+    assert_user_error(invoke("compare", "iris", "--losses", "ce,nosuch", "--out", tmp_path),
+                      "unknown loss 'nosuch' for --losses")
     assert_user_error(invoke("compare", "iris", "--test-size", "1.5", "--out", tmp_path),
                       "--test-size must lie in (0, 1)")
     blocker = tmp_path / "file"
@@ -221,10 +240,11 @@ def test_compare_bad_options(tmp_path):
     assert_user_error(invoke("compare", "iris", "--out", blocker), "exists and is not a directory")
     assert_user_error(invoke("train", "iris", "--hidden", "a,b", "--out", tmp_path), "--hidden must be")
     result = invoke("train", "iris", "--class-weight", "bogus", "--out", tmp_path / "cw")
-    assert_user_error(result, "`class_weight` must be one of 'balanced', 'effective_number', but got 'bogus'")
+    assert_user_error(result, "--class-weight must be one of 'balanced', 'effective_number', but got 'bogus'")
     assert "training" not in result.stdout  # options are checked before any work (or progress bar) starts
-    assert_user_error(invoke("train", "iris", "--loss", "sparsemax", "--label-smoothing", "0.1", "--out", tmp_path),
-                      "`label_smoothing` is not supported with loss='sparsemax'")
+    assert_user_error(invoke("train", "iris", "--loss", "sparsemax", "--label-smoothing", "0.1", "--out", tmp_path / "ls"),
+                      "--label-smoothing is not supported with --loss 'sparsemax'")
+    assert not (tmp_path / "ls").exists()
 
 
 # ---------------------------------------------------------------------------------------------- calibrate
@@ -286,7 +306,7 @@ def test_calibrate_bad_inputs(tmp_path):
     bad = write_csv(tmp_path / "bad.csv", np.zeros((4, 2)), [0, 1, 2, 1])
     assert_user_error(invoke("calibrate", bad, "--out", tmp_path / "o"),
                       "must hold class indices in [0, 2) matching the 2 logit columns")
-    assert invoke("calibrate", bad, "--method", "platt").exit_code == 2
+    assert invoke("calibrate", bad, "--method", "no-such-method").exit_code == 2
     assert not (tmp_path / "o" / "calibrated.csv").exists()
 
 
@@ -300,7 +320,7 @@ def test_bench_reaches_the_benchmark_suite():
 
 
 def test_bench_without_the_repository_says_how_to_run_it(monkeypatch):
-    monkeypatch.setattr(_cli_module(), "_find_benchmarks", lambda: None)
+    monkeypatch.setattr(_bench_module(), "find_benchmarks", lambda: None)
     result = invoke("bench")
     assert_user_error(result, "python -m benchmarks --quick")
 
@@ -309,7 +329,7 @@ def test_bench_passes_quick_and_options(monkeypatch):
     from types import SimpleNamespace
 
     calls = []
-    monkeypatch.setattr(_cli_module(), "_find_benchmarks",
+    monkeypatch.setattr(_bench_module(), "find_benchmarks",
                         lambda: SimpleNamespace(main=lambda argv: calls.append(argv) or 0))
     result = invoke("bench", "--op", "cross_entropy", "--device", "cpu")
     assert result.exit_code == 0, result.output

@@ -119,3 +119,16 @@ def test_claims_is_listed_and_has_help():
     assert result.exit_code == 0 and "claims" in result.stdout
     result = invoke("claims", "--help")
     assert result.exit_code == 0 and "--quick" in result.stdout and "--only" in result.stdout
+
+
+def test_output_folder_is_whole_or_refused(tmp_path):
+    out = tmp_path / "o"
+    assert invoke("claims", "--only", "binary-sigmoid", "--out", out).exit_code == 0
+    assert_user_error(invoke("claims", "--only", "binary-sigmoid", "--out", out), "earlier run", "--overwrite")
+    result = invoke("claims", "--only", "binary-sigmoid,binary-gradient", "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "claims.json").read_text())["claims"]
+    assert [r["id"] for r in rows] == ["binary-sigmoid", "binary-gradient"]
+    assert not (tmp_path / "missing").exists()
+    assert_user_error(invoke("claims", "--only", "bogus", "--out", tmp_path / "missing"), "unknown claim")
+    assert not (tmp_path / "missing").exists()  # a refused run leaves no folder behind

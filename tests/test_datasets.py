@@ -53,7 +53,7 @@ def test_csv_integer_labels_and_custom_label_column(tmp_path):
         ("a,b\n1,2\n3,4\n", "has no label column 'label'; its columns are 'a', 'b'"),
         ("a,label\n1,x\n2\n", "line 3: expected 2 comma-separated values"),
         ("a,label\nhello,x\n2,y\n", "column 'a' must be numeric, but row 1 holds 'hello'"),
-        ("a,label\n,x\n2,y\n", "column 'a' must be numeric, but row 1 holds ''"),
+        ("a,label\n,x\n2,y\n", "column 'a' holds a missing or non-finite value at row 1"),
         ("a,label\n1,x\n2,x\n", "every row has the label 'x'; at least 2 classes"),
         ("a,label\n1,x\n", "1 data row"),
         ("a,a,label\n1,2,x\n", "repeats a column name"),
@@ -63,15 +63,16 @@ def test_csv_integer_labels_and_custom_label_column(tmp_path):
     ],
 )
 def test_broken_csv_files_raise_one_clear_error(tmp_path, content, match):
+    # preprocess=False: text and missing feature values are errors (by default they are encoded / imputed)
     path = _write_csv(tmp_path / "bad.csv", content)
     with pytest.raises(DatasetError, match=match):
-        load_dataset(path)
+        load_dataset(path, preprocess=False)
 
 
 def test_binary_garbage_csv(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_bytes(b"\xff\xfe\x00\x81garbage")
-    with pytest.raises(DatasetError, match="not a UTF-8 text CSV file"):
+    with pytest.raises(DatasetError, match="not a UTF-8 text file"):
         load_dataset(path)
 
 

@@ -6,7 +6,8 @@ import importlib
 
 #: op names, in the order ``python -m benchmarks`` runs them.
 OPS = ["cross_entropy", "linear_cross_entropy", "focal", "sparsemax", "sparsemax_loss", "entmax15",
-       "entmax15_loss", "adaptive_softmax", "adaptive_softmax_predict", "hierarchical_softmax", "metrics"]
+       "entmax15_loss", "adaptive_softmax", "adaptive_softmax_predict", "hierarchical_softmax", "metrics",
+       "hf_causal_lm"]
 
 
 def load_cases(op: str, device: str, dtype, quick: bool):

@@ -190,7 +190,12 @@ def _lbfgs(objective, start: np.ndarray, bounds, max_iter: int, tolerance: float
     ``torch._dynamo`` (seconds on first use). The parameters are a handful of float64 numbers; the data
     stay on their device.
     """
-    from scipy.optimize import minimize
+    try:
+        from scipy.optimize import minimize
+    except ImportError as error:
+        from . import missing_extra_message
+
+        raise ImportError(missing_extra_message(error, "softmaxkit.calibration")) from None
 
     result = minimize(
         objective,
@@ -239,6 +244,8 @@ class TemperatureScaling(_Calibrator):
 
     Attributes:
         temperature_: the fitted ``T`` (float).
+        at_bound_: True when ``T`` is a bound because the likelihood has no optimum inside ``bounds`` (the
+            fit warns; :meth:`to_dict` saves the flag as ``"at_bound"``).
         n_classes_: ``C`` of the fitting data.
         nll_: the mean negative log-likelihood at ``T``; ``nll_before_`` at ``T = 1``.
 
@@ -269,6 +276,7 @@ class TemperatureScaling(_Calibrator):
         self.max_iter = v.check_positive_int("max_iter", max_iter)
         self.tolerance = v.check_positive("tolerance", tolerance)
         self.temperature_: float | None = None
+        self.at_bound_: bool = False
         self.n_classes_: int | None = None
         self.nll_: float | None = None
         self.nll_before_: float | None = None
@@ -346,6 +354,7 @@ class TemperatureScaling(_Calibrator):
                 stacklevel=2,
             )
         temperature = math.exp(log_temperature)
+        self.at_bound_ = reason is not None
         self.temperature_ = temperature
         self.n_classes_ = logits.shape[1]
         self.nll_before_ = nll_and_slope(1.0)[0]
@@ -359,12 +368,14 @@ class TemperatureScaling(_Calibrator):
         return _like_input(softmax(tensor, dim=1, temperature=self.temperature_), logits, tensor.dtype)
 
     def _params(self) -> dict:
-        return {"n_classes": self.n_classes_, "temperature": self.temperature_, "bounds": list(self.bounds)}
+        return {"n_classes": self.n_classes_, "temperature": self.temperature_, "bounds": list(self.bounds),
+                "at_bound": bool(self.at_bound_)}
 
     def _set_params(self, params: dict) -> None:
         self.n_classes_ = int(params["n_classes"])
         self.temperature_ = float(params["temperature"])
         self.bounds = tuple(float(b) for b in params.get("bounds", self.bounds))
+        self.at_bound_ = bool(params.get("at_bound", self.temperature_ in self.bounds))
 
 
 # ----------------------------------------------------------------------------------------- vector scaling

@@ -1,7 +1,10 @@
-"""Datasets for the estimator and the command line: scikit-learn's bundled sets, user files, long tails.
+"""Datasets for the estimator and the command line: scikit-learn's bundled sets, user tables, long tails.
 
 * :func:`load_dataset` -- ``"digits"``, ``"iris"``, ``"wine"``, ``"breast_cancer"`` (shipped with
-  scikit-learn, no download) or a path to a CSV, NPZ or Parquet file with a label column.
+  scikit-learn, no download) or a path to a table: CSV / TSV / any delimited text (delimiter sniffed,
+  optionally gzip / bz2 / xz / zip compressed), NPZ or Parquet, with a label column.
+* :func:`build_preprocessor` -- scikit-learn's ``ColumnTransformer`` that imputes missing values and
+  one-hot encodes categorical columns (fitted on training rows only; saved with a model).
 * :func:`make_long_tailed` -- subsample a balanced dataset into the imbalanced versions used to compare
   losses: an exponential long tail (Cui et al. 2019) or a two-level step profile (e.g. 98:2).
 
@@ -12,6 +15,7 @@ names the file and says what is wrong and what is expected.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -21,9 +25,16 @@ import numpy as np
 
 #: the datasets bundled with scikit-learn that :func:`load_dataset` accepts by name.
 NAMED = ("digits", "iris", "wine", "breast_cancer")
-#: file suffixes :func:`load_dataset` reads.
-SUFFIXES = (".csv", ".npz", ".parquet")
+#: delimited-text suffixes (each optionally followed by a compression suffix), and the binary formats.
+TEXT_SUFFIXES = (".csv", ".tsv", ".tab", ".txt", ".data", ".dat")
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zip": "zip", ".zst": "zstd"}
+SUFFIXES = (*TEXT_SUFFIXES, ".npz", ".parquet")
 PROFILES = ("exponential", "step")
+#: cells read as a missing value (pandas' defaults, plus "?" as in the UCI repository's files).
+MISSING = frozenset({"", "NA", "N/A", "n/a", "NaN", "nan", "NAN", "null", "NULL", "None", "none", "?", "#N/A",
+                     "<NA>", "-nan", "-NaN", "1.#QNAN", "1.#IND", "-1.#QNAN", "-1.#IND"})
+#: a text column with more distinct values than this fraction of its rows is an identifier, not a category.
+IDENTIFIER_FRACTION = 0.5
 
 
 class DatasetError(ValueError):
@@ -35,40 +46,78 @@ class Dataset:
     """Features, labels and names of one dataset.
 
     Attributes:
-        X: ``(n_samples, n_features)`` float64 features.
+        X: ``(n_samples, n_features)`` float64 features; ``None`` when :attr:`table` holds categorical or
+            missing values that need :func:`build_preprocessor` first.
         y: ``(n_samples,)`` labels (integers, or strings as read from a file).
-        feature_names: one name per column of ``X``.
+        feature_names: one name per feature column (of ``X``, or of :attr:`table`).
         target_names: a display name per class, in the order of ``np.unique(y)``.
         name: the dataset's name or file name.
+        table: the raw feature columns as a pandas DataFrame (numeric columns as float64 with NaN for a
+            missing value, categorical columns as text with NaN), when the data came from a table.
+        notes: one-line notes on what the reader decided (a dropped index column, the delimiter, ...).
     """
 
-    X: np.ndarray
+    X: np.ndarray | None
     y: np.ndarray
     feature_names: list[str]
     target_names: list[str] = field(default_factory=list)
     name: str = ""
+    table: object = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n_classes(self) -> int:
         return len(np.unique(self.y))
 
+    @property
+    def categorical(self) -> list[str]:
+        """The categorical (text) feature columns."""
+        if self.table is None:
+            return []
+        return [name for name in self.feature_names if self.table[name].dtype == object]
 
-def load_dataset(source: str | os.PathLike, *, label_column: str = "label") -> Dataset:
+    @property
+    def needs_preprocessing(self) -> bool:
+        """Whether the features hold categorical or missing values (``X`` is then ``None``)."""
+        return self.X is None
+
+
+def load_dataset(
+    source: str | os.PathLike,
+    *,
+    label_column: str = "label",
+    delimiter: str | None = None,
+    header: bool = True,
+    features: list[str] | None = None,
+    drop_columns: list[str] | None = None,
+    preprocess: bool = True,
+) -> Dataset:
     """Load a named scikit-learn dataset or a user file.
 
+    A table's first column is dropped (with a note) when it has no name and holds distinct values: the
+    row index that pandas' ``DataFrame.to_csv`` and R's ``write.csv`` write by default.
+
     Args:
-        source: one of :data:`NAMED`, or a path to a ``.csv`` (header row, one column named
-            ``label_column``, all other columns numeric), ``.npz`` (arrays ``X`` and ``y``, or one 1-d
-            array per column including ``label_column``) or ``.parquet`` file (needs ``pyarrow``, the
-            ``softmaxkit[parquet]`` extra).
-        label_column: name of the label column in a file.
+        source: one of :data:`NAMED`, or a path to a delimited text file (``.csv``, ``.tsv``, ``.txt``,
+            ..., optionally compressed: ``.csv.gz``, ``.tsv.bz2``, ``.csv.xz``, ``.csv.zip``), an
+            ``.npz`` (arrays ``X`` and ``y``, or one 1-d array per column including ``label_column``) or a
+            ``.parquet`` file (needs ``pyarrow``, the ``softmaxkit[parquet]`` extra).
+        label_column: name of the label column; without a header, a 1-based column number or
+            ``"last"`` (the default ``"label"`` then means the last column).
+        delimiter: the field separator of a text file (default: sniffed from its first lines).
+        header: whether a text file's first row names the columns.
+        features: keep only these feature columns (in this order).
+        drop_columns: drop these columns.
+        preprocess: allow categorical (text) and missing feature values; they are then left in
+            :attr:`Dataset.table` for :func:`build_preprocessor`. With ``False`` they are errors.
 
     Returns:
         A :class:`Dataset`.
 
     Raises:
         DatasetError: unknown name, missing or empty file, unsupported suffix, no label column, a
-            non-numeric feature value, fewer than 2 rows or fewer than 2 classes.
+            malformed row, a non-numeric or missing value (with ``preprocess=False``), fewer than 2 rows
+            or fewer than 2 classes.
 
     Example:
         >>> data = load_dataset("iris")
@@ -77,46 +126,86 @@ def load_dataset(source: str | os.PathLike, *, label_column: str = "label") -> D
     """
     text = os.fspath(source)
     if text in NAMED:
-        return _load_named(text)
+        data = _load_named(text)
+        if features or drop_columns:
+            data = _select_named(data, features, drop_columns)
+        return data
     path = Path(text)
     if not path.suffix and not path.exists():
         raise DatasetError(
             f"unknown dataset {text!r}: expected one of {', '.join(NAMED)} or a path to a "
             f"{'/'.join(s[1:] for s in SUFFIXES)} file"
         )
+    path = _check_file(text)
+    notes: list[str] = []
+    frame = _read_frame(path, delimiter, header, notes, label_column)
+    if isinstance(frame, tuple):  # NPZ with X and y arrays
+        X, y = frame
+        y = _clean_labels(text, y)
+        _check_shape(text, X, y)
+        names = [f"x{i}" for i in range(X.shape[1])]
+        return Dataset(X=X, y=y, feature_names=names, target_names=[str(c) for c in np.unique(y)],
+                       name=path.name)
+    label = _label_name(text, frame, label_column, header, notes)
+    frame = _drop_index_column(text, frame, label, notes)
+    y = _clean_labels(text, frame.pop(label).to_numpy())
+    frame = _choose_columns(text, frame, features, drop_columns)
+    if frame.shape[1] == 0:
+        raise DatasetError(f"{text} has a label column but no feature columns")
+    table, X = _typed_features(text, frame, y, preprocess)
+    _check_shape(text, np.empty((len(table), table.shape[1])), y)
+    return Dataset(X=X, y=y, feature_names=[str(c) for c in table.columns],
+                   target_names=[str(c) for c in np.unique(y)], name=path.name,
+                   table=table, notes=notes)
+
+
+def _check_file(text: str) -> Path:
+    path = Path(text)
     if not path.exists():
         raise DatasetError(f"file not found: {text}")
     if not path.is_file():
         raise DatasetError(f"{text} is not a file")
     if path.stat().st_size == 0:
         raise DatasetError(f"{text} is empty")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        columns = _read_csv(path)
-    elif suffix == ".npz":
+    return path
+
+
+def _read_frame(path: Path, delimiter, header: bool, notes: list[str], label_column: str | None):
+    """The file's columns as a DataFrame (text files: every cell a string), or ``(X, y)`` for an NPZ."""
+    text = str(path)
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    compression = COMPRESSION_SUFFIXES.get(suffixes[-1]) if suffixes else None
+    kind = (suffixes[-2] if len(suffixes) == 2 else "") if compression else (suffixes[-1] if suffixes else "")
+    if kind == ".npz" and not compression:
         columns = _read_npz(path, label_column)
-    elif suffix == ".parquet":
-        columns = _read_parquet(path)
-    else:
-        raise DatasetError(f"{text}: unsupported file type {path.suffix!r}; expected .csv, .npz or .parquet")
-    if "__X__" in columns:  # NPZ with X and y arrays
-        X, y = columns["__X__"], columns["__y__"]
-        feature_names = [f"x{i}" for i in range(X.shape[1])]
-    else:
-        if label_column not in columns:
-            raise DatasetError(
-                f"{text} has no label column {label_column!r}; its columns are "
-                f"{', '.join(map(repr, columns)) or 'none'} (choose one with --label-column)"
-            )
-        y = np.asarray(columns.pop(label_column))
-        feature_names = list(columns)
-        if not feature_names:
-            raise DatasetError(f"{text} has a label column but no feature columns")
-        X = np.column_stack([_numeric(text, name, values) for name, values in columns.items()])
-    y = _clean_labels(text, y)
-    _check_shape(text, X, y)
-    return Dataset(X=X, y=y, feature_names=feature_names, target_names=[str(c) for c in np.unique(y)],
-                   name=path.name)
+        if "__X__" in columns:
+            return columns["__X__"], columns["__y__"]
+        return _frame(columns)
+    if kind == ".parquet" and not compression:
+        return _frame(_read_parquet(path))
+    if kind in TEXT_SUFFIXES or (compression and kind == ""):
+        return _read_text(path, compression, delimiter, header, notes)
+    shown = "".join(path.suffixes[-2:]) if compression else path.suffix
+    raise DatasetError(
+        f"{text}: unsupported file type {shown!r}; expected "
+        f"{', '.join(TEXT_SUFFIXES)} (optionally .gz/.bz2/.xz/.zip), .npz or .parquet"
+    )
+
+
+def read_table(source: str | os.PathLike, *, delimiter: str | None = None, header: bool = True,
+               notes: list[str] | None = None):
+    """A table of features without labels (for prediction): a pandas DataFrame.
+
+    Read as :func:`load_dataset` reads (delimiter sniffed, compression, an unnamed index column
+    dropped, ``--no-header`` columns named ``column_1, ...``); text files give string cells.
+    """
+    path = _check_file(os.fspath(source))
+    notes = [] if notes is None else notes
+    frame = _read_frame(path, delimiter, header, notes, None)
+    if isinstance(frame, tuple):
+        X = frame[0]
+        return _frame({f"x{i}": X[:, i] for i in range(X.shape[1])})
+    return _drop_index_column(os.fspath(source), frame, None, notes)
 
 
 def _load_named(name: str) -> Dataset:
@@ -130,30 +219,277 @@ def _load_named(name: str) -> Dataset:
     return Dataset(X=X, y=y, feature_names=feature_names, target_names=target_names, name=name)
 
 
-def _read_csv(path: Path) -> dict[str, list[str]]:
+def _select_named(data: Dataset, features, drop_columns) -> Dataset:
+    import pandas as pd
+
+    frame = pd.DataFrame(data.X, columns=data.feature_names)
+    frame = _choose_columns(data.name, frame, features, drop_columns)
+    return Dataset(X=frame.to_numpy(np.float64), y=data.y, feature_names=list(frame.columns),
+                   target_names=data.target_names, name=data.name)
+
+
+def _frame(columns: dict):
+    import pandas as pd
+
+    return pd.DataFrame({str(k): np.asarray(v) for k, v in columns.items()})
+
+
+def _decode(path: Path, compression: str | None) -> str:
+    """The text of a (possibly compressed) file, for sniffing and for pandas."""
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
+        if compression is None:
+            raw = path.read_bytes()
+        elif compression == "gzip":
+            import gzip
+
+            raw = gzip.decompress(path.read_bytes())
+        elif compression == "bz2":
+            import bz2
+
+            raw = bz2.decompress(path.read_bytes())
+        elif compression == "xz":
+            import lzma
+
+            raw = lzma.decompress(path.read_bytes())
+        elif compression == "zip":
+            import zipfile
+
+            with zipfile.ZipFile(path) as archive:
+                members = [m for m in archive.namelist() if not m.endswith("/")]
+                if len(members) != 1:
+                    raise DatasetError(f"{path}: a zip archive must hold exactly one table, but holds {len(members)}")
+                raw = archive.read(members[0])
+        else:
+            import pandas as pd
+
+            with pd.io.common.get_handle(path, "rb", compression=compression, is_text=False) as handle:
+                raw = handle.handle.read()
+    except DatasetError:
+        raise
+    except Exception as error:  # gzip.BadGzipFile, lzma.LZMAError, zipfile.BadZipFile, OSError, ...
+        raise DatasetError(f"{path} is not a readable {compression} file: {error}") from None
+    try:
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise DatasetError(f"{path} is not a UTF-8 text CSV file") from None
-    except csv.Error as error:
-        raise DatasetError(f"{path} is not a valid CSV file: {error}") from None
-    rows = [row for row in rows if any(cell.strip() for cell in row)]
+        raise DatasetError(f"{path} is not a UTF-8 text file (CSV / TSV)") from None
+
+
+def _sniff(path: Path, text: str) -> str:
+    sample = "\n".join(text.splitlines()[:50])
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        if "\t" in sample:
+            return "\t"
+        return ","
+
+
+def _describe(delimiter: str) -> str:
+    return {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe", " ": "space"}.get(delimiter, repr(delimiter))
+
+
+def _read_text(path: Path, compression, delimiter, header: bool, notes: list[str]):
+    import pandas as pd
+
+    text = _decode(path, compression)
+    if not text.strip():
+        raise DatasetError(f"{path} is empty")
+    if delimiter is None:
+        delimiter = "\t" if path.suffixes and path.suffixes[0].lower() in (".tsv", ".tab") else _sniff(path, text)
+        if delimiter != ",":
+            notes.append(f"{path.name}: columns separated by {_describe(delimiter)}s (sniffed; set --delimiter)")
+    elif delimiter in ("\\t", "tab"):
+        delimiter = "\t"
+    if len(delimiter) != 1:
+        raise DatasetError(f"--delimiter must be a single character (or 'tab'), but got {delimiter!r}")
+    # The field counts, by the standard library's CSV parser: pandas pads a short row with empty cells.
+    rows = [(number, len(row)) for number, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter),
+                                                              start=1) if any(cell.strip() for cell in row)]
     if not rows:
         raise DatasetError(f"{path} is empty")
-    header = [name.strip() for name in rows[0]]
-    if len(set(header)) != len(header):
-        raise DatasetError(f"{path}: the header row repeats a column name: {', '.join(header)}")
-    body = rows[1:]
-    if not body:
-        raise DatasetError(f"{path} has a header row but no data rows")
-    for line, row in enumerate(body, start=2):
-        if len(row) != len(header):
+    width = rows[0][1]
+    for number, count in rows[1:]:
+        if count != width:
             raise DatasetError(
-                f"{path}, line {line}: expected {len(header)} comma-separated values (as the header), "
-                f"found {len(row)}"
+                f"{path}, line {number}: expected {width} {_describe(delimiter)}-separated values (as line "
+                f"{rows[0][0]}), found {count}"
             )
-    return {name: [row[i].strip() for row in body] for i, name in enumerate(header)}
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep=delimiter, header=None, dtype=str, keep_default_na=False,
+                            skip_blank_lines=True, skipinitialspace=True)
+    except (pd.errors.ParserError, ValueError) as error:
+        raise DatasetError(f"{path} is not a valid delimited text file: {error}") from None
+    frame = frame.apply(lambda column: column.str.strip())
+    frame = frame[~(frame == "").all(axis=1)]
+    if header:
+        names = [str(name) for name in frame.iloc[0]]
+        if all(_is_number(name) for name in names):
+            raise DatasetError(
+                f"{path}: the first row holds only numbers ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}),"
+                " so it looks like data, not column names; pass --no-header"
+            )
+        repeated = sorted({name for name in names if names.count(name) > 1 and name})
+        if repeated:
+            raise DatasetError(f"{path}: the header row repeats a column name: {', '.join(repeated)}")
+        frame = frame.iloc[1:]
+        frame.columns = names
+        if frame.empty:
+            raise DatasetError(f"{path} has a header row but no data rows")
+    else:
+        frame.columns = [f"column_{i + 1}" for i in range(frame.shape[1])]
+    return frame.reset_index(drop=True)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _label_name(source: str, frame, label_column: str, header: bool, notes: list[str]) -> str:
+    columns = [str(c) for c in frame.columns]
+    if not header:
+        wanted = str(label_column).strip().lower()
+        if wanted in ("label", "last"):
+            position = len(columns)
+            if wanted == "label":
+                notes.append(f"{Path(source).name} has no header: the label is the last column "
+                             f"({position}); choose another with --label-column N")
+        elif wanted == "first":
+            position = 1
+        elif wanted.isdigit() and 1 <= int(wanted) <= len(columns):
+            position = int(wanted)
+        else:
+            raise DatasetError(
+                f"{source} has no header (--no-header), so --label-column must be a column number in "
+                f"[1, {len(columns)}], 'first' or 'last', but got {label_column!r}"
+            )
+        return columns[position - 1]
+    if label_column not in columns:
+        raise DatasetError(
+            f"{source} has no label column {label_column!r}; its columns are "
+            f"{', '.join(map(repr, columns)) or 'none'} (choose one with --label-column)"
+        )
+    return label_column
+
+
+def _drop_index_column(source: str, frame, label: str, notes: list[str]):
+    first = str(frame.columns[0])
+    if first == label or not (first == "" or first.startswith("Unnamed: 0")):
+        return frame
+    values = frame.iloc[:, 0]
+    if values.nunique(dropna=False) == len(values):
+        shown = ", ".join(str(v) for v in values.iloc[:3])
+        notes.append(
+            f"{Path(source).name}: the first column has no name and holds distinct values ({shown}, ...): "
+            "a row index as written by pandas' to_csv or R's write.csv; it is not used as a feature"
+        )
+        return frame.drop(columns=frame.columns[0])
+    return frame
+
+
+def _choose_columns(source: str, frame, features, drop_columns):
+    known = [str(c) for c in frame.columns]
+    for option, names in (("--features", features), ("--drop-columns", drop_columns)):
+        unknown = [n for n in names or () if n not in known]
+        if unknown:
+            raise DatasetError(
+                f"{option}: {source} has no column {', '.join(map(repr, unknown))}; its feature columns are "
+                f"{', '.join(map(repr, known))}"
+            )
+    if drop_columns:
+        frame = frame.drop(columns=list(drop_columns))
+    if features:
+        frame = frame[list(dict.fromkeys(features))]
+    return frame
+
+
+def _typed_features(source: str, frame, y, preprocess: bool):
+    """Numeric columns as float64 (NaN where missing), text columns as object arrays (NaN when missing); checks both."""
+    import pandas as pd
+
+    typed = {}
+    any_missing = False
+    for name in frame.columns:
+        column = frame[name]
+        if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
+            text = column.astype(str).str.strip()
+            missing = text.isin(MISSING) | column.isna().to_numpy()
+            numbers = pd.to_numeric(text.where(~missing), errors="coerce")
+            bad = numbers.isna() & ~missing
+            if not bad.any():
+                values = numbers.astype(np.float64)
+            else:
+                if not preprocess:
+                    row = int(np.flatnonzero(bad.to_numpy())[0])
+                    raise DatasetError(
+                        f"{source}: column {name!r} must be numeric, but row {row + 1} holds "
+                        f"{text.iloc[row]!r} (categorical columns are one-hot encoded unless --no-preprocess)"
+                    )
+                values = text.astype(object).where(~missing, np.nan)
+                distinct = values.nunique(dropna=True)
+                if len(values) > 20 and distinct > IDENTIFIER_FRACTION * len(values):
+                    raise DatasetError(
+                        f"{source}: column {name!r} holds {distinct} distinct text values in {len(values)} rows: "
+                        f"an identifier, not a feature; leave it out with --drop-columns {name}"
+                    )
+        elif column.dtype == bool:
+            values = column.astype(np.float64)
+        elif pd.api.types.is_numeric_dtype(column.dtype):
+            values = column.astype(np.float64)
+        else:
+            values = column.astype(str).astype(object)
+        if values.dtype == np.float64:
+            with np.errstate(invalid="ignore"):
+                bad = ~np.isfinite(values.to_numpy())
+            if bad.any():
+                if not preprocess or np.isinf(values.to_numpy()).any():
+                    row = int(np.flatnonzero(bad)[0])
+                    raise DatasetError(
+                        f"{source}: column {name!r} holds a missing or non-finite value at row {row + 1}"
+                        + (" (missing values are imputed unless --no-preprocess; infinities never are)"
+                           if preprocess else "")
+                    )
+                any_missing = True
+        else:
+            any_missing = any_missing or bool(values.isna().any())
+        typed[str(name)] = values
+    table = pd.DataFrame(typed)
+    categorical = any(table[c].dtype == object for c in table.columns)
+    if categorical or any_missing:
+        empty = [c for c in table.columns if table[c].isna().all()]
+        if empty:
+            raise DatasetError(f"{source}: column {empty[0]!r} has no values at all; leave it out with --drop-columns")
+        return table, None
+    return table, table.to_numpy(np.float64)
+
+
+def build_preprocessor(table, *, categorical: list[str] | None = None):
+    """A ``ColumnTransformer`` for a raw feature table: impute, then one-hot encode the text columns.
+
+    Numeric columns: missing values replaced by the column's median (``SimpleImputer``). Categorical
+    (text) columns: missing values replaced by the most frequent category, then ``OneHotEncoder`` with
+    ``handle_unknown="ignore"`` (a category not seen in training encodes as all zeros). The output
+    keeps the input's column order, numeric columns first; fit it on the training rows only.
+    """
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    categorical = categorical if categorical is not None else [c for c in table.columns if table[c].dtype == object]
+    numeric = [c for c in table.columns if c not in categorical]
+    parts = []
+    if numeric:
+        parts.append(("numeric", SimpleImputer(strategy="median", keep_empty_features=True), numeric))
+    if categorical:
+        parts.append(("categorical", Pipeline([
+            ("impute", SimpleImputer(strategy="most_frequent", missing_values=np.nan)),
+            ("one_hot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
+        ]), categorical))
+    return ColumnTransformer(parts, remainder="drop", verbose_feature_names_out=False)
 
 
 def _read_npz(path: Path, label_column: str) -> dict[str, np.ndarray]:
@@ -181,7 +517,7 @@ def _read_npz(path: Path, label_column: str) -> dict[str, np.ndarray]:
                 f"{path}: expected arrays 'X' and 'y', or one 1-d array per column; array {key!r} has "
                 f"shape {value.shape}"
             )
-    if label_column not in arrays:
+    if label_column is not None and label_column not in arrays:
         raise DatasetError(
             f"{path} has neither arrays 'X' and 'y' nor a label column {label_column!r}; it holds "
             f"{', '.join(map(repr, arrays))}"
@@ -201,26 +537,6 @@ def _read_parquet(path: Path) -> dict[str, np.ndarray]:
     except Exception as error:  # pyarrow raises its own ArrowInvalid / OSError family
         raise DatasetError(f"{path} is not a readable Parquet file: {error}") from None
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-
-
-def _numeric(source: str, name: str, values) -> np.ndarray:
-    array = np.asarray(values)
-    if np.issubdtype(array.dtype, np.number) or array.dtype == bool:
-        out = array.astype(np.float64)
-    else:
-        out = np.empty(len(array))
-        for row, value in enumerate(array):
-            try:
-                out[row] = float(value)
-            except (TypeError, ValueError):
-                raise DatasetError(
-                    f"{source}: column {name!r} must be numeric, but row {row + 1} holds {str(value)!r}"
-                ) from None
-    bad = ~np.isfinite(out)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise DatasetError(f"{source}: column {name!r} holds a missing or non-finite value at row {row + 1}")
-    return out
 
 
 def _clean_labels(source: str, y: np.ndarray) -> np.ndarray:

@@ -17,11 +17,17 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.preprocessing import LabelEncoder
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+try:  # scikit-learn (and SciPy) come with the `cli` extra
+    from sklearn.base import BaseEstimator, ClassifierMixin
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.preprocessing import LabelEncoder
+    from sklearn.utils.multiclass import check_classification_targets
+    from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+except ImportError as _error:
+    from . import missing_extra_message
+
+    raise ImportError(missing_extra_message(_error, "softmaxkit.SoftmaxRegression")) from None
 
 from . import _validation as v
 from ._reduction import safe_divide
@@ -148,6 +154,10 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         intercept_: ``(C,)`` biases (zeros when ``fit_intercept=False``).
         hidden_coefs_, hidden_intercepts_: lists of the MLP's weights ``(out, in)`` and biases.
         n_iter_: iterations (L-BFGS) or epochs (AdamW) run.
+        converged_: whether the solver stopped at its tolerance (L-BFGS: max |gradient| <= ``tol`` or no
+            further decrease at machine precision; AdamW: the loss stalled). When False a
+            ``ConvergenceWarning`` says why.
+        stop_reason_: ``"converged"``, or how the solver stopped short.
         loss_curve_: the objective after each iteration / epoch.
         validation_scores_: AdamW with ``early_stopping``: the validation loss after each epoch.
         n_features_in_, feature_names_in_: as every scikit-learn estimator.
@@ -422,9 +432,12 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             return float(objective.detach()), grad.numpy()
 
         curve: list[float] = []
+        on_iteration = getattr(self, "_on_iteration", None)  # progress hook of the command line
 
         def record(intermediate_result):
             curve.append(float(intermediate_result.fun))
+            if on_iteration is not None:
+                on_iteration(len(curve), self.max_iter)
 
         result = minimize(
             value_and_grad,
@@ -434,10 +447,25 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             callback=record,
             options={"maxiter": self.max_iter, "maxls": 50, "gtol": self.tol, "ftol": 64 * np.finfo(float).eps},
         )
-        if result.status == 1:
+        gradient = float(np.max(np.abs(result.jac))) if np.size(result.jac) else 0.0
+        # status 0: the gradient is below `tol`, or the objective stopped falling at machine precision.
+        self.converged_ = result.status == 0 or gradient <= self.tol
+        self.stop_reason_ = (
+            "converged" if self.converged_
+            else f"stopped after {int(result.nit)} iterations with max |gradient| {gradient:.2g} > tol={self.tol:g} "
+                 f"({' '.join(str(result.message).split()).lower()})"
+        )
+        if result.status == 1 and not self.converged_:
             warnings.warn(
-                f"L-BFGS did not converge in max_iter={self.max_iter} iterations; increase `max_iter` or "
-                "scale the features",
+                f"L-BFGS did not converge in max_iter={self.max_iter} iterations (max |gradient| {gradient:.2g}); "
+                "increase `max_iter` or scale the features",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        elif not self.converged_:
+            warnings.warn(
+                f"L-BFGS {self.stop_reason_}: the line search found no lower objective, so the result may be "
+                "far from the optimum; scale the features, or change `alpha`",
                 ConvergenceWarning,
                 stacklevel=3,
             )
@@ -477,7 +505,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         self.loss_curve_, self.validation_scores_ = [], []
         converged = False
         epoch = 0
-        for epoch in range(1, self.max_iter + 1):  # noqa: B007 (epoch is read after the loop)
+        for epoch in range(1, self.max_iter + 1):
             order = train[torch.randperm(len(train), generator=generator)]
             total, weight_total = 0.0, 0.0
             for start in range(0, len(order), batch_size):
@@ -491,6 +519,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 total += float(objective.detach()) * len(batch)
                 weight_total += len(batch)
             self.loss_curve_.append(total / weight_total)
+            if getattr(self, "_on_iteration", None) is not None:  # progress hook of the command line
+                self._on_iteration(epoch, self.max_iter)
             if validation_index is not None:
                 with torch.no_grad():
                     index = torch.from_numpy(validation_index)
@@ -507,6 +537,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             if stall >= self.n_iter_no_change:
                 converged = True
                 break
+        self.converged_ = converged
+        self.stop_reason_ = "converged" if converged else f"ran max_iter={self.max_iter} epochs without stalling"
         if not converged:
             warnings.warn(
                 f"AdamW ran max_iter={self.max_iter} epochs without its loss stalling; increase `max_iter`",

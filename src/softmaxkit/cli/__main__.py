@@ -1,6 +1,6 @@
 """``python -m softmaxkit.cli``: the same as the ``softmaxkit`` command."""
 
-from .main import main
+from . import main
 
 if __name__ == "__main__":
     main()

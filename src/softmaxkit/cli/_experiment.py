@@ -3,7 +3,9 @@
 1. Split the data (stratified): a training pool, a validation set and a test set.
 2. Optionally make the training pool long-tailed (:func:`softmaxkit.datasets.make_long_tailed`); the
    validation and test sets stay as they are, so rare classes are measured fairly.
-3. Standardise the features with the training statistics.
+3. Impute missing values and one-hot encode categorical columns
+   (:func:`softmaxkit.datasets.build_preprocessor`), then standardise the features, both fitted on the
+   training rows only.
 4. Fit one :class:`~softmaxkit.SoftmaxRegression` per loss configuration.
 5. Fit temperature scaling (:class:`softmaxkit.calibration.TemperatureScaling`) on the validation logits.
 6. Measure accuracy, macro-F1, balanced accuracy, NLL and ECE on the test set, before and after.
@@ -47,8 +49,8 @@ DEMO_LOSSES = ("cross_entropy", "label_smoothing", "class_balanced", "focal", "p
 SWEEP = np.geomspace(0.25, 8.0, 41)
 
 
-def parse_losses(text: str) -> list[str]:
-    """``"ce,focal"`` -> ``["cross_entropy", "focal"]``; a user error for unknown names."""
+def parse_losses(text: str, flag: str = "--losses") -> list[str]:
+    """``"ce,focal"`` -> ``["cross_entropy", "focal"]``; a user error for unknown names (naming ``flag``)."""
     names = []
     for raw in text.split(","):
         name = raw.strip().lower().replace("-", "_")
@@ -57,11 +59,12 @@ def parse_losses(text: str) -> list[str]:
         name = ALIASES.get(name, ALIASES.get(raw.strip().lower(), name))
         if name not in PRESETS:
             known = ", ".join([*PRESETS, *ALIASES])
-            raise UserError(f"unknown loss {raw.strip()!r} in --losses; choose from {known}")
+            raise UserError(f"unknown loss {raw.strip()!r} for {flag}; choose from {known}")
         if name not in names:
             names.append(name)
     if not names:
-        raise UserError("--losses is empty; give a comma-separated list such as ce,focal,poly1")
+        raise UserError(f"{flag} is empty; give a loss such as ce" + (", or a list such as ce,focal,poly1"
+                                                                       if flag == "--losses" else ""))
     return names
 
 
@@ -81,6 +84,9 @@ class ModelResult:
     fit_seconds: float
     sweep_nll: np.ndarray = field(default_factory=lambda: np.empty(0))
     sweep_ece: np.ndarray = field(default_factory=lambda: np.empty(0))
+    converged: bool = True
+    stop_reason: str = ""
+    temperature_at_bound: bool = False
 
 
 @dataclass
@@ -99,6 +105,10 @@ class Experiment:
     scale: np.ndarray
     feature_names: list[str]
     settings: dict
+    preprocessor: object = None
+    input_features: list[str] = field(default_factory=list)
+    categorical: list[str] = field(default_factory=list)
+    labels: list = field(default_factory=list)  # the original class labels, in the order of the encoding
 
 
 def _stratify_or_none(y):
@@ -159,7 +169,7 @@ def run(
     *,
     long_tail: float | None = None,
     profile: str = "exponential",
-    alpha: float = 1e-3,
+    alpha: float | None = 1e-3,
     test_size: float = 0.25,
     validation_size: float = 0.15,
     max_iter: int = 300,
@@ -167,29 +177,49 @@ def run(
     sweep: bool = True,
     overrides: dict | None = None,
     on_model_start: Callable[[str], None] | None = None,
-    on_model_done: Callable[[str], None] | None = None,
+    on_model_done: Callable[[str, ModelResult], None] | None = None,
+    on_iteration: Callable[[int, int], None] | None = None,
 ) -> Experiment:
-    """Run the comparison of ``losses`` on ``data``; see the module docstring for the steps."""
+    """Run the comparison of ``losses`` on ``data``; see the module docstring for the steps.
+
+    ``alpha=None`` chooses the L2 strength from the data: :func:`auto_alpha` of the training rows.
+    """
     import torch
 
     from .. import calibration
     from ..estimator import SoftmaxRegression
 
+    check_models(losses, alpha=1.0 if alpha is None else alpha, max_iter=max_iter, seed=seed, overrides=overrides)
+    classes, y_all = np.unique(data.y, return_inverse=True)
+    rows = np.arange(len(y_all), dtype=np.float64)[:, None]
+    encoded = Dataset(X=rows, y=y_all, feature_names=["row"], name=data.name)
+    i_train, y_train, i_val, y_val, i_test, y_test = split(
+        encoded, test_size=test_size, validation_size=validation_size, seed=seed
+    )
+    i_train, i_val, i_test = (i[:, 0].astype(np.int64) for i in (i_train, i_val, i_test))
+    preprocessor = None
+    if data.needs_preprocessing:
+        from ..datasets import build_preprocessor
+
+        preprocessor = build_preprocessor(data.table, categorical=data.categorical)
+        preprocessor.fit(data.table.iloc[i_train])
+        features = np.asarray(preprocessor.transform(data.table), dtype=np.float64)
+        feature_names = [str(n) for n in preprocessor.get_feature_names_out()]
+    else:
+        features, feature_names = data.X, list(data.feature_names)
+    X_train, X_val, X_test = features[i_train], features[i_val], features[i_test]
+    if alpha is None:
+        alpha = auto_alpha(len(y_train))
+
     def params_of(name: str) -> dict:
         return model_params(name, alpha=alpha, max_iter=max_iter, seed=seed, overrides=overrides)
 
-    check_models(losses, alpha=alpha, max_iter=max_iter, seed=seed, overrides=overrides)
-    classes, y_all = np.unique(data.y, return_inverse=True)
-    encoded = Dataset(X=data.X, y=y_all, feature_names=data.feature_names, name=data.name)
-    X_train, y_train, X_val, y_val, X_test, y_test = split(
-        encoded, test_size=test_size, validation_size=validation_size, seed=seed
-    )
     if long_tail is not None:
         X_train, y_train = make_long_tailed(X_train, y_train, long_tail, random_state=seed, profile=profile)
     missing = np.setdiff1d(np.arange(len(classes)), y_train)
     if missing.size:
         raise UserError(
-            f"class {classes[missing[0]]!r} has no training rows after the split; it needs more samples"
+            f"class {_shown(classes[missing[0]])} has no training rows after the split; it needs more samples"
         )
     mean = X_train.mean(axis=0)
     scale = X_train.std(axis=0)
@@ -205,20 +235,25 @@ def run(
         if on_model_start:
             on_model_start(preset["label"])
         model = SoftmaxRegression(**params_of(name))
+        if on_iteration is not None:
+            model._on_iteration = on_iteration
         start = time.perf_counter()
         import warnings
 
         from sklearn.exceptions import ConvergenceWarning
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # reported once, by the result's converged / stop_reason
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(standardise(X_train), y_train)
+        model.__dict__.pop("_on_iteration", None)
         seconds = time.perf_counter() - start
         # The logits of the fitted model (for sparsemax models the report still calibrates softmax(z/T)).
         val_logits = _full_logits(model, standardise(X_val))
         test_logits = _full_logits(model, standardise(X_test))
         test_proba = model.predict_proba(standardise(X_test))
-        scaler = calibration.TemperatureScaling().fit(val_logits, y_val)
+        with warnings.catch_warnings():  # reported by temperature_at_bound
+            warnings.simplefilter("ignore", UserWarning)
+            scaler = calibration.TemperatureScaling().fit(val_logits, y_val)
         temperature = float(scaler.temperature_)
         calibrated = np.asarray(scaler.predict_proba(test_logits), dtype=np.float64)
         result = ModelResult(
@@ -226,6 +261,8 @@ def run(
             metrics=evaluate(test_proba, y_test), calibrated_metrics=evaluate(calibrated, y_test),
             temperature=temperature, test_proba=test_proba, calibrated_proba=calibrated,
             test_logits=test_logits, fit_seconds=seconds,
+            converged=bool(getattr(model, "converged_", True)), stop_reason=str(getattr(model, "stop_reason_", "")),
+            temperature_at_bound=bool(getattr(scaler, "at_bound_", False)),
         )
         if sweep:
             from .. import metrics
@@ -238,15 +275,17 @@ def run(
             result.sweep_nll, result.sweep_ece = np.asarray(nll, float), np.asarray(ece, float)
         results.append(result)
         if on_model_done:
-            on_model_done(preset["label"])
+            on_model_done(preset["label"], result)
     torch.set_num_threads(torch_threads)
     return Experiment(
         dataset=data.name, class_names=names,
         train_counts=np.bincount(y_train, minlength=len(classes)),
         test_counts=np.bincount(y_test, minlength=len(classes)),
-        n_features=data.X.shape[1], long_tail=long_tail, results=results, y_test=y_test,
-        mean=mean, scale=scale, feature_names=list(data.feature_names),
-        settings={"alpha": alpha, "test_size": test_size, "validation_size": validation_size,
+        n_features=len(data.feature_names), long_tail=long_tail, results=results, y_test=y_test,
+        mean=mean, scale=scale, feature_names=feature_names, preprocessor=preprocessor,
+        input_features=list(data.feature_names), categorical=list(data.categorical),
+        labels=[c.item() if isinstance(c, np.generic) else c for c in classes],
+        settings={"alpha": alpha, "n_encoded_features": len(feature_names), "test_size": test_size, "validation_size": validation_size,
                   "max_iter": max_iter, "seed": seed, "profile": profile, "n_train": len(y_train),
                   "n_validation": len(y_val), "n_test": len(y_test)},
     )
@@ -259,11 +298,34 @@ def model_params(name: str, *, alpha: float, max_iter: int, seed: int, overrides
 
 
 def check_models(losses, **settings) -> None:
-    """Validate every model configuration before any work starts (a bad option fails at once)."""
+    """Validate every model configuration before any work starts (a bad option fails at once).
+
+    The estimator's messages name its parameters; the command line's name its flags (``--hidden``).
+    """
     from ..estimator import SoftmaxRegression
+    from ._app import cli_wording
 
     for name in losses:
-        SoftmaxRegression(**model_params(name, **settings))._validate_params_values()
+        try:
+            SoftmaxRegression(**model_params(name, **settings))._validate_params_values()
+        except (TypeError, ValueError) as error:
+            raise UserError(cli_wording(str(error))) from None
+
+
+def auto_alpha(n_train: int) -> float:
+    r"""The default L2 strength ``α = min(10⁻³, 1/n)`` for ``n`` training rows.
+
+    ``1/n`` is scikit-learn's ``LogisticRegression(C=1)`` in this objective (the data term is a mean);
+    the cap keeps small datasets at the demo's ``10⁻³``. A fixed ``α`` over-regularises large
+    many-class problems: with 2000 classes and 40 000 rows, ``α = 10⁻³`` holds every weight near 0.
+    """
+    return min(1e-3, 1.0 / max(int(n_train), 1))
+
+
+def _shown(label) -> str:
+    """A class label for a message: ``'cat'`` or ``3``, never ``np.int64(3)``."""
+    value = label.item() if isinstance(label, np.generic) else label
+    return repr(value)
 
 
 def _full_logits(model, X) -> np.ndarray:

@@ -14,12 +14,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 MODEL_FORMAT = "softmaxkit.SoftmaxRegression/1"
+#: the saved preprocessing (scikit-learn ColumnTransformer), written with skops (no pickle).
+PREPROCESSOR_FILE = "preprocess.skops"
 
 
 class UserError(Exception):
@@ -72,6 +75,95 @@ def write_csv_atomic(path: str | os.PathLike, header: list[str], rows) -> Path:
     return write_text_atomic(path, buffer.getvalue())
 
 
+#: written last into every output folder: marks it as a complete softmaxkit run (so --overwrite may replace it).
+RUN_MARKER = ".softmaxkit-run.json"
+
+
+class OutputDir:
+    """An output folder written whole or not at all.
+
+    Checked when constructed, before any work: ``out`` must not be a file, and an existing folder must be
+    empty or hold an earlier softmaxkit run, which is refused unless ``overwrite``. Used as a context
+    manager it yields a staging folder next to ``out``; on success the staging folder becomes ``out``
+    (replacing an earlier run whole: nothing of it is left beside the new files), on any error it is
+    removed together with the parent folders this run created, so a failed run leaves nothing behind.
+    """
+
+    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False, flag: str = "--out"):
+        self.out = Path(out)
+        self.flag = flag
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{flag} {out} exists and is not a directory")
+        self.replaces = False
+        if out.is_dir() and any(out.iterdir()):
+            earlier = (out / RUN_MARKER).exists() or (
+                (out / "report.html").exists() and any((out / n).exists() for n in ("metrics.json", "calibration.json"))
+            )
+            if not earlier:
+                raise UserError(
+                    f"{flag} {out} is a folder that holds other files (not an earlier softmaxkit run); choose a "
+                    "new or empty folder"
+                )
+            if not overwrite:
+                raise UserError(
+                    f"{flag} {out} holds the output of an earlier run; pass --overwrite to replace it whole, or "
+                    "choose another folder"
+                )
+            self.replaces = True
+        ancestor = out.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write {flag} {out}: {ancestor} is not a writable folder")
+        self.staging: Path | None = None
+        self._created: list[Path] = []
+
+    def __enter__(self) -> Path:
+        missing = []
+        parent = self.out.absolute().parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        try:
+            for folder in reversed(missing):
+                folder.mkdir()
+                self._created.append(folder)
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial",
+                                                 dir=self.out.absolute().parent))
+            os.chmod(self.staging, 0o777 & ~_umask())
+        except OSError as error:
+            self._remove_created()
+            raise UserError(f"cannot write {self.flag} {self.out}: {error.strerror or error}") from None
+        return self.staging
+
+    def __exit__(self, kind, error, trace) -> None:
+        import shutil
+
+        if kind is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self._remove_created()
+            return
+        write_text_atomic(self.staging / RUN_MARKER, json.dumps({"command": " ".join(sys.argv)}) + "\n")
+        out = self.out
+        backup = None
+        if out.is_dir() and any(out.iterdir()):
+            backup = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+            os.replace(out, backup)
+        elif out.is_dir():
+            out.rmdir()
+        os.replace(self.staging, out)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+
+    def _remove_created(self) -> None:
+        for folder in reversed(self._created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
 def prepare_out_dir(out: str | os.PathLike) -> Path:
     """Create the output directory (and parents); a user error when ``out`` is an existing file."""
     out = Path(out)
@@ -94,8 +186,13 @@ def _jsonable(value):
     return value
 
 
-def save_model(model, directory: str | os.PathLike, *, feature_names, mean=None, scale=None, extra=None) -> Path:
-    """Save a fitted :class:`~softmaxkit.SoftmaxRegression` (and its standardisation) without pickle."""
+def save_model(model, directory: str | os.PathLike, *, feature_names, mean=None, scale=None, extra=None,
+               input_features=None, categorical=None, preprocessing: bool = False) -> Path:
+    """Save a fitted :class:`~softmaxkit.SoftmaxRegression` (and its standardisation) without pickle.
+
+    ``feature_names`` name the columns the estimator sees; ``input_features`` the raw table's columns
+    when a preprocessing step (saved beside, see :mod:`softmaxkit.cli._model`) maps one to the other.
+    """
     directory = prepare_out_dir(directory)
     params = {k: _jsonable(v) for k, v in model.get_params().items() if k != "random_state"
               or v is None or isinstance(v, int)}
@@ -108,6 +205,9 @@ def save_model(model, directory: str | os.PathLike, *, feature_names, mean=None,
         "feature_names": list(feature_names),
         "n_iter": int(model.n_iter_),
         "standardize": mean is not None,
+        "input_features": list(input_features if input_features is not None else feature_names),
+        "categorical": list(categorical or []),
+        "preprocessing": bool(preprocessing),
         "extra": _jsonable(extra or {}),
     }
     arrays = {"coef": model.coef_, "intercept": model.intercept_}
@@ -125,6 +225,9 @@ def save_model(model, directory: str | os.PathLike, *, feature_names, mean=None,
 def load_model(directory: str | os.PathLike):
     """Load a model saved by :func:`save_model`: ``(model, meta, mean, scale)``.
 
+    The parts, unassembled; :func:`softmaxkit.load_model` returns one object that predicts from raw
+    features (preprocessing, standardisation and temperature applied).
+
     Raises:
         UserError: missing files, a different format, or inconsistent arrays.
     """
@@ -137,6 +240,8 @@ def load_model(directory: str | os.PathLike):
             arrays = {key: archive[key] for key in archive.files}
     except FileNotFoundError as error:
         raise UserError(f"{directory} is not a saved softmaxkit model: {Path(error.filename).name} is missing") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{directory}/model.json is not valid JSON: {error}") from None
     except (ValueError, OSError) as error:
         raise UserError(f"{directory} holds an unreadable model: {error}") from None
     if meta.get("format") != MODEL_FORMAT:

@@ -1,4 +1,4 @@
-r"""``softmaxkit claims``: every checkable claim of the softmax texts, checked.
+r"""The claims behind ``softmaxkit claims``: every checkable claim of the softmax texts, checked.
 
 Each claim is quoted from its text (``000`` … ``004``, the blog posts this project implements), restated,
 and checked the way its kind allows:
@@ -13,14 +13,14 @@ and checked the way its kind allows:
 The verdict is ``holds``, ``does not hold`` or ``depends`` (true under a condition the text does not state,
 or only partly true), always with the measured numbers, and a command that reproduces the row
 (``softmaxkit claims --only ID``). Nothing is hard-coded: every number comes from the run.
+
+The command itself (options, table, output folder) is :mod:`softmaxkit.cli.commands.claims`.
 """
 
-# ruff: noqa: B008  (typer declares options as argument defaults, by design)
 from __future__ import annotations
 
 import html
 import itertools
-import json
 import math
 import time
 from collections.abc import Callable
@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import typer
 
 HOLDS, FAILS, DEPENDS = "holds", "does not hold", "depends"
 VERDICTS = (HOLDS, FAILS, DEPENDS)
@@ -831,9 +830,9 @@ def _topk(ctx):
 def _benchmark_rows():
     import csv
 
-    from .main import _find_benchmarks
+    from .commands.bench import find_benchmarks
 
-    module = _find_benchmarks()
+    module = find_benchmarks()
     roots = [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[3]]
     if module is not None:
         roots.insert(0, Path(module.__file__).resolve().parents[1])
@@ -899,7 +898,7 @@ def _gpu(ctx):
                   "on this CPU; the factor is a property of the two devices, not of the softmax", {"ratio": ratio})
 
 
-# =========================================================================================== the command
+# =========================================================================================== selecting and running
 def select(only: str | None) -> list[Claim]:
     if not only:
         return list(CLAIMS)
@@ -997,54 +996,3 @@ def render_html(rows: list[dict], command: str, seconds: float) -> str:
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>softmaxkit claims</title><style>{css}</style></head>\n<body><main>\n"
             + "\n".join(body) + "\n</main></body></html>\n")
-
-
-def claims(
-    only: str | None = typer.Option(None, "--only", help="Comma-separated claim ids (see --list); default: every claim."),
-    seeds: str | None = typer.Option(None, "--seeds",
-                                     help="Seeds of the empirical checks, comma-separated (default 0,1,2; 0 with --quick)."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer random trials, the two smallest datasets, for a fast check."),
-    list_claims: bool = typer.Option(False, "--list", help="List the claim ids and exit."),
-    out: Path = typer.Option(Path("softmaxkit-claims"), "--out", help="Directory for report.html and claims.json."),
-) -> None:
-    """Check every numeric or mathematical claim of the softmax texts; print the verdicts with the evidence.
-
-    Each row: the text (000-004) and section, the claim, the verdict (holds / does not hold / depends), the
-    measured evidence and the command that reproduces it. Writes OUT/report.html and OUT/claims.json.
-    """
-    from rich import box
-    from rich.table import Table
-
-    from ._io import prepare_out_dir, write_text_atomic
-    from .main import _command_line, console
-
-    if list_claims:
-        for item in CLAIMS:
-            console.print(f"{item.id:28} {item.text} {item.section}: {item.claim}", markup=False, highlight=False)
-        return
-    items = select(only)
-    ctx = Context(seeds=parse_seeds(seeds if seeds is not None else ("0" if quick else "0,1,2")), quick=quick)
-    out = prepare_out_dir(out)
-    start = time.perf_counter()
-    with console.status("checking") as status:
-        rows = run(items, ctx, on_start=lambda item: status.update(f"checking {item.id}"))
-    seconds = time.perf_counter() - start
-    table = Table(title="softmax texts: claims checked", box=box.SIMPLE_HEAVY, header_style="bold", show_lines=True)
-    table.add_column("text §", ratio=2, overflow="fold")
-    table.add_column("claim", ratio=5, overflow="fold")
-    table.add_column("verdict", ratio=2, overflow="fold")
-    table.add_column("evidence", ratio=11, overflow="fold")
-    table.add_column("reproduce", ratio=3, style="dim", overflow="fold")
-    colours = {HOLDS: "green", FAILS: "red", DEPENDS: "yellow"}
-    for r in rows:
-        table.add_row(f"{r['text']} {r['section']}", r["claim"], f"[{colours[r['verdict']]}]{r['verdict']}[/]",
-                      r["evidence"], r["reproduce"])
-    console.print(table)
-    counts = {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
-    console.print(f"{len(rows)} claims: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[DEPENDS]} depend "
-                  f"({seconds:.0f} s)")
-    command = _command_line()
-    write_text_atomic(out / "claims.json", json.dumps({"command": command, "seeds": ctx.seeds, "quick": quick,
-                                                       "claims": rows}, indent=2, default=float) + "\n")
-    path = write_text_atomic(out / "report.html", render_html(rows, command, seconds))
-    console.print(f"report: [bold]{path}[/bold]")

@@ -28,10 +28,11 @@ def build_figures(experiment) -> dict[str, bytes]:
 
     pngs = {
         "reliability.png": figures.reliability_grid(experiment),
-        "confusion.png": figures.confusion_grid(experiment),
         "per_class_f1.png": figures.per_class_f1(experiment),
         "loss_curves.png": figures.loss_curves(experiment),
     }
+    if not _many(experiment):  # a C×C matrix of thousands of classes is a blank square: pairs instead
+        pngs["confusion.png"] = figures.confusion_grid(experiment)
     pngs["gradients.png"] = gradients.figure(experiment)
     if all(len(r.sweep_nll) for r in experiment.results):
         pngs["temperature_sweep.png"] = figures.temperature_sweep(experiment, SWEEP)
@@ -48,6 +49,7 @@ def metrics_rows(experiment) -> list[dict]:
             "balanced_accuracy": m["balanced_accuracy"], "nll": m["nll"], "nll_after": c["nll"],
             "ece": m["ece"], "ece_after": c["ece"], "temperature": result.temperature,
             "iterations": int(result.model.n_iter_), "fit_seconds": result.fit_seconds,
+            "converged": bool(result.converged), "temperature_at_bound": bool(result.temperature_at_bound),
         })
     return rows
 
@@ -86,12 +88,60 @@ def _table(experiment) -> str:
     return "\n".join(out)
 
 
+def _many(experiment) -> bool:
+    return len(experiment.class_names) > figures.MANY_CLASSES
+
+
 def _counts_table(experiment) -> str:
-    head = "".join(f"<th>{html.escape(name[:12])}</th>" for name in experiment.class_names)
+    if _many(experiment):
+        parts = []
+        for split, counts in (("train", experiment.train_counts), ("test", experiment.test_counts)):
+            counts = list(map(int, counts))
+            parts.append(f"{split}: {min(counts)} to {max(counts)} rows per class (median "
+                         f"{int(sorted(counts)[len(counts) // 2])})")
+        return f"<p>Rows per class — {'; '.join(parts)}.</p>"
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in experiment.class_names)
     train = "".join(f"<td>{n}</td>" for n in experiment.train_counts)
     test = "".join(f"<td>{n}</td>" for n in experiment.test_counts)
-    return (f"<table class='counts'><thead><tr><th>class</th>{head}</tr></thead><tbody>"
-            f"<tr><td class='name'>train</td>{train}</tr><tr><td class='name'>test</td>{test}</tr></tbody></table>")
+    return (f"<div class='scroll'><table class='counts'><thead><tr><th>class</th>{head}</tr></thead><tbody>"
+            f"<tr><td class='name'>train</td>{train}</tr><tr><td class='name'>test</td>{test}</tr></tbody></table></div>")
+
+
+def confused_pairs(confusion, k: int = 15) -> list[tuple[int, int, int]]:
+    """The ``k`` largest off-diagonal cells ``(true, predicted, count)`` of a confusion matrix."""
+    import numpy as np
+
+    matrix = np.array(confusion, dtype=np.int64)
+    np.fill_diagonal(matrix, 0)
+    flat = np.argsort(matrix, axis=None, kind="stable")[::-1][:k]
+    pairs = [(int(i), int(j), int(matrix[i, j])) for i, j in zip(*np.unravel_index(flat, matrix.shape))]
+    return [p for p in pairs if p[2] > 0]
+
+
+def _summaries(experiment) -> str:
+    """Many classes: the most confused pairs and the worst classes of each model, as tables."""
+    import numpy as np
+
+    names = experiment.class_names
+    out = ["<p>With more than "
+           f"{figures.MANY_CLASSES} classes a confusion matrix is unreadable; these are its largest entries and the "
+           "classes with the lowest F1.</p>"]
+    for result in experiment.results:
+        support = np.asarray(result.metrics["confusion"]).sum(axis=1)
+        out.append(f"<h3>{html.escape(result.label)}</h3><div class='pair'>")
+        rows = "".join(
+            f"<tr><td class='name'>{html.escape(names[i])}</td><td class='name'>{html.escape(names[j])}</td>"
+            f"<td>{n}</td><td>{n / max(int(support[i]), 1):.0%}</td></tr>"
+            for i, j, n in confused_pairs(result.metrics["confusion"]))
+        out.append("<table><thead><tr><th>true class</th><th>predicted as</th><th>rows</th><th>of the class</th>"
+                   f"</tr></thead><tbody>{rows}</tbody></table>")
+        f1 = np.asarray(result.metrics["per_class_f1"], dtype=float)
+        worst = np.argsort(f1, kind="stable")[:15]
+        rows = "".join(f"<tr><td class='name'>{html.escape(names[c])}</td><td>{f1[c]:.3f}</td>"
+                       f"<td>{int(experiment.train_counts[c])}</td><td>{int(support[c])}</td></tr>" for c in worst)
+        out.append("<table><thead><tr><th>worst classes</th><th>F1</th><th>train rows</th><th>test rows</th>"
+                   f"</tr></thead><tbody>{rows}</tbody></table></div>")
+    return "\n".join(out)
 
 
 def _interpretation(experiment) -> str:
@@ -117,6 +167,30 @@ def _interpretation(experiment) -> str:
     return " ".join(parts)
 
 
+def _features(experiment) -> str:
+    encoded = experiment.settings.get("n_encoded_features", experiment.n_features)
+    if experiment.preprocessor is None:
+        return f"{experiment.n_features} features"
+    categorical = experiment.categorical
+    what = (f"{len(categorical)} categorical one-hot encoded ({html.escape(', '.join(categorical[:5]))}"
+            f"{', ...' if len(categorical) > 5 else ''}), " if categorical else "")
+    return (f"{experiment.n_features} feature columns ({what}missing values imputed; {encoded} features after "
+            "preprocessing, fitted on the training rows)")
+
+
+def _convergence(experiment) -> str:
+    """A warning paragraph for models that stopped short and temperatures at a bound (empty otherwise)."""
+    parts = []
+    for result in experiment.results:
+        if not result.converged:
+            parts.append(f"<b>{html.escape(result.label)}</b>: L-BFGS {html.escape(result.stop_reason)}; the model "
+                         "may be far from its optimum.")
+        if result.temperature_at_bound:
+            parts.append(f"<b>{html.escape(result.label)}</b>: the fitted temperature T = {result.temperature:g} is "
+                         "at a bound of its search range (a bound, not an estimate).")
+    return f"<p class='warning'>{' '.join(parts)}</p>" if parts else ""
+
+
 def render(experiment, *, title: str, command: str, pngs: dict[str, bytes] | None = None) -> tuple[str, dict]:
     """The report's HTML text and its figures (PNG bytes by file name)."""
     import softmaxkit
@@ -132,11 +206,12 @@ def render(experiment, *, title: str, command: str, pngs: dict[str, bytes] | Non
         f" · <code>{html.escape(command)}</code></p>",
         "<h2>Setup</h2>",
         f"<p>Dataset <b>{html.escape(experiment.dataset)}</b>: {len(experiment.class_names)} classes, "
-        f"{experiment.n_features} features. Stratified split into {settings['n_train']} training rows "
+        f"{_features(experiment)}. Stratified split into {settings['n_train']} training rows "
         f"(training pool {tail}), {settings['n_validation']} validation rows (used only to fit the temperature) "
         f"and {settings['n_test']} test rows (every number below). Features standardised with the training "
         f"statistics. Each model is <code>softmaxkit.SoftmaxRegression</code> (L-BFGS, "
         f"L2 α = {settings['alpha']:g}, at most {settings['max_iter']} iterations).</p>",
+        _convergence(experiment),
         _counts_table(experiment),
         "<h2>Results</h2>",
         _table(experiment),
@@ -156,8 +231,8 @@ def render(experiment, *, title: str, command: str, pngs: dict[str, bytes] | Non
         gradients.section(experiment, _image(pngs, "gradients.png", "gradient against the error")),
         "<h2>Per-class F1</h2>",
         _image(pngs, "per_class_f1.png", "per-class F1"),
-        "<h2>Confusion matrices</h2>",
-        _image(pngs, "confusion.png", "confusion matrices"),
+        "<h2>Confusion matrices</h2>" if not _many(experiment) else "<h2>Most confused classes</h2>",
+        _image(pngs, "confusion.png", "confusion matrices") if not _many(experiment) else _summaries(experiment),
         "<h2>Training curves</h2>",
         _image(pngs, "loss_curves.png", "loss curves"),
     ]

@@ -16,6 +16,8 @@ import numpy as np
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 DPI = 110
+#: above this many classes the report shows summaries instead of per-class figures.
+MANY_CLASSES = 30
 
 
 def _style(ax) -> None:
@@ -87,7 +89,9 @@ def confusion_grid(experiment) -> bytes:
     results = experiment.results
     n_classes = len(experiment.class_names)
     columns = len(results)
+    longest = max(map(len, experiment.class_names))
     size = 2.4 if n_classes <= 12 else 3.2
+    size += min(longest, 24) * 0.05 if n_classes <= 12 else 0
     fig, axes = plt.subplots(1, columns, figsize=(size * columns + 0.8, size + 0.8), squeeze=False)
     image = None
     for j, result in enumerate(results):
@@ -98,10 +102,10 @@ def confusion_grid(experiment) -> bytes:
         image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
         ax.set_title(f"{result.label}\nbalanced acc. {result.metrics['balanced_accuracy']:.3f}", fontsize=9)
         ticks = np.arange(n_classes)
-        short = [name[:6] for name in experiment.class_names]
+        names = experiment.class_names  # full names: truncation made class_0 / class_1 read the same
         if n_classes <= 12:
-            ax.set_xticks(ticks, short, fontsize=7, rotation=90 if max(map(len, short)) > 2 else 0)
-            ax.set_yticks(ticks, short if j == 0 else [], fontsize=7)
+            ax.set_xticks(ticks, names, fontsize=7, rotation=90 if longest > 2 else 0)
+            ax.set_yticks(ticks, names if j == 0 else [], fontsize=7)
             if n_classes <= 10:
                 for (r, c), value in np.ndenumerate(normalised):
                     if value >= 0.05:
@@ -119,22 +123,46 @@ def confusion_grid(experiment) -> bytes:
 
 
 def per_class_f1(experiment) -> bytes:
-    """F1 per class for every model, classes ordered as in training (head first), train counts on the axis."""
+    """F1 per class for every model, classes ordered as in training (head first), train counts on the axis.
+
+    With more than :data:`MANY_CLASSES` classes: a histogram of the per-class F1 of each model.
+    """
     results = experiment.results
     n_classes = len(experiment.class_names)
+    if n_classes > MANY_CLASSES:
+        return per_class_f1_histogram(experiment)
     width = 0.8 / len(results)
     fig, ax = plt.subplots(figsize=(min(11.0, max(7.0, 0.2 * n_classes * len(results) + 2)), 4.2))
     x = np.arange(n_classes)
     for j, result in enumerate(results):
         ax.bar(x - 0.4 + width * (j + 0.5), result.metrics["per_class_f1"], width=width,
                color=COLORS[j % len(COLORS)], label=result.label)
-    labels = [f"{name[:10]}\nn={count}" for name, count in zip(experiment.class_names, experiment.train_counts)]
-    ax.set_xticks(x, labels, fontsize=8)
+    labels = [f"{name}\nn={count}" for name, count in zip(experiment.class_names, experiment.train_counts)]
+    longest = max(map(len, experiment.class_names))
+    ax.set_xticks(x, labels, fontsize=8, rotation=90 if longest * n_classes > 90 else 0)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("F1 on the test set")
     ax.set_xlabel("class (n = training samples)")
     ax.set_title("Per-class F1: the tail classes are where the losses differ")
     ax.legend(fontsize=8, ncol=len(results), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    _style(ax)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def per_class_f1_histogram(experiment) -> bytes:
+    """How many classes reach each F1 on the test set, one outlined histogram per model."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    edges = np.linspace(0, 1, 21)
+    for j, result in enumerate(experiment.results):
+        f1 = np.asarray(result.metrics["per_class_f1"], dtype=float)
+        ax.hist(f1, bins=edges, histtype="step", linewidth=1.8, color=COLORS[j % len(COLORS)],
+                label=f"{result.label} (median {np.median(f1):.2f})")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1 on the test set")
+    ax.set_ylabel("number of classes")
+    ax.set_title(f"Per-class F1 of the {len(experiment.class_names)} classes")
+    ax.legend(fontsize=8)
     _style(ax)
     fig.tight_layout()
     return to_png(fig)
