@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_iris, load_wine
 
-COMMANDS = ("demo", "train", "predict", "compare", "calibrate", "explain", "bench")
+COMMANDS = ("demo", "train", "predict", "compare", "calibrate", "explain", "bench", "claims")
 
 
 def run_cli(*args, cwd=None, timeout=240):
@@ -71,11 +71,11 @@ def check_report(out: Path, n_models: int) -> dict:
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     images = page.count('src="data:image/png;base64,')
-    assert images == 5
+    assert images == 6
     assert "src=\"http" not in page and "<link" not in page  # self-contained
     first = page.split('src="data:image/png;base64,', 1)[1].split('"', 1)[0]
     assert base64.b64decode(first)[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("reliability", "confusion", "per_class_f1", "loss_curves", "temperature_sweep"):
+    for name in ("reliability", "confusion", "per_class_f1", "loss_curves", "temperature_sweep", "gradients"):
         assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "metrics.json").read_text())
     assert len(summary["models"]) == n_models

@@ -374,7 +374,8 @@ def _subprocess(*args, env=None):
 @pytest.mark.parametrize(
     "args",
     [("--help",), ("train", "--help"), ("--version",), ("train", "iris", "--seed", "-1"),
-     ("train", "no-such-file.csv"), ("train", "iris", "--class-weight", "bogus"), ("bench", "--device", "tpu")],
+     ("train", "no-such-file.csv"), ("train", "iris", "--class-weight", "bogus"), ("bench", "--device", "tpu"),
+     ("claims", "--help"), ("claims", "--only", "bogus")],
 )
 def test_help_and_user_errors_do_not_import_torch(args):
     import re

@@ -261,7 +261,8 @@ def test_unconverged_fit_warns():
 @pytest.mark.parametrize(
     ("params", "error", "match"),
     [
-        ({"loss": "hinge"}, ValueError, r"`loss` must be one of 'cross_entropy', 'focal', 'poly1', 'sparsemax', but got 'hinge'"),
+        ({"loss": "bogus"}, ValueError, r"`loss` must be one of 'cross_entropy', 'focal', 'poly1', 'sparsemax', "
+         r"'hinge', 'crammer_singer', 'mse', 'mse_scores', 'sigmoid', but got 'bogus'"),
         ({"solver": "sgd"}, ValueError, r"`solver` must be one of 'lbfgs', 'adamw', but got 'sgd'"),
         ({"alpha": -1.0}, ValueError, r"`alpha` must be a finite number >= 0, but got -1.0"),
         ({"label_smoothing": 1.5}, ValueError, r"`label_smoothing` must lie in \[0, 1\], but got 1.5"),

@@ -30,6 +30,13 @@ def _load_all() -> None:
     )
     from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
     from .functional import cross_entropy, log_softmax, logsumexp, softmax
+    from .functional.comparison import (
+        crammer_singer_loss,
+        multi_margin_loss,
+        multilabel_soft_margin_loss,
+        score_mse_loss,
+        softmax_mse_loss,
+    )
     from .functional.distillation import distillation_loss
     from .functional.focal import focal_loss, poly1_cross_entropy
     from .functional.gumbel import gumbel_softmax
@@ -43,6 +50,7 @@ def _load_all() -> None:
         sparsemax,
         sparsemax_loss,
     )
+    from .functional.topk import topk_softmax
     from .functional.weights import class_weights
 
     globals().update({name: value for name, value in locals().items() if not name.startswith("_")})
@@ -53,6 +61,13 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs (at run time
     from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
     from .estimator import SoftmaxRegression
     from .functional import cross_entropy, log_softmax, logsumexp, softmax
+    from .functional.comparison import (
+        crammer_singer_loss,
+        multi_margin_loss,
+        multilabel_soft_margin_loss,
+        score_mse_loss,
+        softmax_mse_loss,
+    )
     from .functional.distillation import distillation_loss
     from .functional.focal import focal_loss, poly1_cross_entropy
     from .functional.gumbel import gumbel_softmax
@@ -66,6 +81,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs (at run time
         sparsemax,
         sparsemax_loss,
     )
+    from .functional.topk import topk_softmax
     from .functional.weights import class_weights
 
 __version__ = "0.1.0"
@@ -75,6 +91,7 @@ __all__ = [
     "__version__",
     "calibration",
     "class_weights",
+    "crammer_singer_loss",
     "cross_entropy",
     "distillation_loss",
     "entmax15",
@@ -88,13 +105,18 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "metrics",
+    "multi_margin_loss",
+    "multilabel_soft_margin_loss",
     "nn",
     "poly1_cross_entropy",
     "reference",
     "sampled_softmax_loss",
+    "score_mse_loss",
     "softmax",
+    "softmax_mse_loss",
     "sparsemax",
     "sparsemax_loss",
+    "topk_softmax",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
 ]

@@ -10,6 +10,9 @@ calibrator             map applied to the logits ``z``                parameters
 =====================  ============================================  ===============
 TemperatureScaling     ``softmax(z / T)``                             1
 VectorScaling          ``softmax(w ⊙ z + b)``                         2C
+PlattScaling           per class ``σ(a_c z_c + b_c)``, renormalised   2C (2 for C = 2)
+                       (``σ(a(z_1 − z_0) + b)`` for two classes)
+DirichletCalibration   ``softmax(W log softmax(z) + b)`` with ODIR    C² + C
 IsotonicCalibration    per class isotonic ``g_c(softmax(z)_c)``,      ≤ 2N per class
                        renormalised
 HistogramBinning       per class bin frequency of ``softmax(z)_c``,   n_bins per class
@@ -42,8 +45,10 @@ from .functional.cross_entropy import cross_entropy
 from .functional.softmax import softmax
 
 __all__ = [
+    "DirichletCalibration",
     "HistogramBinning",
     "IsotonicCalibration",
+    "PlattScaling",
     "TemperatureScaling",
     "VectorScaling",
     "load",
@@ -171,6 +176,7 @@ def load(path: str | Path):
     """
     data = json.loads(Path(path).read_text())
     classes = {cls.__name__: cls for cls in (TemperatureScaling, VectorScaling, IsotonicCalibration, HistogramBinning)}
+    classes.update({cls.__name__: cls for cls in (PlattScaling, DirichletCalibration)})
     name = data.get("calibrator") if isinstance(data, dict) else None
     if name not in classes:
         raise ValueError(f"{path} does not hold a saved calibrator (found {name!r}; expected one of {sorted(classes)})")
@@ -689,3 +695,7 @@ class HistogramBinning(_Calibrator):
                 f"a saved HistogramBinning needs edges ({self.n_classes_}, {self.n_bins + 1}) and values "
                 f"({self.n_classes_}, {self.n_bins})"
             )
+
+
+# Platt scaling and Dirichlet calibration live in their own module (they build on the helpers above).
+from ._calibration_scaling import DirichletCalibration, PlattScaling  # noqa: E402

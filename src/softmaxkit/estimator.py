@@ -33,6 +33,9 @@ from . import _validation as v
 from ._reduction import safe_divide
 
 LOSSES = ("cross_entropy", "focal", "poly1", "sparsemax")
+#: the losses softmax + cross-entropy is compared with (softmaxkit.functional.comparison)
+COMPARISON_LOSSES = ("hinge", "crammer_singer", "mse", "mse_scores", "sigmoid")
+LOSSES = LOSSES + COMPARISON_LOSSES
 SOLVERS = ("lbfgs", "adamw")
 CLASS_WEIGHT_METHODS = ("balanced", "effective_number")
 ACTIVATIONS = ("relu", "tanh")
@@ -47,6 +50,11 @@ def _loss_function(name: str):
         "focal": "focal_loss",
         "poly1": "poly1_cross_entropy",
         "sparsemax": "sparsemax_loss",
+        "hinge": "multi_margin_loss",
+        "crammer_singer": "crammer_singer_loss",
+        "mse": "softmax_mse_loss",
+        "mse_scores": "score_mse_loss",
+        "sigmoid": "multilabel_soft_margin_loss",
     }[name]
     function = getattr(softmaxkit, attribute, None)
     if function is None:
@@ -104,7 +112,15 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     Args:
         loss: ``"cross_entropy"``, ``"focal"`` (Lin et al. 2017, focusing ``gamma``), ``"poly1"`` (Leng
             et al. 2022, coefficient ``epsilon``) or ``"sparsemax"`` (the sparsemax Fenchel-Young loss,
-            Martins & Astudillo 2016; ``predict_proba`` is then ``sparsemax(z)`` and may hold exact 0s).
+            Martins & Astudillo 2016; ``predict_proba`` is then ``sparsemax(z)`` and may hold exact 0s), or one
+            of the losses softmax + cross-entropy is compared with: ``"hinge"`` (Weston–Watkins,
+            :func:`softmaxkit.multi_margin_loss`), ``"crammer_singer"``, ``"mse"`` (squared error of the
+            softmax probabilities, :func:`softmaxkit.softmax_mse_loss`), ``"mse_scores"`` (squared error of the
+            raw scores against the one-hot target, :func:`softmaxkit.score_mse_loss`) or ``"sigmoid"``
+            (one-vs-rest sigmoid BCE, :func:`softmaxkit.multilabel_soft_margin_loss`; ``predict_proba`` is
+            then ``σ(z)`` renormalised). The hinge and raw-score MSE models are not trained as probability
+            models: their ``predict_proba`` is ``softmax(z)`` of the scores, to be calibrated before its
+            values are read as probabilities.
         alpha: L2 strength ``α >= 0`` on the weights (not the intercepts).
         label_smoothing: ``ε ∈ [0, 1]``, mixes each one-hot target with the uniform distribution.
         class_weight: None, ``"balanced"`` (``n / (C·n_c)``, as scikit-learn), ``"effective_number"``
@@ -323,7 +339,9 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             kwargs["gamma"] = self.gamma
         elif self.loss == "poly1":
             kwargs["epsilon"] = self.epsilon
-        weight_inside = class_weight is not None and _accepts(function, "weight")
+        # class_weight reweights the rows of each class (scikit-learn's meaning); the sigmoid loss's own
+        # `weight` weights each class's binary term inside every row instead, so it gets w_y outside
+        weight_inside = class_weight is not None and _accepts(function, "weight") and self.loss != "sigmoid"
         if weight_inside:
             kwargs["weight"] = class_weight
         rows = function(logits, target, **kwargs)
@@ -564,13 +582,16 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             import softmaxkit
 
             probs = softmaxkit.sparsemax(logits, dim=-1)
+        elif self.loss == "sigmoid":  # one-vs-rest: each σ(z_c) on its own, renormalised (as sklearn's OvR)
+            probs = torch.sigmoid(logits)
+            probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
         else:
             probs = torch.softmax(logits, dim=-1)
         return probs.numpy()
 
     def predict_log_proba(self, X) -> np.ndarray:
         """``log predict_proba(X)``; ``-inf`` where sparsemax gives probability 0."""
-        if self.loss == "sparsemax":
+        if self.loss in ("sparsemax", "sigmoid"):
             with np.errstate(divide="ignore"):
                 return np.log(self.predict_proba(X))
         logits = torch.from_numpy(self._logits(X))

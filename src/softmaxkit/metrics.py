@@ -39,15 +39,19 @@ import torch
 from . import _validation as v
 
 __all__ = [
+    "Confidence",
+    "ConfusedPair",
     "PrecisionRecallF1",
     "ReliabilityCurve",
     "accuracy",
     "brier_score",
     "classwise_ece",
+    "confidence",
     "confusion_matrix",
     "expected_calibration_error",
     "log_loss",
     "max_calibration_error",
+    "most_confused_pairs",
     "precision_recall_f1",
     "reliability_curve",
     "roc_auc",
@@ -853,3 +857,102 @@ def reliability_curve(
         lower=bins.edges[:-1][filled],
         upper=bins.edges[1:][filled],
     )
+
+
+# ------------------------------------------------------------------------------- confidence and confusion
+class Confidence(NamedTuple):
+    """Per-row confidence read off the probabilities: ``(N,)`` float64 NumPy arrays.
+
+    Attributes:
+        max_probability: ``p_(1)``, the largest probability.
+        margin: ``p_(1) − p_(2)``, the gap between the largest and the second-largest probability.
+        entropy: ``−Σ_c p_c log p_c`` in nats (``0 log 0 = 0``), between 0 and ``log C``.
+    """
+
+    max_probability: np.ndarray
+    margin: np.ndarray
+    entropy: np.ndarray
+
+
+def confidence(probs: object) -> Confidence:
+    r"""How sure the model is about each row: top probability, top-1 − top-2 margin, entropy.
+
+    .. math:: p_{(1)},\qquad p_{(1)} − p_{(2)},\qquad H(p) = −\sum_c p_c \log p_c
+
+    The three agree on the extremes (a one-hot row: 1, 1, 0; a uniform row: ``1/C``, 0, ``log C``) and
+    differ in between: the margin sees only the two leading classes (whether the decision is close), the
+    entropy the whole distribution. Computed in float64 on the data's device.
+
+    Args:
+        probs: ``(N, C)`` probabilities (rows summing to 1, ``C >= 2``).
+
+    Returns:
+        :class:`Confidence` of three ``(N,)`` float64 arrays.
+
+    Example:
+        >>> from softmaxkit.metrics import confidence
+        >>> c = confidence([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]])
+        >>> c.max_probability.round(2), c.margin.round(2), c.entropy.round(3)
+        (array([0.7, 0.4]), array([0.5 , 0.05]), array([0.802, 1.081]))
+    """
+    probs = v.check_probabilities("probs", v.as_tensor("probs", probs)).to(torch.float64)
+    top = torch.topk(probs, 2, dim=1).values
+    logs = torch.where(probs > 0, probs.clamp_min(1e-300).log(), torch.zeros_like(probs))
+    entropy = -(probs * logs).sum(dim=1)
+    return Confidence(
+        max_probability=top[:, 0].cpu().numpy(),
+        margin=(top[:, 0] - top[:, 1]).cpu().numpy(),
+        entropy=entropy.clamp_min(0.0).cpu().numpy(),
+    )
+
+
+class ConfusedPair(NamedTuple):
+    """One off-diagonal cell of the confusion matrix.
+
+    Attributes:
+        true: the true class.
+        predicted: the class it was taken for.
+        count: how many rows of class ``true`` were predicted as ``predicted``.
+        rate: ``count`` over the number of rows of class ``true`` (the share of that class lost to it).
+    """
+
+    true: int
+    predicted: int
+    count: int
+    rate: float
+
+
+def most_confused_pairs(labels: object, preds: object, k: int = 5, *, num_classes: int | None = None) -> list[ConfusedPair]:
+    r"""The ``k`` largest off-diagonal cells of the confusion matrix: which classes are taken for which.
+
+    .. math:: \{(a, b) : a ≠ b\} 	ext{ ordered by } M_{ab} 	ext{ (descending), then } (a, b) 	ext{ (ascending)}
+
+    Cells with a zero count are left out, so fewer than ``k`` pairs come back when there are fewer
+    mistakes. The pairs are directed (``a`` taken for ``b``); ``(b, a)`` is a separate entry.
+
+    Args:
+        labels: ``(N,)`` true class indices.
+        preds: ``(N,)`` predicted class indices, or ``(N, C)`` scores whose row argmax is the prediction.
+        k: the number of pairs, ``>= 1``.
+        num_classes: ``C``, as in :func:`confusion_matrix`.
+
+    Returns:
+        A list of at most ``k`` :class:`ConfusedPair`.
+
+    Example:
+        >>> from softmaxkit.metrics import most_confused_pairs
+        >>> most_confused_pairs([0, 0, 0, 1, 1, 2], [1, 1, 0, 0, 1, 2], k=2)
+        [ConfusedPair(true=0, predicted=1, count=2, rate=0.6666666666666666), ConfusedPair(true=1, predicted=0, count=1, rate=0.5)]
+    """
+    k = v.check_positive_int("k", k)
+    matrix = confusion_matrix(labels, preds, num_classes)
+    support = matrix.sum(axis=1)
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    true, predicted = np.nonzero(off)
+    counts = off[true, predicted]
+    order = np.lexsort((predicted, true, -counts))[:k]  # count descending, then (true, predicted) ascending
+    return [
+        ConfusedPair(int(true[i]), int(predicted[i]), int(counts[i]), float(counts[i] / support[true[i]]))
+        for i in order
+    ]

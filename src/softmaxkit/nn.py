@@ -12,6 +12,7 @@ from torch import nn
 from . import _validation as v
 from . import functional as F
 from .adaptive import AdaptiveSoftmax, AdaptiveSoftmaxOutput  # noqa: F401  (re-exported)
+from .functional import comparison as _comparison
 from .functional.distillation import distillation_loss
 from .functional.focal import focal_loss, poly1_cross_entropy
 from .functional.linear_cross_entropy import linear_cross_entropy
@@ -23,6 +24,7 @@ from .functional.sparse import (
     sparsemax,
     sparsemax_loss,
 )
+from .functional.topk import topk_softmax
 from .hierarchical import HierarchicalSoftmax  # noqa: F401  (re-exported)
 
 
@@ -408,3 +410,88 @@ class EntmaxBisect(nn.Module):
     def extra_repr(self) -> str:
         alpha = self.alpha if not isinstance(self.alpha, torch.Tensor) else f"tensor{tuple(self.alpha.shape)}"
         return f"alpha={alpha}, dim={self.dim}"
+
+
+# ----------------------------------------------------------------------- the comparison losses, top-k softmax
+class _ComparisonLoss(nn.Module):
+    """Shared shell: ``__init__`` stores the functional keyword arguments, ``forward(logits, target)`` calls it."""
+
+    _function = staticmethod(_comparison.multi_margin_loss)
+
+    def __init__(self, *, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                 **options):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = v.check_int("ignore_index", ignore_index)
+        self.reduction = v.check_reduction(reduction)
+        self.options = options
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return type(self)._function(logits, target, weight=self.weight, ignore_index=self.ignore_index,
+                                    reduction=self.reduction, **self.options)
+
+    def extra_repr(self) -> str:
+        options = "".join(f", {key}={value!r}" for key, value in self.options.items())
+        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}{options}"
+
+
+class MultiMarginLoss(_ComparisonLoss):
+    """Module form of :func:`softmaxkit.multi_margin_loss` (Weston–Watkins hinge), as ``torch.nn.MultiMarginLoss``."""
+
+    _function = staticmethod(_comparison.multi_margin_loss)
+
+    def __init__(self, *, p: int = 1, margin: float = 1.0, weight: torch.Tensor | None = None,
+                 ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction, p=p, margin=margin)
+
+
+class CrammerSingerLoss(_ComparisonLoss):
+    """Module form of :func:`softmaxkit.crammer_singer_loss`."""
+
+    _function = staticmethod(_comparison.crammer_singer_loss)
+
+    def __init__(self, *, margin: float = 1.0, weight: torch.Tensor | None = None, ignore_index: int = -100,
+                 reduction: str = "mean"):
+        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction, margin=margin)
+
+
+class SoftmaxMSELoss(_ComparisonLoss):
+    """Module form of :func:`softmaxkit.softmax_mse_loss` (MSE on the softmax probabilities)."""
+
+    _function = staticmethod(_comparison.softmax_mse_loss)
+
+    def __init__(self, *, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+
+class ScoreMSELoss(_ComparisonLoss):
+    """Module form of :func:`softmaxkit.score_mse_loss` (MSE on the raw scores)."""
+
+    _function = staticmethod(_comparison.score_mse_loss)
+
+    def __init__(self, *, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+
+class MultilabelSoftMarginLoss(_ComparisonLoss):
+    """Module form of :func:`softmaxkit.multilabel_soft_margin_loss` (one-vs-rest sigmoid BCE)."""
+
+    _function = staticmethod(_comparison.multilabel_soft_margin_loss)
+
+    def __init__(self, *, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+
+class TopKSoftmax(nn.Module):
+    """Module form of :func:`softmaxkit.topk_softmax`: ``TopKSoftmax(k, dim)(x)``."""
+
+    def __init__(self, k: int, dim: int = -1):
+        super().__init__()
+        self.k = v.check_positive_int("k", k)
+        self.dim = v.check_int("dim", dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return topk_softmax(x, self.k, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, dim={self.dim}"

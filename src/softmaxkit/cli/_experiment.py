@@ -34,6 +34,16 @@ PRESETS: dict[str, dict] = {
 }
 ALIASES = {"ce": "cross_entropy", "ls": "label_smoothing", "smoothing": "label_smoothing",
            "cb": "class_balanced", "balanced": "class_balanced", "poly": "poly1", "poly-1": "poly1"}
+# the losses softmax + cross-entropy is compared with (softmaxkit.functional.comparison)
+PRESETS.update({
+    "hinge": {"label": "hinge (Weston–Watkins)", "params": {"loss": "hinge"}},
+    "crammer_singer": {"label": "hinge (Crammer–Singer)", "params": {"loss": "crammer_singer"}},
+    "mse": {"label": "MSE on softmax probabilities", "params": {"loss": "mse"}},
+    "mse_scores": {"label": "MSE on raw scores", "params": {"loss": "mse_scores"}},
+    "sigmoid": {"label": "one-vs-rest sigmoid", "params": {"loss": "sigmoid"}},
+})
+ALIASES.update({"ww": "hinge", "weston_watkins": "hinge", "cs": "crammer_singer", "brier": "mse",
+                "least_squares": "mse_scores", "mse_raw": "mse_scores", "ovr": "sigmoid", "bce": "sigmoid"})
 DEMO_LOSSES = ("cross_entropy", "label_smoothing", "class_balanced", "focal", "poly1")
 #: temperatures of the report's sweep.
 SWEEP = np.geomspace(0.25, 8.0, 41)

@@ -14,7 +14,7 @@ import typer
 from ._app import app, console
 
 #: the sub-commands, in the order ``softmaxkit --help`` lists them (modules of softmaxkit.cli.commands).
-COMMANDS = ("demo", "compare", "train", "predict", "calibrate", "explain", "bench")
+COMMANDS = ("demo", "compare", "train", "predict", "calibrate", "explain", "bench", "claims")
 
 for _name in COMMANDS:
     importlib.import_module(f"{__package__}.commands.{_name}")

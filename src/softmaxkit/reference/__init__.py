@@ -4,6 +4,21 @@ Every function here is written straight from its formula (stated in its docstrin
 speed. The torch implementations in :mod:`softmaxkit` are tested against these.
 """
 
+from .comparison import (
+    crammer_singer_loss,
+    crammer_singer_loss_grad,
+    multi_margin_loss,
+    multi_margin_loss_grad,
+    multilabel_soft_margin_loss,
+    multilabel_soft_margin_loss_grad,
+    score_mse_loss,
+    score_mse_loss_grad,
+    softmax_mse_loss,
+    softmax_mse_loss_grad,
+    topk_mask,
+    topk_softmax,
+    topk_softmax_vjp,
+)
 from .cross_entropy import cross_entropy, cross_entropy_grad
 from .explain import gradient_norm_vs_scale, jacobian_eigenvalues, temperature_gradient_factor
 from .focal import (
@@ -36,6 +51,8 @@ from .sparse import (
 
 __all__ = [
     "class_weights",
+    "crammer_singer_loss",
+    "crammer_singer_loss_grad",
     "cross_entropy",
     "cross_entropy_grad",
     "distillation_loss",
@@ -58,16 +75,27 @@ __all__ = [
     "linear_cross_entropy_grad",
     "log_softmax",
     "logsumexp",
+    "multi_margin_loss",
+    "multi_margin_loss_grad",
+    "multilabel_soft_margin_loss",
+    "multilabel_soft_margin_loss_grad",
     "poly1_cross_entropy",
     "poly1_cross_entropy_grad",
     "sampled_softmax_loss",
     "sampled_softmax_loss_grad",
     "sampler_probabilities",
+    "score_mse_loss",
+    "score_mse_loss_grad",
     "softmax",
     "softmax_jacobian",
+    "softmax_mse_loss",
+    "softmax_mse_loss_grad",
     "sparsemax",
     "sparsemax_loss",
     "sparsemax_loss_grad",
     "temperature_gradient_factor",
+    "topk_mask",
+    "topk_softmax",
+    "topk_softmax_vjp",
     "tsallis_entropy",
 ]

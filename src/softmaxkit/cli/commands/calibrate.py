@@ -29,7 +29,11 @@ METHODS = {
     "vector": "VectorScaling",
     "isotonic": "IsotonicCalibration",
     "histogram": "HistogramBinning",
+    "platt": "PlattScaling",
+    "dirichlet": "DirichletCalibration",
 }
+#: what --help says of a method beyond its name.
+METHOD_NOTES = {"platt": "one-vs-rest sigmoid", "dirichlet": "matrix scaling, Kull et al. 2019"}
 Method = Enum("Method", {name: name for name in METHODS}, type=str)
 
 
@@ -95,7 +99,8 @@ def check_scores(name: str, scores, labels, kind: str, label_column: str, column
 def calibrate(
     scores: str = typer.Argument(..., help="CSV / NPZ / Parquet with one logit column per class (in class "
                                            "order) and a label column of class indices."),
-    method: Method = typer.Option("temperature", help=", ".join(METHODS) + "."),
+    method: Method = typer.Option("temperature", help=", ".join(
+        f"{name} ({METHOD_NOTES[name]})" if name in METHOD_NOTES else name for name in METHODS) + "."),
     input_kind: InputKind = typer.Option(InputKind.auto, "--input",
                                          help="What the score columns hold: auto (probabilities are detected and "
                                               "converted with log), logits, or probabilities."),

@@ -30,7 +30,9 @@ def compare(
     data: str = typer.Argument(..., help=DATA_HELP),
     losses: str = typer.Option("ce,ls,cb,focal,poly1", "--losses",
                                help="Comma-separated losses: ce, ls (label smoothing), cb (class-balanced), "
-                                    "focal, poly1, sparsemax."),
+                                    "focal, poly1, sparsemax, and the comparisons hinge (Weston-Watkins), "
+                                    "crammer_singer, mse (on softmax probabilities), mse_scores (on raw "
+                                    "scores), sigmoid (one-vs-rest)."),
     long_tail: float | None = typer.Option(None, "--long-tail", help="Make the training set long-tailed with this imbalance ratio (>= 1)."),
     profile: Profile = typer.Option(Profile.exponential, help="Long-tail profile: exponential, or step (two levels, e.g. 98:2)."),
     alpha: str = typer.Option("auto", help="L2 strength on the weights (>= 0), or auto: min(1e-3, 1/training rows)."),

@@ -42,7 +42,9 @@ def parse_hidden(text: str) -> tuple[int, ...]:
 @command()
 def train(
     data: str = typer.Argument(..., help=DATA_HELP),
-    loss: str = typer.Option("ce", help="ce, ls (label smoothing 0.1), cb (class-balanced), focal, poly1 or sparsemax."),
+    loss: str = typer.Option("ce", help="ce, ls (label smoothing 0.1), cb (class-balanced), focal, poly1, sparsemax, "
+                                        "or a comparison loss: hinge (Weston-Watkins), crammer_singer, mse (on "
+                                        "softmax probabilities), mse_scores (on raw scores), sigmoid (one-vs-rest)."),
     alpha: str = typer.Option("auto", help="L2 strength on the weights (>= 0), or auto: min(1e-3, 1/training rows)."),
     label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="Override the label smoothing ε."),
     class_weight: str | None = typer.Option(None, "--class-weight", help="balanced or effective_number."),

@@ -12,7 +12,7 @@ import datetime as _dt
 import html
 from importlib import resources
 
-from . import figures
+from . import confidence, figures, gradients
 
 _METRIC_COLUMNS = (
     ("accuracy", "accuracy", "{:.3f}"),
@@ -33,6 +33,7 @@ def build_figures(experiment) -> dict[str, bytes]:
     }
     if not _many(experiment):  # a C×C matrix of thousands of classes is a blank square: pairs instead
         pngs["confusion.png"] = figures.confusion_grid(experiment)
+    pngs["gradients.png"] = gradients.figure(experiment)
     if all(len(r.sweep_nll) for r in experiment.results):
         pngs["temperature_sweep.png"] = figures.temperature_sweep(experiment, SWEEP)
     return pngs
@@ -226,6 +227,8 @@ def render(experiment, *, title: str, command: str, pngs: dict[str, bytes] | Non
         "<p>What dividing the logits by T does to the test NLL and ECE. The dot is the temperature fitted on "
         "the validation set; the dotted line is T = 1 (the model as trained).</p>",
         _image(pngs, "temperature_sweep.png", "temperature sweep"),
+        confidence.section(experiment),
+        gradients.section(experiment, _image(pngs, "gradients.png", "gradient against the error")),
         "<h2>Per-class F1</h2>",
         _image(pngs, "per_class_f1.png", "per-class F1"),
         "<h2>Confusion matrices</h2>" if not _many(experiment) else "<h2>Most confused classes</h2>",
