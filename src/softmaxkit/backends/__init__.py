@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import torch
+import torch as _torch  # `torch` is also the name of the subpackage backends.torch
+
+from .._core import has_real_storage
 
 
 @dataclass(frozen=True)
@@ -31,14 +33,14 @@ class Request:
         device: the inputs' device type (``"cpu"``, ``"cuda"``, ``"meta"``, ...).
         dtype: the main input's dtype.
         ndim: the main input's number of dimensions (after any row flattening the function does).
-        real_storage: True when every tensor is a plain ``torch.Tensor`` with real storage; False for meta,
+        real_storage: True when every tensor is a plain ``_torch.Tensor`` with real storage; False for meta,
             fake, DTensor or any other subclass (those never reach a C pointer).
         unit_class_stride: the class dimension is contiguous (stride 1).
         flags: op-specific facts by name (``probabilities``, ``inplace_backward``, ...).
     """
 
     device: str
-    dtype: torch.dtype
+    dtype: _torch.dtype
     ndim: int
     real_storage: bool = True
     unit_class_stride: bool = True
@@ -47,8 +49,25 @@ class Request:
     def has(self, flag: str) -> bool:
         return flag in self.flags
 
+    def with_flag(self, flag: str) -> Request:
+        return replace(self, flags=self.flags | {flag})
 
-#: ``supports(request)`` returns None when the implementation can serve the request, else the reason it cannot
+    @classmethod
+    def of(cls, main: _torch.Tensor, *others: _torch.Tensor | None, ndim: int | None = None, class_dim: int = -1,
+           flags: tuple[str, ...] = ()) -> Request:
+        """The request of a call whose main input is ``main`` (``others``: the other tensors of the call).
+
+        While ``torch.compile``/``torch.export`` trace, the tensors seen are stand-ins for real ones, so they
+        count as having storage: the custom ops' fake kernels serve the trace and the real kernel the run.
+        """
+        real = _torch.compiler.is_compiling() or has_real_storage(main, *others)
+        unit = main.dim() == 0 or main.shape[class_dim] <= 1 or main.stride(class_dim) == 1
+        return cls(main.device.type, main.dtype, main.dim() if ndim is None else ndim, real, unit,
+                   frozenset(flags))
+
+
+#: ``supports(request)`` returns None when the implementation can serve the request, else the reason it cannot,
+#: phrased to follow the implementation's name ("needs CUDA tensors, got cpu")
 Supports = Callable[[Request], "str | None"]
 
 
@@ -67,6 +86,9 @@ class Implementation:
 
 
 _TABLE: dict[str, list[Implementation]] = {}
+#: flag :func:`select` adds for an explicitly named implementation (some serve only when asked by name,
+#: e.g. Triton kernels interpreted on the CPU under ``TRITON_INTERPRET=1``)
+EXPLICIT = "explicit"
 #: implementation names accepted for an op without being in its row (e.g. legacy aliases) -> row name
 _ALIASES: dict[str, dict[str, str]] = {}
 
@@ -113,11 +135,11 @@ def select(op: str, impl: str, request: Request) -> Implementation:
             reasons.append(f"{implementation.name}: {reason}")
         raise ValueError(f"no implementation of {op} can serve these inputs ({'; '.join(reasons)})")
     implementation = next(entry for entry in row if entry.name == impl)
-    reason = implementation.supports(request)
+    reason = implementation.supports(request.with_flag(EXPLICIT))
     if reason is not None:
         servable = [entry.name for entry in row if entry.supports(request) is None]
         raise ValueError(
-            f"`impl={impl!r}` cannot serve this call: {reason}; implementations that can: "
+            f"`impl={impl!r}` {reason}; implementations that can serve this call: "
             f"{', '.join(map(repr, ['auto', *servable]))}"
         )
     return implementation
@@ -160,3 +182,100 @@ def always(request: Request) -> str | None:
 # The table. Each op's row is registered by the section below that names it; rows are filled in preference
 # order. Implementations live in the backends (``backends/<name>/...``) or, for the composite paths, in
 # ``functional/``.
+
+
+def needs_flag_absent(flag: str, reason: str) -> Supports:
+    def check(request: Request) -> str | None:
+        return reason if request.has(flag) else None
+
+    return check
+
+
+def needs_ndim(name: str, *ndims: int) -> Supports:
+    def check(request: Request) -> str | None:
+        if request.ndim not in ndims:
+            return f"handles {' or '.join(f'{n}-d' for n in ndims)} {name}, got {request.ndim}-d"
+        return None
+
+    return check
+
+
+def needs_real_storage(request: Request) -> str | None:
+    if not request.real_storage:
+        return "needs plain tensors with storage (not meta, fake, DTensor or another tensor subclass)"
+    return None
+
+
+def only_when_named(reason: str) -> Supports:
+    def check(request: Request) -> str | None:
+        return None if request.has(EXPLICIT) else reason
+
+    return check
+
+
+def _triton_device(request: Request) -> str | None:
+    """CUDA with Triton installed; a CPU tensor only when named explicitly under ``TRITON_INTERPRET=1``."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if request.device == "cuda":
+        return None if _torch.cuda.is_available() else "CUDA is not available"
+    if request.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and request.has(EXPLICIT):
+        return None
+    return f"needs CUDA tensors (or TRITON_INTERPRET=1 and impl='triton' for CPU tensors), got {request.device}"
+
+
+def _cpu_kernel(request: Request) -> str | None:
+    from .cpu.cross_entropy import why_not
+
+    return why_not(request)
+
+
+_CLASS_INDEX_ROWS = all_of(
+    needs_ndim("logits", 1, 2),
+    needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
+)
+_NOT_INPLACE = needs_flag_absent(
+    "inplace_backward", "computes its gradient by autograd: `inplace_backward=True` needs a fused path "
+    "(impl='auto', 'torch', 'cpu' or 'triton')"
+)
+
+# cross_entropy(logits, target, weight, options) on 2-D logits and (N,) targets (composite: any shape)
+register("cross_entropy", Implementation(
+    "triton", "softmaxkit.backends.triton.cross_entropy:triton_cross_entropy",
+    all_of(_CLASS_INDEX_ROWS, needs_real_storage, _triton_device),
+))
+register("cross_entropy", Implementation(
+    "cpu", "softmaxkit.backends.cpu.cross_entropy:cpu_cross_entropy", all_of(_CLASS_INDEX_ROWS, _cpu_kernel),
+))
+register("cross_entropy", Implementation(
+    "torch", "softmaxkit.backends.torch.cross_entropy:torch_cross_entropy",
+    all_of(_CLASS_INDEX_ROWS, needs_real_storage),
+))
+register("cross_entropy", Implementation(
+    "composite", "softmaxkit.functional.cross_entropy:composite_cross_entropy", _NOT_INPLACE,
+))
+
+# linear_cross_entropy(hidden (N, D), weight, bias, target, class_weight, options)
+register("linear_cross_entropy", Implementation(
+    "triton", "softmaxkit.backends.triton.linear_cross_entropy:triton_linear_cross_entropy",
+    all_of(needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
+           needs_real_storage, _triton_device),
+))
+register("linear_cross_entropy", Implementation(
+    "triton_fused", "softmaxkit.backends.triton.fused_linear_cross_entropy:fused_linear_cross_entropy",
+    all_of(only_when_named("is chosen only by name (impl='triton_fused')"),
+           needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
+           needs_real_storage, _triton_device),
+))
+register("linear_cross_entropy", Implementation(
+    "torch", "softmaxkit.backends.torch.linear_cross_entropy:torch_linear_cross_entropy", needs_real_storage,
+))
+register("linear_cross_entropy", Implementation(
+    "composite", "softmaxkit.functional.linear_cross_entropy:composite_linear_cross_entropy", _NOT_INPLACE,
+))
+
+# focal_loss: the closed-form backward of backends/torch/focal.py (any device, any tensor type)
+register("focal_loss", Implementation("torch", "softmaxkit.functional.focal:torch_focal_loss", always))

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._core import row_weights
 from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
-from ..torch.cross_entropy import row_weights
 
 
 @triton.jit

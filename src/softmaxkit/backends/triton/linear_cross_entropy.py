@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._core import CrossEntropyOptions, row_weights
+from ..._core.linear import LOCAL, ChunkedLinearCrossEntropy, chunk_rows_for
 from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
-from ..torch.cross_entropy import row_weights
-from ..torch.linear_cross_entropy import LinearCrossEntropyConfig, _LinearCrossEntropyFunction, chunk_rows_for
 from .cross_entropy import (
     _ce_fused_inplace_kernel,
     _ce_fwd_kernel,
@@ -84,7 +84,7 @@ class _TritonLinearCrossEntropyFunction(torch.autograd.Function):
     """Scalar reductions (``"mean"``/``"sum"``) of class-index linear CE with the Triton kernels."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig, wanted):
+    def forward(ctx, hidden, weight, bias, target, class_weight, config: CrossEntropyOptions, wanted):
         num_rows, hidden_size = hidden.shape
         num_classes = weight.shape[0]
         work = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -149,7 +149,7 @@ class _TritonLinearCrossEntropyFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def triton_linear_cross_entropy(hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig):
+def triton_linear_cross_entropy(hidden, weight, bias, target, class_weight, config: CrossEntropyOptions):
     """Linear CE of ``hidden (N, D)``, ``weight (C, D)``, ``bias (C,)``/None and class indices ``(N,)``.
 
     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``"none"`` uses the chunked torch path.
@@ -160,7 +160,8 @@ def triton_linear_cross_entropy(hidden, weight, bias, target, class_weight, conf
             f"but `hidden` is on {hidden.device}"
         )
     if config.reduction == "none":
-        return _LinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config)
+        return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, class_weight, config, LOCAL,
+                                               torch.is_grad_enabled())
     grad_on = torch.is_grad_enabled()
     wanted = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
               grad_on and bias is not None and bias.requires_grad)
