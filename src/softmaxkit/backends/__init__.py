@@ -17,6 +17,9 @@ imports them on first use, so ``import softmaxkit`` never imports Triton or buil
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -61,6 +64,10 @@ class Request:
         count as having storage: the custom ops' fake kernels serve the trace and the real kernel the run.
         """
         real = _torch.compiler.is_compiling() or has_real_storage(main, *others)
+        if not real and any(_is_subclass(t) for t in (main, *others)):
+            flags = (*flags, SUBCLASS)
+        if not _torch.compiler.is_compiling() and _torch._C._are_functorch_transforms_active():
+            flags = (*flags, FUNCTORCH)
         unit = main.dim() == 0 or main.shape[class_dim] <= 1 or main.stride(class_dim) == 1
         return cls(main.device.type, main.dtype, main.dim() if ndim is None else ndim, real, unit,
                    frozenset(flags))
@@ -81,7 +88,11 @@ class Implementation:
 
     def resolve(self) -> Callable:
         module_name, _, attribute = self.target.partition(":")
-        module = importlib.import_module(module_name, __name__)
+        # a module imported before (every eager call, and the first trace) is looked up, not imported again:
+        # torch.compile traces a dict lookup, not importlib
+        module = sys.modules.get(module_name)
+        if module is None:
+            module = importlib.import_module(module_name)
         return getattr(module, attribute)
 
 
@@ -89,6 +100,12 @@ _TABLE: dict[str, list[Implementation]] = {}
 #: flag :func:`select` adds for an explicitly named implementation (some serve only when asked by name,
 #: e.g. Triton kernels interpreted on the CPU under ``TRITON_INTERPRET=1``)
 EXPLICIT = "explicit"
+#: flag of a call with a tensor subclass other than a fake tensor (a DTensor, ...): the custom ops have no rule
+#: for them, so plain torch ops (the composite path) serve them or they are refused
+SUBCLASS = "subclass"
+#: flag of a call made under a ``torch.func`` transform (``grad``, ``vmap``, ...): this torch's custom ops have
+#: no functorch rule (their generated autograd Function lacks ``setup_context``), so plain torch ops serve it
+FUNCTORCH = "functorch"
 #: implementation names accepted for an op without being in its row (e.g. legacy aliases) -> row name
 _ALIASES: dict[str, dict[str, str]] = {}
 
@@ -200,6 +217,19 @@ def needs_ndim(name: str, *ndims: int) -> Supports:
     return check
 
 
+def _is_subclass(tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return tensor is not None and type(tensor) not in (_torch.Tensor, _torch.nn.Parameter, FakeTensor)
+
+
+def needs_no_subclass(request: Request) -> str | None:
+    """Custom ops serve plain, meta and fake tensors (the fake kernel), not other subclasses (DTensor, ...)."""
+    if request.has(SUBCLASS):
+        return "needs plain, meta or fake tensors (not a DTensor or another tensor subclass)"
+    return None
+
+
 def needs_real_storage(request: Request) -> str | None:
     if not request.real_storage:
         return "needs plain tensors with storage (not meta, fake, DTensor or another tensor subclass)"
@@ -213,16 +243,24 @@ def only_when_named(reason: str) -> Supports:
     return check
 
 
+@_torch._dynamo.assume_constant_result
+def _triton_installed() -> bool:
+    """Whether Triton can be imported (a fact of the environment; torch.compile folds it to a constant)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@_torch._dynamo.assume_constant_result
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_device(request: Request) -> str | None:
     """CUDA with Triton installed; a CPU tensor only when named explicitly under ``TRITON_INTERPRET=1``."""
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "Triton is not installed"
     if request.device == "cuda":
         return None if _torch.cuda.is_available() else "CUDA is not available"
-    if request.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and request.has(EXPLICIT):
+    if request.device == "cpu" and _interpreting_triton() and request.has(EXPLICIT):
         return None
     return f"needs CUDA tensors (or TRITON_INTERPRET=1 and impl='triton' for CPU tensors), got {request.device}"
 
@@ -233,7 +271,12 @@ def _cpu_kernel(request: Request) -> str | None:
     return why_not(request)
 
 
+_NOT_FUNCTORCH = needs_flag_absent(
+    FUNCTORCH, "is a custom op, which torch.func transforms (grad, vmap, ...) cannot see through in this torch; "
+    "the composite path serves them"
+)
 _CLASS_INDEX_ROWS = all_of(
+    _NOT_FUNCTORCH,
     needs_ndim("logits", 1, 2),
     needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
 )
@@ -252,7 +295,7 @@ register("cross_entropy", Implementation(
 ))
 register("cross_entropy", Implementation(
     "torch", "softmaxkit.backends.torch.cross_entropy:torch_cross_entropy",
-    all_of(_CLASS_INDEX_ROWS, needs_real_storage),
+    all_of(_CLASS_INDEX_ROWS, needs_no_subclass),
 ))
 register("cross_entropy", Implementation(
     "composite", "softmaxkit.functional.cross_entropy:composite_cross_entropy", _NOT_INPLACE,
@@ -262,16 +305,17 @@ register("cross_entropy", Implementation(
 register("linear_cross_entropy", Implementation(
     "triton", "softmaxkit.backends.triton.linear_cross_entropy:triton_linear_cross_entropy",
     all_of(needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
-           needs_real_storage, _triton_device),
+           _NOT_FUNCTORCH, needs_real_storage, _triton_device),
 ))
 register("linear_cross_entropy", Implementation(
     "triton_fused", "softmaxkit.backends.triton.fused_linear_cross_entropy:fused_linear_cross_entropy",
     all_of(only_when_named("is chosen only by name (impl='triton_fused')"),
            needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
-           needs_real_storage, _triton_device),
+           _NOT_FUNCTORCH, needs_real_storage, _triton_device),
 ))
 register("linear_cross_entropy", Implementation(
-    "torch", "softmaxkit.backends.torch.linear_cross_entropy:torch_linear_cross_entropy", needs_real_storage,
+    "torch", "softmaxkit.backends.torch.linear_cross_entropy:torch_linear_cross_entropy",
+    all_of(_NOT_FUNCTORCH, needs_no_subclass),
 ))
 register("linear_cross_entropy", Implementation(
     "composite", "softmaxkit.functional.linear_cross_entropy:composite_linear_cross_entropy", _NOT_INPLACE,
@@ -279,3 +323,9 @@ register("linear_cross_entropy", Implementation(
 
 # focal_loss: the closed-form backward of backends/torch/focal.py (any device, any tensor type)
 register("focal_loss", Implementation("torch", "softmaxkit.functional.focal:torch_focal_loss", always))
+
+# The pure-PyTorch and CPU ops are registered with torch.library at import (cheap: no Triton, no C build), so
+# their modules are in sys.modules before any trace (``Implementation.resolve`` then traces a dict lookup).
+from .cpu import cross_entropy as _cpu_cross_entropy  # noqa: E402,F401
+from .torch import cross_entropy as _torch_cross_entropy  # noqa: E402,F401
+from .torch import linear_cross_entropy as _torch_linear_cross_entropy  # noqa: E402,F401

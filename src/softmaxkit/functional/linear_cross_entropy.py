@@ -172,11 +172,11 @@ def linear_cross_entropy(
     # explicit row count: reshape(-1, 0) is ambiguous for a hidden size of 0
     flat_hidden = hidden.reshape(math.prod(rows_shape), hidden.shape[-1])
     flat_target = target.reshape(-1, num_classes) if probabilities else target.reshape(-1)
-    if autocast:
+    if autocast:  # F.cross_entropy's rule on the autocast-dtype logits: an fp32 loss
         with torch.autocast(hidden.device.type, enabled=False):
             loss = chosen.resolve()(flat_hidden, weight, bias, flat_target, class_weight, options).float()
     else:
-        loss = chosen.resolve()(flat_hidden, weight, bias, flat_target, class_weight, options)
+        loss = chosen.resolve()(flat_hidden, weight, bias, flat_target, class_weight, options).to(hidden.dtype)
     return loss.reshape(rows_shape) if reduction == "none" else loss
 
 
@@ -196,6 +196,10 @@ def _autocast(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def composite_linear_cross_entropy(hidden, weight, bias, target, class_weight, options: CrossEntropyOptions):
     """``F.linear`` then the composite :func:`~softmaxkit.functional.cross_entropy.composite_cross_entropy`:
-    holds the ``(N, C)`` logits, twice differentiable."""
+    holds the ``(N, C)`` logits, twice differentiable. Hidden states of ignored rows read as 0, so a NaN or
+    ``±∞`` padding row leaves ``∂W`` finite (``0·NaN`` would not)."""
+    if target.dim() == 1:
+        valid = (target != options.ignore_index)[:, None]
+        hidden = torch.where(valid, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return cross_entropy_core(logits, target, class_weight, options, target.dim() == 2, impl="composite")

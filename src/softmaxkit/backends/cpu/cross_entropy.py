@@ -42,6 +42,12 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype in _SUFFIX and _build.load(_SUFFIX[dtype]) is not None
 
 
+@torch._dynamo.assume_constant_result
+def _kernel_usable(variant: str) -> bool:
+    """:func:`._build.usable` (a fact of the machine: torch.compile folds it to a constant, no trace of it)."""
+    return _build.usable(variant)
+
+
 def why_not(request) -> str | None:
     """The dispatch table's ``supports`` for the kernel: None if it may serve ``request``, else why not.
 
@@ -56,7 +62,7 @@ def why_not(request) -> str | None:
         return f"handles {', '.join(map(str, _SUFFIX))} logits, got {request.dtype}"
     if not request.unit_class_stride:
         return "needs logits whose class dimension has stride 1"
-    if not _build.usable(_SUFFIX[request.dtype]):
+    if not _kernel_usable(_SUFFIX[request.dtype]):
         return "no C compiler or cached kernel library (or SOFTMAXKIT_CPU_KERNELS=0)"
     return None
 
@@ -356,12 +362,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _is_one(tensor: torch.Tensor) -> bool:
-    """Whether a CPU scalar is exactly 1 (an eager read of CPU memory; never called while tracing)."""
-    return tensor.numel() == 1 and tensor.device.type == "cpu" and tensor.tolist() == 1.0
+    """Whether a CPU scalar is exactly 1: an eager read of CPU memory, only for a plain tensor (while compile,
+    export or AOT autograd trace, the tensors are fake or functional wrappers and the answer is False)."""
+    return (type(tensor) is torch.Tensor and tensor.device.type == "cpu" and tensor.numel() == 1
+            and tensor.tolist() == 1.0)
 
 
 def _backward(ctx, grad_output, *unused):
     refuse_double_backward()
+    if grad_output is None:  # the loss itself got no gradient (only statistics outputs were used)
+        return (None,) * 12
     if ctx.fused:
         (grad,) = ctx.saved_tensors
         # the gradient was written in forward for a unit upstream gradient: scale it only if needed

@@ -129,6 +129,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, *unused):
     refuse_double_backward()
+    if grad_output is None:  # the loss itself got no gradient (only statistics outputs were used)
+        return (None,) * 11
     logits, target, weight, row_max, log_sum = ctx.saved_tensors
     if ctx.inplace:
         torch.ops.softmaxkit.cross_entropy_chunked_backward_(grad_output, logits, target, weight, row_max, log_sum,

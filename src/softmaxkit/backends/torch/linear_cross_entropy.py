@@ -60,7 +60,8 @@ def _linear_cross_entropy(
                        accumulation_dtype)
     result = linear_forward(hidden, weight, bias, target, class_weight, options,
                             (need_hidden, need_weight, need_bias), need_target)
-    loss = reduce_loss(result.loss, reduction, result.denominator).to(hidden.dtype)
+    # in the compute dtype: the caller rounds it to hidden's dtype (or keeps fp32 under autocast)
+    loss = reduce_loss(result.loss, reduction, result.denominator)
     grads = [_empty(hidden) if g is None else g for g in
              (result.grad_hidden, result.grad_weight, result.grad_bias, result.grad_target)]
     return (loss, result.row_max, result.log_sum, *grads)
@@ -87,7 +88,7 @@ def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, label
       softcap, chunk_size, accumulation_dtype, need_hidden, need_weight, need_bias, need_target):
     num_rows = hidden.shape[0]
     work = compute_dtype(weight.dtype)
-    loss = hidden.new_empty((num_rows,) if reduction == "none" else ())
+    loss = hidden.new_empty((num_rows,) if reduction == "none" else (), dtype=work)
     stats = (hidden.new_empty((num_rows,), dtype=work), hidden.new_empty((num_rows,), dtype=work))
     grads = _grad_shapes(hidden, weight, bias, target, reduction, accumulation_dtype,
                          (need_hidden, need_weight, need_bias, need_target))
@@ -153,6 +154,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, *unused):
     refuse_double_backward()
+    if grad_output is None:  # the loss itself got no gradient (only statistics outputs were used)
+        return (None,) * 17
     if ctx.precompute:
         grads = [g * grad_output.to(g.dtype) if wanted else None
                  for g, wanted in zip(ctx.saved_tensors, ctx.needs)]
@@ -178,7 +181,9 @@ def torch_linear_cross_entropy(
     options: CrossEntropyOptions,
 ) -> torch.Tensor:
     """Chunked linear CE of ``hidden (N, D)``, ``weight (C, D)``, class indices ``(N,)`` or probabilities
-    ``(N, C)`` (validated arguments). Which gradients a backward will want is decided here, outside the op."""
+    ``(N, C)`` (validated arguments). Which gradients a backward will want is decided here, outside the op.
+
+    Returns the loss in the compute dtype (fp32 for fp16/bf16)."""
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and hidden.requires_grad,
@@ -189,4 +194,4 @@ def torch_linear_cross_entropy(
     loss, *_ = torch.ops.softmaxkit.linear_cross_entropy(
         hidden, weight, bias, target, class_weight, *options.op_args(), options.accumulation_dtype, *needs
     )
-    return loss
+    return loss  # compute dtype: linear_cross_entropy rounds it to hidden's dtype outside the op

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._core import row_weights
+from ..._core import CrossEntropyOptions, row_weights
 from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
 
@@ -280,16 +280,7 @@ def _or(tensor, placeholder):
 
 
 def triton_cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    temperature: float,
-    z_loss: float,
-    softcap: float | None,
-    inplace_backward: bool,
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, options: CrossEntropyOptions
 ) -> torch.Tensor:
     """Cross-entropy of 2-D ``logits`` ``(N, C)`` and class indices ``(N,)`` with the Triton kernels.
 
@@ -302,6 +293,6 @@ def triton_cross_entropy(
             f"but `logits` is on {logits.device}"
         )
     return _TritonCrossEntropyFunction.apply(
-        logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
-        inplace_backward,
+        logits, target, weight, options.ignore_index, options.reduction, options.label_smoothing,
+        options.temperature, options.z_loss, options.softcap, options.inplace_backward,
     )
