@@ -55,8 +55,10 @@ def test_cross_entropy_traces_without_graph_breaks(name, dtype):
     assert _break_count(lambda x, t: softmaxkit.cross_entropy(x, t, **options), logits.requires_grad_(), target) == 0
 
 
-@pytest.mark.parametrize("impl", ["auto", "cpu", "torch", "composite"])
+@pytest.mark.parametrize("impl", ["auto", "cpu", "torch", "composite", "triton"])
 def test_every_cpu_implementation_traces_without_graph_breaks(impl):
+    if impl == "triton":
+        pytest.importorskip("triton")
     logits, target = _inputs()
     assert _break_count(lambda x, t: softmaxkit.cross_entropy(x, t, impl=impl), logits.requires_grad_(), target) == 0
 
@@ -76,6 +78,15 @@ def test_linear_cross_entropy_traces_without_graph_breaks(dtype):
                         target) == 0
 
 
+def test_triton_linear_cross_entropy_traces_without_graph_breaks():
+    pytest.importorskip("triton")
+    hidden = torch.randn(N, D, requires_grad=True)
+    weight = torch.randn(C, D, requires_grad=True)
+    _, target = _inputs()
+    assert _break_count(lambda h, w, t: softmaxkit.linear_cross_entropy(h, w, t, impl="triton"), hidden, weight,
+                        target) == 0
+
+
 def test_composed_losses_trace_without_graph_breaks():
     logits, target = _inputs()
     teacher = torch.randn(N, C)
@@ -92,9 +103,11 @@ def _value_and_grad(function, *tensors):
     return loss.detach(), [leaf.grad for leaf in leaves if leaf.is_floating_point()]
 
 
-@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("impl", ["auto", "torch", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compiled_cross_entropy_equals_eager(impl, reduction):
+    if impl == "triton":
+        pytest.importorskip("triton")
     logits, target = _inputs()
 
     def function(x):

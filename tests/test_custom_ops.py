@@ -71,3 +71,37 @@ def test_linear_cross_entropy(reduction, probabilities):
     torch.library.opcheck(torch.ops.softmaxkit.linear_cross_entropy_backward.default,
                           (torch.ones(N if reduction == "none" else (), dtype=torch.float64), hidden.detach(),
                            weight.detach(), bias.detach(), target, None, row_max, log_sum, *args[5:13], *needs))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_triton(reduction):
+    """The Triton op (interpreted on CPU tensors under TRITON_INTERPRET=1, as CI runs it)."""
+    pytest.importorskip("triton")
+    import softmaxkit.backends.triton.cross_entropy  # noqa: F401  (registers the op)
+
+    logits, target, weight = _ce_inputs()
+    scalars = (SCALARS[0], reduction, *SCALARS[2:])
+    torch.library.opcheck(torch.ops.softmaxkit.cross_entropy_triton.default,
+                          (logits, target, weight, *scalars, False))
+    with torch.no_grad():
+        _, lse = torch.ops.softmaxkit.cross_entropy_triton(logits, target, weight, *scalars, False)
+    plain = logits.detach().clone()
+    grad_output = torch.ones(N if reduction == "none" else (), dtype=torch.float64)
+    torch.library.opcheck(torch.ops.softmaxkit.cross_entropy_triton_backward.default,
+                          (grad_output, plain, target, weight, lse, *scalars))
+    torch.library.opcheck(torch.ops.softmaxkit.cross_entropy_triton_backward_.default,
+                          (grad_output, plain.clone(), target, weight, lse, *scalars))
+
+
+def test_linear_cross_entropy_triton():
+    pytest.importorskip("triton")
+    import softmaxkit.backends.triton.linear_cross_entropy  # noqa: F401  (registers the op)
+
+    torch.manual_seed(0)
+    hidden = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(C, D, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, -100, 6, 2])
+    torch.library.opcheck(torch.ops.softmaxkit.linear_cross_entropy_triton.default,
+                          (hidden, weight, bias, target, None, -100, "mean", 0.1, 1.5, 1e-3, 4.0, 2, None,
+                           True, True, True))

@@ -254,10 +254,25 @@ def _interpreting_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_TRITON_MODULES = tuple(f"softmaxkit.backends.triton.{name}"
+                        for name in ("cross_entropy", "linear_cross_entropy", "fused_linear_cross_entropy"))
+
+
+@_torch._dynamo.assume_constant_result
+def _import_triton_backends() -> bool:
+    """Import the Triton backend modules (registering their ops). Under torch.compile this runs at trace time,
+    outside the traced code, so ``Implementation.resolve`` then finds them in ``sys.modules``."""
+    for name in _TRITON_MODULES:
+        importlib.import_module(name)
+    return True
+
+
 def _triton_device(request: Request) -> str | None:
     """CUDA with Triton installed; a CPU tensor only when named explicitly under ``TRITON_INTERPRET=1``."""
     if not _triton_installed():
         return "Triton is not installed"
+    if request.device == "cuda" or request.has(EXPLICIT):
+        _import_triton_backends()
     if request.device == "cuda":
         return None if _torch.cuda.is_available() else "CUDA is not available"
     if request.device == "cpu" and _interpreting_triton() and request.has(EXPLICIT):
