@@ -337,10 +337,11 @@ register("linear_cross_entropy", Implementation(
 ))
 
 # focal_loss: the closed-form backward of backends/torch/focal.py (any device, any tensor type)
-register("focal_loss", Implementation("torch", "softmaxkit.functional.focal:torch_focal_loss", always))
+register("focal_loss", Implementation("torch", "softmaxkit.backends.torch.focal:focal_loss_rows", always))
 
 # The pure-PyTorch and CPU ops are registered with torch.library at import (cheap: no Triton, no C build), so
 # their modules are in sys.modules before any trace (``Implementation.resolve`` then traces a dict lookup).
 from .cpu import cross_entropy as _cpu_cross_entropy  # noqa: E402,F401
 from .torch import cross_entropy as _torch_cross_entropy  # noqa: E402,F401
+from .torch import focal as _torch_focal  # noqa: E402,F401
 from .torch import linear_cross_entropy as _torch_linear_cross_entropy  # noqa: E402,F401

@@ -7,9 +7,9 @@ import math
 import torch
 
 from .. import _validation as v
-from .._core import compute_dtype
+from .. import backends
+from .._core import CrossEntropyOptions, compute_dtype
 from .._reduction import reduce_loss, target_weight
-from ..backends.torch.focal import _FocalFunction, _FocalProbabilityFunction
 from ._rows import class_rows, restore_rows
 from .cross_entropy import _check_target_shape, cross_entropy_core, validate_cross_entropy_args
 
@@ -120,16 +120,15 @@ def focal_loss(
         class_scale = alpha
     else:
         class_scale = alpha.to(compute_dtype(logits.dtype)) * weight.to(compute_dtype(logits.dtype))
+    options = CrossEntropyOptions(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                  temperature=temperature, num_classes=num_classes)
+    chosen = backends.select("focal_loss", "auto", backends.Request.of(logits, target, weight))
     if probabilities:
         rows, row_target = _probability_rows(logits, target)
-        loss = _FocalProbabilityFunction.apply(
-            rows, row_target, gamma, class_scale, reduction, label_smoothing, temperature
-        )
+        loss = chosen.resolve()(rows, row_target, gamma, class_scale, None, options, True)
         return loss.reshape(_row_shape(logits)) if reduction == "none" else loss
     rows, row_target = class_rows(logits, target)
-    loss = _FocalFunction.apply(
-        rows, row_target, gamma, class_scale, weight, ignore_index, reduction, label_smoothing, temperature
-    )
+    loss = chosen.resolve()(rows, row_target, gamma, class_scale, weight, options, False)
     return restore_rows(loss, reduction, target)
 
 
