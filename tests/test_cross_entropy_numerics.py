@@ -161,3 +161,36 @@ def test_inplace_backward_must_be_a_bool(value):
         softmaxkit.cross_entropy(logits, target, inplace_backward=value)
     with pytest.raises(TypeError, match="`inplace_backward` must be a bool"):
         softmaxkit.linear_cross_entropy(torch.randn(4, 3), torch.randn(6, 3), target, inplace_backward=value)
+
+
+@pytest.mark.parametrize("shift", [1e7, 1e30])
+def test_probability_targets_and_k_dim_are_shift_invariant(shift):
+    torch.manual_seed(0)
+    base = torch.randn(4, 9, 3, dtype=torch.float64)
+    soft = torch.softmax(torch.randn(4, 9, 3, dtype=torch.float64), dim=1)
+    hard = torch.randint(0, 9, (4, 3))
+    shifted = base + shift
+    exact = shifted - shift  # exact in fp64 (Sterbenz): the logits the shifted input really holds, unshifted
+    for target in (soft, hard):
+        expected, expected_grad = _loss_grad(F.cross_entropy, exact, target, label_smoothing=0.1)
+        loss, grad = _loss_grad(softmaxkit.cross_entropy, shifted, target, label_smoothing=0.1)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "composite"])
+def test_linear_cross_entropy_is_shift_invariant(impl):
+    """A constant bias shifts every logit of a row: the loss and ∂h, ∂W must not change (fp64, shift 1e7)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 30, (12,))
+    bias = torch.full((30,), 1e7, dtype=torch.float64)
+    expected = softmaxkit.linear_cross_entropy(hidden, weight, target, impl="composite", label_smoothing=0.1)
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    loss = softmaxkit.linear_cross_entropy(hidden, weight, target, bias=bias, impl=impl, label_smoothing=0.1)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    # the logits h·w + 1e7 are rounded to fp64 (ulp 2e-9): that rounding, not the loss formula, bounds the error
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-7)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
