@@ -142,8 +142,9 @@ def _linear_forward(hidden, weight, bias, target, class_weight, config: CrossEnt
                     logits, logits.stride(0), *common, num_classes, config.ignore_index, *scalars, **flags,
                 )
         out = reduce_loss(loss, config.reduction, denominator)
-        empty = hidden.new_empty((0,))
-        return (out.to(hidden.dtype), *(empty if g is None else g for g in (grad_hidden, grad_weight, grad_bias)))
+        # a fresh (0,) tensor per missing gradient: a custom op's outputs may not alias each other
+        return (out.to(hidden.dtype),
+                *(hidden.new_empty((0,)) if g is None else g for g in (grad_hidden, grad_weight, grad_bias)))
 
 
 @_define_op("softmaxkit::linear_cross_entropy_triton", mutates_args=())
@@ -178,12 +179,11 @@ def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, label
       softcap, chunk_size, accumulation_dtype, need_hidden, need_weight, need_bias):
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     acc = accumulation_dtype or work
-    empty = hidden.new_empty((0,))
     return (
         hidden.new_empty(()),
-        hidden.new_empty(hidden.shape) if need_hidden else empty,
-        weight.new_empty(weight.shape, dtype=acc) if need_weight else empty,
-        weight.new_empty((weight.shape[0],), dtype=acc) if need_bias and bias is not None else empty,
+        hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty((0,)),
+        weight.new_empty(weight.shape, dtype=acc) if need_weight else hidden.new_empty((0,)),
+        weight.new_empty((weight.shape[0],), dtype=acc) if need_bias and bias is not None else hidden.new_empty((0,)),
     )
 
 
