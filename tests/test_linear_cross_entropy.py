@@ -181,7 +181,7 @@ def test_gradients_only_for_inputs_that_need_them():
 def test_no_gradient_work_under_no_grad(monkeypatch):
     """Inside an autograd Function, ``needs_input_grad`` ignores ``torch.no_grad()``; evaluation must still
     skip building the gradients (a third of the matmuls, and ``C × D`` of memory)."""
-    import softmaxkit.backends.torch.linear_cross_entropy as backend
+    import softmaxkit._core.linear as backend
 
     built = []
     original = backend._Accumulators
@@ -204,7 +204,7 @@ def test_no_gradient_work_under_no_grad(monkeypatch):
 def test_onednn_and_mm_matmul_paths_agree_in_float32(monkeypatch, reduction):
     """fp32 on CPU uses oneDNN's linear for the logits and ∂h (faster than MKL sgemm here); torch.mm is
     the fallback. Both equal PyTorch's naive path to float32 tolerance."""
-    import softmaxkit.backends.torch.linear_cross_entropy as backend
+    import softmaxkit._core.linear as backend
 
     if not backend.onednn_linear_available():
         pytest.skip("oneDNN's linear is not available on this CPU / build")
@@ -625,7 +625,7 @@ def test_probability_targets_allocate_nothing_logits_sized(reduction):
 def test_probability_targets_largest_allocation_is_one_chunk(monkeypatch):
     """Chunk-size accounting on the torch.mm path (oneDNN's linear allocates its own scratch): the largest
     allocation of forward + backward is exactly the chunk's r × C fp32 logits buffer, since C·D, N·D < r·C."""
-    import softmaxkit.backends.torch.linear_cross_entropy as backend
+    import softmaxkit._core.linear as backend
 
     monkeypatch.setattr(backend, "use_onednn", lambda weight: False)
     num_rows, hidden_size, num_classes, chunk = 300, 6, 250, 20
@@ -737,16 +737,17 @@ def test_probability_targets_property_matches_oracle(rows, hidden_size, num_clas
 
 
 def test_probability_targets_routing_inputs_module_and_no_grad(monkeypatch):
-    import softmaxkit.backends.torch.linear_cross_entropy as backend
+    import softmaxkit._core.linear as backend
 
     hidden, weight, bias, _, class_weight = _problem((3, 4))
     target = _soft_target((3, 4), weight.shape[0])
     copies = [t.clone() for t in (hidden, weight, bias, target, class_weight)]
-    # "auto" and "torch" take the chunked Function; "composite" does not
+    # "auto" and "torch" take the chunked loop; "composite" does not
+    import softmaxkit.backends.torch.linear_cross_entropy as op_module
+
     calls = []
-    original = backend._LinearCrossEntropyFunction.apply
-    monkeypatch.setattr(backend._LinearCrossEntropyFunction, "apply",
-                        lambda *args: calls.append(args[3].shape) or original(*args))
+    original = op_module.linear_forward
+    monkeypatch.setattr(op_module, "linear_forward", lambda *args: calls.append(args[3].shape) or original(*args))
     results = {impl: softmaxkit.linear_cross_entropy(hidden, weight, target, bias=bias, class_weight=class_weight,
                                                      label_smoothing=0.1, impl=impl)
                for impl in ("auto", "torch", "composite")}
@@ -768,8 +769,10 @@ def test_probability_targets_routing_inputs_module_and_no_grad(monkeypatch):
 
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
-    (dict(impl="triton"), ValueError, "class-probability targets need impl='auto', 'torch' or 'composite'"),
-    (dict(impl="triton_fused"), ValueError, "class-probability targets need impl='auto', 'torch' or 'composite'"),
+    (dict(impl="triton"), ValueError, "handles class-index targets, not class probabilities; implementations "
+                                      "that can serve this call: 'auto', 'torch', 'composite'"),
+    (dict(impl="triton_fused"), ValueError, "handles class-index targets, not class probabilities; "
+                                            "implementations that can serve this call: 'auto', 'torch', 'composite'"),
     (dict(ignore_index=0), ValueError, "`ignore_index` is not supported with class-probability targets"),
     (dict(target=torch.ones(3, 5, dtype=torch.long)), ValueError, "`target` must have shape (3,)"),
     (dict(target=torch.ones(3, 4)), ValueError, "(3, 5) (class probabilities)"),

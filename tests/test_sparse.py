@@ -173,7 +173,7 @@ def test_support_path_and_dense_path_agree(name):
 def test_row_chunks_and_row_splits(monkeypatch, shape):
     # ~1 KiB chunks: every chunked loop (full sorts, dense forward/backward, losses) runs over many chunks;
     # mixed scales make some rows narrow (block filter, C >= 4096), some wide, some dense.
-    import softmaxkit.backends.torch.cross_entropy as ce_backend
+    import softmaxkit._core.rows as ce_backend  # where chunk_rows reads CHUNK_BYTES
 
     monkeypatch.setattr(ce_backend, "CHUNK_BYTES", 1024)
     scales = torch.tensor([3.0, 0.3, 1.0, 1e-4, 10.0]).repeat(shape[0])[: shape[0], None].double()

@@ -35,7 +35,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from softmaxkit.backends.torch.linear_cross_entropy import LinearCrossEntropyConfig  # noqa: E402
+from softmaxkit._core import CrossEntropyOptions as LinearCrossEntropyConfig  # noqa: E402
 from softmaxkit.backends.triton.fused_linear_cross_entropy import fused_linear_cross_entropy  # noqa: E402
 
 

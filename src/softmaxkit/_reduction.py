@@ -36,14 +36,17 @@ def reduce_loss(
     """
     if reduction == "none":
         return loss
-    total = loss.sum()
     if reduction == "sum":
-        return total
+        return loss.sum()
+    # the mean's sum in float64 (N elements, cheap): a sum that overflows fp32 while the mean fits still
+    # gives the mean, not inf
+    wide = torch.float64 if loss.dtype in (torch.float32, torch.float16, torch.bfloat16) else loss.dtype
+    total = loss.sum(dtype=wide)
     if denominator is None:
         denominator = loss.numel()
     if not isinstance(denominator, torch.Tensor):
-        denominator = torch.tensor(float(denominator), dtype=total.dtype, device=total.device)
-    return safe_divide(total, denominator.to(total.dtype))
+        denominator = torch.tensor(float(denominator), dtype=wide, device=total.device)
+    return safe_divide(total, denominator.to(wide)).to(loss.dtype)
 
 
 def row_scale(

@@ -17,18 +17,16 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _data_checks_enabled(tensor: torch.Tensor) -> bool:
-    """Whether value checks that read tensor data (and so sync with the device) may run now."""
+    """Whether value checks that read tensor data (and so sync with the device) may run now.
+
+    Not while tracing (compile, export), not during CUDA-graph capture, and not on tensors without data
+    (meta, fake and other subclasses: there are no values to check).
+    """
     if torch.compiler.is_compiling() or not has_data(tensor):
         return False
-    if tensor.is_meta or _is_fake(tensor):  # no data to read: shapes only
+    if tensor.device.type == "meta" or type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         return False
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(tensor)
 
 
 def check_reduction(reduction: object, allowed: Sequence[str] = REDUCTIONS) -> str:

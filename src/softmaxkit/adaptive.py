@@ -25,7 +25,11 @@ import torch
 from torch import nn
 
 from . import _validation as v
-from .functional.cross_entropy import cross_entropy
+from ._core import CrossEntropyOptions
+from .functional.cross_entropy import cross_entropy_core
+
+#: the per-row cross-entropy of the head and the tails (inputs built and validated here)
+_PER_ROW = CrossEntropyOptions(reduction="none")
 
 #: the ``(output, loss)`` pair :meth:`AdaptiveSoftmax.forward` returns, as PyTorch's ``_ASMoutput``.
 AdaptiveSoftmaxOutput = namedtuple("AdaptiveSoftmaxOutput", ["output", "loss"])
@@ -141,7 +145,7 @@ class AdaptiveSoftmax(nn.Module):
         boundaries = torch.tensor(self.cutoffs[:-1], device=labels.device)
         cluster = torch.bucketize(labels, boundaries, right=True)  # 0: shortlist, i: tail cluster i − 1
         head_target = torch.where(cluster == 0, labels, self.shortlist_size + cluster - 1)
-        nll = cross_entropy(self.head(rows), head_target, reduction="none")
+        nll = cross_entropy_core(self.head(rows), head_target, None, _PER_ROW, False)
         if self.n_clusters > 0 and labels.numel() > 0:
             order = torch.argsort(cluster, stable=True)
             sizes = torch.bincount(cluster, minlength=self.n_clusters + 1).tolist()  # the one host sync
@@ -153,7 +157,7 @@ class AdaptiveSoftmax(nn.Module):
                 start += sizes[i]
                 logits = self.tail[i - 1](rows.index_select(0, members))
                 local = labels.index_select(0, members) - self.cutoffs[i - 1]
-                nll = nll.index_add(0, members, cross_entropy(logits, local, reduction="none"))
+                nll = nll.index_add(0, members, cross_entropy_core(logits, local, None, _PER_ROW, False))
         output = -nll
         denominator = torch.tensor(max(output.numel(), 1), dtype=nll.dtype, device=nll.device)
         loss = nll.sum() / denominator

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from . import _validation as v
-from .functional.cross_entropy import cross_entropy
+from ._core import CrossEntropyOptions
+from .functional.cross_entropy import cross_entropy_core
 from .functional.softmax import softmax
 
 __all__ = [
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 _FORMAT = 1
+#: the summed cross-entropy of a chunk of calibration rows (labels validated by the caller)
+_SUM = CrossEntropyOptions(reduction="sum")
 #: rows per chunk of the (N, C) passes in fitting, bounding temporaries to a few tens of MB.
 _CHUNK_ELEMENTS = 1 << 21
 
@@ -443,7 +446,7 @@ class VectorScaling(_Calibrator):
             for rows in _row_chunks(num_rows, num_classes):
                 chunk_mask = None if mask is None else mask[rows]
                 z = self._transform(finite[rows].double(), chunk_mask, scale, bias)
-                loss = cross_entropy(z, labels[rows], reduction="sum") / num_rows
+                loss = cross_entropy_core(z, labels[rows], None, _SUM, False) / num_rows
                 loss.backward()
                 total += float(loss.detach())
             penalty = 0.5 * self.l2 * (((scale - 1) ** 2).sum() + (bias**2).sum())

@@ -36,18 +36,8 @@ import torch
 import torch.distributed as dist
 
 from . import _validation as v
-from ._reduction import reduce_loss
-from .backends._autograd import strict_once_differentiable
-from .backends.torch.cross_entropy import chunk_rows
-from .backends.torch.linear_cross_entropy import (
-    LinearCrossEntropyConfig,
-    LocalReduce,
-    _chunk_grad_from_lse,
-    _chunk_loss_and_grad,
-    _LinearCrossEntropyFunction,
-    _Rows,
-    work_dtype_of,
-)
+from ._core import CrossEntropyOptions
+from ._core.linear import ChunkedLinearCrossEntropy, LocalReduce, VocabParallelCrossEntropy
 
 
 class GroupReduce(LocalReduce):
@@ -146,48 +136,6 @@ def _check_common(target, reduction, ignore_index, label_smoothing, temperature,
     )
 
 
-class _VocabParallelCrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy of class-sliced logits ``(N, C_local)``; backward recomputes ``p`` from the stored LSE."""
-
-    @staticmethod
-    def forward(ctx, logits, target, class_weight, config: LinearCrossEntropyConfig):
-        num_rows, local_classes = logits.shape
-        work = work_dtype_of(logits.dtype)
-        rows = _Rows(target, class_weight, config, local_classes, work)
-        loss = torch.empty(num_rows, dtype=work, device=logits.device)
-        lse = torch.empty(num_rows, dtype=work, device=logits.device)
-        step = chunk_rows(num_rows, config.num_classes, config.chunk_size)  # the same on every process
-        buffer = torch.empty((min(step, num_rows), local_classes), dtype=work, device=logits.device)
-        derivative = torch.empty_like(buffer) if config.softcap is not None else None
-        for start in range(0, num_rows, step):
-            sl = slice(start, min(start + step, num_rows))
-            chunk = buffer[: sl.stop - start].copy_(logits[sl])
-            loss[sl], lse[sl] = _chunk_loss_and_grad(chunk, derivative, rows, sl, None, config)
-        out = reduce_loss(loss, config.reduction, rows.denominator)
-        ctx.config, ctx.rows = config, rows
-        ctx.save_for_backward(logits, lse)
-        return out.to(logits.dtype)
-
-    @staticmethod
-    @strict_once_differentiable
-    def backward(ctx, grad_output):
-        logits, lse = ctx.saved_tensors
-        config, rows = ctx.config, ctx.rows
-        num_rows, local_classes = logits.shape
-        grad_output = grad_output.to(lse.dtype)
-        scale = grad_output * rows.valid if config.reduction == "none" else rows.scale(config.reduction) * grad_output
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        step = chunk_rows(num_rows, config.num_classes, config.chunk_size)  # the same on every process
-        buffer = torch.empty((min(step, num_rows), local_classes), dtype=lse.dtype, device=logits.device)
-        derivative = torch.empty_like(buffer) if config.softcap is not None else None
-        for start in range(0, num_rows, step):
-            sl = slice(start, min(start + step, num_rows))
-            chunk = buffer[: sl.stop - start].copy_(logits[sl])
-            _chunk_grad_from_lse(chunk, derivative, rows, sl, lse[sl], scale[sl], config)
-            grad[sl].copy_(chunk)
-        return grad, None, None, None
-
-
 def vocab_parallel_cross_entropy(
     logits_shard: torch.Tensor,
     target: torch.Tensor,
@@ -246,12 +194,11 @@ def vocab_parallel_cross_entropy(
     offset, total = _layout(logits_shard.shape[1], target, 0, chunk_size, num_classes, group, "logits_shard",
                             (weight is not None, needs_grad))
     v.check_class_target(target, total, ignore_index)
-    config = LinearCrossEntropyConfig(
+    options = CrossEntropyOptions(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, temperature=temperature,
         z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, num_classes=total, class_offset=offset,
-        reduce=GroupReduce(group),
     )
-    return _VocabParallelCrossEntropyFunction.apply(logits_shard, target, weight, config)
+    return VocabParallelCrossEntropy.apply(logits_shard, target, weight, options, GroupReduce(group))
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -315,12 +262,13 @@ def vocab_parallel_linear_cross_entropy(
                                              grad_on and (weight_shard.requires_grad or (
                                                  bias_shard is not None and bias_shard.requires_grad))))
     v.check_class_target(target, total, ignore_index)
-    config = LinearCrossEntropyConfig(
+    options = CrossEntropyOptions(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, temperature=temperature,
         z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, accumulation_dtype=accumulation_dtype,
-        num_classes=total, class_offset=offset, reduce=GroupReduce(group), grad_enabled=grad_on,
+        num_classes=total, class_offset=offset,
     )
-    loss = _LinearCrossEntropyFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, target.reshape(-1), class_weight, config
+    loss = ChunkedLinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, target.reshape(-1), class_weight, options,
+        GroupReduce(group), grad_on,
     )
     return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss

@@ -17,10 +17,15 @@ imports them on first use, so ``import softmaxkit`` never imports Triton or buil
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import torch
+import torch as _torch  # `torch` is also the name of the subpackage backends.torch
+
+from .._core import has_real_storage
 
 
 @dataclass(frozen=True)
@@ -31,14 +36,14 @@ class Request:
         device: the inputs' device type (``"cpu"``, ``"cuda"``, ``"meta"``, ...).
         dtype: the main input's dtype.
         ndim: the main input's number of dimensions (after any row flattening the function does).
-        real_storage: True when every tensor is a plain ``torch.Tensor`` with real storage; False for meta,
+        real_storage: True when every tensor is a plain ``_torch.Tensor`` with real storage; False for meta,
             fake, DTensor or any other subclass (those never reach a C pointer).
         unit_class_stride: the class dimension is contiguous (stride 1).
         flags: op-specific facts by name (``probabilities``, ``inplace_backward``, ...).
     """
 
     device: str
-    dtype: torch.dtype
+    dtype: _torch.dtype
     ndim: int
     real_storage: bool = True
     unit_class_stride: bool = True
@@ -47,8 +52,29 @@ class Request:
     def has(self, flag: str) -> bool:
         return flag in self.flags
 
+    def with_flag(self, flag: str) -> Request:
+        return replace(self, flags=self.flags | {flag})
 
-#: ``supports(request)`` returns None when the implementation can serve the request, else the reason it cannot
+    @classmethod
+    def of(cls, main: _torch.Tensor, *others: _torch.Tensor | None, ndim: int | None = None, class_dim: int = -1,
+           flags: tuple[str, ...] = ()) -> Request:
+        """The request of a call whose main input is ``main`` (``others``: the other tensors of the call).
+
+        While ``torch.compile``/``torch.export`` trace, the tensors seen are stand-ins for real ones, so they
+        count as having storage: the custom ops' fake kernels serve the trace and the real kernel the run.
+        """
+        real = _torch.compiler.is_compiling() or has_real_storage(main, *others)
+        if not real and any(_is_subclass(t) for t in (main, *others)):
+            flags = (*flags, SUBCLASS)
+        if not _torch.compiler.is_compiling() and _torch._C._are_functorch_transforms_active():
+            flags = (*flags, FUNCTORCH)
+        unit = main.dim() == 0 or main.shape[class_dim] <= 1 or main.stride(class_dim) == 1
+        return cls(main.device.type, main.dtype, main.dim() if ndim is None else ndim, real, unit,
+                   frozenset(flags))
+
+
+#: ``supports(request)`` returns None when the implementation can serve the request, else the reason it cannot,
+#: phrased to follow the implementation's name ("needs CUDA tensors, got cpu")
 Supports = Callable[[Request], "str | None"]
 
 
@@ -62,11 +88,24 @@ class Implementation:
 
     def resolve(self) -> Callable:
         module_name, _, attribute = self.target.partition(":")
-        module = importlib.import_module(module_name, __name__)
+        # a module imported before (every eager call, and the first trace) is looked up, not imported again:
+        # torch.compile traces a dict lookup, not importlib
+        module = sys.modules.get(module_name)
+        if module is None:
+            module = importlib.import_module(module_name)
         return getattr(module, attribute)
 
 
 _TABLE: dict[str, list[Implementation]] = {}
+#: flag :func:`select` adds for an explicitly named implementation (some serve only when asked by name,
+#: e.g. Triton kernels interpreted on the CPU under ``TRITON_INTERPRET=1``)
+EXPLICIT = "explicit"
+#: flag of a call with a tensor subclass other than a fake tensor (a DTensor, ...): the custom ops have no rule
+#: for them, so plain torch ops (the composite path) serve them or they are refused
+SUBCLASS = "subclass"
+#: flag of a call made under a ``torch.func`` transform (``grad``, ``vmap``, ...): this torch's custom ops have
+#: no functorch rule (their generated autograd Function lacks ``setup_context``), so plain torch ops serve it
+FUNCTORCH = "functorch"
 #: implementation names accepted for an op without being in its row (e.g. legacy aliases) -> row name
 _ALIASES: dict[str, dict[str, str]] = {}
 
@@ -113,11 +152,11 @@ def select(op: str, impl: str, request: Request) -> Implementation:
             reasons.append(f"{implementation.name}: {reason}")
         raise ValueError(f"no implementation of {op} can serve these inputs ({'; '.join(reasons)})")
     implementation = next(entry for entry in row if entry.name == impl)
-    reason = implementation.supports(request)
+    reason = implementation.supports(request.with_flag(EXPLICIT))
     if reason is not None:
         servable = [entry.name for entry in row if entry.supports(request) is None]
         raise ValueError(
-            f"`impl={impl!r}` cannot serve this call: {reason}; implementations that can: "
+            f"`impl={impl!r}` {reason}; implementations that can serve this call: "
             f"{', '.join(map(repr, ['auto', *servable]))}"
         )
     return implementation
@@ -162,6 +201,144 @@ def always(request: Request) -> str | None:
 # ``functional/``.
 
 
+def needs_flag_absent(flag: str, reason: str) -> Supports:
+    def check(request: Request) -> str | None:
+        return reason if request.has(flag) else None
+
+    return check
+
+
+def needs_ndim(name: str, *ndims: int) -> Supports:
+    def check(request: Request) -> str | None:
+        if request.ndim not in ndims:
+            return f"handles {' or '.join(f'{n}-d' for n in ndims)} {name}, got {request.ndim}-d"
+        return None
+
+    return check
+
+
+def _is_subclass(tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return tensor is not None and type(tensor) not in (_torch.Tensor, _torch.nn.Parameter, FakeTensor)
+
+
+def needs_no_subclass(request: Request) -> str | None:
+    """Custom ops serve plain, meta and fake tensors (the fake kernel), not other subclasses (DTensor, ...)."""
+    if request.has(SUBCLASS):
+        return "needs plain, meta or fake tensors (not a DTensor or another tensor subclass)"
+    return None
+
+
+def needs_real_storage(request: Request) -> str | None:
+    if not request.real_storage:
+        return "needs plain tensors with storage (not meta, fake, DTensor or another tensor subclass)"
+    return None
+
+
+def only_when_named(reason: str) -> Supports:
+    def check(request: Request) -> str | None:
+        return None if request.has(EXPLICIT) else reason
+
+    return check
+
+
+@_torch._dynamo.assume_constant_result
+def _triton_installed() -> bool:
+    """Whether Triton can be imported (a fact of the environment; torch.compile folds it to a constant)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@_torch._dynamo.assume_constant_result
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_TRITON_MODULES = tuple(f"softmaxkit.backends.triton.{name}"
+                        for name in ("cross_entropy", "linear_cross_entropy", "fused_linear_cross_entropy"))
+
+
+@_torch._dynamo.assume_constant_result
+def _import_triton_backends() -> bool:
+    """Import the Triton backend modules (registering their ops). Under torch.compile this runs at trace time,
+    outside the traced code, so ``Implementation.resolve`` then finds them in ``sys.modules``."""
+    for name in _TRITON_MODULES:
+        importlib.import_module(name)
+    return True
+
+
+def _triton_device(request: Request) -> str | None:
+    """CUDA with Triton installed; a CPU tensor only when named explicitly under ``TRITON_INTERPRET=1``."""
+    if not _triton_installed():
+        return "Triton is not installed"
+    if request.device == "cuda" or request.has(EXPLICIT):
+        _import_triton_backends()
+    if request.device == "cuda":
+        return None if _torch.cuda.is_available() else "CUDA is not available"
+    if request.device == "cpu" and _interpreting_triton() and request.has(EXPLICIT):
+        return None
+    return f"needs CUDA tensors (or TRITON_INTERPRET=1 and impl='triton' for CPU tensors), got {request.device}"
+
+
+def _cpu_kernel(request: Request) -> str | None:
+    from .cpu.cross_entropy import why_not
+
+    return why_not(request)
+
+
+_NOT_FUNCTORCH = needs_flag_absent(
+    FUNCTORCH, "is a custom op, which torch.func transforms (grad, vmap, ...) cannot see through in this torch; "
+    "the composite path serves them"
+)
+_CLASS_INDEX_ROWS = all_of(
+    _NOT_FUNCTORCH,
+    needs_ndim("logits", 1, 2),
+    needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
+)
+_NOT_INPLACE = needs_flag_absent(
+    "inplace_backward", "computes its gradient by autograd: `inplace_backward=True` needs a fused path "
+    "(impl='auto', 'torch', 'cpu' or 'triton')"
+)
+
+# cross_entropy(logits, target, weight, options) on 2-D logits and (N,) targets (composite: any shape)
+register("cross_entropy", Implementation(
+    "triton", "softmaxkit.backends.triton.cross_entropy:triton_cross_entropy",
+    all_of(_CLASS_INDEX_ROWS, needs_real_storage, _triton_device),
+))
+register("cross_entropy", Implementation(
+    "cpu", "softmaxkit.backends.cpu.cross_entropy:cpu_cross_entropy", all_of(_CLASS_INDEX_ROWS, _cpu_kernel),
+))
+register("cross_entropy", Implementation(
+    "torch", "softmaxkit.backends.torch.cross_entropy:torch_cross_entropy",
+    all_of(_CLASS_INDEX_ROWS, needs_no_subclass),
+))
+register("cross_entropy", Implementation(
+    "composite", "softmaxkit.functional.cross_entropy:composite_cross_entropy", _NOT_INPLACE,
+))
+
+# linear_cross_entropy(hidden (N, D), weight, bias, target, class_weight, options)
+register("linear_cross_entropy", Implementation(
+    "triton", "softmaxkit.backends.triton.linear_cross_entropy:triton_linear_cross_entropy",
+    all_of(needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
+           _NOT_FUNCTORCH, needs_real_storage, _triton_device),
+))
+register("linear_cross_entropy", Implementation(
+    "triton_fused", "softmaxkit.backends.triton.fused_linear_cross_entropy:fused_linear_cross_entropy",
+    all_of(only_when_named("is chosen only by name (impl='triton_fused')"),
+           needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
+           _NOT_FUNCTORCH, needs_real_storage, _triton_device),
+))
+register("linear_cross_entropy", Implementation(
+    "torch", "softmaxkit.backends.torch.linear_cross_entropy:torch_linear_cross_entropy",
+    all_of(_NOT_FUNCTORCH, needs_no_subclass),
+))
+register("linear_cross_entropy", Implementation(
+    "composite", "softmaxkit.functional.linear_cross_entropy:composite_linear_cross_entropy", _NOT_INPLACE,
+))
+
+# focal_loss: the closed-form backward of backends/torch/focal.py (any device, any tensor type)
+register("focal_loss", Implementation("torch", "softmaxkit.backends.torch.focal:focal_loss_rows", always))
+
 # ---------------------------------------------------------------------------------------------------------
 # Sparse maps and their Fenchel-Young losses: sparsemax, entmax15, entmax_bisect and their *_loss.
 # Every implementation is a torch.library custom op (``torch.ops.softmaxkit.*``) behind a Python entry with
@@ -173,8 +350,8 @@ def always(request: Request) -> str | None:
 # device, meta included). The functional layer (functional/sparse.py) refuses tensor subclasses such as
 # DTensor with a TypeError before asking; ``flags`` may carry "subclass" for callers that ask anyway.
 
-_SPARSE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_SPARSE_VARIANTS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+_SPARSE_DTYPES = (_torch.float32, _torch.float64, _torch.bfloat16, _torch.float16)
+_SPARSE_VARIANTS = {_torch.float32: "f32", _torch.float64: "f64", _torch.bfloat16: "bf16", _torch.float16: "f16"}
 
 
 def _sparse_plain_rows(request: Request) -> str | None:
@@ -196,20 +373,27 @@ def _sparse_cpu_kernel(request: Request) -> str | None:
 
 
 def _sparse_triton_installed(request: Request) -> str | None:
-    import importlib.util
-
-    return None if importlib.util.find_spec("triton") is not None else "Triton is not installed"
+    return None if _triton_installed() else "Triton is not installed"
 
 
 _SPARSE_CPU = all_of(needs_device("cpu"), _sparse_plain_rows, _sparse_cpu_kernel)
 _SPARSE_TRITON = all_of(needs_device("cuda"), _sparse_plain_rows, _sparse_triton_installed)
 
 for _op in ("sparsemax", "entmax15"):
-    register(_op, Implementation("cpu", ".cpu.sparse:cpu_entmax", _SPARSE_CPU))
-    register(_op, Implementation("triton", ".triton.sparse:triton_entmax", _SPARSE_TRITON))
-    register(_op, Implementation("torch", ".torch.sparse:torch_entmax", always))
-    register(f"{_op}_loss", Implementation("cpu", ".cpu.sparse:cpu_fenchel_young", _SPARSE_CPU))
-    register(f"{_op}_loss", Implementation("torch", ".torch.sparse:torch_fenchel_young", always))
-register("entmax_bisect", Implementation("torch", ".torch.sparse:torch_entmax", always))
-register("entmax_bisect_loss", Implementation("torch", ".torch.sparse:torch_fenchel_young", always))
+    register(_op, Implementation("cpu", "softmaxkit.backends.cpu.sparse:cpu_entmax", _SPARSE_CPU))
+    register(_op, Implementation("triton", "softmaxkit.backends.triton.sparse:triton_entmax", _SPARSE_TRITON))
+    register(_op, Implementation("torch", "softmaxkit.backends.torch.sparse:torch_entmax", always))
+    register(f"{_op}_loss", Implementation("cpu", "softmaxkit.backends.cpu.sparse:cpu_fenchel_young", _SPARSE_CPU))
+    register(f"{_op}_loss", Implementation("torch", "softmaxkit.backends.torch.sparse:torch_fenchel_young", always))
+register("entmax_bisect", Implementation("torch", "softmaxkit.backends.torch.sparse:torch_entmax", always))
+register("entmax_bisect_loss", Implementation("torch", "softmaxkit.backends.torch.sparse:torch_fenchel_young", always))
 del _op
+
+# The pure-PyTorch and CPU ops are registered with torch.library at import (cheap: no Triton, no C build), so
+# their modules are in sys.modules before any trace (``Implementation.resolve`` then traces a dict lookup).
+from .cpu import cross_entropy as _cpu_cross_entropy  # noqa: E402,F401
+from .cpu import sparse as _cpu_sparse  # noqa: E402,F401
+from .torch import cross_entropy as _torch_cross_entropy  # noqa: E402,F401
+from .torch import focal as _torch_focal  # noqa: E402,F401
+from .torch import linear_cross_entropy as _torch_linear_cross_entropy  # noqa: E402,F401
+from .torch import sparse as _torch_sparse  # noqa: E402,F401

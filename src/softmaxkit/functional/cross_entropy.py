@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as v
+from .. import backends
+from .._core import CrossEntropyOptions, compute_dtype
 from .._reduction import reduce_loss, target_weight
-from ..backends.torch.cross_entropy import _CrossEntropyFunction
-from .softmax import compute_dtype
 
-#: implementations ``cross_entropy(impl=...)`` accepts. ``"auto"`` picks the fastest correct one.
-IMPLS = ("auto", "torch", "composite", "triton", "cpu")
+#: implementations ``cross_entropy(impl=...)`` accepts (the dispatch table's row, in ``auto`` preference
+#: order). ``"auto"`` picks the fastest one that can serve the inputs.
+IMPLS = backends.implementations("cross_entropy")
 
 
 def _is_probability_target(logits: torch.Tensor, target: torch.Tensor) -> bool:
@@ -42,9 +43,14 @@ def _check_target_shape(logits: torch.Tensor, target: torch.Tensor) -> bool:
 
 
 def validate_cross_entropy_args(
-    logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap
+    logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
+    chunk_size=None, inplace_backward=False,
 ):
-    """Shared validation of :func:`cross_entropy`'s arguments; returns normalised values."""
+    """Shared validation of :func:`cross_entropy`'s arguments.
+
+    Returns ``(logits, target, weight, options, probabilities)`` with the options as one
+    :class:`~softmaxkit._core.CrossEntropyOptions`.
+    """
     logits = v.check_floating("logits", logits)
     target = v.check_tensor("target", target)
     v.check_same_device("target", target, "logits", logits)
@@ -54,34 +60,75 @@ def validate_cross_entropy_args(
     temperature = v.check_positive("temperature", temperature)
     z_loss = v.check_non_negative("z_loss", z_loss)
     softcap = v.check_softcap(softcap)
+    chunk_size = v.check_optional_positive_int("chunk_size", chunk_size)
+    inplace_backward = check_bool("inplace_backward", inplace_backward)
     probabilities = _check_target_shape(logits, target)
     num_classes = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
     if num_classes == 0 and not probabilities:  # no class index can be valid
         raise ValueError(f"`logits` must have at least one class, but has shape {tuple(logits.shape)}")
     weight = v.check_class_weight(weight, num_classes, logits)
     v.check_target_values(target, num_classes, ignore_index, probabilities)
-    return logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap
+    if inplace_backward:
+        check_writable_logits(logits)
+    options = CrossEntropyOptions(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, temperature=temperature,
+        z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, inplace_backward=inplace_backward,
+        num_classes=num_classes,
+    )
+    return logits, target, weight, options, probabilities
 
 
-def _composite_cross_entropy(
-    logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, probabilities
-):
-    """Any shape, any target kind, composed of differentiable torch ops (twice differentiable)."""
+def check_bool(name: str, value: object) -> bool:
+    """A real ``bool`` (``"no"``, ``0`` or a tensor are refused, not read as truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool (True or False), but got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def check_writable_logits(logits: torch.Tensor) -> None:
+    """``inplace_backward=True`` writes the gradient over ``logits``: every element must own its memory."""
+    if v._data_checks_enabled(logits) and torch._debug_has_internal_overlap(logits) != 0:
+        raise ValueError(
+            "`inplace_backward=True` writes the gradient over `logits`, but more than one element of `logits` "
+            f"refers to a single memory location (an expanded or overlapping view, strides {logits.stride()}); "
+            "pass a contiguous tensor (logits.clone()) or inplace_backward=False"
+        )
+
+
+def composite_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    options: CrossEntropyOptions,
+    probabilities: bool = False,
+) -> torch.Tensor:
+    """Any shape, any target kind, composed of differentiable torch ops (twice differentiable).
+
+    The shifted form of :mod:`softmaxkit._core` with autograd: ``log p = (z − m) − log Σ exp(z − m)``;
+    for class-index targets the logits of ignored rows are replaced by 0 first, so a NaN or ``±∞`` padding
+    row gives loss and gradient exactly 0.
+    """
     class_dim = 0 if logits.dim() == 1 else 1
     num_classes = logits.shape[class_dim]
     work = compute_dtype(logits.dtype)
+    eps, z_loss = options.label_smoothing, options.z_loss
     z = logits.to(work)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    if temperature != 1.0:
-        z = z / temperature
-    lse = torch.logsumexp(z, class_dim, keepdim=True)
-    log_p = z - lse
-    lse = lse.squeeze(class_dim)
+    if not probabilities:
+        w_y, valid = target_weight(target, weight, options.ignore_index, work)
+        z = torch.where(valid.unsqueeze(class_dim), z, torch.zeros((), dtype=work, device=z.device))
+    if options.softcap is not None:
+        z = options.softcap * torch.tanh(z / options.softcap)
+    if options.temperature != 1.0:
+        z = z / options.temperature
+    row_max = z.amax(class_dim, keepdim=True).detach()  # the shift: any constant gives the same value
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shifted = z - row_max
+    log_sum = torch.logsumexp(shifted, class_dim, keepdim=True)
+    log_p = shifted - log_sum
+    lse = (row_max + log_sum).squeeze(class_dim)
     shape = [1] * logits.dim()
     shape[class_dim] = num_classes
     w = None if weight is None else weight.to(work).view(shape)
-    eps = label_smoothing
 
     if probabilities:
         coefficient = target.to(work)
@@ -98,48 +145,57 @@ def _composite_cross_entropy(
             loss = loss + z_loss * lse * lse
         denominator = loss.numel()
     else:
-        w_y, valid = target_weight(target, weight, ignore_index, work)
         safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
         nll = -log_p.gather(class_dim, safe_target.unsqueeze(class_dim)).squeeze(class_dim)
         loss = (1.0 - eps) * w_y * nll
         if eps > 0:
-            smooth = -(log_p if w is None else log_p * w).sum(class_dim) * (eps / num_classes)
-            loss = loss + smooth
+            smooth_terms = log_p if w is None else (log_p * w).masked_fill(w == 0, 0.0)
+            loss = loss - smooth_terms.sum(class_dim) * (eps / num_classes)
         if z_loss > 0:
             loss = loss + z_loss * lse * lse
         loss = torch.where(valid, loss, torch.zeros_like(loss))
         denominator = w_y.sum()
-    return reduce_loss(loss, reduction, denominator).to(logits.dtype)
+    return reduce_loss(loss, options.reduction, denominator).to(logits.dtype)
 
 
-def _pick_impl(impl: str, logits: torch.Tensor, probabilities: bool, inplace_backward: bool) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"`impl` must be one of {', '.join(map(repr, IMPLS))}, but got {impl!r}")
-    fused_ok = logits.dim() in (1, 2) and not probabilities
-    if impl == "auto":
-        if fused_ok and logits.is_cuda:
-            from ..backends import triton as triton_backend
+def _autocast(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, probabilities: bool):
+    """``F.cross_entropy``'s autocast rule: under autocast the loss is computed (and returned) in fp32."""
+    device = logits.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and logits.dtype in (
+            torch.float16, torch.bfloat16):
+        logits = logits.float()
+        if probabilities:
+            target = target.float()
+        weight = None if weight is None else weight.float()
+    return logits, target, weight
 
-            if getattr(triton_backend, "available", lambda: False)():
-                return "triton"
-        if fused_ok and logits.device.type == "cpu":
-            from ..backends.cpu import cross_entropy as cpu_backend
 
-            # the compiled kernel where it builds and handles these logits (measured 2-6x faster than
-            # "torch", docs/benchmarks.md); the PyTorch path otherwise
-            return "cpu" if cpu_backend.supports(logits.unsqueeze(0) if logits.dim() == 1 else logits) else "torch"
-        return "torch" if fused_ok else "composite"
-    if impl in ("torch", "triton", "cpu") and not fused_ok:
-        raise ValueError(
-            f"`impl={impl!r}` handles 1-d or 2-d logits with class-index targets; use impl='auto' or "
-            f"'composite' for logits of shape {tuple(logits.shape)}"
-            + (" with class-probability targets" if probabilities else "")
-        )
-    if inplace_backward and impl == "composite":
-        raise ValueError("`inplace_backward=True` needs impl='auto', 'torch' or 'triton', not 'composite'")
-    if impl == "cpu" and logits.device.type != "cpu":
-        raise ValueError(f"`impl='cpu'` needs CPU tensors, but `logits` is on {logits.device}")
-    return impl
+def cross_entropy_core(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    options: CrossEntropyOptions,
+    probabilities: bool,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """:func:`cross_entropy` on already validated arguments: select an implementation, then call it.
+
+    Composed losses (poly-1, distillation, adaptive softmax, calibration) call this, so the inputs are
+    validated (and the target range checked) once.
+    """
+    logits, target, weight = _autocast(logits, target, weight, probabilities)
+    flags = ["probabilities"] if probabilities else []
+    if options.inplace_backward:
+        flags.append("inplace_backward")
+    request = backends.Request.of(logits, target, weight, class_dim=0 if logits.dim() == 1 else 1,
+                                  flags=tuple(flags))
+    chosen = backends.select("cross_entropy", impl, request)
+    if chosen.name == "composite":
+        return chosen.resolve()(logits, target, weight, options, probabilities)
+    unbatched = logits.dim() == 1
+    rows, row_target = (logits.unsqueeze(0), target.reshape(1)) if unbatched else (logits, target)
+    loss = chosen.resolve()(rows, row_target, weight, options)
+    return loss.reshape(()) if unbatched and options.reduction == "none" else loss
 
 
 def cross_entropy(
@@ -179,19 +235,23 @@ def cross_entropy(
         temperature: ``T > 0`` dividing the (soft-capped) logits.
         z_loss: ``λ ≥ 0``, adds ``λ·LSE(z)²`` per non-ignored row (PaLM); not multiplied by class weights.
         softcap: ``c > 0`` or None; applies ``c·tanh(x/c)`` before the temperature.
-        impl: ``"auto"`` (for 1-d/2-d class-index input: Triton on CUDA when available, the compiled CPU
-            kernel on CPU when it builds, else the fused chunked path; ``"composite"`` otherwise),
-            ``"torch"`` (fused chunked PyTorch path), ``"composite"`` (plain differentiable torch ops;
-            supports double backward), ``"triton"`` (Triton kernels), ``"cpu"`` (the C kernel of
-            ``softmaxkit.backends.cpu``, built on first use; the ``"torch"`` path where no C compiler is
-            found or the classes are not contiguous).
+        impl: ``"auto"`` (the first implementation of the dispatch table's row that can serve the inputs:
+            for 1-d/2-d class-index input Triton on CUDA, the compiled CPU kernel on CPU where a compiler or a
+            cached kernel exists, else the fused chunked path; ``"composite"`` otherwise), ``"torch"`` (fused
+            chunked PyTorch path), ``"composite"`` (plain differentiable torch ops; supports double
+            backward), ``"triton"`` (Triton kernels), ``"cpu"`` (the C kernel of
+            ``softmaxkit.backends.cpu``, built on first use). An implementation named explicitly that cannot
+            serve the inputs raises a ``ValueError`` saying why (see :mod:`softmaxkit.backends`).
         inplace_backward: opt-in; the backward writes the gradient into the ``logits`` buffer instead of a
             new one (its version counter is bumped, so any other use of ``logits`` in the graph raises).
-            Saves one logits-sized allocation; ``logits`` holds the gradient afterwards.
-        chunk_size: rows per chunk of the fused path (None: ~4 MiB of fp32 per chunk).
+            Saves one logits-sized allocation; ``logits`` holds the gradient afterwards. Must be a ``bool``;
+            ``logits`` must not be an expanded or self-overlapping view; not available with
+            ``impl="composite"`` (nor with class-probability or K-dimensional input, which only it serves).
+        chunk_size: rows per chunk of the fused path (None: ~4 MiB of fp32 per chunk); a positive int.
 
     Returns:
-        A scalar for ``"mean"``/``"sum"``; the target's shape for ``"none"``. Dtype of ``logits``.
+        A scalar for ``"mean"``/``"sum"``; the target's shape for ``"none"``. Dtype of ``logits`` (fp32 under
+        ``torch.autocast`` for fp16/bf16 logits, as ``F.cross_entropy``).
 
     Example:
         >>> import torch, softmaxkit
@@ -203,43 +263,11 @@ def cross_entropy(
         Müller et al., "When does label smoothing help?", 2019; Chowdhery et al., "PaLM", 2022 (z-loss);
         Gemma Team, "Gemma 2", 2024 (logit soft-capping).
     """
-    (logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap) = (
-        validate_cross_entropy_args(
-            logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap
-        )
+    logits, target, weight, options, probabilities = validate_cross_entropy_args(
+        logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
+        chunk_size, inplace_backward,
     )
-    probabilities = _is_probability_target(logits, target)
     if logits.shape[0 if logits.dim() == 1 else 1] == 0:  # zero classes (probability targets): PyTorch's value
-        return torch.nn.functional.cross_entropy(logits, target, weight, reduction=reduction,
-                                                 label_smoothing=label_smoothing)
-    chosen = _pick_impl(impl, logits, probabilities, inplace_backward)
-    if chosen == "composite":
-        return _composite_cross_entropy(
-            logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
-            probabilities,
-        )
-    unbatched = logits.dim() == 1
-    rows, row_target = (logits.unsqueeze(0), target.reshape(1)) if unbatched else (logits, target)
-    if chosen == "cpu":
-        from ..backends.cpu import cross_entropy as cpu_backend
-
-        if cpu_backend.supports(rows):
-            loss = cpu_backend.cpu_cross_entropy(
-                rows, row_target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
-                inplace_backward,
-            )
-            return loss.reshape(()) if unbatched and reduction == "none" else loss
-        chosen = "torch"  # no compiler here, or logits without unit class stride: the same maths in torch ops
-    if chosen == "triton":
-        from ..backends.triton.cross_entropy import triton_cross_entropy
-
-        loss = triton_cross_entropy(
-            rows, row_target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
-            inplace_backward,
-        )
-    else:
-        loss = _CrossEntropyFunction.apply(
-            rows, row_target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
-            chunk_size, inplace_backward,
-        )
-    return loss.reshape(()) if unbatched and reduction == "none" else loss
+        return torch.nn.functional.cross_entropy(logits, target, weight, reduction=options.reduction,
+                                                 label_smoothing=options.label_smoothing)
+    return cross_entropy_core(logits, target, weight, options, probabilities, impl)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as v
+from .._core import compute_dtype
 from .._reduction import reduce_loss, safe_divide
-from .cross_entropy import cross_entropy
-from .softmax import compute_dtype
+from .cross_entropy import cross_entropy_core, validate_cross_entropy_args
 
 #: reductions :func:`distillation_loss` accepts (``"batchmean"`` is PyTorch's ``kl_div`` one).
 DISTILLATION_REDUCTIONS = ("batchmean", "mean", "sum", "none")
@@ -101,8 +101,10 @@ def distillation_loss(
         kd_reduced = reduce_loss(kd, reduction)
     if target is None:
         return kd_reduced.to(student_logits.dtype)
-    ce = cross_entropy(
-        student_logits, target, weight=weight, ignore_index=ignore_index,
-        reduction="mean" if reduction in ("mean", "batchmean") else reduction, label_smoothing=label_smoothing,
+    # validated once here (the target's range included), then the already-validated core
+    _, target, weight, options, probabilities = validate_cross_entropy_args(
+        student_logits, target, weight, ignore_index, "mean" if reduction in ("mean", "batchmean") else reduction,
+        label_smoothing, 1.0, 0.0, None,
     )
+    ce = cross_entropy_core(student_logits, target, weight, options, probabilities)
     return (alpha * kd_reduced + (1.0 - alpha) * ce.to(work)).to(student_logits.dtype)

@@ -7,11 +7,11 @@ import math
 import torch
 
 from .. import _validation as v
+from .. import backends
+from .._core import CrossEntropyOptions, compute_dtype
 from .._reduction import reduce_loss, target_weight
-from ..backends.torch.focal import _FocalFunction, _FocalProbabilityFunction
 from ._rows import class_rows, restore_rows
-from .cross_entropy import _check_target_shape, cross_entropy
-from .softmax import compute_dtype
+from .cross_entropy import _check_target_shape, cross_entropy_core, validate_cross_entropy_args
 
 
 def _check_target(logits: torch.Tensor, target: object) -> tuple[int, bool]:
@@ -120,16 +120,15 @@ def focal_loss(
         class_scale = alpha
     else:
         class_scale = alpha.to(compute_dtype(logits.dtype)) * weight.to(compute_dtype(logits.dtype))
+    options = CrossEntropyOptions(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                                  temperature=temperature, num_classes=num_classes)
+    chosen = backends.select("focal_loss", "auto", backends.Request.of(logits, target, weight))
     if probabilities:
         rows, row_target = _probability_rows(logits, target)
-        loss = _FocalProbabilityFunction.apply(
-            rows, row_target, gamma, class_scale, reduction, label_smoothing, temperature
-        )
+        loss = chosen.resolve()(rows, row_target, gamma, class_scale, None, options, True)
         return loss.reshape(_row_shape(logits)) if reduction == "none" else loss
     rows, row_target = class_rows(logits, target)
-    loss = _FocalFunction.apply(
-        rows, row_target, gamma, class_scale, weight, ignore_index, reduction, label_smoothing, temperature
-    )
+    loss = chosen.resolve()(rows, row_target, gamma, class_scale, weight, options, False)
     return restore_rows(loss, reduction, target)
 
 
@@ -223,18 +222,23 @@ def poly1_cross_entropy(
         loss = ce + epsilon * w_bar * (1.0 - p_t)
         return reduce_loss(loss, reduction).to(logits.dtype)
 
-    # cross_entropy validates the target's values and handles every shape and dtype.
-    ce = cross_entropy(
-        logits, target, weight=weight, ignore_index=ignore_index, reduction="none",
-        label_smoothing=label_smoothing, temperature=temperature,
+    # the cross-entropy arguments are validated once (the target's values included), then the core is called
+    _, target, weight, options, _ = validate_cross_entropy_args(
+        logits, target, weight, ignore_index, "none", label_smoothing, temperature, 0.0, None
     )
+    ce = cross_entropy_core(logits, target, weight, options, False)
     w_y, valid = target_weight(target, weight, ignore_index, work)
     safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
-    z = logits.to(work)
+    # ignored rows read as 0 logits: a NaN or ±inf padding row gives loss and gradient 0, not 0·NaN
+    z = torch.where(valid.unsqueeze(class_dim), logits.to(work), torch.zeros((), dtype=work, device=logits.device))
     if temperature != 1.0:
         z = z / temperature
     z_y = z.gather(class_dim, safe_target.unsqueeze(class_dim)).squeeze(class_dim)
-    p_y = torch.exp(z_y - torch.logsumexp(z, dim=class_dim))
+    row_max = z.amax(dim=class_dim, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    # p_y = exp((z_y − m) − log Σ exp(z − m)): the shifted form, exact at any magnitude of the logits
+    log_sum = torch.logsumexp(z - row_max, dim=class_dim)
+    p_y = torch.exp((z_y - row_max.squeeze(class_dim)) - log_sum)
     p_t = (1.0 - label_smoothing) * p_y + label_smoothing / num_classes
     loss = ce.to(work) + epsilon * w_y * (1.0 - p_t)
     return reduce_loss(loss, reduction, w_y.sum()).to(logits.dtype)

@@ -7,11 +7,13 @@ import math
 import torch
 
 from .. import _validation as v
-from ..backends.torch.linear_cross_entropy import LinearCrossEntropyConfig, _LinearCrossEntropyFunction
-from .cross_entropy import cross_entropy
+from .. import backends
+from .._core import CrossEntropyOptions
+from .cross_entropy import check_bool, cross_entropy_core
 
-#: implementations ``linear_cross_entropy(impl=...)`` accepts. ``"auto"`` picks the fastest correct one.
-IMPLS = ("auto", "torch", "composite", "triton", "triton_fused")
+#: implementations ``linear_cross_entropy(impl=...)`` accepts (the dispatch table's row). ``"auto"`` picks the
+#: fastest one that can serve the inputs.
+IMPLS = backends.implementations("linear_cross_entropy")
 
 
 def _check_target(hidden: torch.Tensor, target: object, num_classes: int) -> tuple[torch.Tensor, bool]:
@@ -128,9 +130,10 @@ def linear_cross_entropy(
             then :func:`cross_entropy` with plain differentiable ops: holds the logits, supports double
             backward). ``"auto"`` does not pick ``"triton_fused"``: which of the two Triton paths is faster
             has not been measured (no GPU was available), so it keeps the chunked one.
-        inplace_backward: accepted for symmetry with :func:`cross_entropy`, where it lets the gradient
-            overwrite the caller's logits. Here there is no caller-visible logits tensor: the chunked paths
-            always write each chunk's gradient over that chunk's own logits buffer, so it changes nothing.
+        inplace_backward: accepted for symmetry with :func:`cross_entropy` (a ``bool``), where it lets the
+            gradient overwrite the caller's logits. Here there is no caller-visible logits tensor: the chunked
+            paths always write each chunk's gradient over that chunk's own logits buffer, so it changes
+            nothing there; ``impl="composite"`` (autograd through ``F.linear``) refuses it.
         accumulation_dtype: dtype in which ``∂ℓ/∂W``, ``∂ℓ/∂b`` and ``∂ℓ/∂h`` are accumulated over chunks:
             None means fp32 for fp16/bf16 weights and the weights' dtype otherwise; pass the weights' own
             low-precision dtype to save memory at some accuracy.
@@ -154,53 +157,49 @@ def linear_cross_entropy(
         hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature,
         z_loss, softcap, chunk_size, accumulation_dtype,
     )
-    if impl not in IMPLS:
-        raise ValueError(f"`impl` must be one of {', '.join(map(repr, IMPLS))}, but got {impl!r}")
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"`inplace_backward` must be a bool, but got {type(inplace_backward).__name__}")
-    if impl in ("triton", "triton_fused") and probabilities:
-        raise ValueError(
-            f"`impl={impl!r}` handles class-index targets; class-probability targets need impl='auto', "
-            "'torch' or 'composite'"
-        )
+    inplace_backward = check_bool("inplace_backward", inplace_backward)
+    options = CrossEntropyOptions(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, temperature=temperature,
+        z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, inplace_backward=inplace_backward,
+        accumulation_dtype=accumulation_dtype, num_classes=weight.shape[0],
+    )
+    hidden, weight, bias, autocast = _autocast(hidden, weight, bias)
+    flags = (["probabilities"] if probabilities else []) + (["inplace_backward"] if inplace_backward else [])
+    request = backends.Request.of(hidden, weight, bias, target, class_weight, flags=tuple(flags))
+    chosen = backends.select("linear_cross_entropy", impl, request)
     rows_shape = hidden.shape[:-1]
     num_classes = weight.shape[0]
     # explicit row count: reshape(-1, 0) is ambiguous for a hidden size of 0
     flat_hidden = hidden.reshape(math.prod(rows_shape), hidden.shape[-1])
-    if impl == "composite":
-        logits = torch.nn.functional.linear(hidden, weight, bias).reshape(-1, num_classes)
-        flat_target = target.reshape(-1, num_classes) if probabilities else target.reshape(-1)
-        loss = cross_entropy(
-            logits, flat_target, weight=class_weight, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, temperature=temperature, z_loss=z_loss, softcap=softcap,
-            impl="composite",
-        )
-        return loss.reshape(rows_shape) if reduction == "none" else loss
-    config = LinearCrossEntropyConfig(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        temperature=temperature, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
-        accumulation_dtype=accumulation_dtype, num_classes=num_classes, grad_enabled=torch.is_grad_enabled(),
-    )
-    if impl == "auto" and hidden.is_cuda:
-        from ..backends import triton as triton_backend
-
-        impl = "triton" if triton_backend.available() and not probabilities else impl
-    if impl == "triton_fused":
-        from ..backends.triton.fused_linear_cross_entropy import fused_linear_cross_entropy
-
-        loss = fused_linear_cross_entropy(
-            flat_hidden, weight, bias, target.reshape(-1), class_weight, config
-        )
-        return loss.reshape(rows_shape) if reduction == "none" else loss
-    if impl == "triton":
-        from ..backends.triton.linear_cross_entropy import triton_linear_cross_entropy
-
-        loss = triton_linear_cross_entropy(
-            flat_hidden, weight, bias, target.reshape(-1), class_weight, config
-        )
-        return loss.reshape(rows_shape) if reduction == "none" else loss
     flat_target = target.reshape(-1, num_classes) if probabilities else target.reshape(-1)
-    loss = _LinearCrossEntropyFunction.apply(
-        flat_hidden, weight, bias, flat_target, class_weight, config
-    )
+    if autocast:  # F.cross_entropy's rule on the autocast-dtype logits: an fp32 loss
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss = chosen.resolve()(flat_hidden, weight, bias, flat_target, class_weight, options).float()
+    else:
+        loss = chosen.resolve()(flat_hidden, weight, bias, flat_target, class_weight, options).to(hidden.dtype)
     return loss.reshape(rows_shape) if reduction == "none" else loss
+
+
+def _autocast(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``F.linear`` then ``F.cross_entropy`` under autocast: the matmul in the autocast dtype, the loss in fp32.
+
+    Returns the inputs cast to the autocast dtype and whether autocast applies.
+    """
+    device = hidden.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return hidden, weight, bias, False
+    dtype = torch.get_autocast_dtype(device)
+    if not hidden.is_floating_point() or hidden.dtype == torch.float64:
+        return hidden, weight, bias, False
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), True
+
+
+def composite_linear_cross_entropy(hidden, weight, bias, target, class_weight, options: CrossEntropyOptions):
+    """``F.linear`` then the composite :func:`~softmaxkit.functional.cross_entropy.composite_cross_entropy`:
+    holds the ``(N, C)`` logits, twice differentiable. Hidden states of ignored rows read as 0, so a NaN or
+    ``±∞`` padding row leaves ``∂W`` finite (``0·NaN`` would not)."""
+    if target.dim() == 1:
+        valid = (target != options.ignore_index)[:, None]
+        hidden = torch.where(valid, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return cross_entropy_core(logits, target, class_weight, options, target.dim() == 2, impl="composite")

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .._core import compute_dtype  # the one compute-dtype rule (re-exported for the functional modules)
 from .._validation import check_dim, check_float_dtype, check_floating, check_positive
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype softmaxkit computes in: fp32 for fp16/bf16 inputs, the input's own dtype otherwise."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
+__all__ = ["compute_dtype", "log_softmax", "logsumexp", "softmax"]
 
 
 def _scaled(x: torch.Tensor, temperature: float, dtype: torch.dtype | None) -> torch.Tensor:

@@ -7,7 +7,8 @@
  * For one row x (C classes), z = softcap(x) / T with softcap(x) = c·tanh(x/c):
  *
  *   stats pass:    lse = m + log Σ_j exp(z_j − m),  m = max_j z_j  (= transform(max_j x_j), transform is
- *                  monotonic), plus z_y and Σ_j w_j z_j (only when label smoothing needs it);
+ *                  monotonic), plus z_y and Σ_j w_j (z_j − m) (only when label smoothing needs it; a class
+ *                  with w_j = 0 counts 0, also at z_j = −inf);
  *   gradient pass (p_j = exp(z_j − m) / Σ_c exp(z_c − m), with m and the sum kept per row in row_stats):
  *                  g_j = [s·(A + 2λ·lse)·p_j − s·(ε/C)·w_j − s·(1−ε)·w_y·δ_{jy}] · dz_j/dx_j,
  *                  p_j = exp(z_j − lse), A = (1−ε)·w_y + (ε/C)·Σ_c w_c, s the row's upstream scale
@@ -222,7 +223,7 @@ static inline void stream_fence(void) {
                 /* an all −inf (or all NaN) row: shift by 0, so Σe = 0 and lse = −inf (or NaN). A +inf max   \
                  * stays: exp(+inf − inf) = NaN makes the row's loss and gradient NaN, as in PyTorch */       \
                 if (m == -INFINITY) m = 0;                                                                    \
-                /* pass 2: Σ exp(z − m), and Σ w_j z_j when smoothing */                                      \
+                /* pass 2: Σ exp(z − m), and Σ w_j (z_j − m) when smoothing (shifted: no ∞ − ∞ at huge z) */ \
                 ACC_T wz[LANES];                                                                              \
                 for (int k = 0; k < LANES; k++) acc[k] = 0, wz[k] = 0;                                        \
                 for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                    \
@@ -234,12 +235,13 @@ static inline void stream_fence(void) {
                         if (weight) {                                                                         \
                             const ACC_T *w = weight + j0;                                                     \
                             for (; j + LANES <= n; j += LANES)                                                \
-                                for (int k = 0; k < LANES; k++) wz[k] += w[j + k] * buf[j + k];               \
-                            for (; j < n; j++) wz[0] += w[j] * buf[j];                                        \
+                                for (int k = 0; k < LANES; k++)                                               \
+                                    wz[k] += w[j + k] != 0 ? w[j + k] * (buf[j + k] - m) : 0;                 \
+                            for (; j < n; j++) wz[0] += w[j] != 0 ? w[j] * (buf[j] - m) : 0;                  \
                         } else {                                                                              \
                             for (; j + LANES <= n; j += LANES)                                                \
-                                for (int k = 0; k < LANES; k++) wz[k] += buf[j + k];                          \
-                            for (; j < n; j++) wz[0] += buf[j];                                               \
+                                for (int k = 0; k < LANES; k++) wz[k] += buf[j + k] - m;                      \
+                            for (; j < n; j++) wz[0] += buf[j] - m;                                           \
                         }                                                                                     \
                     }                                                                                         \
                     { /* e = exp(z − m), kept for the gradient pass when fused; summed the same way either   \

@@ -23,9 +23,10 @@ import sys
 
 import torch
 
+from ..._core import CrossEntropyOptions, compute_dtype, row_weights
+from ..._core.autograd import refuse_double_backward
+from ..._core.rows import backward_rows, forward_rows, row_loss
 from ..._reduction import reduce_loss, row_scale
-from .._autograd import strict_once_differentiable
-from ..torch.cross_entropy import row_loss, row_weights
 from . import _build, row_workers, run_row_ranges
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
@@ -39,6 +40,31 @@ _functions: dict[str, object] = {}
 def available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether the compiled CPU kernel for ``dtype`` can be used (builds it on the first call, then cached)."""
     return dtype in _SUFFIX and _build.load(_SUFFIX[dtype]) is not None
+
+
+@torch._dynamo.assume_constant_result
+def _kernel_usable(variant: str) -> bool:
+    """:func:`._build.usable` (a fact of the machine: torch.compile folds it to a constant, no trace of it)."""
+    return _build.usable(variant)
+
+
+def why_not(request) -> str | None:
+    """The dispatch table's ``supports`` for the kernel: None if it may serve ``request``, else why not.
+
+    Answers from facts only (device, dtype, layout, whether a library is cached or a compiler exists): it
+    never builds. A build that then fails makes the op compute the same maths with torch ops.
+    """
+    if request.device != "cpu":
+        return f"needs CPU tensors, got {request.device}"
+    if not request.real_storage:
+        return "needs plain CPU tensors with storage (not meta, fake, DTensor or another subclass)"
+    if request.dtype not in _SUFFIX:
+        return f"handles {', '.join(map(str, _SUFFIX))} logits, got {request.dtype}"
+    if not request.unit_class_stride:
+        return "needs logits whose class dimension has stride 1"
+    if not _kernel_usable(_SUFFIX[request.dtype]):
+        return "no C compiler or cached kernel library (or SOFTMAXKIT_CPU_KERNELS=0)"
+    return None
 
 
 def supports(logits: torch.Tensor) -> bool:
@@ -156,99 +182,25 @@ def run_rows(
     run_row_ranges(call, num_rows, workers)
 
 
-class _CpuCrossEntropyFunction(torch.autograd.Function):
-    """Autograd Function of the CPU fast path (2-D logits, class-index targets)."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        weight: torch.Tensor | None,
-        ignore_index: int,
-        reduction: str,
-        label_smoothing: float,
-        temperature: float,
-        z_loss: float,
-        softcap: float | None,
-        inplace_backward: bool,
-        gradient_wanted: bool,
-    ) -> torch.Tensor:
-        num_rows, num_classes = logits.shape
-        work = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        eps = label_smoothing
-        target = target.to(torch.int64).contiguous()
-        valid, _, weight, w_y, weight_total_tensor = row_weights(target, weight, ignore_index, num_classes, work)
-        weight = None if weight is None else weight.contiguous()
-        weight_total = float(weight_total_tensor)
-        denominator = w_y.sum()
-
-        lse = torch.empty(num_rows, dtype=work)
-        row_stats = torch.empty((num_rows, 2), dtype=work)
-        z_target = torch.empty(num_rows, dtype=work)
-        z_weighted_sum = torch.empty(num_rows, dtype=work) if eps > 0 else None
-        # Fuse the gradient pass into forward when it will be needed and its scale is known now.
-        # (ctx.needs_input_grad is True under torch.no_grad() too, so the caller says whether a backward can
-        # follow: grad mode on and logits requiring grad.)
-        fused = gradient_wanted and reduction != "none" and not inplace_backward
-        scale = grad = None
-        flags = _FLAG_STATS
-        if fused:
-            scale = row_scale(torch.ones((), dtype=work), reduction, num_rows, denominator, valid).contiguous()
-            grad = new_gradient((num_rows, num_classes), logits.dtype)
-            flags |= _FLAG_GRAD
-        run_rows(
-            logits, target, weight, ignore_index, eps, 1.0 / temperature, z_loss, softcap, weight_total, flags,
-            lse, row_stats, z_target, z_weighted_sum, scale, grad,
-        )
-
-        loss = row_loss(lse, z_target, z_weighted_sum, w_y, valid, weight_total_tensor, eps, num_classes, z_loss)
-        out = reduce_loss(loss, reduction, denominator)
-
-        ctx.save_for_backward(logits, target, lse, row_stats, weight, denominator, scale)
-        ctx.grad = grad
-        ctx.fused = fused
-        ctx.options = (ignore_index, reduction, eps, temperature, z_loss, softcap, inplace_backward, weight_total)
-        return out.to(logits.dtype)
-
-    @staticmethod
-    @strict_once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
-        logits, target, lse, row_stats, weight, denominator, fused_scale = ctx.saved_tensors
-        ignore_index, reduction, eps, temperature, z_loss, softcap, inplace_backward, weight_total = ctx.options
-        nones = (None,) * 10
-        grad, ctx.grad = ctx.grad, None  # drop our reference, so autograd may keep the buffer without a copy
-        if ctx.fused and grad is None:
-            # A repeated backward (retain_graph=True): redo the fused pass, so the result is bitwise the same.
-            grad = new_gradient(tuple(logits.shape), logits.dtype)
-            run_rows(
-                logits, target, weight, ignore_index, eps, 1.0 / temperature, z_loss, softcap, weight_total,
-                _FLAG_STATS | _FLAG_GRAD, torch.empty_like(lse), torch.empty_like(row_stats), torch.empty_like(lse),
-                torch.empty_like(lse) if eps > 0 else None, fused_scale, grad,
-            )
-        if grad is not None:
-            # Gradient already written in forward for a unit upstream gradient: scale it if needed.
-            # (.item() is free on CPU: no device to synchronise with.)
-            if grad_output.item() != 1.0:
-                grad.mul_(grad_output.to(lse.dtype))
-            return (grad, *nones)
-
-        work = lse.dtype
-        valid = target != ignore_index
-        scale = row_scale(grad_output.to(work), reduction, target.shape[0], denominator, valid).contiguous()
-        if inplace_backward:
-            grad = logits
-            torch.autograd.graph.increment_version(logits)
-        else:
-            grad = new_gradient(tuple(logits.shape), logits.dtype)
-        run_rows(
-            logits, target, weight, ignore_index, eps, 1.0 / temperature, z_loss, softcap, weight_total,
-            _FLAG_GRAD, lse, row_stats, None, None, scale, grad,
-        )
-        return (grad, *nones)
+# ---------------------------------------------------------------------------------------------------------
+# The custom op ``softmaxkit::cross_entropy_cpu`` (forward) and its backward ops. Schema scalars are the
+# options' :data:`~softmaxkit._core.CrossEntropyOptions.OP_FIELDS` (unpacked in one place, by
+# :func:`cpu_cross_entropy`), then ``inplace_backward`` and ``fuse_gradient``.
 
 
-def cpu_cross_entropy(
+def _kernel_ready(logits: torch.Tensor) -> bool:
+    return _build.load(_SUFFIX[logits.dtype]) is not None
+
+
+def _weight_total(weight: torch.Tensor | None, num_classes: int) -> float:
+    """``Σ_c w_c`` as the C double the kernel takes: a read of a CPU tensor by the CPU kernel, never traced."""
+    if weight is None:
+        return float(num_classes)
+    return weight.sum().tolist()
+
+
+@torch.library.custom_op("softmaxkit::cross_entropy_cpu", mutates_args=(), device_types="cpu")
+def _cross_entropy_cpu(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
@@ -258,14 +210,199 @@ def cpu_cross_entropy(
     temperature: float,
     z_loss: float,
     softcap: float | None,
+    chunk_size: int | None,
     inplace_backward: bool,
+    fuse_gradient: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, ``lse (N,)``, ``row_stats (N, 2)`` (``m`` and ``s``) and the fused gradient (or ``(0,)``).
+
+    With ``fuse_gradient`` (a backward will follow, decided by the caller from grad mode and
+    ``requires_grad``) and a scalar reduction, the gradient for a unit upstream gradient is written in the
+    same visit of each row as the loss.
+    """
+    options = CrossEntropyOptions.from_op_args(
+        ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size
+    )
+    num_rows, num_classes = logits.shape
+    work = compute_dtype(logits.dtype)
+    eps = label_smoothing
+    fused = fuse_gradient and reduction != "none" and not inplace_backward
+    if not _kernel_ready(logits):  # the build failed after all: the same maths in torch ops
+        loss_rows, row_max, log_sum, rows = forward_rows(logits, target, weight, options)
+        denominator = rows.w_y.sum()
+        grad = logits.new_empty((0,))
+        if fused:
+            scale = row_scale(torch.ones((), dtype=work), reduction, num_rows, denominator, rows.valid)
+            grad = backward_rows(scale, logits, rows, row_max, log_sum, options, new_gradient(logits.shape, logits.dtype))
+        stats = torch.stack([row_max, log_sum.exp()], dim=1)
+        return reduce_loss(loss_rows, reduction, denominator).to(logits.dtype), row_max + log_sum, stats, grad
+    target = target.to(torch.int64).contiguous()
+    rows = row_weights(target, weight, ignore_index, num_classes, work)
+    weight = None if rows.weight is None else rows.weight.contiguous()
+    denominator = rows.w_y.sum()
+    lse = torch.empty(num_rows, dtype=work)
+    row_stats = torch.empty((num_rows, 2), dtype=work)
+    z_target = torch.empty(num_rows, dtype=work)
+    shifted_weighted_sum = torch.empty(num_rows, dtype=work) if eps > 0 else None
+    scale, grad, flags = None, logits.new_empty((0,)), _FLAG_STATS
+    if fused:
+        scale = row_scale(torch.ones((), dtype=work), reduction, num_rows, denominator, rows.valid).contiguous()
+        grad = new_gradient((num_rows, num_classes), logits.dtype)
+        flags |= _FLAG_GRAD
+    run_rows(
+        logits, target, weight, ignore_index, eps, 1.0 / temperature, z_loss, softcap,
+        _weight_total(weight, num_classes), flags, lse, row_stats, z_target, shifted_weighted_sum, scale,
+        grad if fused else None,
+    )
+    loss = row_loss(row_stats[:, 0], row_stats[:, 1].log(), z_target, shifted_weighted_sum, rows, options,
+                    num_classes)
+    return reduce_loss(loss, reduction, denominator).to(logits.dtype), lse, row_stats, grad
+
+
+@_cross_entropy_cpu.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size,
+      inplace_backward, fuse_gradient):
+    num_rows, num_classes = logits.shape
+    work = compute_dtype(logits.dtype)
+    fused = fuse_gradient and reduction != "none" and not inplace_backward
+    loss = logits.new_empty((num_rows,) if reduction == "none" else ())
+    grad = logits.new_empty((num_rows, num_classes) if fused else (0,))
+    return loss, logits.new_empty((num_rows,), dtype=work), logits.new_empty((num_rows, 2), dtype=work), grad
+
+
+def _backward_into(grad, grad_output, logits, target, weight, lse, row_stats, options: CrossEntropyOptions):
+    """The deferred gradient pass (``"none"``, or ``inplace_backward``) into ``grad``."""
+    num_rows, num_classes = logits.shape
+    work = lse.dtype
+    target = target.to(torch.int64).contiguous()
+    rows = row_weights(target, weight, options.ignore_index, num_classes, work)
+    scale = row_scale(grad_output.to(work), options.reduction, num_rows, rows.w_y.sum(), rows.valid).contiguous()
+    if not _kernel_ready(logits):
+        log_sum = row_stats[:, 1].log()
+        backward_rows(scale, logits, rows, row_stats[:, 0].contiguous(), log_sum, options, grad)
+        return
+    weight = None if rows.weight is None else rows.weight.contiguous()
+    run_rows(
+        logits, target, weight, options.ignore_index, options.label_smoothing, options.inv_temperature,
+        options.z_loss, options.softcap, _weight_total(weight, num_classes), _FLAG_GRAD, lse, row_stats, None,
+        None, scale, grad,
+    )
+
+
+@torch.library.custom_op("softmaxkit::cross_entropy_cpu_backward", mutates_args=(), device_types="cpu")
+def _cross_entropy_cpu_backward(
+    grad_output: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    row_stats: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    temperature: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """``∂ℓ/∂logits`` into a new buffer from the stored ``lse`` and ``row_stats``."""
+    options = CrossEntropyOptions.from_op_args(
+        ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size
+    )
+    grad = new_gradient(tuple(logits.shape), logits.dtype)
+    _backward_into(grad, grad_output, logits, target, weight, lse, row_stats, options)
+    return grad
+
+
+@_cross_entropy_cpu_backward.register_fake
+def _(grad_output, logits, *args):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("softmaxkit::cross_entropy_cpu_backward_", mutates_args=("logits",), device_types="cpu")
+def _cross_entropy_cpu_backward_(
+    grad_output: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    row_stats: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    temperature: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+) -> None:
+    """:func:`_cross_entropy_cpu_backward` written over ``logits`` (``inplace_backward=True``)."""
+    options = CrossEntropyOptions.from_op_args(
+        ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size
+    )
+    _backward_into(logits, grad_output, logits, target, weight, lse, row_stats, options)
+
+
+@_cross_entropy_cpu_backward_.register_fake
+def _(*args):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, *scalars = inputs
+    ctx.scalars = tuple(scalars[:7])
+    ctx.inplace = scalars[7]
+    _, lse, row_stats, grad = output
+    ctx.mark_non_differentiable(lse, row_stats, grad)
+    ctx.set_materialize_grads(False)  # no zero gradients built for the statistics outputs
+    ctx.fused = grad.dim() == 2
+    if ctx.fused:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(logits, target, weight, lse, row_stats)
+
+
+def _is_one(tensor: torch.Tensor) -> bool:
+    """Whether a CPU scalar is exactly 1: an eager read of CPU memory, only for a plain tensor (while compile,
+    export or AOT autograd trace, the tensors are fake or functional wrappers and the answer is False)."""
+    return (type(tensor) is torch.Tensor and tensor.device.type == "cpu" and tensor.numel() == 1
+            and tensor.tolist() == 1.0)
+
+
+def _backward(ctx, grad_output, *unused):
+    refuse_double_backward()
+    if grad_output is None:  # the loss itself got no gradient (only statistics outputs were used)
+        return (None,) * 12
+    if ctx.fused:
+        (grad,) = ctx.saved_tensors
+        # the gradient was written in forward for a unit upstream gradient: scale it only if needed
+        if not torch.compiler.is_compiling() and _is_one(grad_output):
+            return (grad, *(None,) * 11)
+        return (grad * grad_output.to(grad.dtype), *(None,) * 11)
+    logits, target, weight, lse, row_stats = ctx.saved_tensors
+    if ctx.inplace:
+        torch.ops.softmaxkit.cross_entropy_cpu_backward_(grad_output, logits, target, weight, lse, row_stats,
+                                                         *ctx.scalars)
+        return (logits, *(None,) * 11)
+    grad = torch.ops.softmaxkit.cross_entropy_cpu_backward(grad_output, logits, target, weight, lse, row_stats,
+                                                           *ctx.scalars)
+    return (grad, *(None,) * 11)
+
+
+torch.library.register_autograd("softmaxkit::cross_entropy_cpu", _backward, setup_context=_setup_context)
+torch.library.register_autocast("softmaxkit::cross_entropy_cpu", "cpu", torch.float32)
+
+
+def cpu_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, options: CrossEntropyOptions
 ) -> torch.Tensor:
     """Fused CPU cross-entropy of 2-D ``logits`` ``(N, C)`` and class indices ``target`` ``(N,)``.
 
-    Arguments are already validated (see :func:`softmaxkit.cross_entropy`); the caller checks
-    :func:`supports` first.
+    Arguments are already validated (see :func:`softmaxkit.cross_entropy`) and the dispatch table chose this
+    path (:func:`why_not`). Whether to fuse the gradient into forward is decided here, outside the op: grad
+    mode on and ``logits`` requiring a gradient.
     """
-    return _CpuCrossEntropyFunction.apply(
-        logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
-        inplace_backward, torch.is_grad_enabled() and logits.requires_grad,
+    fuse = torch.is_grad_enabled() and logits.requires_grad
+    loss, *_ = torch.ops.softmaxkit.cross_entropy_cpu(
+        logits, target, weight, *options.op_args(), options.inplace_backward, fuse
     )
+    return loss

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import torch
 
+from ..._core import CrossEntropyOptions
+from ..._core import compute_dtype as _work_dtype
+from ..._core.autograd import strict_once_differentiable
 from ..._reduction import reduce_loss, row_scale
-from .._autograd import strict_once_differentiable
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def focal_terms(log_p: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,3 +213,21 @@ class _FocalProbabilityFunction(torch.autograd.Function):
         g.mul_((scale_i / temperature)[:, None] if temperature != 1.0 else scale_i[:, None])
         grad = g.sub_(log_p.exp_().mul_(g.sum(dim=1, keepdim=True)))
         return grad.to(logits.dtype), grad_target, None, None, None, None, None
+
+
+def focal_loss_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float,
+    class_scale: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    options: CrossEntropyOptions,
+    probabilities: bool,
+) -> torch.Tensor:
+    """Focal loss of ``(M, C)`` logits and ``(M,)`` class indices or ``(M, C)`` probabilities (validated
+    arguments; ``class_scale = α ⊙ w``): the dispatch table's ``focal_loss`` implementation."""
+    if probabilities:
+        return _FocalProbabilityFunction.apply(logits, target, gamma, class_scale, options.reduction,
+                                               options.label_smoothing, options.temperature)
+    return _FocalFunction.apply(logits, target, gamma, class_scale, weight, options.ignore_index,
+                                options.reduction, options.label_smoothing, options.temperature)

@@ -1,590 +1,197 @@
-r"""Linear cross-entropy that never holds the ``(N, C)`` logits, in chunked PyTorch ops.
+r"""The chunked linear cross-entropy as the custom op ``softmaxkit::linear_cross_entropy``.
 
-For a chunk of ``r`` rows the forward computes the chunk's logits ``x = h Wᵀ + b`` (``r × C``), their
-log-sum-exp and, when gradients are wanted and the upstream gradient is a scalar (``"mean"``/``"sum"``),
-turns the same buffer into
+The chunk loop itself (the maths, the oneDNN/``torch.mm`` matmuls, class-probability targets) is
+:func:`softmaxkit._core.linear.linear_forward` / :func:`~softmaxkit._core.linear.linear_backward`; this module
+makes it one opaque op with a fake kernel, registered autograd and ``F.linear``'s autocast rule, so
+``torch.compile`` (default and ``fullgraph=True``), ``torch.export`` and ``torch.func.grad`` treat it as one node
+(Inductor never lowers the private ``mkldnn._linear_pointwise`` call inside it).
 
-.. math:: G = \frac{\partial ℓ}{\partial x} = g\,\big[(A + 2λ\,\mathrm{LSE})\,p − a\big]\,\frac{dz}{dx}
-
-(the cross-entropy gradient of :mod:`.cross_entropy`, whose per-chunk helpers are reused here) and
-accumulates ``∂ℓ/∂h = G W``, ``∂ℓ/∂W += Gᵀ h`` and ``∂ℓ/∂b += Σ_rows G``. Backward then only multiplies
-what was stored by the upstream scalar. With ``"none"`` the upstream gradient differs per row and is only
-known in backward, so the forward keeps just the per-row log-sum-exp and backward recomputes each chunk's
-logits (one extra matmul). Peak memory is one chunk of logits plus the gradients themselves.
-
-The same loop runs vocab-parallel (:mod:`softmaxkit.distributed`): each process holds a contiguous slice of
-the classes, and the few per-row statistics (row max, sum of exponentials, target logit, smoothing sum,
-target weight) are combined across processes by a ``Reduce`` object; single-process it is the identity.
-
-Class-probability targets ``t`` (``(N, C)``, single process) take the same loop: each chunk reads its
-``r × C`` slice of ``t`` and builds the chunk's coefficients ``a = w ⊙ ((1 − ε) t + ε/C)`` (one ``r × C``
-temporary), so the loss ``ℓ_i = A_i (LSE_i − m_i) − Σ_c a_ic (z_ic − m_i) + λ LSE_i²`` (``m`` the row max,
-``A_i = Σ_c a_ic``) and ``G`` above need nothing ``N × C`` but the target itself (``Σ_c a_ic (z_ic − m_i)``
-is a batched dot product, so a chunk holds its logits and ``a``, no third ``r × C`` tensor). The loss is also
-differentiable in ``t``: ``∂ℓ/∂t_ic = −(1 − ε) w_c \log p_ic · g_i``, written chunk by chunk into the
-target-shaped gradient (only when ``t`` requires a gradient).
-
-Low precision: fp16/bf16 logits are computed by a matmul in the input dtype (as ``F.linear`` does), then
-reduced and exponentiated in fp32; ``∂ℓ/∂W`` and ``∂ℓ/∂b`` are accumulated across chunks in
-``accumulation_dtype`` (fp32 by default), ``∂ℓ/∂h`` is one matmul over all classes per row.
+With ``"mean"``/``"sum"`` and a gradient wanted, the forward returns the gradients for a unit upstream
+gradient too (``∂h``, ``∂W``, ``∂b``, ``∂t``; ``(0,)`` where not wanted) and backward only scales them; with
+``"none"`` the backward op ``..._backward`` recomputes each chunk's logits from the stored ``m`` and ``log s``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from ..._reduction import reduce_loss, row_scale
-from .._autograd import strict_once_differentiable
-from .cross_entropy import (
-    _load_transformed,
-    finish_logit_grad_,
-    row_coefficients,
-    row_loss,
-    softcap_derivative_,
-)
+from ..._core import CrossEntropyOptions, compute_dtype
+from ..._core.autograd import refuse_double_backward
+from ..._core.linear import default_chunk_rows, linear_backward, linear_forward
+from ..._reduction import reduce_loss
 
-#: most bytes of fp32 logits per chunk when ``chunk_size`` is None (see :func:`default_chunk_rows`).
-CHUNK_BYTES = 256 << 20
-#: bounds on the automatic chunk: fewer rows make the matmuls inefficient, more buy nothing.
-MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 64, 1024
+__all__ = ["default_chunk_rows", "torch_linear_cross_entropy"]
 
 
-def default_chunk_rows(num_rows: int, num_classes: int, hidden_size: int) -> int:
-    """Rows per chunk when ``chunk_size`` is None: ``D`` rows, within ``[64, 1024]`` and 256 MiB of logits.
-
-    Every chunk streams the whole ``(C, D)`` weight through three matmuls (and reads and writes the
-    ``∂W`` accumulator), so chunks of ``r`` rows cost ``≈ 16·C·D·N/r`` bytes of memory traffic on top of
-    ``6·N·C·D`` FLOPs: ``r`` should be in the hundreds. With ``r = D`` the chunk's ``r × C`` logits take
-    no more memory than ``∂W`` (``C × D``), which the op must return anyway, so the peak stays
-    ``O(C·D + N·D)``, never ``O(N·C)``.
-    """
-    rows = min(MAX_CHUNK_ROWS, hidden_size, CHUNK_BYTES // (4 * max(num_classes, 1)))
-    rows = max(MIN_CHUNK_ROWS, rows - rows % 16 if rows > 16 else rows)
-    return max(1, min(rows, num_rows))
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
 
 
-class LocalReduce:
-    """Single process: combining the per-class-slice statistics is the identity."""
-
-    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def sum_hidden_grad_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
+def _options(weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size,
+             accumulation_dtype) -> CrossEntropyOptions:
+    return CrossEntropyOptions.from_op_args(
+        ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size,
+        accumulation_dtype=accumulation_dtype, num_classes=weight.shape[0],
+    )
 
 
-@dataclass(frozen=True)
-class LinearCrossEntropyConfig:
-    """The non-tensor options of one call (validated by the public function)."""
-
-    ignore_index: int = -100
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    temperature: float = 1.0
-    z_loss: float = 0.0
-    softcap: float | None = None
-    chunk_size: int | None = None
-    accumulation_dtype: torch.dtype | None = None
-    #: total number of classes ``C`` over all processes (``weight.shape[0]`` single-process).
-    num_classes: int = 0
-    #: index of this process's first class.
-    class_offset: int = 0
-    reduce: LocalReduce = field(default_factory=LocalReduce)
-    #: ``torch.is_grad_enabled()`` at the call: inside ``forward`` autograd reports ``needs_input_grad``
-    #: from ``requires_grad`` alone, even under ``torch.no_grad()``, where no gradient must be built.
-    grad_enabled: bool = True
-
-
-def work_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-_ONEDNN_LINEAR: bool | None = None
-
-
-def onednn_linear_available() -> bool:
-    """Whether oneDNN's fused linear (``torch.ops.mkldnn._linear_pointwise``) runs here and is exact.
-
-    On x86 CPUs its fp32 GEMM is about twice as fast as the MKL ``sgemm`` behind ``torch.mm`` for these
-    shapes (measured: docs/benchmarks.md); it is a private PyTorch op, so it is probed once and the
-    ``torch.mm`` path is used wherever it is missing or misbehaves.
-    """
-    global _ONEDNN_LINEAR
-    if _ONEDNN_LINEAR is None:
-        try:
-            # fixed values (no draw from the global RNG, whose stream belongs to the user)
-            a = torch.linspace(-1.0, 1.0, 15).reshape(3, 5)
-            w = torch.linspace(-2.0, 0.5, 20).reshape(4, 5)
-            b = torch.linspace(0.0, 0.3, 4)
-            result = torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
-            _ONEDNN_LINEAR = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
-                result, torch.addmm(b, a, w.t()), rtol=1e-5, atol=1e-6
-            )
-        except (AttributeError, RuntimeError, NotImplementedError):  # op absent or not built for this CPU
-            _ONEDNN_LINEAR = False
-    return _ONEDNN_LINEAR
+@torch.library.custom_op("softmaxkit::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    temperature: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+    accumulation_dtype: torch.dtype | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, m, log s, ∂h, ∂W, ∂b, ∂t)`` for ``hidden (N, D)``, ``weight (C, D)`` (module docstring)."""
+    options = _options(weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size,
+                       accumulation_dtype)
+    result = linear_forward(hidden, weight, bias, target, class_weight, options,
+                            (need_hidden, need_weight, need_bias), need_target)
+    # in the compute dtype: the caller rounds it to hidden's dtype (or keeps fp32 under autocast)
+    loss = reduce_loss(result.loss, reduction, result.denominator)
+    grads = [_empty(hidden) if g is None else g for g in
+             (result.grad_hidden, result.grad_weight, result.grad_bias, result.grad_target)]
+    return (loss, result.row_max, result.log_sum, *grads)
 
 
-def use_onednn(weight: torch.Tensor) -> bool:
-    """fp32 CPU matmuls with a contiguous ``weight`` go through oneDNN when it is available."""
+def _grad_shapes(hidden, weight, bias, target, reduction, accumulation_dtype, needs):
+    """The fake kernel's gradient outputs: built in forward only for a scalar reduction."""
+    work = compute_dtype(weight.dtype)
+    acc = accumulation_dtype or work
+    precompute = reduction != "none" and any(needs)
+    need_hidden, need_weight, need_bias, need_target = (precompute and need for need in needs)
+    need_bias = need_bias and bias is not None
+    need_target = need_target and target.dim() == 2
     return (
-        weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
-        and weight.numel() > 0 and onednn_linear_available()
+        hidden.new_empty(hidden.shape, dtype=acc) if need_hidden else _empty(hidden),
+        weight.new_empty(weight.shape, dtype=acc) if need_weight else _empty(hidden),
+        weight.new_empty((weight.shape[0],), dtype=acc) if need_bias else _empty(hidden),
+        target.new_empty(target.shape) if need_target else _empty(hidden),
     )
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` by oneDNN (a new tensor)."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+@_linear_cross_entropy.register_fake
+def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, temperature, z_loss,
+      softcap, chunk_size, accumulation_dtype, need_hidden, need_weight, need_bias, need_target):
+    num_rows = hidden.shape[0]
+    work = compute_dtype(weight.dtype)
+    loss = hidden.new_empty((num_rows,) if reduction == "none" else (), dtype=work)
+    stats = (hidden.new_empty((num_rows,), dtype=work), hidden.new_empty((num_rows,), dtype=work))
+    grads = _grad_shapes(hidden, weight, bias, target, reduction, accumulation_dtype,
+                         (need_hidden, need_weight, need_bias, need_target))
+    return (loss, *stats, *grads)
 
 
-def _chunk_logits(out: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """The chunk's logits ``hidden @ weight.T + bias`` in the work dtype (written into ``out`` unless the
-    oneDNN path, which makes its own tensor, is used: then ``out`` is None)."""
-    if out is None:
-        return _onednn_linear(hidden, weight, bias)
-    if out.dtype == weight.dtype:
-        if bias is None:
-            return torch.mm(hidden, weight.t(), out=out)
-        return torch.addmm(bias, hidden, weight.t(), out=out)
-    return out.copy_(torch.nn.functional.linear(hidden, weight, bias))
+@torch.library.custom_op("softmaxkit::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward(
+    grad_output: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    temperature: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+    accumulation_dtype: torch.dtype | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(∂h, ∂W, ∂b, ∂t)`` (``(0,)`` where not wanted) by recomputing each chunk's logits."""
+    options = _options(weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size,
+                       accumulation_dtype)
+    grads = linear_backward(grad_output, hidden, weight, bias, target, class_weight, row_max, log_sum, options,
+                            (need_hidden, need_weight, need_bias), need_target)
+    return tuple(_empty(hidden) if g is None else g for g in grads)
 
 
-class _Rows:
-    """Per-row target data of the whole batch, computed once before the chunk loop."""
-
-    def __init__(self, target, class_weight, config: LinearCrossEntropyConfig, local_classes, work_dtype):
-        reduce = config.reduce
-        self.valid = target != config.ignore_index
-        local = target.long() - config.class_offset
-        self.owned = self.valid & (local >= 0) & (local < local_classes)
-        self.local_target = torch.where(self.owned, local, torch.zeros_like(local))
-        if class_weight is None:
-            self.class_weight = None
-            self.w_y = self.valid.to(work_dtype)
-            self.weight_total = torch.tensor(float(config.num_classes), dtype=work_dtype, device=target.device)
-        else:
-            self.class_weight = class_weight.to(work_dtype)
-            zero = torch.zeros((), dtype=work_dtype, device=target.device)
-            own_weight = (
-                torch.where(self.owned, self.class_weight[self.local_target], zero)
-                if local_classes > 0
-                else torch.zeros(target.shape, dtype=work_dtype, device=target.device)
-            )
-            both = torch.cat([own_weight, self.class_weight.sum().reshape(1)])
-            reduce.sum_(both)
-            self.w_y, self.weight_total = both[:-1], both[-1]
-        self.denominator = self.w_y.sum()
-
-    def scale(self, reduction: str) -> torch.Tensor:
-        """The upstream gradient ``g_i`` of each row for a unit upstream scalar (0 on ignored rows)."""
-        one = torch.ones((), dtype=self.w_y.dtype, device=self.w_y.device)
-        return row_scale(one, reduction, self.valid.shape[0], self.denominator, self.valid)
+@_linear_cross_entropy_backward.register_fake
+def _(grad_output, hidden, weight, bias, target, class_weight, row_max, log_sum, ignore_index, reduction,
+      label_smoothing, temperature, z_loss, softcap, chunk_size, accumulation_dtype, need_hidden, need_weight,
+      need_bias, need_target):
+    return _grad_shapes(hidden, weight, bias, target, "sum", accumulation_dtype,
+                        (need_hidden, need_weight, need_bias, need_target))
 
 
-class _ProbabilityRows:
-    """Per-row data for ``(N, C)`` class-probability targets (single process); the target is only read a row
-    chunk at a time, by :meth:`coefficients`."""
-
-    def __init__(self, target, class_weight, config: LinearCrossEntropyConfig, work_dtype):
-        if config.class_offset != 0 or not isinstance(config.reduce, LocalReduce):
-            raise ValueError("class-probability targets are supported by the single-process linear cross-entropy")
-        self.target = target
-        self.class_weight = None if class_weight is None else class_weight.to(work_dtype)
-        self.valid = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
-        # PyTorch's rule for probability targets: "mean" divides by the number of rows
-        self.denominator = torch.tensor(float(target.shape[0]), dtype=work_dtype, device=target.device)
-
-    def scale(self, reduction: str) -> torch.Tensor:
-        """The upstream gradient ``g_i`` of each row for a unit upstream scalar."""
-        one = torch.ones((), dtype=self.denominator.dtype, device=self.denominator.device)
-        return row_scale(one, reduction, self.valid.shape[0], self.denominator, self.valid)
-
-    def coefficients(self, sl: slice, label_smoothing: float, num_classes: int, work_dtype) -> torch.Tensor:
-        """The chunk's ``a = w ⊙ ((1 − ε) t + ε/C)`` as a new ``r × C`` tensor (the target is never written)."""
-        a = self.target[sl].to(work_dtype, copy=True)  # the one r × C allocation
-        if label_smoothing > 0:
-            a.mul_(1.0 - label_smoothing).add_(label_smoothing / num_classes)
-        if self.class_weight is not None:
-            a.mul_(self.class_weight)
-        return a
+_SCALARS = slice(5, 13)  # ignore_index ... accumulation_dtype in the forward schema
 
 
-def _target_grad_(out: torch.Tensor, shifted: torch.Tensor, offset: torch.Tensor, coefficients: torch.Tensor,
-                  rows: _ProbabilityRows, scale: torch.Tensor, label_smoothing: float) -> None:
-    """``out ← −(1 − ε) w_c (shifted − offset) g_i = −(1 − ε) w_c log p · g_i`` for one chunk.
-
-    ``shifted − offset`` is ``log p`` (``shifted = z − m``, ``offset = LSE − m``). Where a class has
-    ``log p = −∞`` and no target mass (``a = 0``) the loss counts the term as 0, and its derivative is taken
-    as 0 too, so masked classes leave the gradient finite.
-    """
-    log_p = shifted - offset[:, None]
-    factor = (-(1.0 - label_smoothing)) * scale[:, None]
-    if rows.class_weight is not None:
-        factor = factor * rows.class_weight
-    grad = log_p.mul_(factor)
-    grad.masked_fill_((coefficients == 0) & torch.isinf(shifted), 0.0)
-    out.copy_(grad)
-
-
-def _chunk_loss_and_grad_probabilities(
-    logits: torch.Tensor,
-    derivative: torch.Tensor | None,
-    rows: _ProbabilityRows,
-    sl: slice,
-    scale: torch.Tensor | None,
-    config: LinearCrossEntropyConfig,
-    target_grad: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_chunk_loss_and_grad` for class-probability targets.
-
-    ``ℓ_i = A_i (LSE_i − m_i) − Σ_c a_ic (z_ic − m_i) + λ LSE_i²``: both sums are taken after subtracting the
-    row max, so no large ``A·LSE − Σ a z`` cancellation; ``a_c (z_c − m) = 0`` when ``a_c = 0``, also at
-    ``z_c = −∞`` (a masked class). With ``scale`` the chunk's logits become
-    ``G = g[(A + 2λ LSE) p − a] dz/dx`` in place; with ``target_grad`` (the chunk's rows of ``∂ℓ/∂t``, needs
-    ``scale``) that gradient is written too.
-    """
-    eps, inv_t, softcap = config.label_smoothing, 1.0 / config.temperature, config.softcap
-    d = None
-    if softcap is not None:
-        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
-    if softcap is not None or inv_t != 1.0:
-        _load_transformed(logits, logits, inv_t, softcap)
-    z = logits
-    a = rows.coefficients(sl, eps, config.num_classes, z.dtype)
-    total = a.sum(dim=1)
-    row_min, row_max = torch.aminmax(z, dim=1)  # one pass for both
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    z.sub_(row_max[:, None])
-    # min(z − m) = fl(min z − m) (rounding is monotone): the shifted chunk's minimum without another pass
-    if bool(torch.isinf(row_min - row_max).any()):
-        # a −inf logit (a masked class): a_c (z_c − m) must count 0 where a_c = 0, not NaN (0·−inf)
-        product = a * z
-        product.masked_fill_(a == 0, 0.0)
-        weighted = product.sum(dim=1)
-        del product
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, class_weight = inputs[:5]
+    ctx.scalars = tuple(inputs[_SCALARS])
+    ctx.needs = tuple(inputs[13:17])
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype, target.dtype)
+    _, row_max, log_sum, *grads = output
+    ctx.mark_non_differentiable(row_max, log_sum, *grads)
+    ctx.set_materialize_grads(False)  # no zero gradients built for the statistics outputs
+    ctx.precompute = inputs[6] != "none" and any(ctx.needs)  # the forward built the gradients
+    if ctx.precompute:
+        ctx.save_for_backward(*grads)
     else:
-        # Σ_c a_c (z_c − m) as r dot products: no r × C temporary
-        weighted = torch.bmm(a.unsqueeze(1), z.unsqueeze(2)).view(-1)
-    shifted = z.clone() if target_grad is not None else None
-    z.exp_()
-    sum_exp = z.sum(dim=1)
-    log_sum = sum_exp.log()
-    lse = log_sum + row_max
-    loss = total * log_sum - weighted
-    if config.z_loss > 0:
-        loss = loss + config.z_loss * lse * lse
-    if target_grad is not None:
-        _target_grad_(target_grad, shifted, log_sum, a, rows, scale, eps)
-        del shifted
-    if scale is not None:
-        row_coefficient = total + 2.0 * config.z_loss * lse if config.z_loss > 0 else total
-        z.mul_((row_coefficient * scale / sum_exp)[:, None]).sub_(a.mul_(scale[:, None]))
-        if d is not None:
-            z.mul_(d)
-        elif inv_t != 1.0:
-            z.mul_(inv_t)
-    return loss, lse
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight, row_max, log_sum)
 
 
-def _chunk_grad_from_lse_probabilities(
-    logits: torch.Tensor,
-    derivative: torch.Tensor | None,
-    rows: _ProbabilityRows,
-    sl: slice,
-    lse: torch.Tensor,
-    scale: torch.Tensor,
-    config: LinearCrossEntropyConfig,
-    target_grad: torch.Tensor | None = None,
-) -> None:
-    """:func:`_chunk_grad_from_lse` for class-probability targets (and ``∂ℓ/∂t`` into ``target_grad``)."""
-    eps, inv_t, softcap = config.label_smoothing, 1.0 / config.temperature, config.softcap
-    d = None
-    if softcap is not None:
-        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
-    _load_transformed(logits, logits, inv_t, softcap)
-    a = rows.coefficients(sl, eps, config.num_classes, logits.dtype)
-    if target_grad is not None:
-        _target_grad_(target_grad, logits, lse, a, rows, scale, eps)
-    logits.sub_(lse[:, None]).exp_()
-    total = a.sum(dim=1)
-    row_coefficient = total + 2.0 * config.z_loss * lse if config.z_loss > 0 else total
-    logits.mul_((row_coefficient * scale)[:, None]).sub_(a.mul_(scale[:, None]))
-    if d is not None:
-        logits.mul_(d)
-    elif inv_t != 1.0:
-        logits.mul_(inv_t)
-
-
-def _chunk_loss_and_grad(
-    logits: torch.Tensor,
-    derivative: torch.Tensor | None,
-    rows: _Rows,
-    sl: slice,
-    scale: torch.Tensor | None,
-    config: LinearCrossEntropyConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss and LSE of one chunk; when ``scale`` is given, ``logits`` becomes ``∂ℓ/∂x`` in place.
-
-    ``logits`` holds the chunk's raw logits ``x`` in the work dtype and is consumed. Uses
-    ``p = exp(z − m) / Σ exp(z − m)`` so the exponentials are computed once for both the LSE and ``p``.
-    """
-    eps, inv_t, softcap = config.label_smoothing, 1.0 / config.temperature, config.softcap
-    reduce = config.reduce
-    d = None
-    if softcap is not None:
-        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
-    if softcap is not None or inv_t != 1.0:
-        _load_transformed(logits, logits, inv_t, softcap)
-    z = logits
-    owned, local_target = rows.owned[sl], rows.local_target[sl]
-
-    row_max = z.amax(dim=1) if z.shape[1] > 0 else z.new_full((z.shape[0],), -torch.inf)
-    reduce.max_(row_max)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    stats = z.new_empty((3 if eps > 0 else 2, z.shape[0]))
-    if z.shape[1] > 0:
-        z_target = z.gather(1, local_target[:, None])[:, 0]
-        stats[1] = torch.where(owned, z_target, torch.zeros_like(z_target))
-    else:  # a process may hold no classes at all (uneven vocab-parallel slices)
-        stats[1] = 0
-    if eps > 0:
-        if rows.class_weight is None:
-            torch.sum(z, dim=1, out=stats[2])
-        else:
-            torch.mv(z, rows.class_weight, out=stats[2])
-    z.sub_(row_max[:, None]).exp_()
-    torch.sum(z, dim=1, out=stats[0])
-    reduce.sum_(stats)
-    sum_exp = stats[0]
-    lse = sum_exp.log() + row_max
-    valid, w_y = rows.valid[sl], rows.w_y[sl]
-    loss = row_loss(lse, stats[1], stats[2] if eps > 0 else None, w_y, valid, rows.weight_total, eps,
-                    config.num_classes, config.z_loss)
-    if scale is not None and z.shape[1] > 0:
-        row_coefficient, target_coefficient, smooth_coefficient = row_coefficients(
-            scale, w_y, valid, rows.weight_total, lse, eps, config.num_classes, config.z_loss
-        )
-        # exp(z − m) · coefficient / Σ exp(z − m) = coefficient · p
-        target_coefficient = target_coefficient * owned[:, None]
-        finish_logit_grad_(z, row_coefficient / sum_exp, target_coefficient, smooth_coefficient,
-                           rows.class_weight, local_target, d, inv_t)
-    return loss, lse
-
-
-def _chunk_grad_from_lse(
-    logits: torch.Tensor,
-    derivative: torch.Tensor | None,
-    rows: _Rows,
-    sl: slice,
-    lse: torch.Tensor,
-    scale: torch.Tensor,
-    config: LinearCrossEntropyConfig,
-) -> None:
-    """Turn the chunk's raw logits into ``∂ℓ/∂x`` in place, given the stored LSE (the ``"none"`` backward)."""
-    eps, inv_t, softcap = config.label_smoothing, 1.0 / config.temperature, config.softcap
-    if logits.shape[1] == 0:
-        return
-    d = None
-    if softcap is not None:
-        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
-    _load_transformed(logits, logits, inv_t, softcap).sub_(lse[:, None]).exp_()
-    row_coefficient, target_coefficient, smooth_coefficient = row_coefficients(
-        scale, rows.w_y[sl], rows.valid[sl], rows.weight_total, lse, eps, config.num_classes, config.z_loss
-    )
-    target_coefficient = target_coefficient * rows.owned[sl, None]
-    finish_logit_grad_(logits, row_coefficient, target_coefficient, smooth_coefficient, rows.class_weight,
-                       rows.local_target[sl], d, inv_t)
-
-
-class _Accumulators:
-    """``∂ℓ/∂h``, ``∂ℓ/∂W`` and ``∂ℓ/∂b`` being built chunk by chunk, and the matmuls that build them."""
-
-    def __init__(self, hidden, weight, bias, needs, accumulation_dtype):
-        need_hidden, need_weight, need_bias = needs
-        self.weight = weight
-        self.accumulation_dtype = accumulation_dtype
-        # oneDNN computes G @ W as a linear layer with weight Wᵀ, which it wants contiguous: one (D, C) copy
-        self.weight_t = (
-            weight.t().contiguous() if need_hidden and accumulation_dtype == weight.dtype and use_onednn(weight)
-            else None
-        )
-        self.hidden = (
-            torch.empty(hidden.shape, dtype=accumulation_dtype, device=hidden.device) if need_hidden else None
-        )
-        self.weight_grad = (
-            torch.zeros(weight.shape, dtype=accumulation_dtype, device=weight.device) if need_weight else None
-        )
-        self.bias_grad = (
-            torch.zeros(weight.shape[0], dtype=accumulation_dtype, device=weight.device) if need_bias else None
-        )
-
-    @property
-    def any(self) -> bool:
-        return self.hidden is not None or self.weight_grad is not None or self.bias_grad is not None
-
-    def add_chunk(self, grad_logits: torch.Tensor, hidden: torch.Tensor, sl: slice) -> None:
-        """Fold one chunk's ``G = ∂ℓ/∂x`` (``r × C``, work dtype) into the three gradients."""
-        weight = self.weight
-        acc = self.accumulation_dtype
-        low = grad_logits if grad_logits.dtype == weight.dtype else grad_logits.to(weight.dtype)
-        if self.hidden is not None:
-            if self.weight_t is not None:
-                self.hidden[sl] = _onednn_linear(low, self.weight_t, None)
-            elif acc == weight.dtype:
-                torch.mm(low, weight, out=self.hidden[sl])
-            else:
-                self.hidden[sl].copy_(torch.mm(low, weight))
-        if self.weight_grad is not None:
-            if acc == weight.dtype:
-                self.weight_grad.addmm_(low.t(), hidden)
-            else:
-                # accumulate in `acc`: both factors in that dtype so no chunk's product is rounded to low
-                factor = grad_logits if grad_logits.dtype == acc else grad_logits.to(acc)
-                self.weight_grad.addmm_(factor.t(), hidden.to(acc))
-        if self.bias_grad is not None:
-            self.bias_grad.add_(grad_logits.sum(0, dtype=self.bias_grad.dtype))
-
-
-def _chunk_buffers(
-    rows: int, classes: int, work_dtype, device, softcap, onednn: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The chunk's logits buffer (None where oneDNN allocates the logits itself) and soft-cap derivative."""
-    logits = None if onednn else torch.empty((rows, classes), dtype=work_dtype, device=device)
-    derivative = torch.empty((rows, classes), dtype=work_dtype, device=device) if softcap is not None else None
-    return logits, derivative
-
-
-def chunk_rows_for(config: LinearCrossEntropyConfig, num_rows: int, hidden_size: int) -> int:
-    if config.chunk_size is not None:
-        return max(1, min(config.chunk_size, max(num_rows, 1)))
-    return default_chunk_rows(num_rows, config.num_classes, hidden_size)
-
-
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """Private autograd Function behind :func:`softmaxkit.linear_cross_entropy`'s chunked path.
-
-    Inputs: ``hidden (N, D)``, ``weight (C_local, D)``, ``bias (C_local,)`` or None, ``target (N,)`` of
-    global class indices or ``(N, C)`` class probabilities (single process), ``class_weight (C_local,)`` or
-    None, and a :class:`LinearCrossEntropyConfig`.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig):
-        num_rows, hidden_size = hidden.shape
-        local_classes = weight.shape[0]
-        work_dtype = work_dtype_of(weight.dtype)
-        accumulation_dtype = config.accumulation_dtype or work_dtype
-        probabilities = target.dim() == 2
-        if probabilities:
-            rows = _ProbabilityRows(target, class_weight, config, work_dtype)
-        else:
-            rows = _Rows(target, class_weight, config, local_classes, work_dtype)
-        needs = tuple(
-            config.grad_enabled and need
-            for need in (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        )
-        need_target = probabilities and config.grad_enabled and ctx.needs_input_grad[3]
-        precompute = config.reduction != "none" and (any(needs) or need_target)
-        grads = _Accumulators(hidden, weight, bias, needs, accumulation_dtype) if precompute else None
-        scale = rows.scale(config.reduction) if precompute else None
-        # ∂ℓ/∂t has the target's own (N, C) shape: the one full-size tensor, and only when it is asked for
-        target_grad = torch.empty_like(target, memory_format=torch.contiguous_format) if (
-            precompute and need_target) else None
-
-        loss = torch.empty(num_rows, dtype=work_dtype, device=hidden.device)
-        lse = torch.empty(num_rows, dtype=work_dtype, device=hidden.device)
-        step = chunk_rows_for(config, num_rows, hidden_size)
-        buffer, derivative = _chunk_buffers(min(step, num_rows), local_classes, work_dtype, hidden.device,
-                                            config.softcap, use_onednn(weight))
-        for start in range(0, num_rows, step):
-            sl = slice(start, min(start + step, num_rows))
-            logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], hidden[sl], weight, bias)
-            if probabilities:
-                loss[sl], lse[sl] = _chunk_loss_and_grad_probabilities(
-                    logits, derivative, rows, sl, None if scale is None else scale[sl], config,
-                    None if target_grad is None else target_grad[sl],
-                )
-            else:
-                loss[sl], lse[sl] = _chunk_loss_and_grad(
-                    logits, derivative, rows, sl, None if scale is None else scale[sl], config
-                )
-            if grads is not None:
-                grads.add_chunk(logits, hidden[sl], sl)
-            del logits  # free this chunk's logits before the next chunk allocates its own (oneDNN path)
-        del buffer, derivative
-        if grads is not None:
-            grads.weight_t = None
-
-        out = reduce_loss(loss, config.reduction, rows.denominator)
-        ctx.config = config
-        ctx.precompute = precompute
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if precompute:
-            if grads.hidden is not None:
-                config.reduce.sum_hidden_grad_(grads.hidden)
-            ctx.save_for_backward(grads.hidden, grads.weight_grad, grads.bias_grad, target_grad)
-        else:
-            ctx.rows = rows
-            ctx.save_for_backward(hidden, weight, bias, lse)
-        return out.to(hidden.dtype)
-
-    @staticmethod
-    @strict_once_differentiable
-    def backward(ctx, grad_output):
-        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        if ctx.precompute:
-            stored = ctx.saved_tensors
-            grad_hidden, grad_weight, grad_bias, grad_target = (
-                None if g is None else g * grad_output.to(g.dtype) for g in stored
-            )
-        else:
-            grad_hidden, grad_weight, grad_bias, grad_target = _recompute_backward(ctx, grad_output)
-        grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden_dtype)
-        grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
-        grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, grad_target, None, None
-
-
-def _recompute_backward(ctx, grad_output):
-    """``"none"`` (or a scalar loss whose forward ran without grad): recompute each chunk's logits."""
-    config = ctx.config
-    hidden, weight, bias, lse = ctx.saved_tensors
-    rows: _Rows | _ProbabilityRows = ctx.rows
-    probabilities = isinstance(rows, _ProbabilityRows)
-    target_grad = (
-        torch.empty_like(rows.target, memory_format=torch.contiguous_format)
-        if probabilities and ctx.needs_input_grad[3] else None
-    )
-    num_rows, hidden_size = hidden.shape
-    work_dtype = lse.dtype
-    accumulation_dtype = config.accumulation_dtype or work_dtype
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-    grads = _Accumulators(hidden, weight, bias, needs, accumulation_dtype)
-    grad_output = grad_output.to(work_dtype)
-    if config.reduction == "none":
-        scale = grad_output * rows.valid
+def _backward(ctx, grad_output, *unused):
+    refuse_double_backward()
+    if grad_output is None:  # the loss itself got no gradient (only statistics outputs were used)
+        return (None,) * 17
+    if ctx.precompute:
+        grads = [g * grad_output.to(g.dtype) if wanted else None
+                 for g, wanted in zip(ctx.saved_tensors, ctx.needs)]
     else:
-        scale = rows.scale(config.reduction) * grad_output
-    step = chunk_rows_for(config, num_rows, hidden_size)
-    buffer, derivative = _chunk_buffers(min(step, num_rows), weight.shape[0], work_dtype, hidden.device,
-                                        config.softcap, use_onednn(weight))
-    for start in range(0, num_rows, step):
-        sl = slice(start, min(start + step, num_rows))
-        logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], hidden[sl], weight, bias)
-        if probabilities:
-            _chunk_grad_from_lse_probabilities(logits, derivative, rows, sl, lse[sl], scale[sl], config,
-                                               None if target_grad is None else target_grad[sl])
-        else:
-            _chunk_grad_from_lse(logits, derivative, rows, sl, lse[sl], scale[sl], config)
-        grads.add_chunk(logits, hidden[sl], sl)
-        del logits
-    grads.weight_t = None
-    if grads.hidden is not None:
-        config.reduce.sum_hidden_grad_(grads.hidden)
-    return grads.hidden, grads.weight_grad, grads.bias_grad, target_grad
+        hidden, weight, bias, target, class_weight, row_max, log_sum = ctx.saved_tensors
+        grads = torch.ops.softmaxkit.linear_cross_entropy_backward(
+            grad_output, hidden, weight, bias, target, class_weight, row_max, log_sum, *ctx.scalars, *ctx.needs
+        )
+        grads = [g if wanted else None for g, wanted in zip(grads, ctx.needs)]
+    grads = [None if g is None or dtype is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+    return (*grads, *(None,) * 13)
+
+
+torch.library.register_autograd("softmaxkit::linear_cross_entropy", _backward, setup_context=_setup_context)
+
+
+def torch_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    options: CrossEntropyOptions,
+) -> torch.Tensor:
+    """Chunked linear CE of ``hidden (N, D)``, ``weight (C, D)``, class indices ``(N,)`` or probabilities
+    ``(N, C)`` (validated arguments). Which gradients a backward will want is decided here, outside the op.
+
+    Returns the loss in the compute dtype (fp32 for fp16/bf16)."""
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+        grad_on and target.dim() == 2 and target.requires_grad,
+    )
+    loss, *_ = torch.ops.softmaxkit.linear_cross_entropy(
+        hidden, weight, bias, target, class_weight, *options.op_args(), options.accumulation_dtype, *needs
+    )
+    return loss  # compute dtype: linear_cross_entropy rounds it to hidden's dtype outside the op

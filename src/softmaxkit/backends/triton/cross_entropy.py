@@ -28,10 +28,11 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
+from ..._core import CrossEntropyOptions, row_weights
+from ..._core.autograd import refuse_double_backward
 from ..._reduction import reduce_loss, row_scale
-from .._autograd import strict_once_differentiable
-from ..torch.cross_entropy import row_weights
 
 
 @triton.jit
@@ -52,18 +53,21 @@ def _load_params(params_ptr):
 
 @triton.jit
 def _row_forward(
-    x_row, row, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, loss_ptr,
+    x_row, row, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, shift_ptr, loss_ptr,
     n_cols, ignore_index, eps, inv_t, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One row's online log-sum-exp and loss; stores both and returns the LSE."""
+    """One row's online log-sum-exp and loss in the shifted form; stores ``log s`` (at ``lse_ptr``), the shift
+    ``m`` and the loss, and returns ``(m, log s)``."""
     y = tl.load(target_ptr + row).to(tl.int64)
     valid = y != ignore_index
     safe_y = tl.where(valid, y, 0)
     acc_dtype = lse_ptr.dtype.element_ty
     m = tl.full([], float("-inf"), acc_dtype)
     s = tl.zeros([], acc_dtype)
-    weighted = tl.zeros([], acc_dtype)
+    weighted = tl.zeros([], acc_dtype)  # Σ w_c (z_c − shift) over the columns seen, for the running shift
+    weight_seen = tl.zeros([], acc_dtype)
+    shift = tl.zeros([], acc_dtype)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -72,19 +76,26 @@ def _row_forward(
             z = softcap * _tanh(x / softcap) * inv_t
         else:
             z = x * inv_t
+        z_masked = tl.where(mask, z, float("-inf"))
+        new_m = tl.maximum(m, tl.max(z_masked, 0))
+        new_shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: exp(-inf - 0) = 0
         if HAS_SMOOTHING:
+            # Σ w (z − shift) kept relative to the running shift: no Σ w z that could overflow or cancel
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(acc_dtype)
-                weighted += tl.sum(tl.where(mask, w * z, 0.0), 0)
+                block_sum = tl.sum(tl.where(mask & (w != 0.0), w * (z - new_shift), 0.0), 0)
+                block_weight = tl.sum(tl.where(mask, w, 0.0), 0)
             else:
-                weighted += tl.sum(tl.where(mask, z, 0.0), 0)
-        z = tl.where(mask, z, float("-inf"))
-        new_m = tl.maximum(m, tl.max(z, 0))
-        shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: exp(-inf - 0) = 0
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
+                block_sum = tl.sum(tl.where(mask, z - new_shift, 0.0), 0)
+                block_weight = tl.sum(tl.where(mask, 1.0, 0.0), 0)
+            weighted = tl.where(weight_seen != 0.0, weighted + (shift - new_shift) * weight_seen, weighted)
+            weighted += block_sum
+            weight_seen += block_weight
+        s = s * tl.exp(m - new_shift) + tl.sum(tl.exp(z_masked - new_shift), 0)
         m = new_m
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    lse = shift + tl.log(s)
+        shift = new_shift
+    log_s = tl.log(s)
+    lse = shift + log_s
     x_y = tl.load(x_row + safe_y).to(acc_dtype)
     if HAS_SOFTCAP:
         z_y = softcap * _tanh(x_y / softcap) * inv_t
@@ -96,27 +107,33 @@ def _row_forward(
     else:
         w_y = 1.0
         weight_total = n_cols * 1.0
-    loss = (1.0 - eps) * w_y * (lse - z_y)
+    loss = (1.0 - eps) * w_y * ((shift - z_y) + log_s)
     if HAS_SMOOTHING:
-        loss += (weight_total * lse - weighted) * (eps / n_cols)
-    loss += z_loss * lse * lse
-    tl.store(lse_ptr + row, lse)
+        loss += (weight_total * log_s - weighted) * (eps / n_cols)
+    if z_loss > 0.0:
+        loss += z_loss * lse * lse
+    tl.store(lse_ptr + row, log_s)
+    tl.store(shift_ptr + row, shift)
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
-    return lse
+    return shift, log_s
 
 
 @triton.jit
 def _row_backward(
-    x_row, g_row, row, target_ptr, weight_ptr, weight_total_ptr, lse, s,
+    x_row, g_row, row, target_ptr, weight_ptr, weight_total_ptr, shift, log_s, s,
     n_cols, ignore_index, eps, inv_t, softcap, z_loss,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One row's gradient, scaled by ``s``; ``g_row`` may be ``x_row`` (each block is read before written)."""
+    """One row's gradient, scaled by ``s``; ``g_row`` may be ``x_row`` (each block is read before written).
+
+    ``p = exp((z − shift) − log s)``: the shifted form, exact where ``z ≈ shift`` at any magnitude."""
     y = tl.load(target_ptr + row).to(tl.int64)
-    acc_dtype = lse.dtype
+    acc_dtype = log_s.dtype
     active = (y != ignore_index) & (s != 0.0)  # ignored row or zero upstream: exact zeros (no 0·inf)
     safe_y = tl.where(active, y, 0)
-    lse = tl.where(active, lse, 0.0)
+    shift = tl.where(active, shift, 0.0)
+    log_s = tl.where(active, log_s, 0.0)
+    lse = shift + log_s
     if HAS_WEIGHT:
         w_y = tl.load(weight_ptr + safe_y).to(acc_dtype)
         weight_total = tl.load(weight_total_ptr).to(acc_dtype)
@@ -137,7 +154,7 @@ def _row_backward(
         else:
             z = x * inv_t
             derivative = inv_t
-        g = row_coefficient * tl.exp(z - lse)
+        g = row_coefficient * tl.exp((z - shift) - log_s)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(acc_dtype)
@@ -151,7 +168,7 @@ def _row_backward(
 
 @triton.jit
 def _ce_fwd_kernel(
-    x_ptr, stride_x, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, loss_ptr,
+    x_ptr, stride_x, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, shift_ptr, loss_ptr,
     n_cols, ignore_index, eps, inv_t, softcap, z_loss, params_ptr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
     PARAMS_IN_MEMORY: tl.constexpr,
@@ -159,13 +176,13 @@ def _ce_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     if PARAMS_IN_MEMORY:  # float64: scalar arguments would be rounded to fp32
         eps, inv_t, softcap, z_loss = _load_params(params_ptr)
-    _row_forward(x_ptr + row * stride_x, row, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, loss_ptr,
+    _row_forward(x_ptr + row * stride_x, row, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, shift_ptr, loss_ptr,
                  n_cols, ignore_index, eps, inv_t, softcap, z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
 
 
 @triton.jit
 def _ce_bwd_kernel(
-    x_ptr, stride_x, grad_ptr, stride_g, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, scale_ptr,
+    x_ptr, stride_x, grad_ptr, stride_g, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, shift_ptr, scale_ptr,
     n_cols, ignore_index, eps, inv_t, softcap, z_loss, params_ptr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
     PARAMS_IN_MEMORY: tl.constexpr,
@@ -174,13 +191,13 @@ def _ce_bwd_kernel(
     if PARAMS_IN_MEMORY:
         eps, inv_t, softcap, z_loss = _load_params(params_ptr)
     _row_backward(x_ptr + row * stride_x, grad_ptr + row * stride_g, row, target_ptr, weight_ptr, weight_total_ptr,
-                  tl.load(lse_ptr + row), tl.load(scale_ptr + row), n_cols, ignore_index, eps, inv_t, softcap,
+                  tl.load(shift_ptr + row), tl.load(lse_ptr + row), tl.load(scale_ptr + row), n_cols, ignore_index, eps, inv_t, softcap,
                   z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
 
 
 @triton.jit
 def _ce_fused_inplace_kernel(
-    x_ptr, stride_x, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, loss_ptr, scale_ptr,
+    x_ptr, stride_x, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, shift_ptr, loss_ptr, scale_ptr,
     n_cols, ignore_index, eps, inv_t, softcap, z_loss, params_ptr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
     PARAMS_IN_MEMORY: tl.constexpr,
@@ -190,10 +207,10 @@ def _ce_fused_inplace_kernel(
     if PARAMS_IN_MEMORY:
         eps, inv_t, softcap, z_loss = _load_params(params_ptr)
     x_row = x_ptr + row * stride_x
-    lse = _row_forward(x_row, row, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, loss_ptr,
-                       n_cols, ignore_index, eps, inv_t, softcap, z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
-                       BLOCK)
-    _row_backward(x_row, x_row, row, target_ptr, weight_ptr, weight_total_ptr, lse, tl.load(scale_ptr + row),
+    shift, log_s = _row_forward(x_row, row, target_ptr, weight_ptr, weight_total_ptr, lse_ptr, shift_ptr, loss_ptr,
+                                n_cols, ignore_index, eps, inv_t, softcap, z_loss, HAS_WEIGHT, HAS_SMOOTHING,
+                                HAS_SOFTCAP, BLOCK)
+    _row_backward(x_row, x_row, row, target_ptr, weight_ptr, weight_total_ptr, shift, log_s, tl.load(scale_ptr + row),
                   n_cols, ignore_index, eps, inv_t, softcap, z_loss, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, BLOCK)
 
 
@@ -208,63 +225,172 @@ def _launch_config(num_classes: int) -> tuple[int, int]:
     return block, (4 if block <= 1024 else 8 if block <= 4096 else 16)
 
 
-class _TritonCrossEntropyFunction(torch.autograd.Function):
-    """Autograd Function of the Triton path (2-D logits, class-index targets)."""
+def _define_op(name: str, mutates_args):
+    """``torch.library.triton_op`` (Inductor sees the Triton kernels and can fuse around them); under
+    ``TRITON_INTERPRET=1`` a plain ``custom_op`` (interpreted kernels on CPU tensors cannot be traced into, so the
+    op stays opaque and its fake kernel serves compile/export)."""
+    if _interpreting():
+        return torch.library.custom_op(name, mutates_args=mutates_args)
+    return triton_op(name, mutates_args=mutates_args)
 
-    @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss,
-                softcap, inplace_backward):
-        num_rows, num_classes = logits.shape
-        work = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        rows = logits if logits.stride(1) == 1 or num_classes <= 1 else logits.contiguous()
-        target = target.contiguous()
-        lse = torch.empty(num_rows, dtype=work, device=logits.device)
-        loss = torch.empty(num_rows, dtype=work, device=logits.device)
-        _, _, weight, w_y, weight_total = row_weights(target, weight, ignore_index, num_classes, work)
-        # the kernels read Σ_c w_c by pointer, and only with class weights
-        if weight is not None:
-            weight, weight_total = weight.contiguous(), weight_total.reshape(1)
-        else:
-            weight_total = None
-        denominator = w_y.sum()
-        block, warps = _launch_config(num_classes)
-        if num_rows > 0:
-            _ce_fwd_kernel[(num_rows,)](
-                rows, rows.stride(0), target, _or(weight, lse), _or(weight_total, lse), lse, loss,
-                num_classes, ignore_index, *_scalars(work, label_smoothing, temperature, softcap, z_loss, lse),
-                HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=softcap is not None,
-                BLOCK=block, PARAMS_IN_MEMORY=work == torch.float64, num_warps=warps,
-            )
-        out = reduce_loss(loss, reduction, denominator)
-        ctx.save_for_backward(rows, target, weight, weight_total, lse, denominator)
-        # in place only into the caller's own buffer (a contiguous copy made here would be invisible)
-        ctx.options = (ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
-                       inplace_backward and rows is logits)
-        return out.to(logits.dtype)
 
-    @staticmethod
-    @strict_once_differentiable
-    def backward(ctx, grad_output):
-        logits, target, weight, weight_total, lse, denominator = ctx.saved_tensors
-        ignore_index, reduction, eps, temperature, z_loss, softcap, inplace_backward = ctx.options
-        num_rows, num_classes = logits.shape
-        valid = target != ignore_index
-        # the row scale s_i on the device: no .item(), graph-capturable
-        scale = row_scale(grad_output.to(lse.dtype), reduction, num_rows, denominator, valid).contiguous()
-        if inplace_backward:
-            grad = logits
-            torch.autograd.graph.increment_version(logits)
+def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
+             scale=None):
+    """Launch the forward kernel (or, with ``scale``, the fused forward + in-place gradient kernel)."""
+    num_rows, num_classes = logits.shape
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    stats = torch.empty((2, num_rows), dtype=work, device=logits.device)  # log s, shift m (per row)
+    lse, shift = stats[0], stats[1]
+    loss = torch.empty(num_rows, dtype=work, device=logits.device)
+    _, _, weight, w_y, weight_total = row_weights(target, weight, ignore_index, num_classes, work)
+    # the kernels read Σ_c w_c by pointer, and only with class weights
+    if weight is not None:
+        weight, weight_total = weight.contiguous(), weight_total.reshape(1)
+    else:
+        weight_total = None
+    block, warps = _launch_config(num_classes)
+    if num_rows > 0:
+        common = (target, _or(weight, lse), _or(weight_total, lse), lse, shift, loss)
+        flags = {"HAS_WEIGHT": weight is not None, "HAS_SMOOTHING": label_smoothing > 0,
+                 "HAS_SOFTCAP": softcap is not None, "BLOCK": block, "PARAMS_IN_MEMORY": work == torch.float64,
+                 "num_warps": warps}
+        scalars = _scalars(work, label_smoothing, temperature, softcap, z_loss, lse)
+        if scale is None:
+            wrap_triton(_ce_fwd_kernel)[(num_rows,)](
+                logits, logits.stride(0), *common, num_classes, ignore_index, *scalars, **flags)
         else:
-            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        block, warps = _launch_config(num_classes)
-        if num_rows > 0:
-            _ce_bwd_kernel[(num_rows,)](
-                logits, logits.stride(0), grad, grad.stride(0), target, _or(weight, lse), _or(weight_total, lse),
-                lse, scale, num_classes, ignore_index, *_scalars(lse.dtype, eps, temperature, softcap, z_loss, lse),
-                HAS_WEIGHT=weight is not None, HAS_SMOOTHING=eps > 0, HAS_SOFTCAP=softcap is not None,
-                BLOCK=block, PARAMS_IN_MEMORY=lse.dtype == torch.float64, num_warps=warps,
-            )
-        return grad, None, None, None, None, None, None, None, None, None
+            wrap_triton(_ce_fused_inplace_kernel)[(num_rows,)](
+                logits, logits.stride(0), *common, scale, num_classes, ignore_index, *scalars, **flags)
+    return reduce_loss(loss, reduction, w_y.sum()), stats
+
+
+@_define_op("softmaxkit::cross_entropy_triton", mutates_args=())
+def _cross_entropy_triton(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    temperature: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+    inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reduced loss (logits' dtype) and ``(2, N)`` row statistics (``log s``, shift ``m``) of 2-D ``logits``
+    with unit class stride."""
+    loss, lse = _forward(logits, target.contiguous(), weight, ignore_index, reduction, label_smoothing,
+                         temperature, z_loss, softcap)
+    return loss.to(logits.dtype), lse
+
+
+@_cross_entropy_triton.register_fake
+def _(logits, target, weight, ignore_index, reduction, *args):
+    num_rows = logits.shape[0]
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = logits.new_empty((num_rows,) if reduction == "none" else ())
+    return loss, logits.new_empty((2, num_rows), dtype=work)
+
+
+def _backward_into(grad, grad_output, logits, target, weight, stats, ignore_index, reduction, eps, temperature,
+                   z_loss, softcap):
+    num_rows, num_classes = logits.shape
+    lse, shift = stats[0], stats[1]
+    rows = row_weights(target, weight, ignore_index, num_classes, lse.dtype)
+    # the row scale s_i on the device: no .item(), graph-capturable
+    scale = row_scale(grad_output.to(lse.dtype), reduction, num_rows, rows.w_y.sum(), rows.valid).contiguous()
+    weight = None if rows.weight is None else rows.weight.contiguous()
+    weight_total = None if weight is None else rows.weight_total.reshape(1)
+    block, warps = _launch_config(num_classes)
+    if num_rows > 0:
+        wrap_triton(_ce_bwd_kernel)[(num_rows,)](
+            logits, logits.stride(0), grad, grad.stride(0), target, _or(weight, lse), _or(weight_total, lse),
+            lse, shift, scale, num_classes, ignore_index,
+            *_scalars(lse.dtype, eps, temperature, softcap, z_loss, lse),
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=eps > 0, HAS_SOFTCAP=softcap is not None,
+            BLOCK=block, PARAMS_IN_MEMORY=lse.dtype == torch.float64, num_warps=warps,
+        )
+
+
+@_define_op("softmaxkit::cross_entropy_triton_backward", mutates_args=())
+def _cross_entropy_triton_backward(
+    grad_output: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    temperature: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """``∂ℓ/∂logits`` into a new buffer from the stored LSE (one launch)."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backward_into(grad, grad_output, logits, target.contiguous(), weight, lse, ignore_index, reduction,
+                   label_smoothing, temperature, z_loss, softcap)
+    return grad
+
+
+@_define_op("softmaxkit::cross_entropy_triton_backward_", mutates_args={"logits"})
+def _cross_entropy_triton_backward_(
+    grad_output: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    lse: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    temperature: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+) -> None:
+    """:func:`_cross_entropy_triton_backward` written over ``logits`` (``inplace_backward=True``)."""
+    _backward_into(logits, grad_output, logits, target.contiguous(), weight, lse, ignore_index, reduction,
+                   label_smoothing, temperature, z_loss, softcap)
+
+
+@_cross_entropy_triton_backward.register_fake
+def _(grad_output, logits, *args):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@_cross_entropy_triton_backward_.register_fake
+def _(*args):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, *scalars = inputs
+    ctx.scalars, ctx.inplace = tuple(scalars[:7]), scalars[7]
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(logits, target, weight, lse)
+
+
+def _backward(ctx, grad_output, *unused):
+    refuse_double_backward()
+    if grad_output is None:
+        return (None,) * 11
+    logits, target, weight, lse = ctx.saved_tensors
+    if ctx.inplace:
+        torch.ops.softmaxkit.cross_entropy_triton_backward_(grad_output, logits, target, weight, lse, *ctx.scalars)
+        grad = logits
+    else:
+        grad = torch.ops.softmaxkit.cross_entropy_triton_backward(grad_output, logits, target, weight, lse,
+                                                                  *ctx.scalars)
+    return (grad, *(None,) * 10)
+
+
+_cross_entropy_triton.register_autograd(_backward, setup_context=_setup_context)
+for _device in ("cpu", "cuda"):
+    torch.library.register_autocast("softmaxkit::cross_entropy_triton", _device, torch.float32)
 
 
 def _scalars(work, label_smoothing, temperature, softcap, z_loss, like):
@@ -280,16 +406,7 @@ def _or(tensor, placeholder):
 
 
 def triton_cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    temperature: float,
-    z_loss: float,
-    softcap: float | None,
-    inplace_backward: bool,
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, options: CrossEntropyOptions
 ) -> torch.Tensor:
     """Cross-entropy of 2-D ``logits`` ``(N, C)`` and class indices ``(N,)`` with the Triton kernels.
 
@@ -301,7 +418,9 @@ def triton_cross_entropy(
             f"`impl='triton'` needs CUDA tensors (or TRITON_INTERPRET=1 to interpret the kernels on the CPU), "
             f"but `logits` is on {logits.device}"
         )
-    return _TritonCrossEntropyFunction.apply(
-        logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
-        inplace_backward,
-    )
+    # the kernels want unit class stride; in place only into the caller's own buffer (a copy made here would
+    # be invisible to the caller)
+    rows = logits if logits.stride(1) == 1 or logits.shape[1] <= 1 else logits.contiguous()
+    inplace = options.inplace_backward and rows is logits
+    loss, _ = torch.ops.softmaxkit.cross_entropy_triton(rows, target, weight, *options.op_args(), inplace)
+    return loss

@@ -61,9 +61,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._core import CrossEntropyOptions
 from ..._reduction import reduce_loss, row_scale
 from .._autograd import strict_once_differentiable
-from ..torch.linear_cross_entropy import LinearCrossEntropyConfig
 from .cross_entropy import _interpreting, _load_params, _or, _scalars, _tanh
 
 
@@ -272,7 +272,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Class-index linear CE, every reduction; logits recomputed tile by tile in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig, splits,
+    def forward(ctx, hidden, weight, bias, target, class_weight, config: CrossEntropyOptions, splits,
                 filter_eps):
         num_rows, hidden_size = hidden.shape
         num_classes = weight.shape[0]
@@ -330,7 +330,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @strict_once_differentiable
     def backward(ctx, grad_output):
         hidden, weight, bias, target, class_weight, weight_total, lse, denominator = ctx.saved_tensors
-        config: LinearCrossEntropyConfig = ctx.config
+        config: CrossEntropyOptions = ctx.config
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         num_rows, hidden_size = hidden.shape
         num_classes = weight.shape[0]
@@ -368,7 +368,7 @@ class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-def fused_linear_cross_entropy(hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig,
+def fused_linear_cross_entropy(hidden, weight, bias, target, class_weight, config: CrossEntropyOptions,
                                splits: int | None = None, filter_eps: float | None = None):
     r"""Linear cross-entropy ``cross_entropy(h Wᵀ + b, y)`` by the fused matmul–LSE kernels (module docstring).
 

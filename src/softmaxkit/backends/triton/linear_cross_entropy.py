@@ -10,8 +10,9 @@ device). Then
 where ``∂ℓ/∂W`` accumulates in fp32 across chunks through :func:`_accumulate_at_b_kernel` (fp32 accumulator
 tiles, operands in the input dtype), so a bf16 model does not round its weight gradient once per chunk.
 Backward only multiplies the stored gradients by the upstream scalar, on the device (no host sync).
-``reduction="none"`` needs the per-row upstream gradient, known only in backward: it uses the chunked
-PyTorch implementation (:mod:`softmaxkit.backends.torch.linear_cross_entropy`), which recomputes chunks.
+``reduction="none"`` needs the per-row upstream gradient, known only in backward: it uses the chunk loop of the
+core (:func:`softmaxkit._core.linear.linear_forward`), which recomputes chunks. The scalar path is the custom
+op ``softmaxkit::linear_cross_entropy_triton`` (``triton_op``; a plain custom op when interpreted).
 
 Peak memory beyond the returned gradients: one chunk of logits (the chunk size of the torch path) and the
 fp32 ``C × D`` accumulator when the weight is fp16/bf16.
@@ -22,14 +23,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
+from ..._core import CrossEntropyOptions, row_weights
+from ..._core.autograd import refuse_double_backward
+from ..._core.linear import LOCAL, ChunkedLinearCrossEntropy, chunk_rows_for
 from ..._reduction import reduce_loss, row_scale
-from .._autograd import strict_once_differentiable
-from ..torch.cross_entropy import row_weights
-from ..torch.linear_cross_entropy import LinearCrossEntropyConfig, _LinearCrossEntropyFunction, chunk_rows_for
 from .cross_entropy import (
     _ce_fused_inplace_kernel,
     _ce_fwd_kernel,
+    _define_op,
     _interpreting,
     _launch_config,
     _or,
@@ -73,18 +76,17 @@ def accumulate_at_b(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         return
     blocks = (16, 16, 16) if _interpreting() else (128, 128, 32)
     grid = (triton.cdiv(m, blocks[0]), triton.cdiv(n, blocks[1]))
-    _accumulate_at_b_kernel[grid](
+    wrap_triton(_accumulate_at_b_kernel)[grid](
         a, b, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=blocks[0], BLOCK_N=blocks[1], BLOCK_K=blocks[2],
         IEEE=a.dtype in (torch.float32, torch.float64), num_warps=4 if _interpreting() else 8,
     )
 
 
-class _TritonLinearCrossEntropyFunction(torch.autograd.Function):
-    """Scalar reductions (``"mean"``/``"sum"``) of class-index linear CE with the Triton kernels."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig, wanted):
+def _linear_forward(hidden, weight, bias, target, class_weight, config: CrossEntropyOptions, wanted):
+    """Scalar reductions (``"mean"``/``"sum"``) of class-index linear CE with the Triton kernels: the loss and
+    the gradients for a unit upstream gradient (``(0,)`` where not wanted)."""
+    if True:  # one block, so the body keeps the indentation it had as an autograd Function
         num_rows, hidden_size = hidden.shape
         num_classes = weight.shape[0]
         work = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -107,7 +109,8 @@ class _TritonLinearCrossEntropyFunction(torch.autograd.Function):
         grad_bias = torch.zeros(num_classes, dtype=accumulation, device=hidden.device) if needs[2] else None
 
         loss = torch.empty(num_rows, dtype=work, device=hidden.device)
-        lse = torch.empty(num_rows, dtype=work, device=hidden.device)
+        lse = torch.empty(num_rows, dtype=work, device=hidden.device)  # log Σ exp(z − m) per row
+        shift = torch.empty(num_rows, dtype=work, device=hidden.device)  # the row's shift m
         block, warps = _launch_config(num_classes)
         scalars = _scalars(work, config.label_smoothing, config.temperature, config.softcap, config.z_loss, lse)
         flags = {"HAS_WEIGHT": class_weight is not None, "HAS_SMOOTHING": config.label_smoothing > 0,
@@ -119,37 +122,94 @@ class _TritonLinearCrossEntropyFunction(torch.autograd.Function):
             h = hidden[start:stop]
             logits = torch.nn.functional.linear(h, weight, bias)  # (r, C) in the input dtype
             common = (target[start:stop], _or(class_weight, lse), _or(weight_total, lse), lse[start:stop],
+                      shift[start:stop],
                       loss[start:stop])
             if any(needs):
-                _ce_fused_inplace_kernel[(stop - start,)](
+                wrap_triton(_ce_fused_inplace_kernel)[(stop - start,)](
                     logits, logits.stride(0), *common, scale[start:stop], num_classes, config.ignore_index,
                     *scalars, **flags,
                 )
                 if needs[0]:
                     torch.mm(logits, weight, out=grad_hidden[start:stop])
                 if needs[1]:
-                    accumulate_at_b(grad_weight, logits, h)
+                    # ignored rows' G is 0; their hidden states read as 0 so a NaN/inf padding row stays out of ∂W
+                    safe_h = torch.where(valid[start:stop, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+                    accumulate_at_b(grad_weight, logits, safe_h)
                 if needs[2]:
                     grad_bias += logits.sum(0, dtype=accumulation)
             else:
-                _ce_fwd_kernel[(stop - start,)](
+                wrap_triton(_ce_fwd_kernel)[(stop - start,)](
                     logits, logits.stride(0), *common, num_classes, config.ignore_index, *scalars, **flags,
                 )
         out = reduce_loss(loss, config.reduction, denominator)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        return out.to(hidden.dtype)
-
-    @staticmethod
-    @strict_once_differentiable
-    def backward(ctx, grad_output):
-        dtypes = ctx.dtypes
-        grads = [None if g is None else (g * grad_output.to(g.dtype)).to(dtype)
-                 for g, dtype in zip(ctx.saved_tensors, dtypes)]
-        return (*grads, None, None, None, None)
+        # a fresh (0,) tensor per missing gradient: a custom op's outputs may not alias each other
+        return (out.to(hidden.dtype),
+                *(hidden.new_empty((0,)) if g is None else g for g in (grad_hidden, grad_weight, grad_bias)))
 
 
-def triton_linear_cross_entropy(hidden, weight, bias, target, class_weight, config: LinearCrossEntropyConfig):
+@_define_op("softmaxkit::linear_cross_entropy_triton", mutates_args=())
+def _linear_cross_entropy_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    temperature: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+    accumulation_dtype: torch.dtype | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, ∂h, ∂W, ∂b)`` (gradients for a unit upstream gradient, ``(0,)`` where not wanted)."""
+    options = CrossEntropyOptions.from_op_args(
+        ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size,
+        accumulation_dtype=accumulation_dtype, num_classes=weight.shape[0],
+    )
+    return _linear_forward(hidden, weight, bias, target, class_weight, options, (need_hidden, need_weight, need_bias))
+
+
+@_linear_cross_entropy_triton.register_fake
+def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, temperature, z_loss,
+      softcap, chunk_size, accumulation_dtype, need_hidden, need_weight, need_bias):
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype or work
+    return (
+        hidden.new_empty(()),
+        hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty((0,)),
+        weight.new_empty(weight.shape, dtype=acc) if need_weight else hidden.new_empty((0,)),
+        weight.new_empty((weight.shape[0],), dtype=acc) if need_bias and bias is not None else hidden.new_empty((0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.needs = (inputs[13], inputs[14], inputs[15] and bias is not None)
+    _, *grads = output
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*grads)
+
+
+def _backward(ctx, grad_output, *unused):
+    refuse_double_backward()
+    if grad_output is None:
+        return (None,) * 16
+    grads = [(g * grad_output.to(g.dtype)).to(dtype) if wanted else None
+             for g, dtype, wanted in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs)]
+    return (*grads, *(None,) * 13)
+
+
+_linear_cross_entropy_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_linear_cross_entropy(hidden, weight, bias, target, class_weight, config: CrossEntropyOptions):
     """Linear CE of ``hidden (N, D)``, ``weight (C, D)``, ``bias (C,)``/None and class indices ``(N,)``.
 
     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``"none"`` uses the chunked torch path.
@@ -160,8 +220,12 @@ def triton_linear_cross_entropy(hidden, weight, bias, target, class_weight, conf
             f"but `hidden` is on {hidden.device}"
         )
     if config.reduction == "none":
-        return _LinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config)
+        return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, target, class_weight, config, LOCAL,
+                                               torch.is_grad_enabled())
     grad_on = torch.is_grad_enabled()
     wanted = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
               grad_on and bias is not None and bias.requires_grad)
-    return _TritonLinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config, wanted)
+    loss, *_ = torch.ops.softmaxkit.linear_cross_entropy_triton(
+        hidden, weight, bias, target, class_weight, *config.op_args(), config.accumulation_dtype, *wanted
+    )
+    return loss

@@ -1,0 +1,693 @@
+r"""Linear cross-entropy that never holds the ``(N, C)`` logits, in chunked PyTorch ops.
+
+For a chunk of ``r`` rows the forward computes the chunk's logits ``x = h Wᵀ + b`` (``r × C``), their
+log-sum-exp and, when gradients are wanted and the upstream gradient is a scalar (``"mean"``/``"sum"``),
+turns the same buffer into
+
+.. math:: G = \frac{\partial ℓ}{\partial x} = g\,\big[(A + 2λ\,\mathrm{LSE})\,p − a\big]\,\frac{dz}{dx}
+
+(the cross-entropy gradient of :mod:`softmaxkit._core.rows`, whose per-chunk helpers are reused here) and
+accumulates ``∂ℓ/∂h = G W``, ``∂ℓ/∂W += Gᵀ h`` and ``∂ℓ/∂b += Σ_rows G``. Backward then only multiplies
+what was stored by the upstream scalar. With ``"none"`` the upstream gradient differs per row and is only
+known in backward, so the forward keeps just the per-row shift ``m`` and ``log Σ exp(z − m)`` and backward
+recomputes each chunk's logits (one extra matmul). Peak memory is one chunk of logits plus the gradients themselves.
+
+The same loop runs vocab-parallel (:mod:`softmaxkit.distributed`): each process holds a contiguous slice of
+the classes, and the few per-row statistics (row max, sum of exponentials, target logit, smoothing sum,
+target weight) are combined across processes by a ``Reduce`` object; single-process it is the identity.
+
+Class-probability targets ``t`` (``(N, C)``, single process) take the same loop: each chunk reads its
+``r × C`` slice of ``t`` and builds the chunk's coefficients ``a = w ⊙ ((1 − ε) t + ε/C)`` (one ``r × C``
+temporary), so the loss ``ℓ_i = A_i (LSE_i − m_i) − Σ_c a_ic (z_ic − m_i) + λ LSE_i²`` (``m`` the row max,
+``A_i = Σ_c a_ic``) and ``G`` above need nothing ``N × C`` but the target itself (``Σ_c a_ic (z_ic − m_i)``
+is a batched dot product, so a chunk holds its logits and ``a``, no third ``r × C`` tensor). The loss is also
+differentiable in ``t``: ``∂ℓ/∂t_ic = −(1 − ε) w_c \log p_ic · g_i``, written chunk by chunk into the
+target-shaped gradient (only when ``t`` requires a gradient).
+
+Low precision: fp16/bf16 logits are computed by a matmul in the input dtype (as ``F.linear`` does), then
+reduced and exponentiated in fp32; ``∂ℓ/∂W`` and ``∂ℓ/∂b`` are accumulated across chunks in
+``accumulation_dtype`` (fp32 by default), ``∂ℓ/∂h`` is one matmul over all classes per row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .._reduction import reduce_loss, row_scale
+from . import CrossEntropyOptions, RowWeights, compute_dtype
+from .autograd import strict_once_differentiable
+from .rows import (
+    finish_logit_grad_,
+    finite_max,
+    load_transformed,
+    row_coefficients,
+    row_loss,
+    softcap_derivative_,
+)
+
+#: most bytes of fp32 logits per chunk when ``chunk_size`` is None (see :func:`default_chunk_rows`).
+CHUNK_BYTES = 256 << 20
+#: bounds on the automatic chunk: fewer rows make the matmuls inefficient, more buy nothing.
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 64, 1024
+
+
+def default_chunk_rows(num_rows: int, num_classes: int, hidden_size: int) -> int:
+    """Rows per chunk when ``chunk_size`` is None: ``D`` rows, within ``[64, 1024]`` and 256 MiB of logits.
+
+    Every chunk streams the whole ``(C, D)`` weight through three matmuls (and reads and writes the
+    ``∂W`` accumulator), so chunks of ``r`` rows cost ``≈ 16·C·D·N/r`` bytes of memory traffic on top of
+    ``6·N·C·D`` FLOPs: ``r`` should be in the hundreds. With ``r = D`` the chunk's ``r × C`` logits take
+    no more memory than ``∂W`` (``C × D``), which the op must return anyway, so the peak stays
+    ``O(C·D + N·D)``, never ``O(N·C)``.
+    """
+    rows = min(MAX_CHUNK_ROWS, hidden_size, CHUNK_BYTES // (4 * max(num_classes, 1)))
+    rows = max(MIN_CHUNK_ROWS, rows - rows % 16 if rows > 16 else rows)
+    return max(1, min(rows, num_rows))
+
+
+class LocalReduce:
+    """Single process: combining the per-class-slice statistics is the identity."""
+
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def sum_hidden_grad_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+_ONEDNN_LINEAR: bool | None = None
+
+
+def onednn_linear_available() -> bool:
+    """Whether oneDNN's fused linear (``torch.ops.mkldnn._linear_pointwise``) runs here and is exact.
+
+    On x86 CPUs its fp32 GEMM is about twice as fast as the MKL ``sgemm`` behind ``torch.mm`` for these
+    shapes (measured: docs/benchmarks.md); it is a private PyTorch op, so it is probed once and the
+    ``torch.mm`` path is used wherever it is missing or misbehaves.
+    """
+    global _ONEDNN_LINEAR
+    if _ONEDNN_LINEAR is None:
+        try:
+            # fixed values (no draw from the global RNG, whose stream belongs to the user)
+            a = torch.linspace(-1.0, 1.0, 15).reshape(3, 5)
+            w = torch.linspace(-2.0, 0.5, 20).reshape(4, 5)
+            b = torch.linspace(0.0, 0.3, 4)
+            result = torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
+            _ONEDNN_LINEAR = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
+                result, torch.addmm(b, a, w.t()), rtol=1e-5, atol=1e-6
+            )
+        except (AttributeError, RuntimeError, NotImplementedError):  # op absent or not built for this CPU
+            _ONEDNN_LINEAR = False
+    return _ONEDNN_LINEAR
+
+
+def use_onednn(weight: torch.Tensor) -> bool:
+    """fp32 CPU matmuls with a contiguous ``weight`` go through oneDNN when it is available."""
+    return (
+        weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+        and weight.numel() > 0 and onednn_linear_available()
+    )
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN (a new tensor)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+def _chunk_logits(out: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The chunk's logits ``hidden @ weight.T + bias`` in the work dtype (written into ``out`` unless the
+    oneDNN path, which makes its own tensor, is used: then ``out`` is None)."""
+    if out is None:
+        return _onednn_linear(hidden, weight, bias)
+    if out.dtype == weight.dtype:
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
+    return out.copy_(torch.nn.functional.linear(hidden, weight, bias))
+
+
+class _Rows:
+    """Per-row target data of the whole batch, computed once before the chunk loop."""
+
+    def __init__(self, target, class_weight, options: CrossEntropyOptions, local_classes, work_dtype, reduce):
+        self.valid = target != options.ignore_index
+        local = target.long() - options.class_offset
+        self.owned = self.valid & (local >= 0) & (local < local_classes)
+        self.local_target = torch.where(self.owned, local, torch.zeros_like(local))
+        if class_weight is None:
+            self.class_weight = None
+            self.w_y = self.valid.to(work_dtype)
+            self.weight_total = torch.full((), float(options.num_classes), dtype=work_dtype, device=target.device)
+        else:
+            self.class_weight = class_weight.to(work_dtype)
+            zero = torch.zeros((), dtype=work_dtype, device=target.device)
+            own_weight = (
+                torch.where(self.owned, self.class_weight[self.local_target], zero)
+                if local_classes > 0
+                else torch.zeros(target.shape, dtype=work_dtype, device=target.device)
+            )
+            both = torch.cat([own_weight, self.class_weight.sum().reshape(1)])
+            reduce.sum_(both)
+            self.w_y, self.weight_total = both[:-1], both[-1]
+        self.denominator = self.w_y.sum()
+        self.weights = RowWeights(self.valid, self.local_target, self.class_weight, self.w_y, self.weight_total)
+
+    def scale(self, reduction: str) -> torch.Tensor:
+        """The upstream gradient ``g_i`` of each row for a unit upstream scalar (0 on ignored rows)."""
+        one = torch.ones((), dtype=self.w_y.dtype, device=self.w_y.device)
+        return row_scale(one, reduction, self.valid.shape[0], self.denominator, self.valid)
+
+    def chunk(self, sl: slice) -> RowWeights:
+        """The chunk's rows as :class:`~softmaxkit._core.RowWeights` (``w_y`` 0 where another process owns y
+        is handled by ``owned`` at the target coefficient)."""
+        return RowWeights(self.valid[sl], self.local_target[sl], self.class_weight, self.w_y[sl], self.weight_total)
+
+
+class _ProbabilityRows:
+    """Per-row data for ``(N, C)`` class-probability targets (single process); the target is only read a row
+    chunk at a time, by :meth:`coefficients`."""
+
+    def __init__(self, target, class_weight, options: CrossEntropyOptions, work_dtype, reduce):
+        if options.class_offset != 0 or not isinstance(reduce, LocalReduce):
+            raise ValueError("class-probability targets are supported by the single-process linear cross-entropy")
+        self.target = target
+        self.class_weight = None if class_weight is None else class_weight.to(work_dtype)
+        self.valid = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+        # PyTorch's rule for probability targets: "mean" divides by the number of rows
+        self.denominator = torch.tensor(float(target.shape[0]), dtype=work_dtype, device=target.device)
+
+    def scale(self, reduction: str) -> torch.Tensor:
+        """The upstream gradient ``g_i`` of each row for a unit upstream scalar."""
+        one = torch.ones((), dtype=self.denominator.dtype, device=self.denominator.device)
+        return row_scale(one, reduction, self.valid.shape[0], self.denominator, self.valid)
+
+    def coefficients(self, sl: slice, label_smoothing: float, num_classes: int, work_dtype) -> torch.Tensor:
+        """The chunk's ``a = w ⊙ ((1 − ε) t + ε/C)`` as a new ``r × C`` tensor (the target is never written)."""
+        a = self.target[sl].to(work_dtype, copy=True)  # the one r × C allocation
+        if label_smoothing > 0:
+            a.mul_(1.0 - label_smoothing).add_(label_smoothing / num_classes)
+        if self.class_weight is not None:
+            a.mul_(self.class_weight)
+        return a
+
+
+def _target_grad_(out: torch.Tensor, shifted: torch.Tensor, offset: torch.Tensor, coefficients: torch.Tensor,
+                  rows: _ProbabilityRows, scale: torch.Tensor, label_smoothing: float) -> None:
+    """``out ← −(1 − ε) w_c (shifted − offset) g_i = −(1 − ε) w_c log p · g_i`` for one chunk.
+
+    ``shifted − offset`` is ``log p`` (``shifted = z − m``, ``offset = LSE − m``). Where a class has
+    ``log p = −∞`` and no target mass (``a = 0``) the loss counts the term as 0, and its derivative is taken
+    as 0 too, so masked classes leave the gradient finite.
+    """
+    log_p = shifted - offset[:, None]
+    factor = (-(1.0 - label_smoothing)) * scale[:, None]
+    if rows.class_weight is not None:
+        factor = factor * rows.class_weight
+    grad = log_p.mul_(factor)
+    grad.masked_fill_((coefficients == 0) & torch.isinf(shifted), 0.0)
+    out.copy_(grad)
+
+
+def _chunk_loss_and_grad_probabilities(
+    logits: torch.Tensor,
+    derivative: torch.Tensor | None,
+    rows: _ProbabilityRows,
+    sl: slice,
+    scale: torch.Tensor | None,
+    options: CrossEntropyOptions,
+    target_grad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_chunk_loss_and_grad` for class-probability targets.
+
+    ``ℓ_i = A_i (LSE_i − m_i) − Σ_c a_ic (z_ic − m_i) + λ LSE_i²``: both sums are taken after subtracting the
+    row max, so no large ``A·LSE − Σ a z`` cancellation; ``a_c (z_c − m) = 0`` when ``a_c = 0``, also at
+    ``z_c = −∞`` (a masked class). With ``scale`` the chunk's logits become
+    ``G = g[(A + 2λ LSE) p − a] dz/dx`` in place; with ``target_grad`` (the chunk's rows of ``∂ℓ/∂t``, needs
+    ``scale``) that gradient is written too.
+    """
+    eps, inv_t, softcap = options.label_smoothing, options.inv_temperature, options.softcap
+    d = None
+    if softcap is not None:
+        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
+    if softcap is not None or inv_t != 1.0:
+        load_transformed(logits, logits, inv_t, softcap)
+    z = logits
+    a = rows.coefficients(sl, eps, options.num_classes, z.dtype)
+    total = a.sum(dim=1)
+    row_min, row_max = torch.aminmax(z, dim=1)  # one pass for both
+    row_max = finite_max(row_max)
+    z.sub_(row_max[:, None])
+    # min(z − m) = fl(min z − m) (rounding is monotone): the shifted chunk's minimum without another pass
+    if bool(torch.isinf(row_min - row_max).any()):
+        # a −inf logit (a masked class): a_c (z_c − m) must count 0 where a_c = 0, not NaN (0·−inf)
+        product = a * z
+        product.masked_fill_(a == 0, 0.0)
+        weighted = product.sum(dim=1)
+        del product
+    else:
+        # Σ_c a_c (z_c − m) as r dot products: no r × C temporary
+        weighted = torch.bmm(a.unsqueeze(1), z.unsqueeze(2)).view(-1)
+    shifted = z.clone() if target_grad is not None else None
+    z.exp_()
+    sum_exp = z.sum(dim=1)
+    log_sum = sum_exp.log()
+    lse = log_sum + row_max
+    loss = total * log_sum - weighted
+    if options.z_loss > 0:
+        loss = loss + options.z_loss * lse * lse
+    if target_grad is not None:
+        _target_grad_(target_grad, shifted, log_sum, a, rows, scale, eps)
+        del shifted
+    if scale is not None:
+        row_coefficient = total + 2.0 * options.z_loss * lse if options.z_loss > 0 else total
+        z.mul_((row_coefficient * scale / sum_exp)[:, None]).sub_(a.mul_(scale[:, None]))
+        if d is not None:
+            z.mul_(d)
+        elif inv_t != 1.0:
+            z.mul_(inv_t)
+    return loss, row_max, log_sum
+
+
+def _chunk_grad_from_stats_probabilities(
+    logits: torch.Tensor,
+    derivative: torch.Tensor | None,
+    rows: _ProbabilityRows,
+    sl: slice,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
+    scale: torch.Tensor,
+    options: CrossEntropyOptions,
+    target_grad: torch.Tensor | None = None,
+) -> None:
+    """:func:`_chunk_grad_from_stats` for class-probability targets (and ``∂ℓ/∂t`` into ``target_grad``)."""
+    eps, inv_t, softcap = options.label_smoothing, options.inv_temperature, options.softcap
+    d = None
+    if softcap is not None:
+        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
+    load_transformed(logits, logits, inv_t, softcap).sub_(row_max[:, None])  # z − m
+    a = rows.coefficients(sl, eps, options.num_classes, logits.dtype)
+    if target_grad is not None:
+        _target_grad_(target_grad, logits, log_sum, a, rows, scale, eps)
+    logits.exp_()
+    total = a.sum(dim=1)
+    lse = row_max + log_sum
+    row_coefficient = total + 2.0 * options.z_loss * lse if options.z_loss > 0 else total
+    logits.mul_((row_coefficient * scale / log_sum.exp())[:, None]).sub_(a.mul_(scale[:, None]))
+    if d is not None:
+        logits.mul_(d)
+    elif inv_t != 1.0:
+        logits.mul_(inv_t)
+
+
+def _chunk_loss_and_grad(
+    logits: torch.Tensor,
+    derivative: torch.Tensor | None,
+    rows: _Rows,
+    sl: slice,
+    scale: torch.Tensor | None,
+    options: CrossEntropyOptions,
+    reduce: LocalReduce,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss, shift ``m`` and ``log s`` of one chunk; with ``scale``, ``logits`` becomes ``∂ℓ/∂x``.
+
+    ``logits`` holds the chunk's raw logits ``x`` in the work dtype and is consumed. Uses
+    ``p = exp(z − m) / s`` so the exponentials are computed once for both the loss and ``p``; the per-row
+    statistics (``m``, then ``s``, ``z_y`` and ``Σ w (z − m)``) are combined across processes by ``reduce``.
+    """
+    eps, inv_t, softcap = options.label_smoothing, options.inv_temperature, options.softcap
+    d = None
+    if softcap is not None:
+        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
+    if softcap is not None or inv_t != 1.0:
+        load_transformed(logits, logits, inv_t, softcap)
+    z = logits
+    owned, local_target = rows.owned[sl], rows.local_target[sl]
+
+    row_max = z.amax(dim=1) if z.shape[1] > 0 else z.new_full((z.shape[0],), -torch.inf)
+    reduce.max_(row_max)
+    row_max = finite_max(row_max)
+    stats = z.new_empty((3 if eps > 0 else 2, z.shape[0]))
+    if z.shape[1] > 0:
+        z_target = z.gather(1, local_target[:, None])[:, 0]
+        stats[1] = torch.where(owned, z_target, torch.zeros_like(z_target))
+    else:  # a process may hold no classes at all (uneven vocab-parallel slices)
+        stats[1] = 0
+    z.sub_(row_max[:, None])  # z − m: exact where z ≈ m at any magnitude
+    if eps > 0:
+        if rows.class_weight is None:
+            torch.sum(z, dim=1, out=stats[2])
+        else:
+            product = z * rows.class_weight
+            product.masked_fill_(rows.class_weight == 0, 0.0)  # 0·(−∞) of a masked, unweighted class
+            torch.sum(product, dim=1, out=stats[2])
+            del product
+    z.exp_()
+    torch.sum(z, dim=1, out=stats[0])
+    reduce.sum_(stats)
+    sum_exp = stats[0]
+    log_sum = sum_exp.log()
+    weights = rows.chunk(sl)
+    loss = row_loss(row_max, log_sum, stats[1], stats[2] if eps > 0 else None, weights, options,
+                    options.num_classes)
+    if scale is not None and z.shape[1] > 0:
+        row_coefficient, target_coefficient, smooth_coefficient = row_coefficients(
+            scale, weights, row_max + log_sum, options, options.num_classes
+        )
+        # exp(z − m) · coefficient / Σ exp(z − m) = coefficient · p
+        target_coefficient = target_coefficient * owned[:, None]
+        finish_logit_grad_(z, row_coefficient / sum_exp, target_coefficient, smooth_coefficient,
+                           rows.class_weight, local_target, d, inv_t, weights.valid)
+    return loss, row_max, log_sum
+
+
+def _chunk_grad_from_stats(
+    logits: torch.Tensor,
+    derivative: torch.Tensor | None,
+    rows: _Rows,
+    sl: slice,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
+    scale: torch.Tensor,
+    options: CrossEntropyOptions,
+) -> None:
+    """Turn the chunk's raw logits into ``∂ℓ/∂x`` in place, given the stored ``m`` and ``log s``."""
+    inv_t, softcap = options.inv_temperature, options.softcap
+    if logits.shape[1] == 0:
+        return
+    d = None
+    if softcap is not None:
+        d = softcap_derivative_(derivative[: logits.shape[0]], logits, inv_t, softcap)
+    load_transformed(logits, logits, inv_t, softcap).sub_(row_max[:, None]).exp_()
+    weights = rows.chunk(sl)
+    row_coefficient, target_coefficient, smooth_coefficient = row_coefficients(
+        scale, weights, row_max + log_sum, options, options.num_classes
+    )
+    target_coefficient = target_coefficient * rows.owned[sl, None]
+    finish_logit_grad_(logits, row_coefficient / log_sum.exp(), target_coefficient, smooth_coefficient,
+                       rows.class_weight, rows.local_target[sl], d, inv_t, weights.valid)
+
+
+class _Accumulators:
+    """``∂ℓ/∂h``, ``∂ℓ/∂W`` and ``∂ℓ/∂b`` being built chunk by chunk, and the matmuls that build them."""
+
+    def __init__(self, hidden, weight, bias, needs, accumulation_dtype):
+        need_hidden, need_weight, need_bias = needs
+        self.weight = weight
+        self.accumulation_dtype = accumulation_dtype
+        # oneDNN computes G @ W as a linear layer with weight Wᵀ, which it wants contiguous: one (D, C) copy
+        self.weight_t = (
+            weight.t().contiguous() if need_hidden and accumulation_dtype == weight.dtype and use_onednn(weight)
+            else None
+        )
+        self.hidden = (
+            torch.empty(hidden.shape, dtype=accumulation_dtype, device=hidden.device) if need_hidden else None
+        )
+        self.weight_grad = (
+            torch.zeros(weight.shape, dtype=accumulation_dtype, device=weight.device) if need_weight else None
+        )
+        self.bias_grad = (
+            torch.zeros(weight.shape[0], dtype=accumulation_dtype, device=weight.device) if need_bias else None
+        )
+
+    @property
+    def any(self) -> bool:
+        return self.hidden is not None or self.weight_grad is not None or self.bias_grad is not None
+
+    def add_chunk(self, grad_logits: torch.Tensor, hidden: torch.Tensor, sl: slice,
+                  valid: torch.Tensor | None = None) -> None:
+        """Fold one chunk's ``G = ∂ℓ/∂x`` (``r × C``, work dtype) into the three gradients.
+
+        ``valid`` (the chunk's non-ignored rows) zeroes the ignored rows of ``hidden`` in ``Gᵀ h``: their
+        ``G`` rows are 0, and a NaN or ``±∞`` hidden state there must not turn ``0·NaN`` into NaN in ``∂W``.
+        """
+        weight = self.weight
+        if valid is not None and self.weight_grad is not None:
+            hidden = torch.where(valid[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+        acc = self.accumulation_dtype
+        low = grad_logits if grad_logits.dtype == weight.dtype else grad_logits.to(weight.dtype)
+        if self.hidden is not None:
+            if self.weight_t is not None:
+                self.hidden[sl] = _onednn_linear(low, self.weight_t, None)
+            elif acc == weight.dtype:
+                torch.mm(low, weight, out=self.hidden[sl])
+            else:
+                self.hidden[sl].copy_(torch.mm(low, weight))
+        if self.weight_grad is not None:
+            if acc == weight.dtype:
+                self.weight_grad.addmm_(low.t(), hidden)
+            else:
+                # accumulate in `acc`: both factors in that dtype so no chunk's product is rounded to low
+                factor = grad_logits if grad_logits.dtype == acc else grad_logits.to(acc)
+                self.weight_grad.addmm_(factor.t(), hidden.to(acc))
+        if self.bias_grad is not None:
+            self.bias_grad.add_(grad_logits.sum(0, dtype=self.bias_grad.dtype))
+
+
+def _chunk_buffers(
+    rows: int, classes: int, work_dtype, device, softcap, onednn: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The chunk's logits buffer (None where oneDNN allocates the logits itself) and soft-cap derivative."""
+    logits = None if onednn else torch.empty((rows, classes), dtype=work_dtype, device=device)
+    derivative = torch.empty((rows, classes), dtype=work_dtype, device=device) if softcap is not None else None
+    return logits, derivative
+
+
+def chunk_rows_for(options: CrossEntropyOptions, num_rows: int, hidden_size: int) -> int:
+    if options.chunk_size is not None:
+        return max(1, min(options.chunk_size, max(num_rows, 1)))
+    return default_chunk_rows(num_rows, options.num_classes, hidden_size)
+
+
+#: the single-process reduction (the identity), shared by every call
+LOCAL = LocalReduce()
+
+
+class LinearForward(NamedTuple):
+    """What :func:`linear_forward` computes.
+
+    Attributes:
+        loss: the per-row loss ``(N,)`` in the compute dtype (0 on ignored rows).
+        row_max: the per-row shift ``m``; ``log_sum``: ``log Σ exp(z − m)`` (what a recomputing backward needs).
+        denominator: the ``"mean"`` denominator (``Σ w_y``, or ``N`` for probability targets).
+        grad_hidden, grad_weight, grad_bias, grad_target: the gradients for a unit upstream scalar, built in
+            the forward (``"mean"``/``"sum"`` with a gradient wanted), else None.
+    """
+
+    loss: torch.Tensor
+    row_max: torch.Tensor
+    log_sum: torch.Tensor
+    denominator: torch.Tensor
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+    grad_target: torch.Tensor | None
+
+
+def _rows_for(target, class_weight, options, local_classes, work, reduce):
+    if target.dim() == 2:
+        return _ProbabilityRows(target, class_weight, options, work, reduce)
+    return _Rows(target, class_weight, options, local_classes, work, reduce)
+
+
+def linear_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    options: CrossEntropyOptions,
+    needs: tuple[bool, bool, bool] = (False, False, False),
+    need_target: bool = False,
+    reduce: LocalReduce = LOCAL,
+) -> LinearForward:
+    """The chunk loop of linear cross-entropy (module docstring) over ``hidden (N, D)``, ``weight (C_local, D)``.
+
+    ``needs`` says which of ``∂h, ∂W, ∂b`` a backward will want and ``need_target`` whether ``∂t``
+    (probability targets) will: with ``"mean"``/``"sum"`` they are built here for a unit upstream gradient.
+    ``options.num_classes`` must be set (the total over processes).
+    """
+    num_rows, hidden_size = hidden.shape
+    local_classes = weight.shape[0]
+    work = compute_dtype(weight.dtype)
+    accumulation = options.accumulation_dtype or work
+    probabilities = target.dim() == 2
+    rows = _rows_for(target, class_weight, options, local_classes, work, reduce)
+    needs = (needs[0], needs[1], bias is not None and needs[2])
+    need_target = probabilities and need_target
+    precompute = options.reduction != "none" and (any(needs) or need_target)
+    grads = _Accumulators(hidden, weight, bias, needs, accumulation) if precompute else None
+    scale = rows.scale(options.reduction) if precompute else None
+    # ∂ℓ/∂t has the target's own (N, C) shape: the one full-size tensor, and only when it is asked for
+    target_grad = torch.empty_like(target, memory_format=torch.contiguous_format) if (
+        precompute and need_target) else None
+
+    loss = torch.empty(num_rows, dtype=work, device=hidden.device)
+    row_max = torch.empty(num_rows, dtype=work, device=hidden.device)
+    log_sum = torch.empty(num_rows, dtype=work, device=hidden.device)
+    step = chunk_rows_for(options, num_rows, hidden_size)
+    buffer, derivative = _chunk_buffers(min(step, num_rows), local_classes, work, hidden.device,
+                                        options.softcap, use_onednn(weight))
+    for start in range(0, num_rows, step):
+        sl = slice(start, min(start + step, num_rows))
+        logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], hidden[sl], weight, bias)
+        chunk_scale = None if scale is None else scale[sl]
+        if probabilities:
+            loss[sl], row_max[sl], log_sum[sl] = _chunk_loss_and_grad_probabilities(
+                logits, derivative, rows, sl, chunk_scale, options,
+                None if target_grad is None else target_grad[sl],
+            )
+        else:
+            loss[sl], row_max[sl], log_sum[sl] = _chunk_loss_and_grad(
+                logits, derivative, rows, sl, chunk_scale, options, reduce
+            )
+        if grads is not None:
+            grads.add_chunk(logits, hidden[sl], sl, None if probabilities else rows.valid[sl])
+        del logits  # free this chunk's logits before the next chunk allocates its own (oneDNN path)
+    del buffer, derivative
+    if grads is None:
+        return LinearForward(loss, row_max, log_sum, rows.denominator, None, None, None, None)
+    grads.weight_t = None
+    if grads.hidden is not None:
+        reduce.sum_hidden_grad_(grads.hidden)
+    return LinearForward(loss, row_max, log_sum, rows.denominator, grads.hidden, grads.weight_grad,
+                         grads.bias_grad, target_grad)
+
+
+def linear_backward(
+    grad_output: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
+    options: CrossEntropyOptions,
+    needs: tuple[bool, bool, bool],
+    need_target: bool = False,
+    reduce: LocalReduce = LOCAL,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(∂h, ∂W, ∂b, ∂t)`` by recomputing each chunk's logits (``"none"``, or a forward run without grad)."""
+    work = row_max.dtype
+    probabilities = target.dim() == 2
+    rows = _rows_for(target, class_weight, options, weight.shape[0], work, reduce)
+    target_grad = (
+        torch.empty_like(target, memory_format=torch.contiguous_format) if probabilities and need_target else None
+    )
+    num_rows, hidden_size = hidden.shape
+    accumulation = options.accumulation_dtype or work
+    needs = (needs[0], needs[1], bias is not None and needs[2])
+    grads = _Accumulators(hidden, weight, bias, needs, accumulation)
+    grad_output = grad_output.to(work)
+    if options.reduction == "none":
+        scale = grad_output * rows.valid
+    else:
+        scale = rows.scale(options.reduction) * grad_output
+    step = chunk_rows_for(options, num_rows, hidden_size)
+    buffer, derivative = _chunk_buffers(min(step, num_rows), weight.shape[0], work, hidden.device,
+                                        options.softcap, use_onednn(weight))
+    for start in range(0, num_rows, step):
+        sl = slice(start, min(start + step, num_rows))
+        logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], hidden[sl], weight, bias)
+        if probabilities:
+            _chunk_grad_from_stats_probabilities(logits, derivative, rows, sl, row_max[sl], log_sum[sl], scale[sl],
+                                                 options, None if target_grad is None else target_grad[sl])
+        else:
+            _chunk_grad_from_stats(logits, derivative, rows, sl, row_max[sl], log_sum[sl], scale[sl], options)
+        grads.add_chunk(logits, hidden[sl], sl, None if probabilities else rows.valid[sl])
+        del logits
+    grads.weight_t = None
+    if grads.hidden is not None:
+        reduce.sum_hidden_grad_(grads.hidden)
+    return grads.hidden, grads.weight_grad, grads.bias_grad, target_grad
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Autograd of :func:`linear_forward` with a cross-process ``reduce`` (vocab-parallel linear CE).
+
+    The single-process path is the custom op ``torch.ops.softmaxkit.linear_cross_entropy``; this Function
+    serves the vocab-parallel loss, whose statistics are all-reduced inside the chunk loop.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, class_weight, options: CrossEntropyOptions, reduce, grad_enabled):
+        needs = tuple(grad_enabled and need for need in ctx.needs_input_grad[:3])
+        result = linear_forward(hidden, weight, bias, target, class_weight, options, needs, False, reduce)
+        ctx.options, ctx.reduce, ctx.needs = options, reduce, needs
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.precompute = result.grad_hidden is not None or result.grad_weight is not None or (
+            result.grad_bias is not None)
+        if ctx.precompute:
+            ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, target, class_weight, result.row_max, result.log_sum)
+        return reduce_loss(result.loss, options.reduction, result.denominator).to(hidden.dtype)
+
+    @staticmethod
+    @strict_once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.precompute:
+            grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
+        else:
+            hidden, weight, bias, target, class_weight, row_max, log_sum = ctx.saved_tensors
+            needs = tuple(ctx.needs_input_grad[:3])
+            grads = linear_backward(grad_output, hidden, weight, bias, target, class_weight, row_max, log_sum,
+                                    ctx.options, needs, False, ctx.reduce)[:3]
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None, None, None)
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of class-sliced logits ``(N, C_local)`` whose row statistics ``reduce`` combines.
+
+    Backward recomputes ``p`` from the stored ``m`` and ``log s`` chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, class_weight, options: CrossEntropyOptions, reduce):
+        from .rows import chunk_rows
+
+        num_rows, local_classes = logits.shape
+        work = compute_dtype(logits.dtype)
+        rows = _Rows(target, class_weight, options, local_classes, work, reduce)
+        loss = torch.empty(num_rows, dtype=work, device=logits.device)
+        row_max = torch.empty(num_rows, dtype=work, device=logits.device)
+        log_sum = torch.empty(num_rows, dtype=work, device=logits.device)
+        step = chunk_rows(num_rows, options.num_classes, options.chunk_size)  # the same on every process
+        buffer = torch.empty((min(step, num_rows), local_classes), dtype=work, device=logits.device)
+        derivative = torch.empty_like(buffer) if options.softcap is not None else None
+        for start in range(0, num_rows, step):
+            sl = slice(start, min(start + step, num_rows))
+            chunk = buffer[: sl.stop - start].copy_(logits[sl])
+            loss[sl], row_max[sl], log_sum[sl] = _chunk_loss_and_grad(chunk, derivative, rows, sl, None, options,
+                                                                      reduce)
+        out = reduce_loss(loss, options.reduction, rows.denominator)
+        ctx.options, ctx.rows = options, rows
+        ctx.save_for_backward(logits, row_max, log_sum)
+        return out.to(logits.dtype)
+
+    @staticmethod
+    @strict_once_differentiable
+    def backward(ctx, grad_output):
+        from .rows import chunk_rows
+
+        logits, row_max, log_sum = ctx.saved_tensors
+        options, rows = ctx.options, ctx.rows
+        num_rows, local_classes = logits.shape
+        grad_output = grad_output.to(row_max.dtype)
+        scale = grad_output * rows.valid if options.reduction == "none" else rows.scale(options.reduction) * grad_output
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        step = chunk_rows(num_rows, options.num_classes, options.chunk_size)  # the same on every process
+        buffer = torch.empty((min(step, num_rows), local_classes), dtype=row_max.dtype, device=logits.device)
+        derivative = torch.empty_like(buffer) if options.softcap is not None else None
+        for start in range(0, num_rows, step):
+            sl = slice(start, min(start + step, num_rows))
+            chunk = buffer[: sl.stop - start].copy_(logits[sl])
+            _chunk_grad_from_stats(chunk, derivative, rows, sl, row_max[sl], log_sum[sl], scale[sl], options)
+            grad[sl].copy_(chunk)
+        return grad, None, None, None, None

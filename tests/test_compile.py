@@ -1,0 +1,257 @@
+"""The cross-entropy family under torch.compile, torch.export, FakeTensorMode, meta tensors, autocast and
+torch.func: zero graph breaks, compiled equals eager, the right shapes and dtypes.
+
+Shapes are tiny (compiling is slow); the crash-prone cases (fake/meta tensors, DTensor) run in a subprocess
+so a segfault fails the test instead of killing pytest.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+
+import softmaxkit
+
+N, C, D = 6, 5, 4
+
+
+def _inputs(dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, C, generator=generator, dtype=torch.float64).to(dtype)
+    target = torch.randint(0, C, (N,), generator=generator)
+    target[1] = -100
+    return logits, target
+
+
+def _break_count(function, *args) -> int:
+    dynamo.reset()
+    explanation = dynamo.explain(function)(*args)
+    assert explanation.graph_count >= 1
+    return explanation.graph_break_count
+
+
+CE_OPTIONS = {
+    "plain": {},
+    "weight": {"weight": torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2])},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "temperature": {"temperature": 1.7},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 3.0},
+    "none": {"reduction": "none"},
+    "sum": {"reduction": "sum"},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(CE_OPTIONS))
+def test_cross_entropy_traces_without_graph_breaks(name, dtype):
+    logits, target = _inputs(dtype)
+    options = CE_OPTIONS[name]
+    assert _break_count(lambda x, t: softmaxkit.cross_entropy(x, t, **options), logits.requires_grad_(), target) == 0
+
+
+@pytest.mark.parametrize("impl", ["auto", "cpu", "torch", "composite", "triton"])
+def test_every_cpu_implementation_traces_without_graph_breaks(impl):
+    if impl == "triton":
+        pytest.importorskip("triton")
+    logits, target = _inputs()
+    assert _break_count(lambda x, t: softmaxkit.cross_entropy(x, t, impl=impl), logits.requires_grad_(), target) == 0
+
+
+def test_probability_targets_trace_without_graph_breaks():
+    logits, _ = _inputs()
+    target = torch.softmax(torch.randn(N, C), dim=1)
+    assert _break_count(lambda x, t: softmaxkit.cross_entropy(x, t, label_smoothing=0.1), logits, target) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_cross_entropy_traces_without_graph_breaks(dtype):
+    hidden = torch.randn(N, D, dtype=dtype, requires_grad=True)
+    weight = torch.randn(C, D, dtype=dtype, requires_grad=True)
+    _, target = _inputs()
+    assert _break_count(lambda h, w, t: softmaxkit.linear_cross_entropy(h, w, t, z_loss=1e-3), hidden, weight,
+                        target) == 0
+
+
+def test_triton_linear_cross_entropy_traces_without_graph_breaks():
+    pytest.importorskip("triton")
+    hidden = torch.randn(N, D, requires_grad=True)
+    weight = torch.randn(C, D, requires_grad=True)
+    _, target = _inputs()
+    assert _break_count(lambda h, w, t: softmaxkit.linear_cross_entropy(h, w, t, impl="triton"), hidden, weight,
+                        target) == 0
+
+
+def test_composed_losses_trace_without_graph_breaks():
+    logits, target = _inputs()
+    teacher = torch.randn(N, C)
+    assert _break_count(lambda x, t: softmaxkit.focal_loss(x, t, gamma=2.0), logits, target) == 0
+    assert _break_count(lambda x, t: softmaxkit.poly1_cross_entropy(x, t, epsilon=1.0), logits, target) == 0
+    assert _break_count(lambda x, y, t: softmaxkit.distillation_loss(x, y, target=t, alpha=0.5), logits, teacher,
+                        target) == 0
+
+
+def _value_and_grad(function, *tensors):
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+    loss = function(*leaves)
+    loss.sum().backward()
+    return loss.detach(), [leaf.grad for leaf in leaves if leaf.is_floating_point()]
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_cross_entropy_equals_eager(impl, reduction):
+    if impl == "triton":
+        pytest.importorskip("triton")
+    logits, target = _inputs()
+
+    def function(x):
+        return softmaxkit.cross_entropy(x, target, impl=impl, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+
+    dynamo.reset()
+    eager = _value_and_grad(function, logits)
+    compiled = _value_and_grad(torch.compile(function, fullgraph=True), logits)
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1][0], eager[1][0])
+
+
+class _Head(torch.nn.Module):
+    """A model whose forward computes its loss with linear_cross_entropy (the default-compile crash case)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(D, D)
+        self.out = torch.nn.Linear(D, C, bias=False)
+
+    def forward(self, x, target):
+        return softmaxkit.linear_cross_entropy(torch.relu(self.body(x)), self.out.weight, target)
+
+
+def test_default_compile_of_a_module_with_linear_cross_entropy():
+    torch.manual_seed(0)
+    model = _Head()
+    x = torch.randn(N, D)
+    _, target = _inputs()
+    dynamo.reset()
+    compiled = torch.compile(model)
+    loss = compiled(x, target)
+    loss.backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x, target)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for got, expected in zip(compiled_grads, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, expected)
+
+
+def test_export_non_strict():
+    logits, target = _inputs()
+
+    class Loss(torch.nn.Module):
+        def forward(self, x, t):
+            return softmaxkit.cross_entropy(x, t, label_smoothing=0.1)
+
+    class LinearLoss(torch.nn.Module):
+        def forward(self, h, w, t):
+            return softmaxkit.linear_cross_entropy(h, w, t)
+
+    exported = torch.export.export(Loss(), (logits, target), strict=False)
+    torch.testing.assert_close(exported.module()(logits, target), softmaxkit.cross_entropy(logits, target,
+                                                                                          label_smoothing=0.1))
+    hidden, weight = torch.randn(N, D), torch.randn(C, D)
+    exported = torch.export.export(LinearLoss(), (hidden, weight, target), strict=False)
+    torch.testing.assert_close(exported.module()(hidden, weight, target),
+                               softmaxkit.linear_cross_entropy(hidden, weight, target))
+
+
+def test_func_grad():
+    """torch.func transforms are served by the composite path (this torch's custom ops have no functorch rule);
+    a fast path named explicitly says so."""
+    logits, target = _inputs(torch.float64)
+    expected = torch.func.grad(lambda x: torch.nn.functional.cross_entropy(x, target))(logits)
+    got = torch.func.grad(lambda x: softmaxkit.cross_entropy(x, target, label_smoothing=0.0))(logits)
+    torch.testing.assert_close(got, expected)
+    for impl in ("cpu", "torch"):
+        with pytest.raises(ValueError, match="torch.func transforms"):
+            torch.func.grad(lambda x, impl=impl: softmaxkit.cross_entropy(x, target, impl=impl))(logits)
+    hidden, weight = torch.randn(N, D, dtype=torch.float64), torch.randn(C, D, dtype=torch.float64)
+    got = torch.func.grad(lambda h: softmaxkit.linear_cross_entropy(h, weight, target))(hidden)
+    expected = torch.func.grad(lambda h: torch.nn.functional.cross_entropy(h @ weight.T, target))(hidden)
+    torch.testing.assert_close(got, expected)
+
+
+def test_autocast_dtypes_follow_pytorch():
+    logits, target = _inputs()
+    with torch.autocast("cpu", torch.bfloat16):
+        low = logits.to(torch.bfloat16)
+        expected = torch.nn.functional.cross_entropy(low, target)
+        for impl in ("auto", "cpu", "torch", "composite"):
+            assert softmaxkit.cross_entropy(low, target, impl=impl).dtype == expected.dtype == torch.float32
+        hidden, weight = torch.randn(N, D), torch.randn(C, D)
+        reference = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight), target)
+        loss = softmaxkit.linear_cross_entropy(hidden, weight, target)
+    assert loss.dtype == reference.dtype == torch.float32
+    # the matmul ran in bf16 (F.linear's autocast dtype): the loss equals the bf16-logits loss, not the fp32 one
+    bf16_logits = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16()).float()
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(bf16_logits, target), rtol=1e-5, atol=1e-5)
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+
+
+def test_fake_and_meta_tensors_give_shapes_in_a_subprocess():
+    result = _run("""
+        import torch, softmaxkit
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        for device in ("meta",):
+            x = torch.randn(6, 5, device=device, requires_grad=True)
+            t = torch.zeros(6, dtype=torch.long, device=device)
+            for impl in ("auto", "torch", "composite"):
+                assert softmaxkit.cross_entropy(x, t, impl=impl).shape == ()
+                assert softmaxkit.cross_entropy(x, t, impl=impl, reduction="none").shape == (6,)
+            h, w = torch.randn(6, 4, device=device), torch.randn(5, 4, device=device)
+            assert softmaxkit.linear_cross_entropy(h, w, t, reduction="none").shape == (6,)
+        with FakeTensorMode():
+            x = torch.randn(6, 5, requires_grad=True)
+            t = torch.zeros(6, dtype=torch.long)
+            loss = softmaxkit.cross_entropy(x, t)
+            loss.backward()
+            assert loss.shape == () and x.grad.shape == (6, 5)
+            h, w = torch.randn(6, 4), torch.randn(5, 4)
+            assert softmaxkit.linear_cross_entropy(h, w, t).shape == ()
+        print("ok")
+    """)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_dtensor_never_reaches_the_kernel_in_a_subprocess():
+    result = _run("""
+        import os, torch, torch.distributed as dist, softmaxkit
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import distribute_tensor, Replicate
+        mesh = init_device_mesh("cpu", (1,))
+        x = distribute_tensor(torch.randn(6, 5), mesh, [Replicate()])
+        t = distribute_tensor(torch.zeros(6, dtype=torch.long), mesh, [Replicate()])
+        try:
+            loss = softmaxkit.cross_entropy(x, t)
+            print("served", type(loss).__name__)
+        except (TypeError, ValueError, NotImplementedError, RuntimeError) as error:
+            print("refused", type(error).__name__)
+        try:
+            softmaxkit.cross_entropy(x, t, impl="cpu")
+        except ValueError as error:
+            assert "plain" in str(error), error
+            print("cpu refused")
+        dist.destroy_process_group()
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cpu refused" in result.stdout

@@ -1,0 +1,196 @@
+"""Cross-entropy family at extreme magnitudes, on every path: shift invariance, constant rows, huge smoothed
+rows, ignored non-finite rows, overflow to ±inf, in-place backward on overlapping logits, option types.
+
+The exact answers are derived by hand (shift invariance: the loss of ``z + c`` is the loss of ``z``; a constant
+row gives ``log C`` and ``p = 1/C``), so these tests do not depend on an oracle that could share the bug.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softmaxkit
+
+#: every cross-entropy path; the Triton kernels run interpreted on CPU tensors (TRITON_INTERPRET=1, conftest)
+CE_IMPLS = ["auto", "cpu", "torch", "composite"] + (["triton"] if importlib.util.find_spec("triton") else [])
+
+
+def _loss_grad(function, logits, *args, **kwargs):
+    x = logits.detach().clone().requires_grad_()
+    loss = function(x, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("impl", CE_IMPLS)
+@pytest.mark.parametrize("shift", [1e4, 1e8, 1e30])
+def test_shift_invariance(impl, shift, dtype):
+    torch.manual_seed(0)
+    base = torch.randn(16, 50, dtype=torch.float64)
+    target = torch.randint(0, 50, (16,))
+    expected_loss, expected_grad = _loss_grad(F.cross_entropy, base, target, reduction="none")
+    shifted = (base + shift).to(dtype)
+    # the shifted logits as rounded in `dtype`: their exact loss is that of (shifted − shift) in float64
+    exact_loss, exact_grad = _loss_grad(F.cross_entropy, shifted.double() - shift, target, reduction="none")
+    loss, grad = _loss_grad(softmaxkit.cross_entropy, shifted, target, impl=impl, reduction="none")
+    peer_loss, peer_grad = _loss_grad(F.cross_entropy, shifted, target, reduction="none")
+    eps = torch.finfo(dtype).eps
+    # within a small constant × PyTorch's own error (plus a few ulps of the result)
+    loss_budget = 4 * (peer_loss.double() - exact_loss).abs().max() + 64 * eps * exact_loss.abs().max()
+    grad_budget = 4 * (peer_grad.double() - exact_grad).abs().max() + 64 * eps
+    assert (loss.double() - exact_loss).abs().max() <= loss_budget
+    assert (grad.double() - exact_grad).abs().max() <= grad_budget
+    del expected_loss, expected_grad
+
+
+@pytest.mark.parametrize("impl", CE_IMPLS)
+@pytest.mark.parametrize("value", [0.0, 1e30, -1e30, 3e38])
+def test_constant_rows_give_log_c(impl, value):
+    logits = torch.full((3, 7), value)
+    target = torch.tensor([0, 3, 6])
+    loss, grad = _loss_grad(softmaxkit.cross_entropy, logits, target, impl=impl, reduction="none")
+    torch.testing.assert_close(loss, torch.full((3,), math.log(7)))
+    expected = torch.full((3, 7), 1 / 7) - F.one_hot(target, 7)
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("impl", CE_IMPLS)
+def test_label_smoothing_with_huge_logits(impl):
+    logits = torch.full((1, 14), 1.7e38)
+    loss = softmaxkit.cross_entropy(logits, torch.tensor([3]), label_smoothing=0.5, impl=impl)
+    expected = F.cross_entropy(logits.double(), torch.tensor([3]), label_smoothing=0.5)
+    torch.testing.assert_close(loss.double(), expected)
+    torch.testing.assert_close(loss.double(), torch.tensor(math.log(14), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("impl", CE_IMPLS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_ignored_rows_with_non_finite_logits_give_zero(impl, bad):
+    logits = torch.randn(4, 6)
+    logits[1] = bad
+    target = torch.tensor([2, -100, 0, 5])
+    for options in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"weight": torch.rand(6)}):
+        loss, grad = _loss_grad(softmaxkit.cross_entropy, logits, target, impl=impl, reduction="none", **options)
+        assert loss[1] == 0 and torch.isfinite(loss).all()
+        assert (grad[1] == 0).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_poly1_ignored_non_finite_row_leaves_the_batch_finite(bad):
+    logits = torch.randn(4, 6)
+    logits[2] = bad
+    target = torch.tensor([2, 1, -100, 5])
+    loss, grad = _loss_grad(softmaxkit.poly1_cross_entropy, logits, target, epsilon=1.0)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and (grad[2] == 0).all()
+    kept = [0, 1, 3]
+    expected = softmaxkit.poly1_cross_entropy(logits[kept], target[kept], epsilon=1.0)
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "composite"] + (["triton"] if "triton" in CE_IMPLS else []))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_linear_cross_entropy_ignored_non_finite_hidden(impl, bad):
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 4, requires_grad=True)
+    weight = torch.randn(7, 4, requires_grad=True)
+    target = torch.tensor([1, -100, 3, 0, 6])
+    with torch.no_grad():
+        hidden[1] = bad
+    for reduction in ("mean", "none"):
+        loss = softmaxkit.linear_cross_entropy(hidden, weight, target, impl=impl, reduction=reduction)
+        grad_hidden, grad_weight = torch.autograd.grad(loss.sum(), (hidden, weight))
+        assert torch.isfinite(loss).all()
+        assert torch.isfinite(grad_hidden).all() and (grad_hidden[1] == 0).all()
+        assert torch.isfinite(grad_weight).all()
+
+
+@pytest.mark.parametrize("impl", CE_IMPLS)
+def test_overflow_gives_inf_not_nan(impl):
+    # m − z_y = 3e38 − (−3e38) overflows: the true loss is +inf
+    logits = torch.tensor([[3e38, -3e38, 0.0]])
+    loss = softmaxkit.cross_entropy(logits, torch.tensor([1]), impl=impl)
+    assert loss.item() == float("inf")
+    # the sum before the mean overflows fp32 while the mean fits
+    logits = torch.tensor([[3e38, -3e38], [3e38, -3e38]])
+    loss = softmaxkit.cross_entropy(logits, torch.tensor([1, 1]), impl=impl)
+    assert torch.isinf(loss) and loss > 0
+    rows = torch.tensor([[2e38, -1e38], [2e38, -1e38]])
+    loss = softmaxkit.cross_entropy(rows, torch.tensor([1, 1]), impl=impl)
+    torch.testing.assert_close(loss.double(), torch.tensor(3e38, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("impl", [impl for impl in CE_IMPLS if impl != "composite"])
+@pytest.mark.parametrize("view", ["expanded", "overlapping"])
+def test_inplace_backward_refuses_overlapping_logits(impl, view):
+    if view == "expanded":
+        logits = torch.randn(1, 6).expand(4, 6)
+    else:
+        logits = torch.randn(30).as_strided((4, 6), (3, 1))
+    target = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="`inplace_backward=True` writes the gradient over `logits`"):
+        softmaxkit.cross_entropy(logits, target, impl=impl, inplace_backward=True)
+
+
+def test_composite_refuses_inplace_backward():
+    logits = torch.randn(4, 6)
+    target = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="`inplace_backward=True` needs a fused path"):
+        softmaxkit.cross_entropy(logits, target, impl="composite", inplace_backward=True)
+    with pytest.raises(ValueError, match="`inplace_backward=True` needs a fused path"):
+        softmaxkit.linear_cross_entropy(torch.randn(4, 3), torch.randn(6, 3), target, impl="composite",
+                                        inplace_backward=True)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "4", True])
+def test_chunk_size_must_be_a_positive_int(value):
+    logits, target = torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    with pytest.raises((TypeError, ValueError), match="`chunk_size`"):
+        softmaxkit.cross_entropy(logits, target, chunk_size=value)
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1, None, torch.tensor(True)])
+def test_inplace_backward_must_be_a_bool(value):
+    logits, target = torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(TypeError, match="`inplace_backward` must be a bool"):
+        softmaxkit.cross_entropy(logits, target, inplace_backward=value)
+    with pytest.raises(TypeError, match="`inplace_backward` must be a bool"):
+        softmaxkit.linear_cross_entropy(torch.randn(4, 3), torch.randn(6, 3), target, inplace_backward=value)
+
+
+@pytest.mark.parametrize("shift", [1e7, 1e30])
+def test_probability_targets_and_k_dim_are_shift_invariant(shift):
+    torch.manual_seed(0)
+    base = torch.randn(4, 9, 3, dtype=torch.float64)
+    soft = torch.softmax(torch.randn(4, 9, 3, dtype=torch.float64), dim=1)
+    hard = torch.randint(0, 9, (4, 3))
+    shifted = base + shift
+    exact = shifted - shift  # exact in fp64 (Sterbenz): the logits the shifted input really holds, unshifted
+    for target in (soft, hard):
+        expected, expected_grad = _loss_grad(F.cross_entropy, exact, target, label_smoothing=0.1)
+        loss, grad = _loss_grad(softmaxkit.cross_entropy, shifted, target, label_smoothing=0.1)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "composite"])
+def test_linear_cross_entropy_is_shift_invariant(impl):
+    """A constant bias shifts every logit of a row: the loss and ∂h, ∂W must not change (fp64, shift 1e7)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 30, (12,))
+    bias = torch.full((30,), 1e7, dtype=torch.float64)
+    expected = softmaxkit.linear_cross_entropy(hidden, weight, target, impl="composite", label_smoothing=0.1)
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    loss = softmaxkit.linear_cross_entropy(hidden, weight, target, bias=bias, impl=impl, label_smoothing=0.1)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    # the logits h·w + 1e7 are rounded to fp64 (ulp 2e-9): that rounding, not the loss formula, bounds the error
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-7)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
