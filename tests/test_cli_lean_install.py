@@ -19,14 +19,24 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 BLOCKED = ("sklearn", "scipy", "matplotlib", "rich", "typer", "pandas", "skops")
 
 BLOCKER = f"""
-import importlib.abc, sys
+import importlib.abc, importlib.util, sys
 
+# A blocked package behaves as if it were not installed: importing it raises ModuleNotFoundError, and asking
+# whether it exists (importlib.util.find_spec, as the CLI and torch._dynamo's trace rules do) answers None.
 class _Blocker(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {BLOCKED!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
         return None
 
+_find_spec = importlib.util.find_spec
+
+def _absent_find_spec(name, package=None):
+    if name.split(".")[0] in {BLOCKED!r}:
+        return None
+    return _find_spec(name, package)
+
+importlib.util.find_spec = _absent_find_spec
 sys.meta_path.insert(0, _Blocker())
 """
 
@@ -47,6 +57,8 @@ def run(env, *args):
 def test_the_blocker_blocks(blocked_env):
     result = run(blocked_env, "-c", "import sklearn")
     assert result.returncode != 0 and "blocked by the test" in result.stderr
+    result = run(blocked_env, "-c", "import importlib.util; print(importlib.util.find_spec('pandas'))")
+    assert result.returncode == 0 and result.stdout.strip() == "None", result.stderr
 
 
 def test_import_and_every_loss_without_the_extra(blocked_env):

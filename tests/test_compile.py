@@ -255,3 +255,24 @@ def test_dtensor_never_reaches_the_kernel_in_a_subprocess():
     """)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cpu refused" in result.stdout
+
+
+def test_constant_result_marks_functions_as_torch_compiler_does():
+    # softmaxkit sets Dynamo's marker itself so that `import softmaxkit` does not import torch._dynamo
+    import subprocess
+    import sys
+
+    from softmaxkit._core import constant_result
+
+    def ours():
+        return 1
+
+    def theirs():
+        return 1
+
+    constant_result(ours)
+    torch.compiler.assume_constant_result(theirs)
+    assert set(vars(ours)) == set(vars(theirs)) and all(vars(ours)[k] == vars(theirs)[k] for k in vars(theirs))
+    probe = "import sys, softmaxkit; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "False"

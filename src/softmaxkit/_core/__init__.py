@@ -135,6 +135,17 @@ def row_weights(
     return RowWeights(valid, safe_target, weight, w_y, weight_total)
 
 
+def constant_result(fn):
+    """Mark ``fn`` as returning a constant for ``torch.compile``: Dynamo calls it at trace time and bakes the
+    result into the graph (``torch.compiler.assume_constant_result``).
+
+    Sets the same marker as that decorator without importing ``torch._dynamo`` (about 2 s) when softmaxkit is
+    imported; ``tests/test_compile.py`` checks the two mark a function identically.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def has_real_storage(*tensors: torch.Tensor | None) -> bool:
     """True when every tensor given is a plain ``torch.Tensor`` with real (not meta/fake) storage.
 

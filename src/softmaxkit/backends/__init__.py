@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import torch as _torch  # `torch` is also the name of the subpackage backends.torch
 
-from .._core import has_real_storage
+from .._core import constant_result, has_real_storage
 
 
 @dataclass(frozen=True)
@@ -243,13 +243,13 @@ def only_when_named(reason: str) -> Supports:
     return check
 
 
-@_torch._dynamo.assume_constant_result
+@constant_result
 def _triton_installed() -> bool:
     """Whether Triton can be imported (a fact of the environment; torch.compile folds it to a constant)."""
     return importlib.util.find_spec("triton") is not None
 
 
-@_torch._dynamo.assume_constant_result
+@constant_result
 def _interpreting_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -258,7 +258,7 @@ _TRITON_MODULES = tuple(f"softmaxkit.backends.triton.{name}"
                         for name in ("cross_entropy", "linear_cross_entropy", "fused_linear_cross_entropy"))
 
 
-@_torch._dynamo.assume_constant_result
+@constant_result
 def _import_triton_backends() -> bool:
     """Import the Triton backend modules (registering their ops). Under torch.compile this runs at trace time,
     outside the traced code, so ``Implementation.resolve`` then finds them in ``sys.modules``."""

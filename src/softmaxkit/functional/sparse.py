@@ -17,6 +17,7 @@ import torch
 
 from .. import _validation as v
 from .. import backends
+from .._core import constant_result
 from ..backends.torch.sparse import BISECT, ENTMAX15, SPARSEMAX, work_dtype
 from ._rows import class_rows, from_last_dim_rows, last_dim_rows, restore_rows
 
@@ -53,7 +54,7 @@ def _check_plain(name: str, tensor: torch.Tensor | None, function: str) -> None:
 _RESOLVED: dict[tuple[str, str], Callable] = {}
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _choose(op: str, impl: str, device: str, dtype: torch.dtype) -> str:
     """The name of the implementation of ``op`` serving 2-D rows of ``dtype`` on ``device`` (see
     :func:`softmaxkit.backends.select`); the C kernel is loaded here, and when it cannot be (a build that

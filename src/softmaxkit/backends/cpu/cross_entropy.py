@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from ..._core import CrossEntropyOptions, compute_dtype, row_weights
+from ..._core import CrossEntropyOptions, compute_dtype, constant_result, row_weights
 from ..._core.autograd import refuse_double_backward
 from ..._core.rows import backward_rows, forward_rows, row_loss
 from ..._reduction import reduce_loss, row_scale
@@ -42,7 +42,7 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
     return dtype in _SUFFIX and _build.load(_SUFFIX[dtype]) is not None
 
 
-@torch._dynamo.assume_constant_result
+@constant_result
 def _kernel_usable(variant: str) -> bool:
     """:func:`._build.usable` (a fact of the machine: torch.compile folds it to a constant, no trace of it)."""
     return _build.usable(variant)
