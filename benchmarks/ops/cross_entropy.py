@@ -7,6 +7,8 @@ Impls:
   it happens in the untimed warm-up; see ``first_call_s`` in the CSV);
 * ``softmaxkit``: ``impl="auto"`` (the C kernel on CPU, Triton on CUDA), ``softmaxkit_inplace`` the same
   with ``inplace_backward=True``;
+* ``softmaxkit_compile``: ``torch.compile`` of a function calling ``softmaxkit.cross_entropy`` (its custom
+  op is one node of the graph; compile time in ``first_call_s``, as for ``torch_compile``);
 * ``softmaxkit_torch``: ``impl="torch"``, the chunked-ATen fused path (the fallback without a compiler);
 * ``softmaxkit_triton``: ``impl="triton"`` forced (what ``"auto"`` picks on CUDA; CUDA only);
 * ``liger``: Liger-Kernel's Triton cross-entropy (CUDA only).
@@ -75,6 +77,10 @@ def _torch_compile():
     return torch.compile(lambda x, y: F.cross_entropy(x, y), dynamic=False)
 
 
+def _softmaxkit_compile():
+    return torch.compile(_softmaxkit(), dynamic=False)
+
+
 def _liger(device: str):
     if device != "cuda":
         raise Skip("liger-kernel runs on CUDA only")
@@ -101,6 +107,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             "softmaxkit": lambda: _softmaxkit(),
             "softmaxkit_inplace": lambda: _softmaxkit(inplace_backward=True),
             "softmaxkit_torch": lambda: _softmaxkit(impl="torch"),
+            "softmaxkit_compile": _softmaxkit_compile,
             "softmaxkit_triton": lambda: _softmaxkit_triton(device),
             "liger": lambda: _liger(device),
         }

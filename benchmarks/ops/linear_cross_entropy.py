@@ -69,6 +69,10 @@ def _softmaxkit():
     return lambda h, w, y: softmaxkit.linear_cross_entropy(h, w, y)
 
 
+def _softmaxkit_compile():
+    return torch.compile(_softmaxkit(), dynamic=False)
+
+
 def _softmaxkit_triton(device, impl):
     if device != "cuda":
         raise Skip("Triton kernels need a CUDA device")
@@ -106,6 +110,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             "torch": lambda: _naive,
             "torch_chunked": _torch_chunked,
             "softmaxkit": _softmaxkit,
+            "softmaxkit_compile": _softmaxkit_compile,
             "softmaxkit_triton": lambda: _softmaxkit_triton(device, "triton"),
             "softmaxkit_triton_fused": lambda: _softmaxkit_triton(device, "triton_fused"),
             "liger": lambda: _liger(device),
