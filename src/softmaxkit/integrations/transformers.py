@@ -323,14 +323,16 @@ def _causal_lm_loss(model, state, hidden, labels, *, shift_labels, num_items_in_
             f"{tuple(labels.shape)})"
         )
     softcap, temperature = _FAMILIES[state.family](model)
-    # The loss is computed and returned in fp32, as the model's own (which upcasts the logits): where the
-    # fused op returns its loss in the inputs' low-precision dtype, the inputs are upcast here. Autocast is
-    # off so the product is not recast to low precision inside the op.
+    # The loss is computed and returned in fp32, as the model's own (which upcasts the logits). Where the fused
+    # op returns its loss in the inputs' low-precision dtype, it runs under autocast to that same dtype: the
+    # product stays in low precision (no fp32 copy of the head's weight) and the op's autocast rule returns an
+    # fp32 loss, as F.cross_entropy's does. A user's own autocast region is switched off here, so the product
+    # is not recast inside the op.
     dtype = torch.promote_types(rows.dtype, head.weight.dtype)
-    if dtype in (torch.float16, torch.bfloat16) and not state.fp32_loss[dtype]:
-        dtype = torch.float32
+    low_precision = dtype in (torch.float16, torch.bfloat16) and not state.fp32_loss[dtype]
     bias = None if head.bias is None else head.bias.to(dtype)
-    with torch.autocast(device_type=rows.device.type, enabled=False):
+    with torch.autocast(device_type=rows.device.type, dtype=dtype if low_precision else None,
+                        enabled=low_precision):
         loss = linear_cross_entropy(
             rows.to(dtype), head.weight.to(dtype), target, bias=bias, ignore_index=ignore_index,
             reduction="mean" if num_items_in_batch is None else "sum",
