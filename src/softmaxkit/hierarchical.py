@@ -14,15 +14,15 @@ instead of ``O(C·D)``.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 from torch import nn
 
 from . import _validation as v
+from . import backends
 from ._reduction import reduce_loss
-from .backends._autograd import strict_once_differentiable
+from .backends.torch.hierarchical import path_matrix as _path_matrix  # noqa: F401  (the tests build one)
+from .backends.torch.hierarchical import sparse_path as _sparse_path
 
 #: bytes of gathered node vectors (``rows × L × D``) per chunk in forward and backward.
 _CHUNK_BYTES = 16 << 20
@@ -106,104 +106,18 @@ def _levels(parent: np.ndarray, code: np.ndarray, num_classes: int):
     return [(g, parent[g] - num_classes, 1 - 2 * code[g]) for g in groups]
 
 
-def _path_matrix(
-    nodes: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, num_nodes: int, check: bool = False
-) -> torch.Tensor:
-    """The ``(N, C − 1)`` sparse CSR matrix with ``values[i, k]`` at column ``nodes[i, k]`` where ``mask``.
+class _HierarchicalNLLFunction:
+    """``apply(hidden, weight, bias, nodes, signs, chunk_rows) -> (N,)``: the per-row ``−log p(y | h)``.
 
-    ``nodes`` must be sorted within each row over its masked (leading) entries, which are distinct, so the
-    matrix meets the CSR invariants (``check=True`` verifies them; the tests do, the forward skips it).
-    """
-    counts = mask.sum(1)
-    crow = torch.zeros(nodes.shape[0] + 1, dtype=torch.int64, device=nodes.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        return torch.sparse_csr_tensor(crow, nodes[mask], values[mask], (nodes.shape[0], num_nodes),
-                                       check_invariants=check)
-
-
-def _sparse_path(dtype: torch.dtype) -> bool:
-    """Sparse kernels (SDDMM / SpMM) exist for fp32 and fp64; fp16/bf16 use the gathered path."""
-    return dtype in (torch.float32, torch.float64)
-
-
-class _HierarchicalNLLFunction(torch.autograd.Function):
-    r"""``−log p(y | h)`` per row from each row's path nodes only.
-
-    With ``S`` the ``(N, C − 1)`` sparse matrix holding row ``i``'s path, the node scores are the sampled
-    product ``u = (H Wᵀ)|_S`` (an SDDMM), and with ``G = ∂ℓ/∂u`` on the same pattern the gradients are the
-    sparse-dense products ``∂ℓ/∂H = G W`` and ``∂ℓ/∂W = Gᵀ H``: ``O(N·L·D)`` work, no ``(N, L, D)``
-    tensor. fp16/bf16 (no sparse kernels) gather each chunk's node vectors, upcast, and ``bmm`` instead.
+    Not an autograd Function: it calls the dispatch row ``hierarchical_nll`` (the custom op
+    ``softmaxkit::hierarchical_nll`` of :mod:`softmaxkit.backends.torch.hierarchical`, whose closed-form
+    backward is registered with the op), with the sparse/gathered choice of :func:`_sparse_path`.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, nodes, signs, chunk_rows):
-        num_rows = hidden.shape[0]
-        work = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
-        sparse = _sparse_path(hidden.dtype)
-        # each row's nodes in increasing order, padding last (the order of a path's factors is immaterial)
-        order = torch.argsort(torch.where(signs != 0, nodes, weight.shape[0]), dim=1)
-        nodes, signs = nodes.gather(1, order), signs.gather(1, order)
-        mask = signs != 0
-        if sparse:
-            pattern = _path_matrix(nodes, mask, torch.zeros(nodes.shape, dtype=work, device=hidden.device),
-                                   weight.shape[0])
-            scores = torch.zeros(nodes.shape, dtype=work, device=hidden.device)
-            scores[mask] = torch.sparse.sampled_addmm(pattern, hidden, weight.t()).values()
-        else:
-            scores = torch.empty(nodes.shape, dtype=work, device=hidden.device)
-            for start in range(0, num_rows, chunk_rows):
-                sl = slice(start, min(start + chunk_rows, num_rows))
-                node_vectors = weight[nodes[sl]].to(work)  # (r, L, D)
-                scores[sl] = torch.bmm(node_vectors, hidden[sl].to(work)[:, :, None])[:, :, 0]
-        if bias is not None:
-            scores = scores + bias.to(work)[nodes]
-        signed = signs.to(work) * scores
-        nll = -torch.where(mask, torch.nn.functional.logsigmoid(signed), 0.0).sum(1)
-        # d(−log σ(s·u))/du = −s·σ(−s·u), 0 on padding
-        coefficient = torch.where(mask, -signs.to(work) * torch.sigmoid(-signed), 0.0)
-        ctx.save_for_backward(hidden, weight, bias, nodes, mask, coefficient)
-        ctx.chunk_rows, ctx.sparse = chunk_rows, sparse
-        return nll.to(hidden.dtype)
-
-    @staticmethod
-    @strict_once_differentiable
-    def backward(ctx, grad_nll):
-        hidden, weight, bias, nodes, mask, coefficient = ctx.saved_tensors
-        work = coefficient.dtype
-        num_rows, hidden_size = hidden.shape
-        scaled = coefficient * grad_nll.to(work)[:, None]
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = grad_weight = grad_bias = None
-        if ctx.sparse:
-            path = _path_matrix(nodes, mask, scaled, weight.shape[0])
-            if need_hidden:
-                grad_hidden = path @ weight
-            if need_weight:
-                grad_weight = path.t() @ hidden
-        else:
-            grad_hidden = torch.empty(hidden.shape, dtype=work, device=hidden.device) if need_hidden else None
-            grad_weight = torch.zeros(weight.shape, dtype=work, device=weight.device) if need_weight else None
-            for start in range(0, num_rows, ctx.chunk_rows):
-                sl = slice(start, min(start + ctx.chunk_rows, num_rows))
-                if need_hidden:
-                    node_vectors = weight[nodes[sl]].to(work)
-                    grad_hidden[sl] = torch.bmm(scaled[sl, None, :], node_vectors)[:, 0]
-                if need_weight:
-                    outer = scaled[sl, :, None] * hidden[sl].to(work)[:, None, :]
-                    grad_weight.index_add_(0, nodes[sl].reshape(-1), outer.reshape(-1, hidden_size))
-        if bias is not None and need_bias:
-            grad_bias = torch.zeros(bias.shape, dtype=work, device=bias.device)
-            grad_bias.index_add_(0, nodes.reshape(-1), scaled.reshape(-1))
-        return (
-            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-            None,
-        )
+    def apply(hidden, weight, bias, nodes, signs, chunk_rows):
+        chosen = backends.select("hierarchical_nll", "auto", backends.Request.of(hidden, weight, bias))
+        return chosen.resolve()(hidden, weight, bias, nodes, signs, chunk_rows, _sparse_path(hidden.dtype))
 
 
 class HierarchicalSoftmax(nn.Module):

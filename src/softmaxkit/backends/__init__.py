@@ -339,6 +339,12 @@ register("linear_cross_entropy", Implementation(
 # focal_loss: the closed-form backward of backends/torch/focal.py (any device, any tensor type)
 register("focal_loss", Implementation("torch", "softmaxkit.backends.torch.focal:focal_loss_rows", always))
 
+# hierarchical_nll(hidden (N, D), weight, bias, nodes (N, L), signs (N, L), chunk_rows, sparse) -> (N,):
+# HierarchicalSoftmax's per-row loss, the custom op of backends/torch/hierarchical.py (any device; fake kernel)
+register("hierarchical_nll", Implementation(
+    "torch", "softmaxkit.backends.torch.hierarchical:torch_hierarchical_nll", always,
+))
+
 # ---------------------------------------------------------------------------------------------------------
 # Sparse maps and their Fenchel-Young losses: sparsemax, entmax15, entmax_bisect and their *_loss.
 # Every implementation is a torch.library custom op (``torch.ops.softmaxkit.*``) behind a Python entry with
@@ -395,5 +401,6 @@ from .cpu import cross_entropy as _cpu_cross_entropy  # noqa: E402,F401
 from .cpu import sparse as _cpu_sparse  # noqa: E402,F401
 from .torch import cross_entropy as _torch_cross_entropy  # noqa: E402,F401
 from .torch import focal as _torch_focal  # noqa: E402,F401
+from .torch import hierarchical as _torch_hierarchical  # noqa: E402,F401
 from .torch import linear_cross_entropy as _torch_linear_cross_entropy  # noqa: E402,F401
 from .torch import sparse as _torch_sparse  # noqa: E402,F401
