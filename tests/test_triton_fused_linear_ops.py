@@ -219,3 +219,26 @@ def test_opcheck(reduction):
     torch.library.opcheck(torch.ops.softmaxkit.fused_linear_cross_entropy_triton_backward.default,
                           (grad_output, hidden.detach(), weight.detach(), bias.detach(), target, class_weight, stats,
                            *scalars, None, True, True, True))
+
+
+@pytest.mark.parametrize("constant", [1e30, -1e30, 3e38])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"label_smoothing": 0.3, "class_weight": "ones"}],
+                         ids=str)
+def test_constant_rows_at_huge_magnitude_give_log_c(constant, options):
+    """Logits all equal to ``c`` (zero hidden states, constant bias): loss ``log C`` (``LSE − z_y`` gives 0 or
+    inf − inf) and gradient ``(1/C − onehot) W``, whatever ``c``."""
+    num_classes = 40
+    hidden = torch.zeros(3, 4, device=DEVICE)
+    weight = torch.randn(num_classes, 4, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    bias = torch.full((num_classes,), constant, device=DEVICE)
+    target = torch.tensor([0, 5, 39], device=DEVICE)
+    if options.get("class_weight") == "ones":
+        options = {**options, "class_weight": torch.ones(num_classes, device=DEVICE)}
+    loss, (grad_hidden, _, _) = _loss_and_grads(hidden, weight, bias, target, "triton_fused", reduction="none",
+                                                **options)
+    torch.testing.assert_close(loss, torch.full((3,), np.log(num_classes), dtype=torch.float32, device=DEVICE),
+                               rtol=2e-7, atol=0)
+    eps = options.get("label_smoothing", 0.0)
+    onehot = torch.nn.functional.one_hot(target, num_classes).float()
+    expected = (1.0 / num_classes - (1 - eps) * onehot - eps / num_classes) @ weight
+    torch.testing.assert_close(grad_hidden, expected, rtol=1e-5, atol=1e-6)
