@@ -12,23 +12,28 @@ the bias, applies soft-cap and temperature, and folds the tile into an online lo
 .. math:: m' = \max(m, \max_{tile} z),\qquad s' = s\,e^{m − m'} + \textstyle\sum_{tile} e^{z − m'},
 
 together with the target logit ``z_y`` (the one tile holding column ``y``) and, for label smoothing,
-``Σ_c w_c z_c``. It writes three floats per row and range: ``m + log s``, its part of ``z_y`` and its part
-of the smoothing sum. The ``S`` partials are combined with tensor ops (a log-sum-exp over ``S`` values per
-row), which also give each row's loss
+``Σ_c w_c (z_c − m)`` kept relative to the running shift (no ``Σ_c w_c z_c`` that could overflow or cancel)
+and ``Σ_c w_c`` over the range. It writes these per row and range, with ``m`` and ``log s``. The ``S``
+partials are combined with tensor ops in the shifted form, ``m = max_s m_s``,
+``log s = log Σ_s e^{(m_s − m) + log s_s}``, ``Σ_c w_c (z_c − m) = Σ_s [Σ_{c∈s} w_c (z_c − m_s) + (m_s − m) W_s]``,
+which give each row's loss
 
-.. math:: ℓ = (1−ε)\,w_y(\mathrm{LSE} − z_y) + \tfrac{ε}{C}\big(\textstyle\sum_c w_c\,\mathrm{LSE} −
-          \sum_c w_c z_c\big) + λ\,\mathrm{LSE}^2 \quad(0 \text{ on ignored rows}).
+.. math:: ℓ = (1−ε)\,w_y\big((m − z_y) + \log s\big) + \tfrac{ε}{C}\big(W \log s −
+          \textstyle\sum_c w_c (z_c − m)\big) + λ\,(m + \log s)^2 \quad(0 \text{ on ignored rows}),
 
-``S`` splits the vocabulary so that a small ``N`` still fills the GPU; the split is deterministic (no
-atomics in the forward). Saved for backward: the inputs (references, no copies) and ``LSE`` (``N`` floats).
+exact to a few ulps of ``log s`` at any magnitude of the logits (``LSE − z_y`` would lose an ulp of
+``LSE``). ``S`` splits the vocabulary so that a small ``N`` still fills the GPU; the split is deterministic (no
+atomics in the forward). Saved for backward: the inputs (references, no copies) and ``(log s, m)`` (``2N``
+floats).
 
 **Backward** (:func:`_fused_lce_bwd_kernel`, grid ``(⌈N/BLOCK_M⌉, ⌈C/BLOCK_N⌉)``) recomputes each logits
 tile the same way and forms the gradient tile in registers,
 
-.. math:: G = s_i\big[(A_i + 2λ\,\mathrm{LSE}_i)\,e^{z − \mathrm{LSE}_i} − a\big]\,\frac{dz}{dx},
+.. math:: G = s_i\big[(A_i + 2λ\,\mathrm{LSE}_i)\,e^{(z − m_i) − \log S_i} − a\big]\,\frac{dz}{dx},
           \qquad A_i = (1 − ε) w_{y_i} + \tfrac{ε}{C}\textstyle\sum_c w_c,
 
-with ``s_i`` the row's upstream gradient (divided by ``Σ w_y`` for ``"mean"``, 0 on ignored rows), then
+with ``m_i``, ``S_i`` the row's shift and sum ``s`` from the forward, ``s_i`` the row's upstream gradient
+(divided by ``Σ w_y`` for ``"mean"``, 0 on ignored rows), then
 immediately multiplies it into the three gradients, ``BLOCK_K`` columns of ``D`` at a time:
 
 .. math:: ∂ℓ/∂h_{rows} \mathrel{+}= G\,W_{tile},\qquad ∂ℓ/∂W_{tile} \mathrel{+}= Gᵀ h_{rows},\qquad
@@ -48,6 +53,15 @@ Offsets are int64 (``N·D``, ``C·D`` or ``N·C`` beyond ``2^31`` are fine). Und
 ``tanh`` comes from ``exp`` (:func:`.cross_entropy._tanh`) and the tiles are 16-wide; the interpreter
 mis-computes bf16 ``tl.dot``, so CPU tests use fp64/fp32/fp16 operands.
 
+Ignored rows (and rows with a zero upstream gradient) are zeroed by selection, never by multiplying by 0, and
+their hidden states read as 0 in ``Gᵀ h``: a NaN or ±inf hidden state on a padding row gives loss and
+gradients exactly 0 there and leaves ``∂W``, ``∂b`` untouched. A NaN on a counted row propagates.
+
+Both passes are custom ops, ``softmaxkit::fused_linear_cross_entropy_triton`` (loss and ``(log s, m)``) and
+``softmaxkit::fused_linear_cross_entropy_triton_backward`` (``∂h``, ``∂W``, ``∂b``), with fake kernels and the
+backward registered through ``register_autograd``: ``torch.library.triton_op`` (Inductor sees the kernels),
+a plain ``custom_op`` under ``TRITON_INTERPRET=1``.
+
 Gradient filtering (cut-cross-entropy's skipping of tiles whose gradient is negligible) is opt-in, through
 :func:`fused_linear_cross_entropy`'s ``filter_eps`` (default None: every tile is added, exactly); see there
 for what it drops and the resulting error bound.
@@ -60,11 +74,12 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from ..._core import CrossEntropyOptions
+from ..._core import CrossEntropyOptions, row_weights
+from ..._core.autograd import refuse_double_backward
 from ..._reduction import reduce_loss, row_scale
-from .._autograd import strict_once_differentiable
-from .cross_entropy import _interpreting, _load_params, _or, _scalars, _tanh
+from .cross_entropy import _define_op, _interpreting, _load_params, _or, _scalars, _tanh
 
 
 @triton.jit
@@ -104,7 +119,7 @@ def _logits_tile(
 @triton.jit
 def _fused_lce_fwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, target_ptr, class_weight_ptr,
-    part_lse_ptr, part_target_ptr, part_smooth_ptr,
+    part_shift_ptr, part_log_s_ptr, part_target_ptr, part_smooth_ptr, part_weight_ptr,
     n_rows, n_cols, hidden_size, tiles_per_split,
     stride_hn, stride_hd, stride_wc, stride_wd,
     ignore_index, eps, inv_t, softcap, z_loss, params_ptr,
@@ -112,20 +127,23 @@ def _fused_lce_fwd_kernel(
     PARAMS_IN_MEMORY: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Per row block and vocabulary range: partial LSE, partial ``z_y`` and partial ``Σ_c w_c z_c``."""
+    """Per row block and vocabulary range: the shift ``m``, ``log s``, the partial ``z_y`` and, for label
+    smoothing, ``Σ_c w_c (z_c − m)`` and ``Σ_c w_c`` over the range."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     if PARAMS_IN_MEMORY:  # float64: scalar arguments would be rounded to fp32 (ε, λ enter on the host)
         _eps, inv_t, softcap, _z_loss = _load_params(params_ptr)
-    ACC_DTYPE: tl.constexpr = part_lse_ptr.dtype.element_ty
+    ACC_DTYPE: tl.constexpr = part_log_s_ptr.dtype.element_ty
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     y = tl.where(y != ignore_index, y, -1)  # an ignored row matches no column (ignore_index may be a class)
     m = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    shift = tl.zeros((BLOCK_M,), ACC_DTYPE)
     s = tl.zeros((BLOCK_M,), ACC_DTYPE)
     z_y = tl.zeros((BLOCK_M,), ACC_DTYPE)
-    smooth = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    weighted = tl.zeros((BLOCK_M,), ACC_DTYPE)  # Σ w (z − shift) over the columns seen, for the running shift
+    weight_seen = tl.zeros((BLOCK_M,), ACC_DTYPE)
     first_tile = split.to(tl.int64) * tiles_per_split
     for tile in range(0, tiles_per_split):
         cols = (first_tile + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,28 +154,38 @@ def _fused_lce_fwd_kernel(
             ACC_DTYPE, HAS_BIAS, HAS_SOFTCAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
         )
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(class_weight_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
-                smooth += tl.sum(tl.where(col_ok[None, :], w[None, :] * z, 0.0), 1)
-            else:
-                smooth += tl.sum(tl.where(col_ok[None, :], z, 0.0), 1)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         new_m = tl.maximum(m, tl.max(z, 1))
-        shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # nothing seen yet: exp(-inf - 0) = 0
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
+        new_shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # nothing seen yet: exp(-inf - 0) = 0
+        if HAS_SMOOTHING:
+            # Σ w (z − shift) relative to the running shift: no Σ w z that could overflow or cancel
+            if HAS_WEIGHT:
+                w = tl.load(class_weight_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
+                keep = col_ok[None, :] & (w[None, :] != 0.0)
+                tile_sum = tl.sum(tl.where(keep, w[None, :] * (z - new_shift[:, None]), 0.0), 1)
+                tile_weight = tl.sum(tl.where(col_ok, w, 0.0), 0)
+            else:
+                tile_sum = tl.sum(tl.where(col_ok[None, :], z - new_shift[:, None], 0.0), 1)
+                tile_weight = tl.sum(tl.where(col_ok, 1.0, 0.0), 0)
+            weighted = tl.where(weight_seen != 0.0, weighted + (shift - new_shift) * weight_seen, weighted)
+            weighted += tile_sum
+            weight_seen += tile_weight
+        s = s * tl.exp(m - new_shift) + tl.sum(tl.exp(z - new_shift[:, None]), 1)
         m = new_m
-    shift = tl.where(m == float("-inf"), 0.0, m)
+        shift = new_shift
     out = split.to(tl.int64) * n_rows + rows
-    tl.store(part_lse_ptr + out, shift + tl.log(s), mask=row_ok)  # log 0 = -inf for an empty range
+    tl.store(part_shift_ptr + out, shift, mask=row_ok)
+    tl.store(part_log_s_ptr + out, tl.log(s), mask=row_ok)  # log 0 = -inf for an empty range
     tl.store(part_target_ptr + out, z_y, mask=row_ok)
     if HAS_SMOOTHING:
-        tl.store(part_smooth_ptr + out, smooth, mask=row_ok)
+        tl.store(part_smooth_ptr + out, weighted, mask=row_ok)
+        tl.store(part_weight_ptr + out, weight_seen, mask=row_ok)
 
 
 @triton.jit
 def _fused_lce_bwd_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, target_ptr, class_weight_ptr, weight_total_ptr, lse_ptr, scale_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, target_ptr, class_weight_ptr, weight_total_ptr, shift_ptr, log_s_ptr,
+    scale_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
     n_rows, n_cols, hidden_size,
     stride_hn, stride_hd, stride_wc, stride_wd,
@@ -173,7 +201,7 @@ def _fused_lce_bwd_kernel(
     pid_n = tl.program_id(1)
     if PARAMS_IN_MEMORY:
         eps, inv_t, softcap, z_loss = _load_params(params_ptr)
-    ACC_DTYPE: tl.constexpr = lse_ptr.dtype.element_ty
+    ACC_DTYPE: tl.constexpr = log_s_ptr.dtype.element_ty
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -182,7 +210,10 @@ def _fused_lce_bwd_kernel(
     s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     active = row_ok & (y != ignore_index) & (s != 0.0)  # ignored row or zero upstream: exact zeros
     safe_y = tl.where(active, y, -1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)  # finite on every row, ignored ones included
+    # inactive rows read (0, 0): their statistics may be NaN (non-finite hidden states on an ignored row)
+    shift = tl.where(active, tl.load(shift_ptr + rows, mask=row_ok, other=0.0), 0.0)
+    log_s = tl.where(active, tl.load(log_s_ptr + rows, mask=row_ok, other=0.0), 0.0)
+    lse = shift + log_s
     if HAS_WEIGHT:
         w_y = tl.load(class_weight_ptr + tl.where(active, y, 0), mask=active, other=0.0).to(ACC_DTYPE)
         weight_total = tl.load(weight_total_ptr).to(ACC_DTYPE)  # Σ_c w_c on the device (no host sync)
@@ -194,9 +225,10 @@ def _fused_lce_bwd_kernel(
         stride_hn, stride_hd, stride_wc, stride_wd, inv_t, softcap,
         ACC_DTYPE, HAS_BIAS, HAS_SOFTCAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K,
     )
-    row_coefficient = s * ((1.0 - eps) * w_y + eps / n_cols * weight_total + 2.0 * z_loss * tl.where(active, lse, 0.0))
-    # p = e^{z − LSE} ≤ 1; the clamp only matters on padding rows (LSE = 0), where e^{z} could overflow
-    g = row_coefficient[:, None] * tl.exp(tl.minimum(z - lse[:, None], 0.0))
+    row_coefficient = s * ((1.0 - eps) * w_y + eps / n_cols * weight_total + 2.0 * z_loss * lse)
+    # p = e^{(z − m) − log s}, the shifted form (exact where z ≈ m at any magnitude); inactive rows are
+    # zeroed below by selection (never 0·inf)
+    g = row_coefficient[:, None] * tl.exp((z - shift[:, None]) - log_s[:, None])
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
             w = tl.load(class_weight_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
@@ -227,8 +259,9 @@ def _fused_lce_bwd_kernel(
                     tl.atomic_add(grad_hidden_ptr + rows[:, None] * hidden_size + ks[None, :], part,
                                   mask=row_ok[:, None] & k_ok[None, :])
                 if NEED_WEIGHT:
+                    # inactive rows' h reads 0: a NaN/inf padding row stays out of ∂W (their G is 0)
                     h_tile = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hd,
-                                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+                                     mask=active[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
                     if IEEE:
                         part = tl.dot(tl.trans(g_operand), h_tile, input_precision="ieee", out_dtype=ACC_DTYPE)
                     else:
@@ -268,104 +301,189 @@ def default_splits(num_rows: int, num_classes: int, block_m: int, block_n: int, 
     return max(1, min(tiles, wanted))
 
 
-class _FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """Class-index linear CE, every reduction; logits recomputed tile by tile in backward."""
+def _work_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, config: CrossEntropyOptions, splits,
-                filter_eps):
-        num_rows, hidden_size = hidden.shape
-        num_classes = weight.shape[0]
-        device = hidden.device
-        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        target = target.contiguous()
-        valid = target != config.ignore_index
-        if class_weight is not None:
-            class_weight = class_weight.to(work).contiguous()
-            weight_total = class_weight.sum().reshape(1)
-            w_y = torch.where(valid, class_weight[torch.where(valid, target, torch.zeros_like(target))],
-                              torch.zeros((), dtype=work, device=device))
-            smooth_total = weight_total[0]
-        else:
-            weight_total = None
-            w_y = valid.to(work)
-            smooth_total = float(num_classes)
-        denominator = w_y.sum()
-        block_m, block_n, block_k, warps = _blocks(hidden.dtype)
-        if splits is None:
-            splits = default_splits(num_rows, num_classes, block_m, block_n, device)
-        tiles_per_split = triton.cdiv(triton.cdiv(num_classes, block_n), splits)
-        part_lse = torch.empty((splits, num_rows), dtype=work, device=device)
-        part_target = torch.empty((splits, num_rows), dtype=work, device=device)
-        smoothing = config.label_smoothing > 0
-        part_smooth = torch.empty((splits, num_rows), dtype=work, device=device) if smoothing else None
-        scalars = _scalars(work, config.label_smoothing, config.temperature, config.softcap, config.z_loss,
-                           part_lse)
-        ieee = hidden.dtype in (torch.float32, torch.float64)
-        if num_rows > 0:
-            _fused_lce_fwd_kernel[(triton.cdiv(num_rows, block_m), splits)](
-                hidden, weight, _or(bias, part_lse), target, _or(class_weight, part_lse),
-                part_lse, part_target, _or(part_smooth, part_lse),
-                num_rows, num_classes, hidden_size, tiles_per_split,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                config.ignore_index, *scalars,
-                HAS_BIAS=bias is not None, HAS_WEIGHT=class_weight is not None, HAS_SMOOTHING=smoothing,
-                HAS_SOFTCAP=config.softcap is not None, PARAMS_IN_MEMORY=work == torch.float64, IEEE=ieee,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-            )
-        lse = torch.logsumexp(part_lse, dim=0)
-        z_target = part_target.sum(0)
-        eps = config.label_smoothing
-        loss = (1.0 - eps) * w_y * (lse - z_target) + config.z_loss * lse * lse
-        if smoothing:
-            loss = loss + (eps / num_classes) * (smooth_total * lse - part_smooth.sum(0))
-        loss = torch.where(valid, loss, torch.zeros((), dtype=work, device=device))
-        out = reduce_loss(loss, config.reduction, denominator)
-        ctx.save_for_backward(hidden, weight, bias, target, class_weight, weight_total, lse, denominator)
-        ctx.config = config
-        ctx.filter_eps = filter_eps
-        return out.to(hidden.dtype)
 
-    @staticmethod
-    @strict_once_differentiable
-    def backward(ctx, grad_output):
-        hidden, weight, bias, target, class_weight, weight_total, lse, denominator = ctx.saved_tensors
-        config: CrossEntropyOptions = ctx.config
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        num_rows, hidden_size = hidden.shape
-        num_classes = weight.shape[0]
-        work = lse.dtype
-        valid = target != config.ignore_index
-        # the row scale s_i on the device: no .item(), graph-capturable
-        scale = row_scale(grad_output.to(work), config.reduction, num_rows, denominator, valid).contiguous()
-        accumulation = config.accumulation_dtype or work
-        grad_hidden = torch.zeros((num_rows, hidden_size), dtype=work, device=hidden.device) if needs[0] else None
-        grad_weight = torch.zeros((num_classes, hidden_size), dtype=accumulation, device=hidden.device) \
-            if needs[1] else None
-        grad_bias = torch.zeros(num_classes, dtype=accumulation, device=hidden.device) if needs[2] else None
-        block_m, block_n, block_k, warps = _blocks(hidden.dtype, backward=True)
-        if num_rows > 0 and any(needs):
-            _fused_lce_bwd_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(num_classes, block_n))](
-                hidden, weight, _or(bias, lse), target, _or(class_weight, lse), _or(weight_total, lse), lse, scale,
-                _or(grad_hidden, lse), _or(grad_weight, lse), _or(grad_bias, lse),
-                num_rows, num_classes, hidden_size,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                config.ignore_index,
-                *_scalars(work, config.label_smoothing, config.temperature, config.softcap, config.z_loss, lse),
-                float(ctx.filter_eps or 0.0),
-                HAS_BIAS=bias is not None, HAS_WEIGHT=class_weight is not None,
-                HAS_SMOOTHING=config.label_smoothing > 0, HAS_SOFTCAP=config.softcap is not None,
-                NEED_HIDDEN=needs[0], NEED_WEIGHT=needs[1], NEED_BIAS=needs[2],
-                HAS_FILTER=ctx.filter_eps is not None,
-                PARAMS_IN_MEMORY=work == torch.float64, IEEE=hidden.dtype in (torch.float32, torch.float64),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-            )
-        grads = (
-            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
+def _class_weights(target, class_weight, ignore_index, num_classes, work):
+    """``(valid, class_weight, w_y, weight_total)``: contiguous class weights and ``Σ_c w_c`` as a ``(1,)``
+    tensor (read by pointer in the kernels), or None without class weights."""
+    valid, _, class_weight, w_y, weight_total = row_weights(target, class_weight, ignore_index, num_classes, work)
+    if class_weight is not None:
+        return valid, class_weight.contiguous(), w_y, weight_total.reshape(1)
+    return valid, None, w_y, None
+
+
+@_define_op("softmaxkit::fused_linear_cross_entropy_triton", mutates_args=())
+def _fused_linear_cross_entropy_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    temperature: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+    accumulation_dtype: torch.dtype | None,
+    splits: int | None,
+    filter_eps: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reduced loss (``hidden``'s dtype) and ``(2, N)`` row statistics (``log s``, shift ``m``)."""
+    num_rows, hidden_size = hidden.shape
+    num_classes = weight.shape[0]
+    device = hidden.device
+    work = _work_dtype(weight)
+    target = target.contiguous()
+    valid, class_weight, w_y, weight_total = _class_weights(target, class_weight, ignore_index, num_classes, work)
+    block_m, block_n, block_k, warps = _blocks(hidden.dtype)
+    if splits is None:
+        splits = default_splits(num_rows, num_classes, block_m, block_n, device)
+    tiles_per_split = triton.cdiv(triton.cdiv(num_classes, block_n), splits)
+    smoothing = label_smoothing > 0
+    parts = torch.empty((5 if smoothing else 3, splits, num_rows), dtype=work, device=device)
+    part_shift, part_log_s, part_target = parts[0], parts[1], parts[2]
+    part_smooth, part_weight = (parts[3], parts[4]) if smoothing else (part_log_s, part_log_s)
+    scalars = _scalars(work, label_smoothing, temperature, softcap, z_loss, part_log_s)
+    if num_rows > 0:
+        wrap_triton(_fused_lce_fwd_kernel)[(triton.cdiv(num_rows, block_m), splits)](
+            hidden, weight, _or(bias, part_log_s), target, _or(class_weight, part_log_s),
+            part_shift, part_log_s, part_target, part_smooth, part_weight,
+            num_rows, num_classes, hidden_size, tiles_per_split,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            ignore_index, *scalars,
+            HAS_BIAS=bias is not None, HAS_WEIGHT=class_weight is not None, HAS_SMOOTHING=smoothing,
+            HAS_SOFTCAP=softcap is not None, PARAMS_IN_MEMORY=work == torch.float64,
+            IEEE=hidden.dtype in (torch.float32, torch.float64),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )
-        return (*grads, None, None, None, None, None)
+    # combine the ranges in the shifted form: m = max_s m_s, log s = log Σ_s e^{(m_s − m) + log s_s}
+    neg_inf = torch.full((), float("-inf"), dtype=work, device=device)
+    top = torch.where(torch.isneginf(part_log_s), neg_inf, part_shift).amax(0)
+    shift = torch.where(torch.isneginf(top), torch.zeros((), dtype=work, device=device), top)
+    log_s = torch.logsumexp(part_log_s + (part_shift - shift), dim=0)
+    z_target = part_target.sum(0)
+    loss = (1.0 - label_smoothing) * w_y * ((shift - z_target) + log_s)
+    if smoothing:
+        # Σ_c w_c (z_c − m) = Σ_s [Σ_{c∈s} w_c (z_c − m_s) + (m_s − m) W_s]; no Σ w z that could cancel
+        moved = torch.where(part_weight != 0, (part_shift - shift) * part_weight, torch.zeros((), dtype=work,
+                                                                                                device=device))
+        weighted = (part_smooth + moved).sum(0)
+        total = float(num_classes) if weight_total is None else weight_total[0]
+        loss = loss + (label_smoothing / num_classes) * (total * log_s - weighted)
+    if z_loss > 0:
+        lse = shift + log_s
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(valid, loss, torch.zeros((), dtype=work, device=device))
+    out = reduce_loss(loss, reduction, w_y.sum())
+    return out.to(hidden.dtype), torch.stack((log_s, shift))
+
+
+@_fused_linear_cross_entropy_triton.register_fake
+def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, *args):
+    num_rows = hidden.shape[0]
+    loss = hidden.new_empty((num_rows,) if reduction == "none" else ())
+    return loss, hidden.new_empty((2, num_rows), dtype=_work_dtype(weight))
+
+
+@_define_op("softmaxkit::fused_linear_cross_entropy_triton_backward", mutates_args=())
+def _fused_linear_cross_entropy_triton_backward(
+    grad_output: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    stats: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    temperature: float,
+    z_loss: float,
+    softcap: float | None,
+    chunk_size: int | None,
+    accumulation_dtype: torch.dtype | None,
+    filter_eps: float | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(∂h, ∂W, ∂b)`` in the inputs' dtypes (a fresh ``(0,)`` tensor where not wanted), logits recomputed
+    tile by tile from the row statistics of the forward."""
+    num_rows, hidden_size = hidden.shape
+    num_classes = weight.shape[0]
+    device = hidden.device
+    log_s, shift = stats[0].contiguous(), stats[1].contiguous()
+    work = log_s.dtype
+    target = target.contiguous()
+    needs = (need_hidden, need_weight, need_bias and bias is not None)
+    valid, class_weight, w_y, weight_total = _class_weights(target, class_weight, ignore_index, num_classes, work)
+    # the row scale s_i on the device: no .item(), graph-capturable
+    scale = row_scale(grad_output.to(work), reduction, num_rows, w_y.sum(), valid).contiguous()
+    accumulation = accumulation_dtype or work
+    grad_hidden = torch.zeros((num_rows, hidden_size), dtype=work, device=device) if needs[0] else None
+    grad_weight = torch.zeros((num_classes, hidden_size), dtype=accumulation, device=device) if needs[1] else None
+    grad_bias = torch.zeros(num_classes, dtype=accumulation, device=device) if needs[2] else None
+    block_m, block_n, block_k, warps = _blocks(hidden.dtype, backward=True)
+    if num_rows > 0 and any(needs):
+        wrap_triton(_fused_lce_bwd_kernel)[(triton.cdiv(num_rows, block_m), triton.cdiv(num_classes, block_n))](
+            hidden, weight, _or(bias, log_s), target, _or(class_weight, log_s), _or(weight_total, log_s),
+            shift, log_s, scale,
+            _or(grad_hidden, log_s), _or(grad_weight, log_s), _or(grad_bias, log_s),
+            num_rows, num_classes, hidden_size,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            ignore_index, *_scalars(work, label_smoothing, temperature, softcap, z_loss, log_s),
+            float(filter_eps or 0.0),
+            HAS_BIAS=bias is not None, HAS_WEIGHT=class_weight is not None,
+            HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=softcap is not None,
+            NEED_HIDDEN=needs[0], NEED_WEIGHT=needs[1], NEED_BIAS=needs[2], HAS_FILTER=filter_eps is not None,
+            PARAMS_IN_MEMORY=work == torch.float64, IEEE=hidden.dtype in (torch.float32, torch.float64),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        )
+    # a fresh (0,) tensor per missing gradient: a custom op's outputs may not alias each other
+    return (
+        hidden.new_empty((0,)) if grad_hidden is None else grad_hidden.to(hidden.dtype),
+        hidden.new_empty((0,)) if grad_weight is None else grad_weight.to(weight.dtype),
+        hidden.new_empty((0,)) if grad_bias is None else grad_bias.to(bias.dtype),
+    )
+
+
+@_fused_linear_cross_entropy_triton_backward.register_fake
+def _(grad_output, hidden, weight, bias, target, class_weight, stats, *args):
+    need_hidden, need_weight, need_bias = args[-3:]
+    return (
+        hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty((0,)),
+        weight.new_empty(weight.shape) if need_weight else hidden.new_empty((0,)),
+        bias.new_empty(bias.shape) if need_bias and bias is not None else hidden.new_empty((0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, class_weight, *scalars = inputs
+    ctx.scalars = tuple(scalars[:8])  # ignore_index … accumulation_dtype
+    ctx.filter_eps = scalars[9]
+    _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(hidden, weight, bias, target, class_weight, stats)
+
+
+def _backward(ctx, grad_output, *unused):
+    refuse_double_backward()
+    if grad_output is None:
+        return (None,) * 15
+    hidden, weight, bias, target, class_weight, stats = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    grads = torch.ops.softmaxkit.fused_linear_cross_entropy_triton_backward(
+        grad_output, hidden, weight, bias, target, class_weight, stats, *ctx.scalars, ctx.filter_eps, *needs
+    )
+    return (*(g if wanted else None for g, wanted in zip(grads, needs)), *(None,) * 12)
+
+
+_fused_linear_cross_entropy_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_linear_cross_entropy(hidden, weight, bias, target, class_weight, config: CrossEntropyOptions,
@@ -416,9 +534,11 @@ def fused_linear_cross_entropy(hidden, weight, bias, target, class_weight, confi
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
+    args = (hidden, weight, bias, target, class_weight, *config.op_args(), config.accumulation_dtype, splits,
+            None if filter_eps is None else float(filter_eps))
     if hidden.is_cuda:  # Triton launches on the current device: make it the tensors' one
         with torch.cuda.device(hidden.device):
-            return _FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config,
-                                                          splits, filter_eps)
-    return _FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, target, class_weight, config, splits,
-                                                  filter_eps)
+            loss, _ = torch.ops.softmaxkit.fused_linear_cross_entropy_triton(*args)
+    else:
+        loss, _ = torch.ops.softmaxkit.fused_linear_cross_entropy_triton(*args)
+    return loss
