@@ -44,7 +44,9 @@ from .rows import (
     load_transformed,
     row_coefficients,
     row_loss,
+    shifted_weighted_sum_,
     softcap_derivative_,
+    wide_dtype,
 )
 
 #: most bytes of fp32 logits per chunk when ``chunk_size`` is None (see :func:`default_chunk_rows`).
@@ -331,29 +333,28 @@ def _chunk_loss_and_grad(
     row_max = z.amax(dim=1) if z.shape[1] > 0 else z.new_full((z.shape[0],), -torch.inf)
     reduce.max_(row_max)
     row_max = finite_max(row_max)
-    stats = z.new_empty((3 if eps > 0 else 2, z.shape[0]))
+    stats = z.new_empty((2, z.shape[0]))
     if z.shape[1] > 0:
         z_target = z.gather(1, local_target[:, None])[:, 0]
         stats[1] = torch.where(owned, z_target, torch.zeros_like(z_target))
     else:  # a process may hold no classes at all (uneven vocab-parallel slices)
         stats[1] = 0
-    z.sub_(row_max[:, None])  # z − m: exact where z ≈ m at any magnitude
+    weighted = None
     if eps > 0:
-        if rows.class_weight is None:
-            torch.sum(z, dim=1, out=stats[2])
-        else:
-            product = z * rows.class_weight
-            product.masked_fill_(rows.class_weight == 0, 0.0)  # 0·(−∞) of a masked, unweighted class
-            torch.sum(product, dim=1, out=stats[2])
-            del product
+        # Σ w (z − m) formed in float64 (a 0·(−∞) of a masked, unweighted class counts 0): at fp32 z − m
+        # reaches −6.8e38 and the sum more, beyond fp32's range although the row loss fits
+        weighted = z.new_empty((z.shape[0],), dtype=wide_dtype(z.device))
+        shifted_weighted_sum_(weighted, z, row_max, rows.class_weight)
+    z.sub_(row_max[:, None])  # z − m: exact where z ≈ m at any magnitude
     z.exp_()
     torch.sum(z, dim=1, out=stats[0])
     reduce.sum_(stats)
+    if weighted is not None:
+        reduce.sum_(weighted)
     sum_exp = stats[0]
     log_sum = sum_exp.log()
     weights = rows.chunk(sl)
-    loss = row_loss(row_max, log_sum, stats[1], stats[2] if eps > 0 else None, weights, options,
-                    options.num_classes)
+    loss = row_loss(row_max, log_sum, stats[1], weighted, weights, options, options.num_classes)
     if scale is not None and z.shape[1] > 0:
         row_coefficient, target_coefficient, smooth_coefficient = row_coefficients(
             scale, weights, row_max + log_sum, options, options.num_classes

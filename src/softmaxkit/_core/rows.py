@@ -14,7 +14,9 @@ shift of the logits up to the dtype's range, a constant row gives ``log C`` and 
 ``log s`` per row (``2N`` floats) between forward and backward.
 
 All maths runs in :func:`~softmaxkit._core.compute_dtype` (fp32 for fp16/bf16); only the gradient is rounded
-to the logits' dtype.
+to the logits' dtype. The row loss is combined in float64 from ``m``, ``log s``, ``z_y`` and a float64
+``Σ_c w_c (z_c − m)`` and rounded once to the compute dtype: at fp32, ``m − z_y`` and that sum overflow for
+logits near ±3e38 although the loss itself fits.
 """
 
 from __future__ import annotations
@@ -45,6 +47,20 @@ def load_transformed(out: torch.Tensor, x: torch.Tensor, inv_temperature: float,
     return out
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64, the dtype the row loss and ``Σ w (z − m)`` are combined in (float32 on MPS, which has none)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def plus_inf_row_nan(log_sum: torch.Tensor) -> torch.Tensor:
+    """NaN on rows with a ``+∞`` logit, else 0: a term to add to the row loss, with no gradient of its own.
+
+    Such a row is shifted by 0 (:func:`finite_max`), so ``log s = +∞``; ``(m − z_y) + log s`` would then be
+    ``+∞`` for a finite target logit, where PyTorch's loss (and the kernel's) is NaN.
+    """
+    return torch.where(torch.isposinf(log_sum.detach()), torch.nan, 0.0).to(log_sum.dtype)
+
+
 def finite_max(row_max: torch.Tensor) -> torch.Tensor:
     """The row max used as the shift: ``m`` where finite, else 0 (all ``−∞`` rows, ``+∞``/NaN rows).
 
@@ -68,21 +84,29 @@ def row_loss(
         row_max: ``m`` per row (the shift, see :func:`finite_max`).
         log_sum: ``log Σ_c exp(z_c − m)``.
         z_target: ``z_y`` (any value on ignored rows).
-        shifted_weighted_sum: ``Σ_c w_c (z_c − m)`` (``w ≡ 1`` without weights); only read when ``ε > 0``.
+        shifted_weighted_sum: ``Σ_c w_c (z_c − m)`` (``w ≡ 1`` without weights), float64 (it may exceed the
+            compute dtype's range); only read when ``ε > 0``.
         rows: the call's :class:`~softmaxkit._core.RowWeights`.
         options: ``label_smoothing`` and ``z_loss`` are read.
         num_classes: ``C`` (over all processes).
     """
     eps, valid = options.label_smoothing, rows.valid
+    work = row_max.dtype
+    # combined in float64, rounded once to the compute dtype: at fp32 ``m − z_y`` and ``Σ w (z − m)`` can
+    # exceed fp32's range (logits near ±3e38) although the row loss, scaled by (1−ε)w_y and ε/C, fits
+    wide = wide_dtype(row_max.device)
+    row_max, log_sum, z_target = row_max.to(wide), log_sum.to(wide), z_target.to(wide)
     nll = (row_max - z_target) + log_sum
-    loss = (1.0 - eps) * rows.w_y * torch.where(valid, nll, torch.zeros_like(nll))
+    loss = (1.0 - eps) * rows.w_y.to(wide) * torch.where(valid, nll, torch.zeros_like(nll))
     if eps > 0:
-        smooth = (rows.weight_total * log_sum - shifted_weighted_sum) * (eps / num_classes)
+        weight_total = rows.weight_total.to(wide)
+        smooth = (weight_total * log_sum - shifted_weighted_sum.to(wide)) * (eps / num_classes)
         loss = loss + smooth
     if options.z_loss > 0:
         lse = row_max + log_sum
         loss = loss + options.z_loss * lse * lse
-    return torch.where(valid, loss, torch.zeros_like(loss))
+    loss = loss + plus_inf_row_nan(log_sum)
+    return torch.where(valid, loss, torch.zeros_like(loss)).to(work)
 
 
 def row_coefficients(
@@ -151,14 +175,19 @@ def finish_logit_grad_(
     return out
 
 
-def shifted_weighted_sum_(out: torch.Tensor, shifted: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """``out ← Σ_c w_c (z_c − m)`` per row from the shifted chunk ``z − m`` (``w ≡ 1`` without weights).
+def shifted_weighted_sum_(
+    out: torch.Tensor, z: torch.Tensor, row_max: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """``out ← Σ_c w_c (z_c − m)`` per row of the chunk ``z`` (``w ≡ 1`` without weights), in ``out``'s dtype.
 
-    A masked class (``z_c = −∞``) with ``w_c = 0`` counts 0, not ``0·(−∞)``.
+    With a float64 ``out`` the differences and the sum are formed in float64 (one chunk-sized float64
+    temporary, label smoothing only): at fp32 ``z_c − m`` reaches ``−6.8e38`` and the sum more. A masked
+    class (``z_c = −∞``) with ``w_c = 0`` counts 0, not ``0·(−∞)``.
     """
+    shifted = torch.sub(z.to(out.dtype), row_max.to(out.dtype)[:, None])
     if weight is None:
         return torch.sum(shifted, dim=1, out=out)
-    product = shifted * weight  # one chunk-sized temporary (class weights with label smoothing only)
+    product = shifted.mul_(weight.to(out.dtype))
     product.masked_fill_(weight == 0, 0.0)
     return torch.sum(product, dim=1, out=out)
 
@@ -178,7 +207,8 @@ def forward_rows(
     row_max = torch.empty(num_rows, dtype=work, device=logits.device)
     log_sum = torch.empty(num_rows, dtype=work, device=logits.device)
     z_target = torch.empty(num_rows, dtype=work, device=logits.device)
-    weighted = torch.empty(num_rows, dtype=work, device=logits.device) if eps > 0 else None
+    # Σ w (z − m) in float64: beyond fp32's range for rows near ±3e38 (see :func:`row_loss`)
+    weighted = torch.empty(num_rows, dtype=wide_dtype(logits.device), device=logits.device) if eps > 0 else None
 
     step = chunk_rows(num_rows, num_classes, options.chunk_size)
     direct = work == logits.dtype and softcap is None and inv_t == 1.0
@@ -190,9 +220,9 @@ def forward_rows(
         m = finite_max(z.amax(dim=1))
         row_max[start:stop] = m
         torch.gather(z, 1, rows.safe_target[start:stop, None], out=z_target[start:stop, None])
+        if weighted is not None:  # before buf (which z may be) is overwritten
+            shifted_weighted_sum_(weighted[start:stop], z, m, rows.weight)
         torch.sub(z, m[:, None], out=buf)  # z − m: exact where z ≈ m, whatever the magnitude
-        if weighted is not None:
-            shifted_weighted_sum_(weighted[start:stop], buf, rows.weight)
         buf.exp_()
         torch.sum(buf, dim=1, out=log_sum[start:stop])
         log_sum[start:stop].log_()
@@ -221,6 +251,7 @@ def backward_rows(
         scale, rows, lse, options, num_classes
     )
     row_coefficient = row_coefficient / log_sum.exp()  # p = e^{z − m} / s: fold 1/s into the coefficient
+    row_coefficient = row_coefficient + plus_inf_row_nan(log_sum)  # a +∞ logit: a NaN row, as in PyTorch
     step = chunk_rows(num_rows, num_classes, options.chunk_size)
     direct = work == logits.dtype
     chunk = min(step, num_rows)

@@ -7,6 +7,7 @@ import torch
 from .. import _validation as v
 from .. import backends
 from .._core import CrossEntropyOptions, compute_dtype
+from .._core.rows import plus_inf_row_nan, wide_dtype
 from .._reduction import reduce_loss, target_weight
 
 #: implementations ``cross_entropy(impl=...)`` accepts (the dispatch table's row, in ``auto`` preference
@@ -124,13 +125,13 @@ def composite_cross_entropy(
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     shifted = z - row_max
     log_sum = torch.logsumexp(shifted, class_dim, keepdim=True)
-    log_p = shifted - log_sum
     lse = (row_max + log_sum).squeeze(class_dim)
     shape = [1] * logits.dim()
     shape[class_dim] = num_classes
     w = None if weight is None else weight.to(work).view(shape)
 
     if probabilities:
+        log_p = shifted - log_sum
         coefficient = target.to(work)
         if eps > 0:
             coefficient = coefficient * (1.0 - eps) + eps / num_classes
@@ -145,15 +146,30 @@ def composite_cross_entropy(
             loss = loss + z_loss * lse * lse
         denominator = loss.numel()
     else:
+        # The row is combined in float64 and rounded once to the compute dtype (as in the fused paths): at
+        # fp32, m − z_y and Σ w (z − m) can exceed fp32's range (logits near ±3e38) although the loss fits.
+        wide = wide_dtype(z.device)
         safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
-        nll = -log_p.gather(class_dim, safe_target.unsqueeze(class_dim)).squeeze(class_dim)
-        loss = (1.0 - eps) * w_y * nll
+        z_y = z.gather(class_dim, safe_target.unsqueeze(class_dim)).squeeze(class_dim)
+        m, log_s = row_max.squeeze(class_dim).to(wide), log_sum.squeeze(class_dim).to(wide)
+        nll = (m - z_y.to(wide)) + log_s  # −log p_y
+        loss = (1.0 - eps) * w_y.to(wide) * nll
         if eps > 0:
-            smooth_terms = log_p if w is None else (log_p * w).masked_fill(w == 0, 0.0)
-            loss = loss - smooth_terms.sum(class_dim) * (eps / num_classes)
+            # −Σ_c w_c log p_c = W log s − Σ_c w_c (z_c − m), the differences formed in float64
+            shifted_wide = z.to(wide) - row_max.to(wide)
+            if w is None:
+                weighted, weight_total = shifted_wide.sum(class_dim), float(num_classes)
+            else:
+                w_wide = w.to(wide)
+                weighted = (shifted_wide * w_wide).masked_fill(w == 0, 0.0).sum(class_dim)
+                weight_total = w_wide.sum()
+            loss = loss + (weight_total * log_s - weighted) * (eps / num_classes)
         if z_loss > 0:
-            loss = loss + z_loss * lse * lse
-        loss = torch.where(valid, loss, torch.zeros_like(loss))
+            lse_wide = m + log_s
+            loss = loss + z_loss * lse_wide * lse_wide
+        # a +∞ logit: NaN loss and gradient over the row, as in PyTorch (× exactly 1 on every other row)
+        loss = loss * (1.0 + plus_inf_row_nan(log_s))
+        loss = torch.where(valid, loss, torch.zeros_like(loss)).to(work)
         denominator = w_y.sum()
     return reduce_loss(loss, options.reduction, denominator).to(logits.dtype)
 

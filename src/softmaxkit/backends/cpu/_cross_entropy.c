@@ -8,7 +8,8 @@
  *
  *   stats pass:    lse = m + log Σ_j exp(z_j − m),  m = max_j z_j  (= transform(max_j x_j), transform is
  *                  monotonic), plus z_y and Σ_j w_j (z_j − m) (only when label smoothing needs it; a class
- *                  with w_j = 0 counts 0, also at z_j = −inf);
+ *                  with w_j = 0 counts 0, also at z_j = −inf; accumulated and returned in double for every
+ *                  dtype, so huge fp32 rows do not overflow it);
  *   gradient pass (p_j = exp(z_j − m) / Σ_c exp(z_c − m), with m and the sum kept per row in row_stats):
  *                  g_j = [s·(A + 2λ·lse)·p_j − s·(ε/C)·w_j − s·(1−ε)·w_y·δ_{jy}] · dz_j/dx_j,
  *                  p_j = exp(z_j − lse), A = (1−ε)·w_y + (ε/C)·Σ_c w_c, s the row's upstream scale
@@ -189,7 +190,7 @@ static inline void stream_fence(void) {
                             int64_t start, int64_t stop, int64_t num_classes, int64_t ignore_index,           \
                             double eps_d, double inv_t_d, double z_loss_d, double softcap_d,                  \
                             double weight_total_d, int64_t flags, ACC_T *lse, ACC_T *z_target,                \
-                            ACC_T *z_weighted_sum, const ACC_T *scale, IN_T *grad, int64_t ldg,               \
+                            double *z_weighted_sum, const ACC_T *scale, IN_T *grad, int64_t ldg,               \
                             ACC_T *scratch, ACC_T *row_stats) {                                               \
         const ACC_T eps = (ACC_T)eps_d, inv_t = (ACC_T)inv_t_d, z_loss = (ACC_T)z_loss_d;                     \
         const ACC_T softcap = (ACC_T)softcap_d, weight_total = (ACC_T)weight_total_d;                         \
@@ -223,8 +224,11 @@ static inline void stream_fence(void) {
                 /* an all −inf (or all NaN) row: shift by 0, so Σe = 0 and lse = −inf (or NaN). A +inf max   \
                  * stays: exp(+inf − inf) = NaN makes the row's loss and gradient NaN, as in PyTorch */       \
                 if (m == -INFINITY) m = 0;                                                                    \
-                /* pass 2: Σ exp(z − m), and Σ w_j (z_j − m) when smoothing (shifted: no ∞ − ∞ at huge z) */ \
-                ACC_T wz[LANES];                                                                              \
+                /* pass 2: Σ exp(z − m), and Σ w_j (z_j − m) when smoothing (shifted: no ∞ − ∞ at huge z), \
+                 * in double: at fp32 z_j − m reaches −6.8e38 and a sum of C of them more, beyond fp32's range \
+                 * although the row loss (ε/C)·Σ w_j (m − z_j) fits */                                        \
+                double wz[LANES];                                                                             \
+                const double m_d = (double)m;                                                                 \
                 for (int k = 0; k < LANES; k++) acc[k] = 0, wz[k] = 0;                                        \
                 for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                    \
                     int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                \
@@ -236,12 +240,12 @@ static inline void stream_fence(void) {
                             const ACC_T *w = weight + j0;                                                     \
                             for (; j + LANES <= n; j += LANES)                                                \
                                 for (int k = 0; k < LANES; k++)                                               \
-                                    wz[k] += w[j + k] != 0 ? w[j + k] * (buf[j + k] - m) : 0;                 \
-                            for (; j < n; j++) wz[0] += w[j] != 0 ? w[j] * (buf[j] - m) : 0;                  \
+                                    wz[k] += w[j + k] != 0 ? (double)w[j + k] * ((double)buf[j + k] - m_d) : 0; \
+                            for (; j < n; j++) wz[0] += w[j] != 0 ? (double)w[j] * ((double)buf[j] - m_d) : 0;  \
                         } else {                                                                              \
                             for (; j + LANES <= n; j += LANES)                                                \
-                                for (int k = 0; k < LANES; k++) wz[k] += buf[j + k] - m;                      \
-                            for (; j < n; j++) wz[0] += buf[j] - m;                                           \
+                                for (int k = 0; k < LANES; k++) wz[k] += (double)buf[j + k] - m_d;            \
+                            for (; j < n; j++) wz[0] += (double)buf[j] - m_d;                                 \
                         }                                                                                     \
                     }                                                                                         \
                     { /* e = exp(z − m), kept for the gradient pass when fused; summed the same way either   \
@@ -254,7 +258,8 @@ static inline void stream_fence(void) {
                         for (; j < n; j++) acc[0] += e[j];                                                    \
                     }                                                                                         \
                 }                                                                                             \
-                ACC_T total = 0, weighted = 0;                                                                \
+                ACC_T total = 0;                                                                              \
+                double weighted = 0;                                                                          \
                 for (int k = 0; k < LANES; k++) total += acc[k], weighted += wz[k];                           \
                 row_lse = m + LOG(total);                                                                     \
                 row_total = total, row_max = m;                                                               \
@@ -361,4 +366,4 @@ DEFINE_CE_ROWS(f64, double, double, load_f64, store_f64, exp, exp_shift_f64, tan
 #endif
 
 /* Bumped whenever the exported signature changes; checked by the loader. */
-int64_t skce_abi_version(void) { return 3; }
+int64_t skce_abi_version(void) { return 4; }

@@ -153,7 +153,8 @@ def run_rows(
     """Call the kernel over all rows, split into contiguous row ranges across torch's thread count.
 
     ``target`` is int64 and contiguous; ``weight``, ``lse``, ``row_stats`` (``(N, 2)``: row max ``m`` and
-    ``Σ exp(z − m)``), ``z_target``, ``z_weighted_sum`` and ``scale`` are contiguous in the compute dtype;
+    ``Σ exp(z − m)``), ``z_target`` and ``scale`` are contiguous in the compute dtype, ``z_weighted_sum``
+    (``Σ w (z − m)``) contiguous float64;
     ``grad`` has unit class stride (it may be ``logits`` itself).
     """
     num_rows, num_classes = logits.shape
@@ -243,7 +244,8 @@ def _cross_entropy_cpu(
     lse = torch.empty(num_rows, dtype=work)
     row_stats = torch.empty((num_rows, 2), dtype=work)
     z_target = torch.empty(num_rows, dtype=work)
-    shifted_weighted_sum = torch.empty(num_rows, dtype=work) if eps > 0 else None
+    # float64 for every dtype (the kernel accumulates it in double): beyond fp32's range for huge rows
+    shifted_weighted_sum = torch.empty(num_rows, dtype=torch.float64) if eps > 0 else None
     scale, grad, flags = None, logits.new_empty((0,)), _FLAG_STATS
     if fused:
         scale = row_scale(torch.ones((), dtype=work), reduction, num_rows, denominator, rows.valid).contiguous()
