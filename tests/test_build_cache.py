@@ -54,6 +54,7 @@ spec.loader.exec_module(_build)
 _FULL = """
 import json, os, sys, tempfile, warnings
 import torch, torch.nn.functional as F
+import torch._dynamo  # imported by a custom op's first call; the dropped user here cannot read /root's stdlib
 import softmaxkit
 from softmaxkit.backends.cpu import _build
 """
