@@ -401,9 +401,13 @@ def cpu_cross_entropy(
 
     Arguments are already validated (see :func:`softmaxkit.cross_entropy`) and the dispatch table chose this
     path (:func:`why_not`). Whether to fuse the gradient into forward is decided here, outside the op: grad
-    mode on and ``logits`` requiring a gradient.
+    mode on and ``logits`` requiring a gradient, in eager mode. Eagerly, the fused gradient is returned as it
+    is when the upstream gradient is 1 (the usual ``loss.backward()``): logits read once, gradient written
+    once. A compiled backward cannot know that at trace time and would multiply (another full read and
+    write), so under ``torch.compile`` the gradient is written by the backward op from the saved row
+    statistics instead: the same kernel, one fewer full-size write in all.
     """
-    fuse = torch.is_grad_enabled() and logits.requires_grad
+    fuse = torch.is_grad_enabled() and logits.requires_grad and not torch.compiler.is_compiling()
     loss, *_ = torch.ops.softmaxkit.cross_entropy_cpu(
         logits, target, weight, *options.op_args(), options.inplace_backward, fuse
     )
