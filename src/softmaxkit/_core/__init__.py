@@ -146,6 +146,18 @@ def constant_result(fn):
     return fn
 
 
+def is_unit_upstream(grad_output: torch.Tensor) -> bool:
+    """Whether an upstream gradient is the plain CPU scalar 1 (the usual ``loss.backward()``), in eager mode.
+
+    A backward that already holds the gradient for a unit upstream gradient then returns it as it is, instead
+    of multiplying (a full-size read, write and allocation). The read is of CPU memory (no device sync), and only
+    of a plain tensor: while compile, export or AOT autograd trace, the tensors are fake or functional wrappers
+    and the answer is False (the traced backward multiplies).
+    """
+    return (not torch.compiler.is_compiling() and type(grad_output) is torch.Tensor
+            and grad_output.device.type == "cpu" and grad_output.numel() == 1 and grad_output.tolist() == 1.0)
+
+
 def has_real_storage(*tensors: torch.Tensor | None) -> bool:
     """True when every tensor given is a plain ``torch.Tensor`` with real (not meta/fake) storage.
 

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from ..._core import CrossEntropyOptions, compute_dtype, constant_result, row_weights
+from ..._core import CrossEntropyOptions, compute_dtype, constant_result, is_unit_upstream, row_weights
 from ..._core.autograd import refuse_double_backward
 from ..._core.rows import backward_rows, forward_rows, row_loss
 from ..._reduction import reduce_loss, row_scale
@@ -363,13 +363,6 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(logits, target, weight, lse, row_stats)
 
 
-def _is_one(tensor: torch.Tensor) -> bool:
-    """Whether a CPU scalar is exactly 1: an eager read of CPU memory, only for a plain tensor (while compile,
-    export or AOT autograd trace, the tensors are fake or functional wrappers and the answer is False)."""
-    return (type(tensor) is torch.Tensor and tensor.device.type == "cpu" and tensor.numel() == 1
-            and tensor.tolist() == 1.0)
-
-
 def _backward(ctx, grad_output, *unused):
     refuse_double_backward()
     if grad_output is None:  # the loss itself got no gradient (only statistics outputs were used)
@@ -377,7 +370,7 @@ def _backward(ctx, grad_output, *unused):
     if ctx.fused:
         (grad,) = ctx.saved_tensors
         # the gradient was written in forward for a unit upstream gradient: scale it only if needed
-        if not torch.compiler.is_compiling() and _is_one(grad_output):
+        if is_unit_upstream(grad_output):
             return (grad, *(None,) * 11)
         return (grad * grad_output.to(grad.dtype), *(None,) * 11)
     logits, target, weight, lse, row_stats = ctx.saved_tensors
