@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from . import _validation as v
-from ._core import CrossEntropyOptions
+from ._core import CrossEntropyOptions, compute_dtype
 from .functional.cross_entropy import cross_entropy_core
 from .functional.softmax import softmax
 
@@ -465,7 +465,7 @@ class VectorScaling(_Calibrator):
         self._require_fitted()
         tensor = _check_logits(logits, self.n_classes_)
         finite, mask = _masked(tensor)
-        work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+        work = compute_dtype(tensor.dtype)
         scale = torch.from_numpy(self.scale_).to(tensor.device, work)
         bias = torch.from_numpy(self.bias_).to(tensor.device, work)
         probs = torch.softmax(self._transform(finite.to(work), mask, scale, bias), dim=1)

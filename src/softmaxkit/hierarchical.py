@@ -20,6 +20,7 @@ from torch import nn
 
 from . import _validation as v
 from . import backends
+from ._core import compute_dtype
 from ._reduction import reduce_loss
 from .backends.torch.hierarchical import path_matrix as _path_matrix  # noqa: F401  (the tests build one)
 from .backends.torch.hierarchical import sparse_path as _sparse_path
@@ -233,7 +234,7 @@ class HierarchicalSoftmax(nn.Module):
         """``log p(c | hidden)`` for every class, ``(..., C)``: each row is an exact log-distribution."""
         hidden = self._check_hidden(hidden)
         rows = hidden.reshape(-1, self.in_features)
-        work = torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype
+        work = compute_dtype(rows.dtype)
         scores = torch.nn.functional.linear(rows.to(work), self.weight.to(work),
                                             None if self.bias is None else self.bias.to(work))
         left, right = torch.nn.functional.logsigmoid(scores), torch.nn.functional.logsigmoid(-scores)

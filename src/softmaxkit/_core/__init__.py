@@ -31,6 +31,10 @@ import torch
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+#: the kinds of sparse map every sparse backend serves (``kind`` in their entry points)
+SPARSEMAX, ENTMAX15, BISECT = "sparsemax", "entmax15", "bisect"
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype softmaxkit computes in: fp32 for fp16/bf16 inputs, the input's own dtype otherwise."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype

@@ -17,8 +17,8 @@ import torch
 
 from .. import _validation as v
 from .. import backends
-from .._core import constant_result
-from ..backends.torch.sparse import BISECT, ENTMAX15, SPARSEMAX, work_dtype
+from .._core import BISECT, ENTMAX15, SPARSEMAX, constant_result
+from .._core import compute_dtype as work_dtype
 from ._rows import class_rows, from_last_dim_rows, last_dim_rows, restore_rows
 
 

@@ -41,10 +41,10 @@ import ctypes
 
 import torch
 
+from ..._core import ENTMAX15, SPARSEMAX, row_weights
+from ..._core import compute_dtype as work_dtype
 from ..._reduction import reduce_loss, row_scale
 from .._custom_op import differentiable, once_differentiable
-from ..torch.cross_entropy import row_weights
-from ..torch.sparse import ENTMAX15, SPARSEMAX, work_dtype
 from . import _build, row_workers, run_row_ranges
 from .cross_entropy import new_gradient
 

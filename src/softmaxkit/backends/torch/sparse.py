@@ -58,11 +58,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..._core import BISECT, ENTMAX15, SPARSEMAX, chunk_rows, compute_dtype
 from ..._reduction import reduce_loss, row_scale
 from .._custom_op import differentiable, once_differentiable
-from .cross_entropy import chunk_rows
-
-SPARSEMAX, ENTMAX15, BISECT = "sparsemax", "entmax15", "bisect"
 
 #: entries per row tried first by the top-k solvers (``torch.topk`` gets much slower past ~12 on CPU);
 #: rows whose support does not fit are retried with ``GROWTH`` times more, then with a full sort once ``k``
@@ -71,8 +69,8 @@ FIRST_K = {SPARSEMAX: 8, ENTMAX15: 16, BISECT: 32}
 GROWTH = 8
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+#: the sparse family computes in the one compute dtype of the package (fp32 for fp16/bf16)
+work_dtype = compute_dtype
 
 
 def threshold_dtype(kind: str, dtype: torch.dtype) -> torch.dtype:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..._core import CrossEntropyOptions, row_weights
+from ..._core import CrossEntropyOptions, compute_dtype, row_weights
 from ..._core.autograd import refuse_double_backward
 from ..._reduction import reduce_loss, row_scale
 
@@ -238,7 +238,7 @@ def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, t
              scale=None):
     """Launch the forward kernel (or, with ``scale``, the fused forward + in-place gradient kernel)."""
     num_rows, num_classes = logits.shape
-    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    work = compute_dtype(logits.dtype)
     stats = torch.empty((2, num_rows), dtype=work, device=logits.device)  # log s, shift m (per row)
     lse, shift = stats[0], stats[1]
     loss = torch.empty(num_rows, dtype=work, device=logits.device)
@@ -288,7 +288,7 @@ def _cross_entropy_triton(
 @_cross_entropy_triton.register_fake
 def _(logits, target, weight, ignore_index, reduction, *args):
     num_rows = logits.shape[0]
-    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    work = compute_dtype(logits.dtype)
     loss = logits.new_empty((num_rows,) if reduction == "none" else ())
     return loss, logits.new_empty((2, num_rows), dtype=work)
 

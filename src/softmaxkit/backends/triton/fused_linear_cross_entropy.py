@@ -76,7 +76,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..._core import CrossEntropyOptions, row_weights
+from ..._core import CrossEntropyOptions, compute_dtype, row_weights
 from ..._core.autograd import refuse_double_backward
 from ..._reduction import reduce_loss, row_scale
 from .cross_entropy import _define_op, _interpreting, _load_params, _or, _scalars, _tanh
@@ -302,7 +302,7 @@ def default_splits(num_rows: int, num_classes: int, block_m: int, block_n: int, 
 
 
 def _work_dtype(weight: torch.Tensor) -> torch.dtype:
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return compute_dtype(weight.dtype)
 
 
 def _class_weights(target, class_weight, ignore_index, num_classes, work):

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..._core import CrossEntropyOptions, row_weights
+from ..._core import CrossEntropyOptions, compute_dtype, row_weights
 from ..._core.autograd import refuse_double_backward
 from ..._core.linear import LOCAL, ChunkedLinearCrossEntropy, chunk_rows_for
 from ..._reduction import reduce_loss, row_scale
@@ -89,7 +89,7 @@ def _linear_forward(hidden, weight, bias, target, class_weight, config: CrossEnt
     if True:  # one block, so the body keeps the indentation it had as an autograd Function
         num_rows, hidden_size = hidden.shape
         num_classes = weight.shape[0]
-        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        work = compute_dtype(weight.dtype)
         accumulation = config.accumulation_dtype or work
         target = target.contiguous()
         valid, _, class_weight, w_y, weight_total = row_weights(target, class_weight, config.ignore_index,
@@ -177,7 +177,7 @@ def _linear_cross_entropy_triton(
 @_linear_cross_entropy_triton.register_fake
 def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, temperature, z_loss,
       softcap, chunk_size, accumulation_dtype, need_hidden, need_weight, need_bias):
-    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    work = compute_dtype(weight.dtype)
     acc = accumulation_dtype or work
     return (
         hidden.new_empty(()),
