@@ -945,7 +945,12 @@ def most_confused_pairs(labels: object, preds: object, k: int = 5, *, num_classe
         [ConfusedPair(true=0, predicted=1, count=2, rate=0.6666666666666666), ConfusedPair(true=1, predicted=0, count=1, rate=0.5)]
     """
     k = v.check_positive_int("k", k)
-    matrix = confusion_matrix(labels, preds, num_classes)
+    return confused_pairs_of(confusion_matrix(labels, preds, num_classes), k)
+
+
+def confused_pairs_of(matrix: object, k: int) -> list[ConfusedPair]:
+    """:func:`most_confused_pairs` of an already-built ``(C, C)`` confusion matrix (rows: true classes)."""
+    matrix = np.asarray(matrix, dtype=np.int64)
     support = matrix.sum(axis=1)
     off = matrix.copy()
     np.fill_diagonal(off, 0)

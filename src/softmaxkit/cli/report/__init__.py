@@ -109,13 +109,9 @@ def _counts_table(experiment) -> str:
 
 def confused_pairs(confusion, k: int = 15) -> list[tuple[int, int, int]]:
     """The ``k`` largest off-diagonal cells ``(true, predicted, count)`` of a confusion matrix."""
-    import numpy as np
+    from ... import metrics
 
-    matrix = np.array(confusion, dtype=np.int64)
-    np.fill_diagonal(matrix, 0)
-    flat = np.argsort(matrix, axis=None, kind="stable")[::-1][:k]
-    pairs = [(int(i), int(j), int(matrix[i, j])) for i, j in zip(*np.unravel_index(flat, matrix.shape))]
-    return [p for p in pairs if p[2] > 0]
+    return [(pair.true, pair.predicted, pair.count) for pair in metrics.confused_pairs_of(confusion, k)]
 
 
 def _summaries(experiment) -> str:
