@@ -37,25 +37,8 @@ import torch.distributed as dist
 
 from . import _validation as v
 from ._core import CrossEntropyOptions
-from ._core.linear import ChunkedLinearCrossEntropy, LocalReduce, VocabParallelCrossEntropy
-
-
-class GroupReduce(LocalReduce):
-    """Combine per-row statistics over the processes of ``group`` with all-reduce (in place)."""
-
-    def __init__(self, group=None):
-        self.group = group
-
-    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
-        return tensor
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
-        return tensor
-
-    def sum_hidden_grad_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.sum_(tensor)
+from ._core.collectives import GroupReduce
+from ._core.linear import ChunkedLinearCrossEntropy, VocabParallelCrossEntropy
 
 
 def _layout(

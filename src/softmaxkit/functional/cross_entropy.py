@@ -9,6 +9,7 @@ from .. import backends
 from .._core import CrossEntropyOptions, compute_dtype
 from .._core.rows import plus_inf_row_nan, wide_dtype
 from .._reduction import reduce_loss, target_weight
+from ._dtensor import holds_dtensor
 
 #: implementations ``cross_entropy(impl=...)`` accepts (the dispatch table's row, in ``auto`` preference
 #: order). ``"auto"`` picks the fastest one that can serve the inputs.
@@ -279,6 +280,14 @@ def cross_entropy(
         Müller et al., "When does label smoothing help?", 2019; Chowdhery et al., "PaLM", 2022 (z-loss);
         Gemma Team, "Gemma 2", 2024 (logit soft-capping).
     """
+    if holds_dtensor(logits, target, weight):
+        from . import _dtensor
+
+        return _dtensor.cross_entropy(
+            logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, temperature=temperature, z_loss=z_loss, softcap=softcap, impl=impl,
+            inplace_backward=inplace_backward, chunk_size=chunk_size,
+        )
     logits, target, weight, options, probabilities = validate_cross_entropy_args(
         logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
         chunk_size, inplace_backward,

@@ -10,6 +10,7 @@ from .. import _validation as v
 from .. import backends
 from .._core import CrossEntropyOptions, compute_dtype
 from .._reduction import reduce_loss, target_weight
+from ._dtensor import holds_dtensor
 from ._rows import class_rows, restore_rows
 from .cross_entropy import _check_target_shape, cross_entropy_core, validate_cross_entropy_args
 
@@ -103,6 +104,11 @@ def focal_loss(
     References:
         Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.
     """
+    if holds_dtensor(logits, target, alpha, weight):
+        from . import _dtensor
+
+        return _dtensor.focal_loss(logits, target, gamma=gamma, alpha=alpha, weight=weight, ignore_index=ignore_index,
+                                   reduction=reduction, label_smoothing=label_smoothing, temperature=temperature)
     logits = v.check_floating("logits", logits)
     num_classes, probabilities = _check_target(logits, target)
     gamma = v.check_non_negative("gamma", gamma)

@@ -20,6 +20,7 @@ import torch
 
 from .. import _validation as v
 from .._reduction import reduce_loss
+from ._dtensor import holds_dtensor
 from .softmax import compute_dtype
 
 #: proposal distributions :func:`sampled_softmax_loss` can draw from.
@@ -143,6 +144,14 @@ def sampled_softmax_loss(
         Bengio & Senécal, "Adaptive Importance Sampling to Accelerate Training of a Neural Probabilistic
         Language Model", 2008; Mikolov et al., "Distributed Representations of Words and Phrases", 2013.
     """
+    if holds_dtensor(hidden, weight, target, bias, counts):
+        from . import _dtensor
+
+        return _dtensor.sampled_softmax_loss(
+            hidden, weight, target, num_sampled=num_sampled, bias=bias, sampler=sampler, counts=counts,
+            remove_accidental_hits=remove_accidental_hits, generator=generator, power=power,
+            subtract_log_q=subtract_log_q, ignore_index=ignore_index, reduction=reduction,
+        )
     hidden, weight, bias = v.check_linear_inputs(hidden, weight, bias)
     num_classes = weight.shape[0]
     target = v.check_tensor("target", target)

@@ -19,6 +19,7 @@ from .. import _validation as v
 from .. import backends
 from .._core import BISECT, ENTMAX15, SPARSEMAX, constant_result
 from .._core import compute_dtype as work_dtype
+from ._dtensor import holds_dtensor
 from ._rows import class_rows, from_last_dim_rows, last_dim_rows, restore_rows
 
 
@@ -203,6 +204,13 @@ def entmax_bisect(
 def _fenchel_young(
     logits, target, kind, alpha, weight, ignore_index, reduction, temperature, n_iter, function, impl
 ) -> torch.Tensor:
+    if holds_dtensor(logits, target, weight, alpha):
+        from . import _dtensor
+
+        options = dict(alpha=alpha, n_iter=n_iter) if kind == BISECT else {}
+        return _dtensor.fenchel_young_loss(function, globals()[function], logits, target, weight=weight,
+                                           ignore_index=ignore_index, reduction=reduction, temperature=temperature,
+                                           impl=impl, **options)
     logits = v.check_floating("logits", logits)
     _check_plain("logits", logits, function)
     num_classes = v.check_class_index_target(logits, target, function)

@@ -1,0 +1,472 @@
+r"""DTensor inputs to the losses: each placement of a 1-D device mesh mapped to the algorithm that serves it.
+
+``cross_entropy``, ``focal_loss``, ``sparsemax_loss``, ``entmax15_loss``, ``entmax_bisect_loss`` and
+``sampled_softmax_loss`` call :func:`holds_dtensor` first (a dictionary look-up while
+``torch.distributed.tensor`` was never imported, so plain-tensor calls pay nothing) and hand DTensor calls to
+this module, which unwraps them, runs the plain-tensor code on each rank's local piece and wraps the result:
+
+* **class dimension sharded** (``Shard(1)`` of ``(N, C)`` / ``(N, C, d1, ...)``, ``Shard(0)`` of ``(C,)``),
+  cross-entropy only: the vocab-parallel algorithm (:class:`~softmaxkit._core.linear.VocabParallelCrossEntropy`)
+  over ``mesh.get_group()``; only per-row statistics cross ranks, the logits are never gathered. Each rank's
+  class offset comes from the DTensor's own layout (``torch.chunk`` sizes, uneven and empty slices included).
+  The target must be replicated (a plain tensor or a ``Replicate`` DTensor); a ``(C,)`` class weight may be
+  whole (each rank reads its slice) or a ``Shard(0)`` DTensor (its local slice is used).
+* **a row dimension sharded** (``Shard(0)``, or a spatial ``Shard(d ≥ 2)`` of K-dimensional logits): each rank
+  computes the summed loss of its rows; ``"mean"`` divides the sum over ranks by the summed weight of the
+  non-ignored targets over ranks (PyTorch's weighted mean, 0 when every target is ignored): one all-reduce
+  of two numbers. ``"none"`` returns the per-element loss sharded like the rows. The target is a DTensor
+  sharded the same way, or replicated (then each rank reads its rows).
+* ``Replicate``: computed on the local (whole) tensor.
+
+Scalars come back as ``Replicate`` DTensors (already reduced, the same number on every rank); gradients come
+back as DTensors with the input's placements. Replicated tensors that take a gradient (``entmax_bisect``'s
+``alpha``, ``sampled_softmax_loss``'s ``weight`` and ``bias``) get the gradient summed over the ranks when the
+rows are sharded. Anything else (a 2-D mesh, ``Partial`` inputs, a sharding with no algorithm here) raises a
+``ValueError`` naming the placement, on every rank alike (placements are the same everywhere). Checks of the
+local data (target values, shapes of plain tensors) run before the first collective and one all-gather of
+a flag lets every rank raise when one of them fails, instead of waiting for it.
+
+The custom ops themselves are not given DTensor sharding rules (``register_sharding``): the functions unwrap
+DTensors before any op runs, and the rules such a registration can state (each output placement a function
+of the input placements, computed by running the op on local shards) cannot express either algorithm above:
+the vocab-parallel loss needs collectives between the ops of one call, and a batch-sharded ``"mean"`` needs
+the global denominator (a local mean marked ``Partial("avg")``, PyTorch's own choice for
+``F.cross_entropy``, is off as soon as targets are ignored, weighted or unevenly sharded).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from .. import _validation as v
+
+
+def holds_dtensor(*tensors: object) -> bool:
+    """Whether any argument is a ``torch.distributed.tensor.DTensor`` (without importing that package: no
+    DTensor can exist before it is imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return False
+    dtensor = module.DTensor
+    return any(isinstance(t, dtensor) for t in tensors)
+
+
+def _dtensor_type():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+class _Layout:
+    """The mesh and placement of the main input (``logits`` / ``hidden``) and this rank's piece of it."""
+
+    def __init__(self, name: str, tensor: object, function: str, class_dim: int | None):
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        dtensor = _dtensor_type()
+        if not isinstance(tensor, dtensor):
+            raise TypeError(
+                f"`{name}` of {function} must be a DTensor when another tensor argument is one (plain tensors are "
+                f"read as replicated), but is a {type(tensor).__name__}; make it a DTensor on the same device "
+                "mesh (DTensor.from_local or distribute_tensor)"
+            )
+        self.name, self.function, self.tensor = name, function, tensor
+        self.mesh, self.placements = tensor.device_mesh, tuple(tensor.placements)
+        if self.mesh.ndim != 1:
+            raise ValueError(
+                f"`{name}` of {function} is a DTensor on a {self.mesh.ndim}-D device mesh with placements "
+                f"{self.placements}; DTensor inputs are served on 1-D meshes (placements Shard(d) or Replicate())"
+            )
+        placement = self.placements[0]
+        self.placement = placement
+        if placement.is_replicate():
+            self.dim = None
+        elif placement.is_shard() and type(placement) is Shard:
+            self.dim = placement.dim + tensor.dim() if placement.dim < 0 else placement.dim
+        else:
+            raise ValueError(
+                f"`{name}` of {function} is a DTensor with placement {placement}, which cannot be served: pass "
+                "Shard(d) or Replicate() (reduce a Partial tensor first: .redistribute(placements=[Replicate()]))"
+            )
+        self.class_dim = class_dim
+        self.group = self.mesh.get_group()
+        self.local = tensor.to_local()
+        shape, offset = compute_local_shape_and_global_offset(tensor.shape, self.mesh, self.placements)
+        self.local_shape, self.offset = tuple(shape), tuple(offset)
+
+    @property
+    def replicated(self) -> bool:
+        return self.dim is None
+
+    @property
+    def class_sharded(self) -> bool:
+        return self.dim is not None and self.dim == self.class_dim
+
+    def refuse(self, supported: str) -> ValueError:
+        return ValueError(
+            f"`{self.name}` of {self.function} is a DTensor with placement {self.placement} (sharded along its "
+            f"class dimension, dim {self.dim}), which {self.function} does not serve; supported: {supported}"
+        )
+
+    def rows(self, tensor: torch.Tensor, dim: int | None) -> torch.Tensor:
+        """This rank's rows of a replicated ``tensor`` whose dim ``dim`` runs along the sharded row dim."""
+        if self.dim is None or dim is None:
+            return tensor
+        return tensor.narrow(dim, self.offset[self.dim], self.local_shape[self.dim])
+
+    def replicated_input(self, name: str, tensor, dim: int | None = None, whole: bool = False):
+        """The local tensor of an argument that is replicated, or sharded like the main input along ``dim``.
+
+        Plain tensors and ``Replicate`` DTensors are whole on every rank: with sharded rows their gradient is
+        summed over the ranks, and ``dim`` (when given and of the rows' extent) is narrowed to this rank's rows.
+        A DTensor sharded like the main input (``Shard(dim)``) gives its local piece. ``whole``: a ``Shard``
+        DTensor is gathered (for small per-class vectors).
+        """
+        if tensor is None or not isinstance(tensor, torch.Tensor):
+            return tensor
+        dtensor = _dtensor_type()
+        if isinstance(tensor, dtensor):
+            self.same_mesh(name, tensor)
+            placement = tensor.placements[0]
+            if placement.is_shard():
+                tensor_dim = placement.dim + tensor.dim() if placement.dim < 0 else placement.dim
+                if (dim is not None and tensor_dim == dim and self.dim is not None and not self.class_sharded
+                        and tensor.shape[dim] == self.tensor.shape[self.dim]):
+                    return tensor.to_local()
+                if whole:
+                    return tensor.full_tensor()
+                expected = "Replicate()" if self.dim is None or dim is None else f"Replicate() or Shard({dim})"
+                raise ValueError(
+                    f"`{name}` of {self.function} is a DTensor with placement {placement}; with `{self.name}` "
+                    f"placed {self.placement} it must be {expected} (or a plain tensor, read as replicated)"
+                )
+            if not placement.is_replicate():
+                raise ValueError(
+                    f"`{name}` of {self.function} is a DTensor with placement {placement}, which cannot be served: "
+                    "pass Replicate() or a plain tensor"
+                )
+            tensor = tensor.to_local()
+        if self.dim is None or self.class_sharded:
+            return tensor
+        from .._core.collectives import replicated_grad
+
+        tensor = replicated_grad(tensor, self.group)
+        if dim is not None and tensor.dim() > dim and tensor.shape[dim] == self.tensor.shape[self.dim]:
+            return self.rows(tensor, dim)
+        return tensor
+
+    def same_mesh(self, name: str, tensor) -> None:
+        if tensor.device_mesh != self.mesh:
+            raise ValueError(
+                f"`{name}` of {self.function} is a DTensor on another device mesh ({tensor.device_mesh}) than "
+                f"`{self.name}` ({self.mesh}); put both on the same 1-D mesh"
+            )
+        if tensor.device_mesh.ndim != 1:
+            raise ValueError(
+                f"`{name}` of {self.function} is a DTensor on a {tensor.device_mesh.ndim}-D device mesh with "
+                f"placements {tuple(tensor.placements)}; DTensor inputs are served on 1-D meshes"
+            )
+
+    def wrap(self, loss: torch.Tensor, reduction: str, out_shape: tuple[int, ...], out_dim: int | None):
+        """A local result as a DTensor: ``Replicate`` for scalars and replicated rows, ``Shard(out_dim)``
+        for a ``"none"`` loss of sharded rows."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        if reduction == "none" and self.dim is not None and not self.class_sharded:
+            return DTensor.from_local(loss, self.mesh, [Shard(out_dim)], run_check=False, shape=torch.Size(out_shape),
+                                      stride=_contiguous_strides(out_shape))
+        return DTensor.from_local(loss, self.mesh, [Replicate()], run_check=False)
+
+    def over_rows(self, reduction: str, local_loss, out_shape: tuple[int, ...], out_dim: int | None):
+        """Run ``local_loss(reduction) -> (loss, denominator)`` on this rank's rows and reduce over the mesh."""
+        from .._core.collectives import global_reduce, raise_together
+
+        if self.dim is None:
+            return self.wrap(local_loss(reduction)[0], reduction, out_shape, out_dim)
+        error = None
+        try:
+            loss, denominator = local_loss("none" if reduction == "none" else "sum")
+        except (ValueError, TypeError) as caught:
+            error = caught
+        raise_together(error, self.group, self.local.device)
+        if reduction != "none":
+            loss = global_reduce(loss, denominator, self.group, reduction)
+        return self.wrap(loss, reduction, out_shape, out_dim)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _class_dim(logits) -> int:
+    return 0 if logits.dim() == 1 else 1
+
+
+def _target_dim(layout: _Layout, probabilities: bool) -> int | None:
+    """The target's dimension that runs along the logits' sharded row dimension."""
+    if layout.dim is None or layout.class_sharded:
+        return None
+    if probabilities or layout.dim == 0:
+        return layout.dim
+    return layout.dim - 1
+
+
+def _out_shape(logits) -> tuple[int, ...]:
+    return () if logits.dim() == 1 else (logits.shape[0], *logits.shape[2:])
+
+
+def _index_denominator(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype) -> torch.Tensor:
+    from .._reduction import target_weight
+
+    return target_weight(target, weight, ignore_index, dtype)[0].sum()
+
+
+def _rows_denominator(logits: torch.Tensor) -> torch.Tensor:
+    rows = logits.numel() // max(logits.shape[_class_dim(logits)], 1) if logits.dim() > 1 else 1
+    return torch.tensor(float(rows), dtype=torch.float64, device=logits.device)
+
+
+def _work(dtype):
+    from .._core import compute_dtype
+
+    return compute_dtype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cross_entropy
+
+
+def cross_entropy(logits, target, *, weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap,
+                  impl, inplace_backward, chunk_size):
+    """:func:`softmaxkit.cross_entropy` of DTensor inputs (module docstring)."""
+    from .cross_entropy import _check_target_shape
+    from .cross_entropy import cross_entropy as local_cross_entropy
+
+    layout = _Layout("logits", logits, "cross_entropy", None)
+    if logits.dim() == 0:
+        raise ValueError("`logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
+    layout.class_dim = _class_dim(logits)
+    reduction = v.check_reduction(reduction)
+    if layout.class_sharded:
+        return _vocab_parallel(layout, logits, target, weight, ignore_index, reduction, label_smoothing,
+                               temperature, z_loss, softcap, impl, inplace_backward, chunk_size)
+    v.check_tensor("target", target)
+    probabilities = _check_target_shape(logits, target)  # global shapes (a DTensor's shape is the global one)
+    target_local = layout.replicated_input("target", target, _target_dim(layout, probabilities))
+    weight_local = layout.replicated_input("weight", weight, whole=True)
+    local_logits = layout.local
+
+    def local_loss(local_reduction):
+        loss = local_cross_entropy(
+            local_logits, target_local, weight=weight_local, ignore_index=ignore_index, reduction=local_reduction,
+            label_smoothing=label_smoothing, temperature=temperature, z_loss=z_loss, softcap=softcap, impl=impl,
+            inplace_backward=inplace_backward, chunk_size=chunk_size,
+        )
+        if probabilities:
+            return loss, _rows_denominator(local_logits)
+        return loss, _index_denominator(target_local, weight_local, ignore_index, _work(local_logits.dtype))
+
+    return layout.over_rows(reduction, local_loss, _out_shape(logits), _target_dim(layout, False))
+
+
+def _vocab_parallel(layout, logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss,
+                    softcap, impl, inplace_backward, chunk_size):
+    from .._core import CrossEntropyOptions
+    from .._core.collectives import GroupReduce, fingerprint, raise_together
+    from .._core.linear import VocabParallelCrossEntropy
+    from .cross_entropy import _check_target_shape, check_bool
+
+    class_dim, num_classes = layout.class_dim, logits.shape[layout.class_dim]
+    local = layout.local
+    local_classes, offset = local.shape[class_dim], layout.offset[class_dim]
+    if impl not in ("auto", "torch"):
+        raise ValueError(
+            f"`impl={impl!r}` cannot serve logits sharded along the class dimension (placement "
+            f"{layout.placement}): they take the vocab-parallel chunked PyTorch path; pass impl='auto' or 'torch'"
+        )
+    if check_bool("inplace_backward", inplace_backward):
+        raise ValueError(
+            f"`inplace_backward=True` is not available for logits sharded along the class dimension (placement "
+            f"{layout.placement}); pass inplace_backward=False"
+        )
+    dtensor = _dtensor_type()
+    if isinstance(weight, dtensor):
+        layout.same_mesh("weight", weight)
+        placement = weight.placements[0]
+        if placement.is_shard() and weight.dim() == 1 and placement.dim in (0, -1):
+            weight_whole = False
+        elif placement.is_replicate():
+            weight_whole = True
+        else:
+            raise ValueError(
+                f"`weight` of cross_entropy is a DTensor with placement {placement}; with `logits` placed "
+                f"{layout.placement} it must be Shard(0) (each rank its classes' weights), Replicate() or a plain "
+                "(C,) tensor"
+            )
+    error, digest, weight_local, target_local = None, 0, None, None
+    try:
+        target = v.check_tensor("target", target)
+        if _check_target_shape(logits, target):
+            raise ValueError(
+                f"class-probability targets are not served with logits sharded along the class dimension "
+                f"(placement {layout.placement}); pass class indices, or shard the rows (Shard(0)) instead"
+            )
+        if isinstance(target, dtensor):
+            layout.same_mesh("target", target)
+            if not target.placements[0].is_replicate():
+                raise ValueError(
+                    f"`target` of cross_entropy is a DTensor with placement {target.placements[0]}; with `logits` "
+                    f"placed {layout.placement} (class-sharded) it must be Replicate() or a plain tensor, the same "
+                    "on every rank"
+                )
+            target_local = target.to_local()
+        else:
+            target_local = target
+        v.check_same_device("target", target_local, "logits", local)
+        reduction_ = v.check_reduction(reduction)
+        options = CrossEntropyOptions(
+            ignore_index=v.check_int("ignore_index", ignore_index), reduction=reduction_,
+            label_smoothing=v.check_label_smoothing(label_smoothing),
+            temperature=v.check_positive("temperature", temperature), z_loss=v.check_non_negative("z_loss", z_loss),
+            softcap=v.check_softcap(softcap), chunk_size=v.check_optional_positive_int("chunk_size", chunk_size),
+            num_classes=num_classes, class_offset=offset,
+        )
+        v.check_class_target(target_local, num_classes, options.ignore_index)
+        if isinstance(weight, dtensor):
+            if weight_whole:
+                weight_local = v.check_class_weight(weight.to_local(), num_classes, local)
+                weight_local = weight_local.narrow(0, offset, local_classes)
+            else:
+                if tuple(weight.shape) != (num_classes,):
+                    raise ValueError(f"`weight` must have shape ({num_classes},), one entry per class, but has "
+                                     f"shape {tuple(weight.shape)}")
+                weight_local = v.check_class_weight(weight.to_local(), local_classes, local)
+        elif weight is not None:
+            weight_local = v.check_class_weight(weight, num_classes, local).narrow(0, offset, local_classes)
+        digest = fingerprint(target_local)
+    except (ValueError, TypeError) as caught:
+        error = caught
+    raise_together(error, layout.group, local.device, digest)
+    rows_count = math.prod(s for d, s in enumerate(local.shape) if d != class_dim)
+    rows = local.movedim(class_dim, -1).reshape(rows_count, local_classes)
+    loss = VocabParallelCrossEntropy.apply(rows, target_local.reshape(-1), weight_local, options,
+                                           GroupReduce(layout.group))
+    if options.reduction == "none":
+        loss = loss.reshape(target_local.shape)
+    return layout.wrap(loss, options.reduction, tuple(target_local.shape), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# focal loss, the sparse losses, sampled softmax
+
+
+def focal_loss(logits, target, *, gamma, alpha, weight, ignore_index, reduction, label_smoothing, temperature):
+    """:func:`softmaxkit.focal_loss` of DTensor inputs: ``Shard`` of a row dimension or ``Replicate``."""
+    from .cross_entropy import _check_target_shape
+    from .focal import focal_loss as local_focal_loss
+
+    layout = _Layout("logits", logits, "focal_loss", None)
+    if logits.dim() == 0:
+        raise ValueError("`logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
+    layout.class_dim = _class_dim(logits)
+    if layout.class_sharded:
+        raise layout.refuse("Shard(0) (rows) or Shard(d >= 2) of K-dimensional logits, or Replicate()")
+    reduction = v.check_reduction(reduction)
+    v.check_tensor("target", target)
+    probabilities = _check_target_shape(logits, target)
+    target_local = layout.replicated_input("target", target, _target_dim(layout, probabilities))
+    alpha_local = layout.replicated_input("alpha", alpha, whole=True)
+    weight_local = layout.replicated_input("weight", weight, whole=True)
+    local_logits = layout.local
+
+    def local_loss(local_reduction):
+        loss = local_focal_loss(local_logits, target_local, gamma=gamma, alpha=alpha_local, weight=weight_local,
+                                ignore_index=ignore_index, reduction=local_reduction, label_smoothing=label_smoothing,
+                                temperature=temperature)
+        if probabilities:
+            return loss, _rows_denominator(local_logits)
+        return loss, _index_denominator(target_local, weight_local, ignore_index, _work(local_logits.dtype))
+
+    return layout.over_rows(reduction, local_loss, _out_shape(logits), _target_dim(layout, False))
+
+
+def fenchel_young_loss(function_name: str, local_function, logits, target, *, alpha=None, weight, ignore_index,
+                       reduction, **options):
+    """``sparsemax_loss`` / ``entmax15_loss`` / ``entmax_bisect_loss`` of DTensor inputs (rows or Replicate)."""
+    layout = _Layout("logits", logits, function_name, None)
+    if logits.dim() == 0:
+        raise ValueError("`logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
+    layout.class_dim = _class_dim(logits)
+    if layout.class_sharded:
+        raise layout.refuse(
+            "Shard(0) (rows) or Shard(d >= 2) of K-dimensional logits, or Replicate(): the sparse maps' threshold "
+            "is a search over each row's classes, not computed across class shards"
+        )
+    reduction = v.check_reduction(reduction)
+    v.check_class_index_target(logits, target, function_name)  # global shapes and dtype
+    target_local = layout.replicated_input("target", target, _target_dim(layout, False))
+    weight_local = layout.replicated_input("weight", weight, whole=True)
+    extra = {}
+    if isinstance(alpha, torch.Tensor):
+        # α broadcasts against the logits from the right: its dim along the sharded rows, if it has one
+        alpha_dim = None if layout.dim is None else layout.dim - (logits.dim() - alpha.dim())
+        extra["alpha"] = layout.replicated_input("alpha", alpha, alpha_dim if alpha_dim is not None and alpha_dim >= 0
+                                                 else None)
+    elif alpha is not None:
+        extra["alpha"] = alpha
+    local_logits = layout.local
+
+    def local_loss(local_reduction):
+        loss = local_function(local_logits, target_local, weight=weight_local, ignore_index=ignore_index,
+                              reduction=local_reduction, **extra, **options)
+        return loss, _index_denominator(target_local, weight_local, ignore_index, _work(local_logits.dtype))
+
+    return layout.over_rows(reduction, local_loss, _out_shape(logits), _target_dim(layout, False))
+
+
+def sampled_softmax_loss(hidden, weight, target, *, bias, counts, reduction, ignore_index, **options):
+    """:func:`softmaxkit.sampled_softmax_loss` of DTensor inputs: ``hidden`` sharded on a row dim or Replicate;
+    ``weight``, ``bias`` and ``counts`` replicated (plain tensors or ``Replicate`` DTensors)."""
+    from .sampled import sampled_softmax_loss as local_sampled
+
+    layout = _Layout("hidden", hidden, "sampled_softmax_loss", None)
+    if hidden.dim() < 1:
+        raise ValueError(f"`hidden` must have shape (..., D), but has shape {tuple(hidden.shape)}")
+    if layout.dim is not None and layout.dim == hidden.dim() - 1:
+        raise ValueError(
+            f"`hidden` of sampled_softmax_loss is a DTensor with placement {layout.placement} (its feature "
+            "dimension sharded), which sampled_softmax_loss does not serve; supported: Shard(d) of a row "
+            "dimension (d < hidden.dim() - 1) or Replicate()"
+        )
+    reduction = v.check_reduction(reduction)
+    for name, value in (("weight", weight), ("bias", bias), ("counts", counts)):
+        if isinstance(value, _dtensor_type()) and not value.placements[0].is_replicate():
+            layout.same_mesh(name, value)
+            raise ValueError(
+                f"`{name}` of sampled_softmax_loss is a DTensor with placement {value.placements[0]}, which "
+                "sampled_softmax_loss does not serve: the sampled classes are drawn from the whole vocabulary, so "
+                f"`{name}` must be Replicate() or a plain tensor"
+            )
+    v.check_tensor("target", target)
+    target_dim = layout.dim
+    target_local = layout.replicated_input("target", target, target_dim)
+    weight_local = layout.replicated_input("weight", weight)
+    bias_local = layout.replicated_input("bias", bias)
+    counts_local = layout.replicated_input("counts", counts)
+    local_hidden = layout.local
+
+    def local_loss(local_reduction):
+        loss = local_sampled(local_hidden, weight_local, target_local, bias=bias_local, counts=counts_local,
+                             reduction=local_reduction, ignore_index=ignore_index, **options)
+        valid = (target_local != ignore_index).sum().to(torch.float64)
+        return loss, valid
+
+    return layout.over_rows(reduction, local_loss, tuple(hidden.shape[:-1]), target_dim)

@@ -1,0 +1,419 @@
+"""DTensor inputs to the losses and tensor parallelism: 2 and 4 gloo processes on 127.0.0.1.
+
+Every loss on a DTensor is compared with the single-process loss on the gathered (full) tensor, values and
+gradients in float64 (the gradients come back as DTensors with the input's placements, gathered with
+``full_tensor()``), and with PyTorch's ``F.cross_entropy`` on DTensors (``loss_parallel()`` for class-sharded
+logits) wherever PyTorch serves the call. Placements that cannot be served raise a ``ValueError`` on every
+rank. Each world size is one spawn running every case (a spawn costs seconds of imports).
+
+Tolerance: float64 1e-12 relative, as in tests/test_distributed.py: the same maths as the single-process
+path, only the sums over classes (class-sharded) or over rows (row-sharded) are split into per-rank partial
+sums before being added.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import softmaxkit
+
+pytestmark = pytest.mark.distributed
+
+RTOL, ATOL = 1e-12, 1e-14
+
+CE_OPTIONS = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(label_smoothing=0.2, z_loss=1e-2),
+    dict(label_smoothing=0.1, reduction="none", temperature=0.8, softcap=3.0),
+    dict(z_loss=1e-3, softcap=2.0, weight="full"),
+    dict(label_smoothing=0.3, weight="sharded", reduction="sum", chunk_size=2),
+    dict(weight="full", reduction="none", ignore_index=3),
+]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        for case in CASES:
+            case(rank, world, mesh)
+    except BaseException:
+        traceback.print_exc()  # mp re-raises in the parent; print the failing rank's full traceback too
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int) -> None:
+    # fork: the workers inherit the imported modules (see tests/test_distributed.py)
+    mp.start_processes(_entry, args=(world, _free_port()), nprocs=world, join=True, start_method="fork")
+
+
+def _close(actual, expected, what: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(actual, DTensor):
+        actual = actual.full_tensor()
+    if isinstance(expected, DTensor):
+        expected = expected.full_tensor()
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+
+
+def _data(shape, num_classes, seed=123, ignore=True):
+    g = torch.Generator().manual_seed(seed)  # the same data on every rank
+    logits = torch.randn(*shape, generator=g, dtype=torch.float64) * 2
+    target_shape = (shape[0], *shape[2:]) if len(shape) > 1 else ()
+    target = torch.randint(0, num_classes, target_shape, generator=g)
+    if ignore and target.dim() > 0:
+        target.view(-1)[1] = -100
+    class_weight = torch.rand(num_classes, generator=g, dtype=torch.float64) + 0.5
+    upstream = torch.randn(target_shape, generator=g, dtype=torch.float64)
+    return logits, target, class_weight, upstream
+
+
+def _with_ignore(target, options):
+    """The target with its -100 entries turned into the option's ignore_index (when one is given)."""
+    ignore = options.get("ignore_index", -100)
+    return target.masked_fill(target == -100, ignore)
+
+
+def _backward(loss, upstream, reduction):
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(loss, DTensor):
+        loss = loss.full_tensor()  # differentiable; a Replicate DTensor's is a no-op
+    (loss * upstream if reduction == "none" else loss).sum().backward()
+
+
+def _reference(function, full, target, upstream, reduction, **options):
+    x = full.clone().requires_grad_()
+    loss = function(x, target, reduction=reduction, **options)
+    _backward(loss, upstream, reduction)
+    return loss.detach(), x.grad
+
+
+def _on_mesh(tensor, mesh, placement, requires_grad=False):
+    from torch.distributed.tensor import distribute_tensor
+
+    out = distribute_tensor(tensor, mesh, [placement])
+    return out.requires_grad_() if requires_grad else out
+
+
+def _case_cross_entropy_class_sharded(rank, world, mesh):
+    """Shard(class): the vocab-parallel algorithm equals the single-process loss and loss_parallel()."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    # uneven torch.chunk slices: 4+3 on 2 ranks; 2+2+1+0 (an empty slice) and 3+3+3+1 on 4 ranks
+    sizes = (7,) if world == 2 else (5, 10)
+    for num_classes, shape in [(c, shape) for c in sizes for shape in ((6, c), (3, c, 2))]:
+        # loss_parallel() fails on a rank holding no class ("index 0 is out of bounds for dimension 1 with
+        # size 0"), so it is compared where every rank holds classes
+        every_rank_has_classes = -(-num_classes // world) * (world - 1) < num_classes
+        full, plain_target, class_weight, upstream = _data(shape, num_classes)
+        for spec in CE_OPTIONS:
+            options = dict(spec)
+            kind = options.pop("weight", None)
+            reduction = options.pop("reduction", "mean")
+            target = _with_ignore(plain_target, options)
+            expected, expected_grad = _reference(softmaxkit.cross_entropy, full, target, upstream, reduction,
+                                                 weight=None if kind is None else class_weight, **options)
+            logits = _on_mesh(full, mesh, Shard(1), requires_grad=True)
+            weight = {None: None, "full": class_weight, "sharded": _on_mesh(class_weight, mesh, Shard(0))}[kind]
+            replicated_target = _on_mesh(target, mesh, Replicate()) if kind == "sharded" else target
+            loss = softmaxkit.cross_entropy(logits, replicated_target, weight=weight, reduction=reduction, **options)
+            assert isinstance(loss, DTensor) and loss.placements == (Replicate(),), loss
+            _backward(loss, upstream, reduction)
+            assert logits.grad.placements == (Shard(1),)
+            _close(loss, expected, f"rank {rank} Shard(1) loss {shape} {spec}")
+            _close(logits.grad, expected_grad, f"rank {rank} Shard(1) grad {shape} {spec}")
+            if options or kind == "sharded" or not every_rank_has_classes:
+                continue
+            # PyTorch's own class-sharded cross-entropy, where it applies (no smoothing, z-loss, ...)
+            theirs = _on_mesh(full, mesh, Shard(1), requires_grad=True)
+            with loss_parallel():
+                pt = F.cross_entropy(theirs, target, weight=None if kind is None else class_weight,
+                                     reduction=reduction, ignore_index=spec.get("ignore_index", -100))
+                _backward(pt, upstream, reduction)
+            _close(loss, pt, f"rank {rank} Shard(1) vs loss_parallel {shape} {spec}")
+            _close(logits.grad, theirs.grad, f"rank {rank} Shard(1) grad vs loss_parallel {shape} {spec}")
+
+    # every target ignored: 0 with zero gradient, no NaN
+    num_classes = sizes[0]
+    full, target, _, _ = _data((4, num_classes), num_classes)
+    logits = _on_mesh(full, mesh, Shard(1), requires_grad=True)
+    zero = softmaxkit.cross_entropy(logits, torch.full_like(target, -100))
+    zero.full_tensor().backward()
+    assert zero.full_tensor().item() == 0.0 and torch.count_nonzero(logits.grad.full_tensor()) == 0
+
+    # 1-D logits (C,): the class dim is dim 0
+    full, target, _, _ = _data((num_classes,), num_classes)
+    expected, expected_grad = _reference(softmaxkit.cross_entropy, full, target, None, "mean")
+    logits = _on_mesh(full, mesh, Shard(0), requires_grad=True)
+    loss = softmaxkit.cross_entropy(logits, target)
+    _backward(loss, None, "mean")
+    _close(loss, expected, "1-D Shard(0) loss")
+    _close(logits.grad, expected_grad, "1-D Shard(0) grad")
+
+
+def _case_cross_entropy_rows(rank, world, mesh):
+    """Shard(row dim) and Replicate: local loss, PyTorch's weighted mean over all ranks."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    num_classes = 5
+    cases = [((7, num_classes), Shard(0)), ((3, num_classes), Shard(0)), ((3, num_classes, 5), Shard(2)),
+             ((5, num_classes, 2), Shard(0)), ((6, num_classes), Replicate())]
+    for shape, placement in cases:
+        full, plain_target, class_weight, upstream = _data(shape, num_classes)
+        target_dim = None if placement.is_replicate() else (0 if placement.dim == 0 else placement.dim - 1)
+        for spec in CE_OPTIONS:
+            options = dict(spec)
+            kind = options.pop("weight", None)
+            reduction = options.pop("reduction", "mean")
+            target = _with_ignore(plain_target, options)
+            weight = None if kind is None else class_weight
+            expected, expected_grad = _reference(softmaxkit.cross_entropy, full, target, upstream, reduction,
+                                                 weight=weight, **options)
+            logits = _on_mesh(full, mesh, placement, requires_grad=True)
+            if kind == "sharded":
+                weight = _on_mesh(class_weight, mesh, Shard(0))  # gathered: a (C,) vector
+            dtarget = target if target_dim is None or kind == "full" else _on_mesh(target, mesh, Shard(target_dim))
+            loss = softmaxkit.cross_entropy(logits, dtarget, weight=weight, reduction=reduction, **options)
+            want = (Shard(target_dim),) if reduction == "none" and target_dim is not None else (Replicate(),)
+            assert isinstance(loss, DTensor) and loss.placements == want, (loss.placements, want)
+            _backward(loss, upstream, reduction)
+            assert logits.grad.placements == (placement,)
+            _close(loss, expected, f"rank {rank} {placement} loss {shape} {spec}")
+            _close(logits.grad, expected_grad, f"rank {rank} {placement} grad {shape} {spec}")
+
+    # class-probability targets, batch-sharded (mean divides by the number of rows over all ranks)
+    full, _, _, _ = _data((7, num_classes), num_classes)
+    probabilities = torch.softmax(_data((7, num_classes), num_classes, seed=5)[0], dim=1)
+    expected, expected_grad = _reference(softmaxkit.cross_entropy, full, probabilities, None, "mean",
+                                         label_smoothing=0.1)
+    logits = _on_mesh(full, mesh, Shard(0), requires_grad=True)
+    loss = softmaxkit.cross_entropy(logits, _on_mesh(probabilities, mesh, Shard(0)), label_smoothing=0.1)
+    _backward(loss, None, "mean")
+    _close(loss, expected, "probability targets Shard(0) loss")
+    _close(logits.grad, expected_grad, "probability targets Shard(0) grad")
+
+    # F.cross_entropy on a Shard(0) DTensor (its local mean marked Partial(avg)): equal where that is exact,
+    # i.e. even shards, nothing ignored, no class weights
+    full, target, _, _ = _data((4 * world, num_classes), num_classes, ignore=False)
+    ours, theirs = (_on_mesh(full, mesh, Shard(0), requires_grad=True) for _ in range(2))
+    dtarget = _on_mesh(target, mesh, Shard(0))
+    loss = softmaxkit.cross_entropy(ours, dtarget, label_smoothing=0.1)
+    pt = F.cross_entropy(theirs, dtarget, label_smoothing=0.1)
+    loss.full_tensor().backward()
+    pt.full_tensor().backward()
+    _close(loss, pt, "Shard(0) vs F.cross_entropy")
+    _close(ours.grad, theirs.grad, "Shard(0) grad vs F.cross_entropy")
+
+    # every target ignored: softmaxkit's documented 0 with zero gradient
+    logits = _on_mesh(full, mesh, Shard(0), requires_grad=True)
+    zero = softmaxkit.cross_entropy(logits, torch.full_like(target, -100))
+    zero.full_tensor().backward()
+    assert zero.full_tensor().item() == 0.0 and torch.count_nonzero(logits.grad.full_tensor()) == 0
+
+
+def _case_other_losses(rank, world, mesh):
+    """focal, the sparse losses and sampled softmax on Shard(0) and Replicate."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    num_classes = 6
+    full, target, class_weight, upstream = _data((7, num_classes), num_classes)
+    alpha_rows = 1.2 + torch.rand(7, 1, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    losses = [
+        (softmaxkit.focal_loss, dict(gamma=1.5, alpha=class_weight.flip(0), weight=class_weight, label_smoothing=0.1)),
+        (softmaxkit.focal_loss, dict(gamma=2.0)),
+        (softmaxkit.sparsemax_loss, dict(weight=class_weight, temperature=0.7)),
+        (softmaxkit.entmax15_loss, dict()),
+        (softmaxkit.entmax_bisect_loss, dict(alpha=1.3, weight=class_weight)),
+    ]
+    for placement in (Shard(0), Replicate()):
+        for function, options in losses:
+            for reduction in ("mean", "sum", "none"):
+                expected, expected_grad = _reference(function, full, target, upstream, reduction, **options)
+                logits = _on_mesh(full, mesh, placement, requires_grad=True)
+                dtarget = _on_mesh(target, mesh, placement)
+                loss = function(logits, dtarget, reduction=reduction, **options)
+                _backward(loss, upstream, reduction)
+                what = f"rank {rank} {function.__name__} {placement} {reduction}"
+                _close(loss, expected, what)
+                _close(logits.grad, expected_grad, what + " grad")
+        # a replicated per-row alpha tensor that takes a gradient: summed over the ranks' rows
+        a = alpha_rows.clone().requires_grad_()
+        x = full.clone().requires_grad_()
+        expected = softmaxkit.entmax_bisect_loss(x, target, alpha=a)
+        expected.backward()
+        a2 = alpha_rows.clone().requires_grad_()
+        logits = _on_mesh(full, mesh, placement, requires_grad=True)
+        loss = softmaxkit.entmax_bisect_loss(logits, target, alpha=a2)
+        loss.full_tensor().backward()
+        _close(loss, expected, f"entmax_bisect tensor alpha {placement}")
+        _close(logits.grad, x.grad, f"entmax_bisect tensor alpha {placement} logits grad")
+        _close(a2.grad, a.grad, f"entmax_bisect tensor alpha {placement} alpha grad")
+
+        # sampled softmax: the same generator seed on every rank draws the same classes
+        g = torch.Generator().manual_seed(3)
+        hidden = torch.randn(9, 4, generator=g, dtype=torch.float64)
+        out_weight = torch.randn(50, 4, generator=g, dtype=torch.float64)
+        bias = torch.randn(50, generator=g, dtype=torch.float64)
+        sampled_target = torch.randint(0, 50, (9,), generator=g)
+        sampled_target[2] = -100
+        for reduction in ("mean", "none"):
+            h, w, b = (t.clone().requires_grad_() for t in (hidden, out_weight, bias))
+            expected = softmaxkit.sampled_softmax_loss(h, w, sampled_target, bias=b, num_sampled=8, reduction=reduction,
+                                                       generator=torch.Generator().manual_seed(11))
+            _backward(expected, upstream[:1].expand(9), reduction)
+            dh = _on_mesh(hidden, mesh, placement, requires_grad=True)
+            w2, b2 = out_weight.clone().requires_grad_(), _on_mesh(bias, mesh, Replicate(), requires_grad=True)
+            loss = softmaxkit.sampled_softmax_loss(dh, w2, sampled_target, bias=b2, num_sampled=8,
+                                                   reduction=reduction, generator=torch.Generator().manual_seed(11))
+            _backward(loss, upstream[:1].expand(9), reduction)
+            what = f"sampled_softmax_loss {placement} {reduction}"
+            _close(loss, expected, what)
+            _close(dh.grad, h.grad, what + " hidden grad")
+            _close(w2.grad, w.grad, what + " weight grad")
+            _close(b2.grad, b.grad, what + " bias grad")
+
+
+def _expect_error(message: str, call) -> None:
+    try:
+        call()
+    except ValueError as error:
+        assert message in str(error), f"expected {message!r} in {error}"
+    else:
+        raise AssertionError(f"no ValueError raised, expected {message!r}")
+
+
+def _case_errors(rank, world, mesh):
+    """Placements that cannot be served, and one rank's bad data, raise a ValueError on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    num_classes = 6
+    full, target, _, _ = _data((4, num_classes), num_classes)
+    class_sharded = _on_mesh(full, mesh, Shard(1))
+    for function in (softmaxkit.focal_loss, softmaxkit.sparsemax_loss, softmaxkit.entmax15_loss,
+                     softmaxkit.entmax_bisect_loss):
+        _expect_error("placement S(1)", lambda function=function: function(class_sharded, target))
+    partial = DTensor.from_local(full, mesh, [Partial()], run_check=False)
+    _expect_error("placement P(sum)", lambda: softmaxkit.cross_entropy(partial, target))
+    mesh_2d = init_device_mesh("cpu", (1, world))
+    on_2d = DTensor.from_local(full, mesh_2d, [Shard(0), Shard(1)], run_check=False)
+    _expect_error("2-D device mesh", lambda: softmaxkit.cross_entropy(on_2d, target))
+    _expect_error("feature dimension", lambda: softmaxkit.sampled_softmax_loss(
+        _on_mesh(torch.randn(4, 4, dtype=torch.float64), mesh, Shard(1)), torch.randn(9, 4, dtype=torch.float64),
+        target.clamp(min=0), num_sampled=3))
+    _expect_error("class-probability targets", lambda: softmaxkit.cross_entropy(
+        class_sharded, torch.softmax(full, dim=1)))
+    # one rank's target out of range: that rank says so, the others raise instead of waiting
+    bad = target.clone()
+    if rank == world - 1:
+        bad[0] = num_classes
+    message = f"class indices in [0, {num_classes})" if rank == world - 1 else f"rank(s) [{world - 1}]"
+    _expect_error(message, lambda: softmaxkit.cross_entropy(class_sharded, bad))
+    rows = _on_mesh(torch.randn(2 * world, num_classes, dtype=torch.float64), mesh, Shard(0))
+    local_bad = torch.zeros(2, dtype=torch.long)
+    if rank == 0:
+        local_bad[1] = 99
+    bad_rows = DTensor.from_local(local_bad, mesh, [Shard(0)], run_check=False)
+    message = f"class indices in [0, {num_classes})" if rank == 0 else "rank(s) [0]"
+    _expect_error(message, lambda: softmaxkit.cross_entropy(rows, bad_rows))
+    # a plain (replicated) target that differs between the ranks of class-sharded logits
+    other = target.clone()
+    if rank == 1:
+        other[0] = (other[0] + 1) % num_classes
+    _expect_error("`target` differs", lambda: softmaxkit.cross_entropy(class_sharded, other))
+    # the mesh still works after the errors (no rank is left behind in a collective)
+    _close(softmaxkit.cross_entropy(class_sharded, target), softmaxkit.cross_entropy(full, target), "after errors")
+
+
+def _case_tensor_parallel(rank, world, mesh):
+    """ColwiseParallel(use_local_output=False) output layer: softmaxkit on its class-sharded DTensor logits
+    equals loss_parallel() + F.cross_entropy (loss and every parameter's gradient), and adds label smoothing
+    (which loss_parallel refuses), equal to the single-process model."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
+
+    num_classes = 11  # uneven over 2 and 4 ranks
+    torch.manual_seed(0)  # the same initial parameters on every rank
+    reference = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, num_classes)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    target = torch.randint(0, num_classes, (10,), generator=g)
+    target[3] = -100
+
+    def parallel_copy():
+        import copy
+
+        model = copy.deepcopy(reference)
+        return parallelize_module(model, mesh, {"2": ColwiseParallel(use_local_output=False)})
+
+    def grads(model):
+        return [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
+
+    ours, theirs = parallel_copy(), parallel_copy()
+    logits = ours(x)
+    assert logits.placements == (Shard(-1),) or logits.placements == (Shard(1),), logits.placements
+    loss = softmaxkit.cross_entropy(logits, target)
+    loss.backward()
+    with loss_parallel():
+        pt = F.cross_entropy(theirs(x), target)
+        pt.backward()
+    _close(loss, pt, "tensor parallel loss vs loss_parallel")
+    for mine, other in zip(grads(ours), grads(theirs)):
+        _close(mine, other, "tensor parallel parameter grad vs loss_parallel")
+
+    smoothed_model, single = parallel_copy(), reference
+    loss = softmaxkit.cross_entropy(smoothed_model(x), target, label_smoothing=0.1, z_loss=1e-3)
+    loss.backward()
+    expected = softmaxkit.cross_entropy(single(x), target, label_smoothing=0.1, z_loss=1e-3)
+    expected.backward()
+    _close(loss, expected, "tensor parallel label smoothing vs single process")
+    for mine, other in zip(grads(smoothed_model), grads(single)):
+        _close(mine, other, "tensor parallel label-smoothing parameter grad vs single process")
+
+
+CASES = [_case_cross_entropy_class_sharded, _case_cross_entropy_rows, _case_other_losses, _case_errors,
+         _case_tensor_parallel]
+
+
+def test_two_processes():
+    _spawn(2)
+
+
+def test_four_processes_with_uneven_and_empty_shards():
+    _spawn(4)
+
+
+def test_plain_tensors_never_import_the_dtensor_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, softmaxkit; softmaxkit.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2])); "
+            "print('torch.distributed.tensor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out
