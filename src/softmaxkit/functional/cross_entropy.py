@@ -239,6 +239,11 @@ def cross_entropy(
 
     and ``∂ℓ/∂z = (Σ_c a_c + 2λ\,LSE)·p − a``, the textbook ``p − y`` when no option is set.
 
+    ``logits`` may be a DTensor on a 1-D device mesh: sharded on the class dimension it runs the vocab-parallel
+    algorithm over the mesh (no gather of the logits), sharded on a row dimension it reduces with the weighted
+    mean over all ranks, ``Replicate`` computes locally; the loss comes back as a DTensor and the gradient
+    with the logits' placements (``docs/distributed.md``, "DTensor and tensor parallelism").
+
     Args:
         logits: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``, any floating dtype. ``-inf`` entries are
             masked classes. fp16/bf16 are reduced and exponentiated in fp32.

@@ -72,6 +72,10 @@ def focal_loss(
     :mod:`softmaxkit.backends.torch.focal`): finite for every ``γ >= 0``, including ``γ < 1`` at ``p_y → 1``
     where autograd through ``pow`` gives NaN.
 
+    ``logits`` may be a DTensor on a 1-D device mesh sharded on a row dimension (``Shard(0)``; the mean is
+    taken over all ranks) or ``Replicate``; class-sharded logits raise a ``ValueError`` (see
+    ``docs/distributed.md``, "DTensor and tensor parallelism").
+
     Args:
         logits: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``, any floating dtype (fp16/bf16 computed in fp32).
         target: class indices ``()``, ``(N,)`` or ``(N, d1, ..., dk)`` (int64), or class probabilities of the

@@ -111,6 +111,10 @@ def sampled_softmax_loss(
     their gradient is zero everywhere else, and the cost per row is ``O((m + 1)·D)`` instead of ``O(C·D)``.
     Use it for training only; evaluate with the full softmax (:func:`softmaxkit.linear_cross_entropy`).
 
+    ``hidden`` may be a DTensor on a 1-D device mesh sharded on a row dimension (the mean is taken over all
+    ranks; ``weight`` and ``bias``, plain or ``Replicate``, get their gradient summed over the ranks) or
+    ``Replicate``; each rank draws with its own ``generator`` (``docs/distributed.md``).
+
     Args:
         hidden: ``(..., D)`` hidden states.
         weight: ``(C, D)`` output embeddings.

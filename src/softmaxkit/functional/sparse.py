@@ -258,6 +258,10 @@ def sparsemax_loss(
     ``ℓ >= 0`` with equality exactly when ``p`` is the one-hot ``e_y`` (a margin: ``z_y`` exceeds every other
     logit by at least 1).
 
+    ``logits`` may be a DTensor on a 1-D device mesh sharded on a row dimension (``Shard(0)``; the mean is
+    taken over all ranks) or ``Replicate`` (this holds for the three sparse losses); class-sharded logits raise
+    a ``ValueError`` (``docs/distributed.md``, "DTensor and tensor parallelism").
+
     Args:
         logits: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``.
         target: class indices ``()``, ``(N,)`` or ``(N, d1, ..., dk)`` (int64).
@@ -300,7 +304,8 @@ def entmax15_loss(
     .. math:: ℓ = w_y\Big(⟨p − e_y, z⟩ + \tfrac43\big(1 − \textstyle\sum_i p_i^{3/2}\big)\Big),
               \qquad p = \mathrm{entmax}_{1.5}(z),\ z = x/T,\qquad \frac{∂ℓ}{∂z} = w_y (p − e_y)
 
-    Arguments, shapes and reductions as :func:`sparsemax_loss` (``impl`` too). Equals ``entmax.entmax15_loss``.
+    Arguments, shapes, reductions and DTensor placements as :func:`sparsemax_loss` (``impl`` too). Equals
+    ``entmax.entmax15_loss``.
 
     Example:
         >>> import torch, softmaxkit
@@ -332,7 +337,7 @@ def entmax_bisect_loss(
     ``α = 1`` is cross-entropy, ``α = 2`` the sparsemax loss. A tensor ``alpha`` (one per row: broadcastable to
     the logits' shape with size 1 at the class dim, e.g. ``(N, 1)``) receives a gradient.
 
-    Arguments, shapes and reductions as :func:`sparsemax_loss`, plus ``n_iter`` (bisection steps); ``impl``
+    Arguments, shapes, reductions and DTensor placements as :func:`sparsemax_loss`, plus ``n_iter`` (bisection steps); ``impl``
     is ``"auto"`` or ``"torch"`` (the one implementation). A row without a threshold (a NaN, a +inf, every
     logit −inf) has a NaN loss and gradient, as softmax cross-entropy.
     Equals ``entmax.entmax_bisect_loss``.
