@@ -66,7 +66,15 @@ def _entry(rank: int, world: int, port: int) -> None:
 
 
 def _spawn(world: int) -> None:
-    # fork: the workers inherit the imported modules (see tests/test_distributed.py)
+    # fork: the workers inherit the imported modules (see tests/test_distributed.py). Seconds of imports are
+    # paid here once instead of in every rank: the DTensor packages, and what the first call of each C kernel
+    # loads (torch._dynamo among them).
+    import torch.distributed.tensor.parallel  # noqa: F401
+
+    x, t = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True), torch.zeros(2, dtype=torch.long)
+    for function in (softmaxkit.cross_entropy, softmaxkit.focal_loss, softmaxkit.sparsemax_loss,
+                     softmaxkit.entmax15_loss, softmaxkit.entmax_bisect_loss):
+        function(x, t).backward()
     mp.start_processes(_entry, args=(world, _free_port()), nprocs=world, join=True, start_method="fork")
 
 
