@@ -69,7 +69,7 @@ def _spawn(world: int) -> None:
     # fork: the workers inherit the imported modules (see tests/test_distributed.py). Seconds of imports are
     # paid here once instead of in every rank: the DTensor packages, and what the first call of each C kernel
     # loads (torch._dynamo among them).
-    import torch.distributed.tensor.parallel  # noqa: F401
+    import torch.distributed.tensor.parallel
 
     x, t = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True), torch.zeros(2, dtype=torch.long)
     for function in (softmaxkit.cross_entropy, softmaxkit.focal_loss, softmaxkit.sparsemax_loss,
@@ -350,6 +350,10 @@ def _case_errors(rank, world, mesh):
     bad_rows = DTensor.from_local(local_bad, mesh, [Shard(0)], run_check=False)
     message = f"class indices in [0, {num_classes})" if rank == 0 else "rank(s) [0]"
     _expect_error(message, lambda: softmaxkit.cross_entropy(rows, bad_rows))
+    # a plain target of the wrong shape on one rank only (batch-sharded logits)
+    wrong = torch.zeros(2 * world + (1 if rank == 0 else 0), dtype=torch.long)
+    for function in (softmaxkit.cross_entropy, softmaxkit.focal_loss, softmaxkit.sparsemax_loss):
+        _expect_error("must have shape" if rank == 0 else "rank(s) [0]", lambda function=function: function(rows, wrong))
     # a plain (replicated) target that differs between the ranks of class-sharded logits
     other = target.clone()
     if rank == 1:
@@ -399,7 +403,8 @@ def _case_tensor_parallel(rank, world, mesh):
         _close(mine, other, "tensor parallel parameter grad vs loss_parallel")
 
     smoothed_model, single = parallel_copy(), reference
-    loss = softmaxkit.cross_entropy(smoothed_model(x).flatten(0, -2), target, label_smoothing=0.1, z_loss=1e-3)
+    criterion = softmaxkit.nn.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3)  # the module: the same path
+    loss = criterion(smoothed_model(x).flatten(0, -2), target)
     loss.backward()
     expected = softmaxkit.cross_entropy(single(x).flatten(0, -2), target, label_smoothing=0.1, z_loss=1e-3)
     expected.backward()

@@ -258,13 +258,14 @@ def cross_entropy(logits, target, *, weight, ignore_index, reduction, label_smoo
     if layout.class_sharded:
         return _vocab_parallel(layout, logits, target, weight, ignore_index, reduction, label_smoothing,
                                temperature, z_loss, softcap, impl, inplace_backward, chunk_size)
-    v.check_tensor("target", target)
-    probabilities = _check_target_shape(logits, target)  # global shapes (a DTensor's shape is the global one)
-    target_local = layout.replicated_input("target", target, _target_dim(layout, probabilities))
-    weight_local = layout.replicated_input("weight", weight, whole=True)
+    weight_local = layout.replicated_input("weight", weight, whole=True)  # may gather: outside the local checks
     local_logits = layout.local
 
     def local_loss(local_reduction):
+        # per-rank checks (a plain target is each rank's own): inside the part every rank reports on
+        v.check_tensor("target", target)
+        probabilities = _check_target_shape(logits, target)  # global shapes (a DTensor's shape is the global one)
+        target_local = layout.replicated_input("target", target, _target_dim(layout, probabilities))
         loss = local_cross_entropy(
             local_logits, target_local, weight=weight_local, ignore_index=ignore_index, reduction=local_reduction,
             label_smoothing=label_smoothing, temperature=temperature, z_loss=z_loss, softcap=softcap, impl=impl,
@@ -380,14 +381,14 @@ def focal_loss(logits, target, *, gamma, alpha, weight, ignore_index, reduction,
     if layout.class_sharded:
         raise layout.refuse("Shard(0) (rows) or Shard(d >= 2) of K-dimensional logits, or Replicate()")
     reduction = v.check_reduction(reduction)
-    v.check_tensor("target", target)
-    probabilities = _check_target_shape(logits, target)
-    target_local = layout.replicated_input("target", target, _target_dim(layout, probabilities))
     alpha_local = layout.replicated_input("alpha", alpha, whole=True)
     weight_local = layout.replicated_input("weight", weight, whole=True)
     local_logits = layout.local
 
     def local_loss(local_reduction):
+        v.check_tensor("target", target)
+        probabilities = _check_target_shape(logits, target)
+        target_local = layout.replicated_input("target", target, _target_dim(layout, probabilities))
         loss = local_focal_loss(local_logits, target_local, gamma=gamma, alpha=alpha_local, weight=weight_local,
                                 ignore_index=ignore_index, reduction=local_reduction, label_smoothing=label_smoothing,
                                 temperature=temperature)
@@ -411,8 +412,6 @@ def fenchel_young_loss(function_name: str, local_function, logits, target, *, al
             "is a search over each row's classes, not computed across class shards"
         )
     reduction = v.check_reduction(reduction)
-    v.check_class_index_target(logits, target, function_name)  # global shapes and dtype
-    target_local = layout.replicated_input("target", target, _target_dim(layout, False))
     weight_local = layout.replicated_input("weight", weight, whole=True)
     extra = {}
     if isinstance(alpha, torch.Tensor):
@@ -425,6 +424,8 @@ def fenchel_young_loss(function_name: str, local_function, logits, target, *, al
     local_logits = layout.local
 
     def local_loss(local_reduction):
+        v.check_class_index_target(logits, target, function_name)  # global shapes and dtype
+        target_local = layout.replicated_input("target", target, _target_dim(layout, False))
         loss = local_function(local_logits, target_local, weight=weight_local, ignore_index=ignore_index,
                               reduction=local_reduction, **extra, **options)
         return loss, _index_denominator(target_local, weight_local, ignore_index, _work(local_logits.dtype))
@@ -455,15 +456,20 @@ def sampled_softmax_loss(hidden, weight, target, *, bias, counts, reduction, ign
                 "sampled_softmax_loss does not serve: the sampled classes are drawn from the whole vocabulary, so "
                 f"`{name}` must be Replicate() or a plain tensor"
             )
-    v.check_tensor("target", target)
     target_dim = layout.dim
-    target_local = layout.replicated_input("target", target, target_dim)
     weight_local = layout.replicated_input("weight", weight)
     bias_local = layout.replicated_input("bias", bias)
     counts_local = layout.replicated_input("counts", counts)
     local_hidden = layout.local
 
     def local_loss(local_reduction):
+        v.check_tensor("target", target)
+        if tuple(target.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"`target` must have shape {tuple(hidden.shape[:-1])} (one class index per row of `hidden`), but "
+                f"has shape {tuple(target.shape)}"
+            )
+        target_local = layout.replicated_input("target", target, target_dim)
         loss = local_sampled(local_hidden, weight_local, target_local, bias=bias_local, counts=counts_local,
                              reduction=local_reduction, ignore_index=ignore_index, **options)
         valid = (target_local != ignore_index).sum().to(torch.float64)
