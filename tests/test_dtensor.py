@@ -307,6 +307,39 @@ def _case_other_losses(rank, world, mesh):
             _close(b2.grad, b.grad, what + " bias grad")
 
 
+def _case_sparse_class_sharded(rank, world, mesh):
+    """sparsemax_loss and entmax15_loss of class-sharded logits: the global threshold search over the mesh
+    equals the single-process loss (values and gradients), for wide and narrow supports, masked classes,
+    class weights (whole or Shard(0)), temperature, ignored rows, K-dimensional logits and empty slices."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    for num_classes in (7,) if world == 2 else (5,):  # 4+3; 2+2+1+0 (an empty slice)
+        for shape, spread in (((6, num_classes), 0.3), ((6, num_classes), 4.0), ((3, num_classes, 2), 1.0)):
+            full, target, class_weight, upstream = _data(shape, num_classes)
+            full = full * spread  # 0.3: most classes in the support; 4.0: one or two
+            if len(shape) == 2:
+                full[2, 1:3] = -torch.inf  # masked classes
+                target[2] = 0
+            for function in (softmaxkit.sparsemax_loss, softmaxkit.entmax15_loss):
+                for options in (dict(), dict(reduction="sum", weight="full", temperature=0.7),
+                                dict(reduction="none", weight="sharded")):
+                    options = dict(options)
+                    kind = options.pop("weight", None)
+                    reduction = options.pop("reduction", "mean")
+                    expected, expected_grad = _reference(function, full, target, upstream, reduction,
+                                                         weight=None if kind is None else class_weight, **options)
+                    logits = _on_mesh(full, mesh, Shard(1), requires_grad=True)
+                    weight = {None: None, "full": class_weight, "sharded": _on_mesh(class_weight, mesh, Shard(0))}[kind]
+                    dtarget = _on_mesh(target, mesh, Replicate()) if kind == "sharded" else target
+                    loss = function(logits, dtarget, weight=weight, reduction=reduction, **options)
+                    assert loss.placements == (Replicate(),)
+                    _backward(loss, upstream, reduction)
+                    assert logits.grad.placements == (Shard(1),)
+                    what = f"rank {rank} {function.__name__} Shard(1) {shape} x{spread} {kind} {reduction}"
+                    _close(loss, expected, what)
+                    _close(logits.grad, expected_grad, what + " grad")
+
+
 def _expect_error(message: str, call) -> None:
     try:
         call()
@@ -324,8 +357,7 @@ def _case_errors(rank, world, mesh):
     num_classes = 6
     full, target, _, _ = _data((4, num_classes), num_classes)
     class_sharded = _on_mesh(full, mesh, Shard(1))
-    for function in (softmaxkit.focal_loss, softmaxkit.sparsemax_loss, softmaxkit.entmax15_loss,
-                     softmaxkit.entmax_bisect_loss):
+    for function in (softmaxkit.focal_loss, softmaxkit.entmax_bisect_loss):
         _expect_error("placement S(1)", lambda function=function: function(class_sharded, target))
     partial = DTensor.from_local(full, mesh, [Partial()], run_check=False)
     _expect_error("placement P(sum)", lambda: softmaxkit.cross_entropy(partial, target))
@@ -413,8 +445,8 @@ def _case_tensor_parallel(rank, world, mesh):
         _close(mine, other, "tensor parallel label-smoothing parameter grad vs single process")
 
 
-CASES = [_case_cross_entropy_class_sharded, _case_cross_entropy_rows, _case_other_losses, _case_errors,
-         _case_tensor_parallel]
+CASES = [_case_cross_entropy_class_sharded, _case_cross_entropy_rows, _case_other_losses,
+         _case_sparse_class_sharded, _case_errors, _case_tensor_parallel]
 
 
 def test_two_processes():

@@ -278,16 +278,69 @@ def cross_entropy(logits, target, *, weight, ignore_index, reduction, label_smoo
     return layout.over_rows(reduction, local_loss, _out_shape(logits), _target_dim(layout, False))
 
 
+def _class_weight_kind(layout: _Layout, weight, function: str) -> bool | None:
+    """For class-sharded logits: None (no weight or a plain one), True (a Replicate DTensor: read whole), False (a
+    Shard(0) DTensor: its local slice). Placement errors are the same on every rank."""
+    if not isinstance(weight, _dtensor_type()):
+        return None
+    layout.same_mesh("weight", weight)
+    placement = weight.placements[0]
+    if placement.is_shard() and weight.dim() == 1 and placement.dim in (0, -1):
+        return False
+    if placement.is_replicate():
+        return True
+    raise ValueError(
+        f"`weight` of {function} is a DTensor with placement {placement}; with `logits` placed {layout.placement} "
+        "it must be Shard(0) (each rank its classes' weights), Replicate() or a plain (C,) tensor"
+    )
+
+
+def _class_sharded_inputs(layout: _Layout, logits, target, weight, weight_kind, ignore_index: int, function: str):
+    """The replicated target and this rank's slice of the class weights, checked (per-rank checks: call inside
+    the part every rank reports on). Returns ``(target, weight_slice, digest)``."""
+    from .._core.collectives import fingerprint
+
+    local = layout.local
+    num_classes = logits.shape[layout.class_dim]
+    local_classes, offset = local.shape[layout.class_dim], layout.offset[layout.class_dim]
+    target = v.check_tensor("target", target)
+    if isinstance(target, _dtensor_type()):
+        layout.same_mesh("target", target)
+        if not target.placements[0].is_replicate():
+            raise ValueError(
+                f"`target` of {function} is a DTensor with placement {target.placements[0]}; with `logits` placed "
+                f"{layout.placement} (class-sharded) it must be Replicate() or a plain tensor, the same on every rank"
+            )
+        target = target.to_local()
+    v.check_same_device("target", target, "logits", local)
+    v.check_class_target(target, num_classes, ignore_index)
+    if weight_kind is True:
+        weight = v.check_class_weight(weight.to_local(), num_classes, local).narrow(0, offset, local_classes)
+    elif weight_kind is False:
+        if tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"`weight` must have shape ({num_classes},), one entry per class, but has shape "
+                             f"{tuple(weight.shape)}")
+        weight = v.check_class_weight(weight.to_local(), local_classes, local)
+    elif weight is not None:
+        weight = v.check_class_weight(weight, num_classes, local).narrow(0, offset, local_classes)
+    return target, weight, fingerprint(target)
+
+
+def _class_rows(layout: _Layout) -> torch.Tensor:
+    """The local logits as ``(M, C_local)`` rows (class dim last), also when this rank holds no class."""
+    local, class_dim = layout.local, layout.class_dim
+    rows_count = math.prod(s for d, s in enumerate(local.shape) if d != class_dim)
+    return local.movedim(class_dim, -1).reshape(rows_count, local.shape[class_dim])
+
+
 def _vocab_parallel(layout, logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss,
                     softcap, impl, inplace_backward, chunk_size):
     from .._core import CrossEntropyOptions
-    from .._core.collectives import GroupReduce, fingerprint, raise_together
+    from .._core.collectives import GroupReduce, raise_together
     from .._core.linear import VocabParallelCrossEntropy
     from .cross_entropy import _check_target_shape, check_bool
 
-    class_dim, num_classes = layout.class_dim, logits.shape[layout.class_dim]
-    local = layout.local
-    local_classes, offset = local.shape[class_dim], layout.offset[class_dim]
+    num_classes = logits.shape[layout.class_dim]
     if impl not in ("auto", "torch"):
         raise ValueError(
             f"`impl={impl!r}` cannot serve logits sharded along the class dimension (placement "
@@ -298,71 +351,65 @@ def _vocab_parallel(layout, logits, target, weight, ignore_index, reduction, lab
             f"`inplace_backward=True` is not available for logits sharded along the class dimension (placement "
             f"{layout.placement}); pass inplace_backward=False"
         )
-    dtensor = _dtensor_type()
-    if isinstance(weight, dtensor):
-        layout.same_mesh("weight", weight)
-        placement = weight.placements[0]
-        if placement.is_shard() and weight.dim() == 1 and placement.dim in (0, -1):
-            weight_whole = False
-        elif placement.is_replicate():
-            weight_whole = True
-        else:
-            raise ValueError(
-                f"`weight` of cross_entropy is a DTensor with placement {placement}; with `logits` placed "
-                f"{layout.placement} it must be Shard(0) (each rank its classes' weights), Replicate() or a plain "
-                "(C,) tensor"
-            )
-    error, digest, weight_local, target_local = None, 0, None, None
+    weight_kind = _class_weight_kind(layout, weight, "cross_entropy")
+    error, digest, weight_local, target_local, options = None, 0, None, None, None
     try:
-        target = v.check_tensor("target", target)
+        v.check_tensor("target", target)
         if _check_target_shape(logits, target):
             raise ValueError(
                 f"class-probability targets are not served with logits sharded along the class dimension "
                 f"(placement {layout.placement}); pass class indices, or shard the rows (Shard(0)) instead"
             )
-        if isinstance(target, dtensor):
-            layout.same_mesh("target", target)
-            if not target.placements[0].is_replicate():
-                raise ValueError(
-                    f"`target` of cross_entropy is a DTensor with placement {target.placements[0]}; with `logits` "
-                    f"placed {layout.placement} (class-sharded) it must be Replicate() or a plain tensor, the same "
-                    "on every rank"
-                )
-            target_local = target.to_local()
-        else:
-            target_local = target
-        v.check_same_device("target", target_local, "logits", local)
-        reduction_ = v.check_reduction(reduction)
         options = CrossEntropyOptions(
-            ignore_index=v.check_int("ignore_index", ignore_index), reduction=reduction_,
+            ignore_index=v.check_int("ignore_index", ignore_index), reduction=reduction,
             label_smoothing=v.check_label_smoothing(label_smoothing),
             temperature=v.check_positive("temperature", temperature), z_loss=v.check_non_negative("z_loss", z_loss),
             softcap=v.check_softcap(softcap), chunk_size=v.check_optional_positive_int("chunk_size", chunk_size),
-            num_classes=num_classes, class_offset=offset,
+            num_classes=num_classes, class_offset=layout.offset[layout.class_dim],
         )
-        v.check_class_target(target_local, num_classes, options.ignore_index)
-        if isinstance(weight, dtensor):
-            if weight_whole:
-                weight_local = v.check_class_weight(weight.to_local(), num_classes, local)
-                weight_local = weight_local.narrow(0, offset, local_classes)
-            else:
-                if tuple(weight.shape) != (num_classes,):
-                    raise ValueError(f"`weight` must have shape ({num_classes},), one entry per class, but has "
-                                     f"shape {tuple(weight.shape)}")
-                weight_local = v.check_class_weight(weight.to_local(), local_classes, local)
-        elif weight is not None:
-            weight_local = v.check_class_weight(weight, num_classes, local).narrow(0, offset, local_classes)
-        digest = fingerprint(target_local)
+        target_local, weight_local, digest = _class_sharded_inputs(layout, logits, target, weight, weight_kind,
+                                                                   options.ignore_index, "cross_entropy")
     except (ValueError, TypeError) as caught:
         error = caught
-    raise_together(error, layout.group, local.device, digest)
-    rows_count = math.prod(s for d, s in enumerate(local.shape) if d != class_dim)
-    rows = local.movedim(class_dim, -1).reshape(rows_count, local_classes)
-    loss = VocabParallelCrossEntropy.apply(rows, target_local.reshape(-1), weight_local, options,
+    raise_together(error, layout.group, layout.local.device, digest)
+    loss = VocabParallelCrossEntropy.apply(_class_rows(layout), target_local.reshape(-1), weight_local, options,
                                            GroupReduce(layout.group))
-    if options.reduction == "none":
+    if reduction == "none":
         loss = loss.reshape(target_local.shape)
-    return layout.wrap(loss, options.reduction, tuple(target_local.shape), None)
+    return layout.wrap(loss, reduction, tuple(target_local.shape), None)
+
+
+def _sharded_fenchel_young(layout, logits, target, kind, weight, ignore_index, reduction, temperature, impl,
+                           function):
+    """Sparsemax / 1.5-entmax loss of class-sharded logits (:mod:`softmaxkit._core.sparse_parallel`)."""
+    from .._core.collectives import raise_together
+    from .._core.sparse_parallel import ShardedFenchelYoung
+
+    if impl not in ("auto", "torch"):
+        raise ValueError(
+            f"`impl={impl!r}` cannot serve logits sharded along the class dimension (placement "
+            f"{layout.placement}): they take the class-sharded PyTorch path; pass impl='auto' or 'torch'"
+        )
+    weight_kind = _class_weight_kind(layout, weight, function)
+    error, digest, weight_local, target_local = None, 0, None, None
+    try:
+        v.check_class_index_target(logits, target, function)  # global shapes and dtype
+        ignore_index = v.check_int("ignore_index", ignore_index)
+        temperature = v.check_positive("temperature", temperature)
+        target_local, weight_local, digest = _class_sharded_inputs(layout, logits, target, weight, weight_kind,
+                                                                   ignore_index, function)
+    except (ValueError, TypeError) as caught:
+        error = caught
+    raise_together(error, layout.group, layout.local.device, digest)
+    rows = _class_rows(layout)
+    if temperature != 1.0:
+        rows = rows.to(_work(rows.dtype)) / temperature
+    loss = ShardedFenchelYoung.apply(rows, target_local.reshape(-1), weight_local, kind,
+                                     layout.offset[layout.class_dim], ignore_index, reduction, layout.group)
+    loss = loss.to(logits.dtype)
+    if reduction == "none":
+        loss = loss.reshape(target_local.shape)
+    return layout.wrap(loss, reduction, tuple(target_local.shape), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,12 +453,16 @@ def fenchel_young_loss(function_name: str, local_function, logits, target, *, al
     if logits.dim() == 0:
         raise ValueError("`logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
     layout.class_dim = _class_dim(logits)
-    if layout.class_sharded:
-        raise layout.refuse(
-            "Shard(0) (rows) or Shard(d >= 2) of K-dimensional logits, or Replicate(): the sparse maps' threshold "
-            "is a search over each row's classes, not computed across class shards"
-        )
     reduction = v.check_reduction(reduction)
+    if layout.class_sharded:
+        if function_name == "entmax_bisect_loss":
+            raise layout.refuse(
+                "Shard(0) (rows), Shard(d >= 2) of K-dimensional logits or Replicate() (sparsemax_loss and "
+                "entmax15_loss also serve class-sharded logits; the α-entmax bisection does not)"
+            )
+        kind = "sparsemax" if function_name == "sparsemax_loss" else "entmax15"
+        return _sharded_fenchel_young(layout, logits, target, kind, weight, ignore_index, reduction,
+                                      options.get("temperature", 1.0), options.get("impl", "auto"), function_name)
     weight_local = layout.replicated_input("weight", weight, whole=True)
     extra = {}
     if isinstance(alpha, torch.Tensor):
