@@ -258,9 +258,10 @@ def sparsemax_loss(
     ``ℓ >= 0`` with equality exactly when ``p`` is the one-hot ``e_y`` (a margin: ``z_y`` exceeds every other
     logit by at least 1).
 
-    ``logits`` may be a DTensor on a 1-D device mesh sharded on a row dimension (``Shard(0)``; the mean is
-    taken over all ranks) or ``Replicate`` (this holds for the three sparse losses); class-sharded logits raise
-    a ``ValueError`` (``docs/distributed.md``, "DTensor and tensor parallelism").
+    ``logits`` may be a DTensor on a 1-D device mesh: sharded on a row dimension (``Shard(0)``; the mean is
+    taken over all ranks), ``Replicate``, or (sparsemax and 1.5-entmax losses, not α-entmax's) sharded on the
+    class dimension, where the exact threshold is searched across the ranks without gathering the logits
+    (``docs/distributed.md``, "DTensor and tensor parallelism").
 
     Args:
         logits: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``.
