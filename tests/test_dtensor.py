@@ -175,6 +175,18 @@ def _case_cross_entropy_class_sharded(rank, world, mesh):
     zero.full_tensor().backward()
     assert zero.full_tensor().item() == 0.0 and torch.count_nonzero(logits.grad.full_tensor()) == 0
 
+    # float32 logits: the loss and gradient keep the dtype; the tolerance is torch.testing's fp32 default (the
+    # sums over classes are split into per-rank partial sums, a different rounding order)
+    full, target, _, _ = _data((6, num_classes), num_classes)
+    for function in (softmaxkit.cross_entropy, softmaxkit.sparsemax_loss, softmaxkit.entmax15_loss):
+        expected, expected_grad = _reference(function, full.float(), target, None, "mean")
+        logits = _on_mesh(full.float(), mesh, Shard(1), requires_grad=True)
+        loss = function(logits, target)
+        _backward(loss, None, "mean")
+        assert loss.dtype == torch.float32 and logits.grad.dtype == torch.float32
+        torch.testing.assert_close(loss.full_tensor(), expected)
+        torch.testing.assert_close(logits.grad.full_tensor(), expected_grad)
+
     # 1-D logits (C,): the class dim is dim 0
     full, target, _, _ = _data((num_classes,), num_classes)
     expected, expected_grad = _reference(softmaxkit.cross_entropy, full, target, None, "mean")

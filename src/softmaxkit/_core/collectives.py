@@ -105,7 +105,8 @@ def raise_together(error: BaseException | None, group, device, digest: int | Non
                    digest_name: str = "target") -> None:
     """Every rank of ``group`` learns whether any rank's local checks failed, and all raise.
 
-    A rank with ``error`` raises it; the others raise a ``ValueError`` naming the failing ranks. With
+    A rank with ``error`` (any exception its local work raised) raises it; the others raise a ``ValueError``
+    naming the failing ranks. With
     ``digest`` (a :func:`fingerprint` of an input that must be replicated), ranks whose digests differ raise
     a ``ValueError`` too. One all-gather of two integers per rank.
     """

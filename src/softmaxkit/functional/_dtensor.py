@@ -192,7 +192,7 @@ class _Layout:
         error = None
         try:
             loss, denominator = local_loss("none" if reduction == "none" else "sum")
-        except (ValueError, TypeError) as caught:
+        except Exception as caught:  # re-raised on this rank once every rank has been told
             error = caught
         raise_together(error, self.group, self.local.device)
         if reduction != "none":
@@ -371,7 +371,7 @@ def _vocab_parallel(layout, logits, target, weight, ignore_index, reduction, lab
         )
         target_local, weight_local, digest = _class_sharded_inputs(layout, logits, target, weight, weight_kind,
                                                                    options.ignore_index, "cross_entropy")
-    except (ValueError, TypeError) as caught:
+    except Exception as caught:  # re-raised on this rank once every rank has been told
         error = caught
     raise_together(error, layout.group, layout.local.device, digest)
     loss = VocabParallelCrossEntropy.apply(_class_rows(layout), target_local.reshape(-1), weight_local, options,
@@ -400,7 +400,7 @@ def _sharded_fenchel_young(layout, logits, target, kind, weight, ignore_index, r
         temperature = v.check_positive("temperature", temperature)
         target_local, weight_local, digest = _class_sharded_inputs(layout, logits, target, weight, weight_kind,
                                                                    ignore_index, function)
-    except (ValueError, TypeError) as caught:
+    except Exception as caught:  # re-raised on this rank once every rank has been told
         error = caught
     raise_together(error, layout.group, layout.local.device, digest)
     rows = _class_rows(layout)
