@@ -387,6 +387,7 @@ def _case_errors(rank, world, mesh):
         bad[0] = num_classes
     message = f"class indices in [0, {num_classes})" if rank == world - 1 else f"rank(s) [{world - 1}]"
     _expect_error(message, lambda: softmaxkit.cross_entropy(class_sharded, bad))
+    _expect_error(message, lambda: softmaxkit.sparsemax_loss(class_sharded, bad))
     rows = _on_mesh(torch.randn(2 * world, num_classes, dtype=torch.float64), mesh, Shard(0))
     local_bad = torch.zeros(2, dtype=torch.long)
     if rank == 0:
