@@ -9,6 +9,7 @@ import torch
 from .. import _validation as v
 from .. import backends
 from .._core import CrossEntropyOptions
+from ._dtensor_linear import has_dtensor, linear_cross_entropy_dtensor
 from .cross_entropy import check_bool, cross_entropy_core
 
 #: implementations ``linear_cross_entropy(impl=...)`` accepts (the dispatch table's row). ``"auto"`` picks the
@@ -152,6 +153,18 @@ def linear_cross_entropy(
         Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2025 (memory-lean linear
         cross-entropy); Hsu et al., "Liger Kernel", 2024 (fused linear cross-entropy).
     """
+    if has_dtensor(hidden, weight, target, bias, class_weight):
+        # checked on the global shapes first, so a mistake reads the same as without DTensors
+        validate_linear_cross_entropy_args(
+            hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature,
+            z_loss, softcap, chunk_size, accumulation_dtype,
+        )
+        return linear_cross_entropy_dtensor(
+            hidden, weight, target, bias=bias, class_weight=class_weight, impl=impl,
+            inplace_backward=inplace_backward, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, temperature=temperature, z_loss=z_loss, softcap=softcap,
+            chunk_size=chunk_size, accumulation_dtype=accumulation_dtype,
+        )
     (hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature, z_loss,
      softcap, chunk_size, accumulation_dtype, probabilities) = validate_linear_cross_entropy_args(
         hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature,
