@@ -25,13 +25,17 @@ import traceback
 
 import pytest
 import torch
+import torch._dynamo
 import torch.distributed as dist
+import torch.distributed.fsdp
+import torch.distributed.tensor
 import torch.multiprocessing as mp
 
 import softmaxkit
 from softmaxkit.nn import LinearCrossEntropyHead
 
 pytestmark = pytest.mark.distributed
+# torch._dynamo, DTensor and FSDP are imported above, once, not in every forked worker (seconds per process)
 
 RTOL, ATOL = 1e-12, 1e-14
 
