@@ -100,8 +100,11 @@ def _unpack(spec: dict):
 
 
 def _backward(loss, upstream, options) -> None:
+    if options.get("reduction") != "none":
+        loss.backward()  # a scalar DTensor (Replicate) too
+        return
     local = loss.to_local() if isinstance(loss, torch.distributed.tensor.DTensor) else loss
-    (local * upstream if options.get("reduction") == "none" else local).sum().backward()
+    (local * upstream).sum().backward()
 
 
 def _reference(hidden, weight, bias, class_weight, target, upstream, options):
@@ -300,16 +303,22 @@ def _case_fsdp(rank: int, world: int, mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
     ids, target = _fsdp_batches(world)
-    for head, bias, shard_head in (("linear", False, True), ("linear", True, False), ("tied", False, False),
-                                   ("module", False, True)):
+    # (head, bias, fully_shard the head on its own, head.set_unshard_in_backward(False)); with the whole model
+    # sharded only, the root keeps its parameters gathered from forward to backward, so the weight used outside
+    # forward is the plain unsharded parameter there (and FSDP reduce-scatters its gradient)
+    for head, bias, shard_head, lean in (("linear", False, True, False), ("linear", True, False, False),
+                                         ("tied", False, False, False), ("module", True, True, False),
+                                         ("module", False, True, True)):
         torch.manual_seed(0)  # the same initial parameters on every rank
         model = _Model(head, bias).double()
         reference = copy.deepcopy(model)
         if shard_head:
             fully_shard(model.lm_head, mesh=mesh)
+            if lean:  # the fused loss computes its gradients in forward: no gather in backward needed
+                model.lm_head.set_unshard_in_backward(False)
         fully_shard(model, mesh=mesh)
         _check_fsdp_training(rank, world, model, reference, lambda m, r: m.loss(ids[r], target[r]),
-                             f"FSDP2 head={head} bias={bias} head sharded on its own={shard_head}")
+                             f"FSDP2 head={head} bias={bias} head sharded on its own={shard_head} lean={lean}")
 
 
 def _hf_loss(model, rank: int) -> torch.Tensor:

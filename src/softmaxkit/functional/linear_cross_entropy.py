@@ -100,7 +100,7 @@ def linear_cross_entropy(
 
     Args:
         hidden: ``(..., D)`` hidden states (any leading shape, or ``(D,)`` for one row).
-        weight: ``(C, D)`` the output projection (same dtype as ``hidden``).
+        weight: ``(C, D)`` the output projection (same dtype as ``hidden``); may be a DTensor (below).
         target: ``(...)`` class indices (int64) matching ``hidden``'s leading shape, or ``(..., C)`` class
             probabilities (floating; ``t`` in place of ``onehot(y)`` above, with ``cross_entropy``'s rules for
             them: ``"mean"`` divides by the number of rows, ``ignore_index`` is unused). The chunked path reads
@@ -138,6 +138,16 @@ def linear_cross_entropy(
         accumulation_dtype: dtype in which ``∂ℓ/∂W``, ``∂ℓ/∂b`` and ``∂ℓ/∂h`` are accumulated over chunks:
             None means fp32 for fp16/bf16 weights and the weights' dtype otherwise; pass the weights' own
             low-precision dtype to save memory at some accuracy.
+
+    DTensors (``torch.distributed.tensor``, a 1-d mesh): a ``weight`` sharded by classes (``Shard(0)``, what
+    ``fully_shard`` and ``ColwiseParallel`` make) with ``hidden`` a ``Replicate`` DTensor on the same mesh runs
+    the vocab-parallel loss (:func:`softmaxkit.distributed.vocab_parallel_linear_cross_entropy`, the weight
+    never gathered; the loss a ``Replicate`` DTensor). With ``hidden`` a plain tensor (FSDP2 / data parallel:
+    each rank its own rows) the weight is gathered, each rank gets its own rows' loss and the weight's
+    gradient is the average over ranks of each rank's full gradient, reduce-scattered to the shard (as FSDP
+    gives the unsharded model). A ``Replicate`` weight computes locally (with a plain ``hidden``, its gradient
+    averaged over ranks). ``bias`` takes the weight's placement. Other placements (``Shard(1)``, 2-d meshes,
+    a batch-sharded ``hidden``) raise a ``ValueError`` naming them. See ``docs/distributed.md``.
 
     Returns:
         A scalar for ``"mean"``/``"sum"``; ``hidden.shape[:-1]`` for ``"none"``. Dtype of ``hidden``.
