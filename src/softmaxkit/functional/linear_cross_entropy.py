@@ -169,6 +169,7 @@ def linear_cross_entropy(
             hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature,
             z_loss, softcap, chunk_size, accumulation_dtype,
         )
+        check_bool("inplace_backward", inplace_backward)
         return linear_cross_entropy_dtensor(
             hidden, weight, target, bias=bias, class_weight=class_weight, impl=impl,
             inplace_backward=inplace_backward, ignore_index=ignore_index, reduction=reduction,
