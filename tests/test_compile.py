@@ -7,6 +7,7 @@ so a segfault fails the test instead of killing pytest.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -120,6 +121,67 @@ def test_compiled_cross_entropy_equals_eager(impl, reduction):
     torch.testing.assert_close(compiled[1][0], eager[1][0])
 
 
+@pytest.mark.parametrize("upstream", [1.0, 3.0, 0.0])
+def test_compiled_fused_gradient_is_scaled_by_the_upstream_gradient(upstream):
+    # compiled, the CPU op writes the gradient in forward and the backward scales that (donated) buffer in place
+    logits, target = _inputs()
+
+    def function(x):
+        return softmaxkit.cross_entropy(x, target, label_smoothing=0.1) * upstream
+
+    dynamo.reset()
+    eager = _value_and_grad(function, logits)
+    compiled = _value_and_grad(torch.compile(function, fullgraph=True), logits)
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1][0], eager[1][0], rtol=0, atol=0)
+
+
+def test_compiled_backward_without_donated_buffers_keeps_a_retained_graph_right():
+    # donation off: the saved gradient may be read by a second backward, so it must not be scaled in place
+    result = _run("""
+        import torch, softmaxkit
+        import torch._functorch.config as functorch_config
+        functorch_config.donated_buffer = False
+        x = torch.randn(16, 50, requires_grad=True)
+        t = torch.randint(0, 50, (16,))
+        loss = torch.compile(lambda x: softmaxkit.cross_entropy(x, t), fullgraph=True)(x)
+        (loss * 3).backward(retain_graph=True)
+        first = x.grad.clone()
+        x.grad = None
+        (loss * 3).backward()
+        expected = 3 * torch.func.grad(lambda x: torch.nn.functional.cross_entropy(x, t))(x)
+        torch.testing.assert_close(first, expected)
+        torch.testing.assert_close(x.grad, expected)
+        print("ok")
+    """, env={"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+_PROJECTION = torch.randn(7, C, generator=torch.Generator().manual_seed(7))  # (classes, hidden = C)
+_DYNAMIC_CASES = {
+    "cross_entropy": lambda x, t: softmaxkit.cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-3) * 2,
+    "linear_cross_entropy": lambda x, t: softmaxkit.linear_cross_entropy(x, _PROJECTION, t, z_loss=1e-3),
+    "focal_loss": lambda x, t: softmaxkit.focal_loss(x, t),
+    "sparsemax_loss": lambda x, t: softmaxkit.sparsemax_loss(x, t),
+    "entmax15": lambda x, t: softmaxkit.entmax15(x).square().sum(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DYNAMIC_CASES))
+def test_dynamic_shape_compile_equals_eager(name):
+    # dynamic=True makes float options symbolic: validation must trace them (no math.isnan on a SymFloat)
+    function = _DYNAMIC_CASES[name]
+    dynamo.reset()
+    compiled = torch.compile(function, fullgraph=True, dynamic=True)
+    for rows in (6, 11):
+        torch.manual_seed(rows)
+        logits, target = torch.randn(rows, C), torch.randint(0, C, (rows,))
+        eager = _value_and_grad(lambda x, t=target: function(x, t), logits)
+        traced = _value_and_grad(lambda x, t=target: compiled(x, t), logits)
+        torch.testing.assert_close(traced[0], eager[0])
+        torch.testing.assert_close(traced[1][0], eager[1][0])
+
+
 class _Head(torch.nn.Module):
     """A model whose forward computes its loss with linear_cross_entropy (the default-compile crash case)."""
 
@@ -202,8 +264,9 @@ def test_autocast_dtypes_follow_pytorch():
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(bf16_logits, target), rtol=1e-5, atol=1e-5)
 
 
-def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+def _run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_fake_and_meta_tensors_give_shapes_in_a_subprocess():

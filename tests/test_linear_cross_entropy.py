@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import softmaxkit
 from softmaxkit import reference as ref
 from softmaxkit.backends.torch.linear_cross_entropy import default_chunk_rows
-from softmaxkit.nn import LinearCrossEntropyLoss
+from softmaxkit.nn import LinearCrossEntropyHead, LinearCrossEntropyLoss
 
 from ._helpers import assert_close_f32, assert_close_f64, assert_within_budget, to_numpy
 
@@ -409,6 +409,33 @@ def test_module_equals_function_and_keeps_class_weight_in_state_dict():
     loss.backward()
     assert_close_f64(loss, expected, rtol=1e-12)
     assert torch.equal(h.detach(), hidden) and h.grad is not None
+
+
+def test_head_module_holds_the_projection_and_equals_the_function():
+    hidden, weight, bias, target, class_weight = _problem()
+    head = LinearCrossEntropyHead(weight.shape[1], weight.shape[0], bias=True, dtype=torch.float64,
+                                  class_weight=class_weight, label_smoothing=0.1, chunk_size=2)
+    assert {name for name, _ in head.named_parameters()} == {"weight", "bias"}
+    assert head.weight.shape == weight.shape and "class_weight" in head.state_dict()
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    expected = softmaxkit.linear_cross_entropy(h, w, target, bias=b, class_weight=class_weight, label_smoothing=0.1,
+                                               impl="composite")
+    expected.backward()
+    loss = head(hidden, target)
+    loss.backward()
+    assert_close_f64(loss, expected, rtol=1e-12)
+    assert_close_f64(head.weight.grad, w.grad, rtol=1e-12)
+    assert_close_f64(head.bias.grad, b.grad, rtol=1e-12)
+    assert LinearCrossEntropyHead(4, 3).bias is None and "bias=False" in repr(LinearCrossEntropyHead(4, 3))
+    with pytest.raises(ValueError, match="`in_features` and `num_classes` must be >= 1"):
+        LinearCrossEntropyHead(0, 3)
+    with pytest.raises(TypeError, match="`bias` must be a bool"):
+        LinearCrossEntropyHead(4, 3, bias=None)
+    with pytest.raises(ValueError, match="`impl` must be one of"):
+        LinearCrossEntropyHead(4, 3, impl="cpu")
 
 
 def test_default_chunk_rows():

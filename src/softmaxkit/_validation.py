@@ -56,21 +56,21 @@ def check_number(name: str, value: object) -> float:
         else:
             raise TypeError(f"`{name}` must be a real number, but got {type(value).__name__}")
     value = float(value)
-    if math.isnan(value):
+    if value != value:  # NaN; written as a comparison so a symbolic float (torch.compile(dynamic=True)) traces
         raise ValueError(f"`{name}` must be a real number, but got nan")
     return value
 
 
 def check_positive(name: str, value: object, *, allow_inf: bool = False) -> float:
     value = check_number(name, value)
-    if not value > 0 or (math.isinf(value) and not allow_inf):
+    if not value > 0 or (value == math.inf and not allow_inf):
         raise ValueError(f"`{name}` must be a finite number > 0, but got {value}")
     return value
 
 
 def check_non_negative(name: str, value: object) -> float:
     value = check_number(name, value)
-    if not (value >= 0 and math.isfinite(value)):
+    if not (0 <= value < math.inf):
         raise ValueError(f"`{name}` must be a finite number >= 0, but got {value}")
     return value
 
@@ -368,7 +368,7 @@ def check_entmax_alpha(alpha: object, x: torch.Tensor, dim: int) -> float | torc
     """
     if not isinstance(alpha, torch.Tensor):
         value = check_number("alpha", alpha)
-        if not (value >= 1.0 and math.isfinite(value)):
+        if not (1.0 <= value < math.inf):
             raise ValueError(f"`alpha` must be a finite number >= 1 (1 is softmax, 2 sparsemax), but got {value}")
         return value
     if not alpha.is_floating_point():

@@ -165,6 +165,52 @@ class LinearCrossEntropyLoss(nn.Module):
         )
 
 
+class LinearCrossEntropyHead(LinearCrossEntropyLoss):
+    r"""An output layer that returns its loss: ``head(hidden, target) = linear_cross_entropy(hidden, W, target)``.
+
+    Holds the projection ``W`` (``(num_classes, in_features)``, initialised as ``nn.Linear``'s) and an optional
+    bias, plus :class:`LinearCrossEntropyLoss`'s options; ``forward`` computes the fused loss, so the
+    ``(N, C)`` logits never exist. Use it in place of an ``nn.Linear`` head followed by a loss when the
+    parameters must be used inside the module's own ``forward``: under FSDP2 (``fully_shard(head)``) the
+    weight is then gathered by FSDP's pre-forward hook, freed after forward and its gradient reduce-scattered
+    by FSDP's post-backward hook (see ``docs/distributed.md``). Logits for inference:
+    ``torch.nn.functional.linear(hidden, head.weight, head.bias)`` on an unsharded head.
+
+    Args:
+        in_features: ``D``, the hidden size.
+        num_classes: ``C``.
+        bias: whether the head has a ``(C,)`` bias (default False, as language-model heads).
+        device, dtype: of the parameters.
+        **loss_options: :class:`LinearCrossEntropyLoss`'s keyword arguments (``ignore_index``, ``reduction``,
+            ``label_smoothing``, ``z_loss``, ``softcap``, ``chunk_size``, ``impl``, ...).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = False, *, device=None, dtype=None,
+                 **loss_options):
+        super().__init__(**loss_options)
+        in_features = v.check_int("in_features", in_features)
+        num_classes = v.check_int("num_classes", num_classes)
+        if in_features < 1 or num_classes < 1:
+            raise ValueError(
+                f"`in_features` and `num_classes` must be >= 1, but got in_features={in_features}, "
+                f"num_classes={num_classes}"
+            )
+        if not isinstance(bias, bool):
+            raise TypeError(f"`bias` must be a bool, but got {type(bias).__name__}")
+        # nn.Linear's parameters and initialisation
+        layer = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.in_features, self.num_classes = in_features, num_classes
+        self.weight = layer.weight
+        self.register_parameter("bias", layer.bias)
+
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(hidden, self.weight, target, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
+                + super().extra_repr())
+
+
 # --- the loss family (issue 3) ---
 
 

@@ -9,6 +9,7 @@ import torch
 from .. import _validation as v
 from .. import backends
 from .._core import CrossEntropyOptions
+from ._dtensor_linear import has_dtensor, linear_cross_entropy_dtensor
 from .cross_entropy import check_bool, cross_entropy_core
 
 #: implementations ``linear_cross_entropy(impl=...)`` accepts (the dispatch table's row). ``"auto"`` picks the
@@ -99,7 +100,7 @@ def linear_cross_entropy(
 
     Args:
         hidden: ``(..., D)`` hidden states (any leading shape, or ``(D,)`` for one row).
-        weight: ``(C, D)`` the output projection (same dtype as ``hidden``).
+        weight: ``(C, D)`` the output projection (same dtype as ``hidden``); may be a DTensor (below).
         target: ``(...)`` class indices (int64) matching ``hidden``'s leading shape, or ``(..., C)`` class
             probabilities (floating; ``t`` in place of ``onehot(y)`` above, with ``cross_entropy``'s rules for
             them: ``"mean"`` divides by the number of rows, ``ignore_index`` is unused). The chunked path reads
@@ -138,6 +139,16 @@ def linear_cross_entropy(
             None means fp32 for fp16/bf16 weights and the weights' dtype otherwise; pass the weights' own
             low-precision dtype to save memory at some accuracy.
 
+    DTensors (``torch.distributed.tensor``, a 1-d mesh): a ``weight`` sharded by classes (``Shard(0)``, what
+    ``fully_shard`` and ``ColwiseParallel`` make) with ``hidden`` a ``Replicate`` DTensor on the same mesh runs
+    the vocab-parallel loss (:func:`softmaxkit.distributed.vocab_parallel_linear_cross_entropy`, the weight
+    never gathered; the loss a ``Replicate`` DTensor). With ``hidden`` a plain tensor (FSDP2 / data parallel:
+    each rank its own rows) the weight is gathered, each rank gets its own rows' loss and the weight's
+    gradient is the average over ranks of each rank's full gradient, reduce-scattered to the shard (as FSDP
+    gives the unsharded model). A ``Replicate`` weight computes locally (with a plain ``hidden``, its gradient
+    averaged over ranks). ``bias`` takes the weight's placement. Other placements (``Shard(1)``, 2-d meshes,
+    a batch-sharded ``hidden``) raise a ``ValueError`` naming them. See ``docs/distributed.md``.
+
     Returns:
         A scalar for ``"mean"``/``"sum"``; ``hidden.shape[:-1]`` for ``"none"``. Dtype of ``hidden``.
 
@@ -152,6 +163,19 @@ def linear_cross_entropy(
         Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2025 (memory-lean linear
         cross-entropy); Hsu et al., "Liger Kernel", 2024 (fused linear cross-entropy).
     """
+    if has_dtensor(hidden, weight, target, bias, class_weight):
+        # checked on the global shapes first, so a mistake reads the same as without DTensors
+        validate_linear_cross_entropy_args(
+            hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature,
+            z_loss, softcap, chunk_size, accumulation_dtype,
+        )
+        check_bool("inplace_backward", inplace_backward)
+        return linear_cross_entropy_dtensor(
+            hidden, weight, target, bias=bias, class_weight=class_weight, impl=impl,
+            inplace_backward=inplace_backward, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, temperature=temperature, z_loss=z_loss, softcap=softcap,
+            chunk_size=chunk_size, accumulation_dtype=accumulation_dtype,
+        )
     (hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature, z_loss,
      softcap, chunk_size, accumulation_dtype, probabilities) = validate_linear_cross_entropy_args(
         hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature,

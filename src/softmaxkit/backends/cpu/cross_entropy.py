@@ -349,6 +349,39 @@ def _(*args):
     return None
 
 
+@torch.library.custom_op("softmaxkit::cross_entropy_cpu_scale_", mutates_args=("grad",), device_types="cpu")
+def _cross_entropy_cpu_scale_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """Scale the gradient written in forward by the upstream gradient, in place; nothing to do when it is 1.
+
+    The compiled backward of a fused forward calls this on the saved gradient, which AOT autograd donates to
+    the backward (no one else holds it; ``retain_graph`` is refused with donated buffers), so Inductor runs it
+    on that buffer: no new gradient-sized allocation and, for the usual unit upstream gradient, no multiply.
+    The value is read here, at run time, from CPU memory (no device sync; never traced).
+    """
+    scale = grad_output.tolist()
+    if scale != 1.0:
+        grad.mul_(scale)
+
+
+@_cross_entropy_cpu_scale_.register_fake
+def _(grad, grad_output):
+    return None
+
+
+def _traced_with_donated_buffers(grad_output: torch.Tensor) -> bool:
+    """Whether this backward is being traced by AOT autograd with saved buffers donated to it.
+
+    Only then may the saved gradient be scaled in place: a donated buffer belongs to this one backward
+    (PyTorch refuses ``retain_graph=True`` for it). With donation turned off
+    (``torch._functorch.config.donated_buffer = False``) a retained graph would see the buffer scaled twice,
+    so the backward multiplies out of place instead.
+    """
+    if not (torch.compiler.is_compiling() or type(grad_output) is not torch.Tensor):
+        return False
+    functorch_config = sys.modules.get("torch._functorch.config")
+    return bool(getattr(functorch_config, "donated_buffer", False))
+
+
 def _setup_context(ctx, inputs, output):
     logits, target, weight, *scalars = inputs
     ctx.scalars = tuple(scalars[:7])
@@ -370,8 +403,12 @@ def _backward(ctx, grad_output, *unused):
     if ctx.fused:
         (grad,) = ctx.saved_tensors
         # the gradient was written in forward for a unit upstream gradient: scale it only if needed
+        if _traced_with_donated_buffers(grad_output):
+            torch.ops.softmaxkit.cross_entropy_cpu_scale_(grad, grad_output)
+            return (grad, *(None,) * 11)
         if is_unit_upstream(grad_output):
             return (grad, *(None,) * 11)
+        # eager: the saved gradient may be needed again (retain_graph=True), so multiply out of place
         return (grad * grad_output.to(grad.dtype), *(None,) * 11)
     logits, target, weight, lse, row_stats = ctx.saved_tensors
     if ctx.inplace:
@@ -394,13 +431,12 @@ def cpu_cross_entropy(
 
     Arguments are already validated (see :func:`softmaxkit.cross_entropy`) and the dispatch table chose this
     path (:func:`why_not`). Whether to fuse the gradient into forward is decided here, outside the op: grad
-    mode on and ``logits`` requiring a gradient, in eager mode. Eagerly, the fused gradient is returned as it
-    is when the upstream gradient is 1 (the usual ``loss.backward()``): logits read once, gradient written
-    once. A compiled backward cannot know that at trace time and would multiply (another full read and
-    write), so under ``torch.compile`` the gradient is written by the backward op from the saved row
-    statistics instead: the same kernel, one fewer full-size write in all.
+    mode on and ``logits`` requiring a gradient. Eagerly, the fused gradient is returned as it is when the
+    upstream gradient is 1 (the usual ``loss.backward()``): logits read once, gradient written once. A
+    compiled backward cannot know the upstream value at trace time, so it scales the donated saved gradient
+    in place with ``softmaxkit::cross_entropy_cpu_scale_``, which does nothing for a unit upstream gradient.
     """
-    fuse = torch.is_grad_enabled() and logits.requires_grad and not torch.compiler.is_compiling()
+    fuse = torch.is_grad_enabled() and logits.requires_grad
     loss, *_ = torch.ops.softmaxkit.cross_entropy_cpu(
         logits, target, weight, *options.op_args(), options.inplace_backward, fuse
     )
