@@ -243,17 +243,20 @@ def _chunk_loss_and_grad_probabilities(
     total = a.sum(dim=1)
     row_min, row_max = torch.aminmax(z, dim=1)  # one pass for both
     row_max = finite_max(row_max)
-    z.sub_(row_max[:, None])
-    # min(z − m) = fl(min z − m) (rounding is monotone): the shifted chunk's minimum without another pass
-    if bool(torch.isinf(row_min - row_max).any()):
+    # (z − m)/2 from exact halves first: at fp32 z − m reaches −6.8e38 (a row [3e38, −3e38]) and would
+    # overflow to −inf, although a_c (z_c − m), summed, fits; the halves never overflow
+    z.mul_(0.5).sub_((0.5 * row_max)[:, None])
+    if bool(torch.isinf(row_min).any()):
         # a −inf logit (a masked class): a_c (z_c − m) must count 0 where a_c = 0, not NaN (0·−inf)
         product = a * z
         product.masked_fill_(a == 0, 0.0)
         weighted = product.sum(dim=1)
         del product
     else:
-        # Σ_c a_c (z_c − m) as r dot products: no r × C temporary
+        # Σ_c a_c (z_c − m)/2 as r dot products: no r × C temporary
         weighted = torch.bmm(a.unsqueeze(1), z.unsqueeze(2)).view(-1)
+    weighted = weighted.mul_(2.0)  # −inf only where Σ a (z − m) itself is beyond the range (then ℓ = +inf)
+    z.mul_(2.0)  # z − m (−inf where it overflows: exp gives 0)
     shifted = z.clone() if target_grad is not None else None
     z.exp_()
     sum_exp = z.sum(dim=1)

@@ -132,17 +132,19 @@ def composite_cross_entropy(
     w = None if weight is None else weight.to(work).view(shape)
 
     if probabilities:
-        log_p = shifted - log_sum
         coefficient = target.to(work)
         if eps > 0:
             coefficient = coefficient * (1.0 - eps) + eps / num_classes
         if w is not None:
             coefficient = coefficient * w
+        # −log p / 2 = (log s − (z − m)) / 2 from exact halves: z − m reaches −6.8e38 at fp32 (a row [3e38,
+        # −3e38]) and would overflow to −inf, although a_c (m − z_c), summed and doubled, fits
+        half_nll = 0.5 * log_sum - (0.5 * z - 0.5 * row_max)
         # 0·log 0 = 0 for masked classes (log p = −inf) that the target does not use, without a NaN; elsewhere
         # the plain product, so the target's gradient is −log p_c (F.cross_entropy's) wherever p_c > 0.
-        safe_log_p = log_p.masked_fill((coefficient == 0) & torch.isneginf(log_p), 0.0)
-        product = coefficient * safe_log_p
-        loss = -product.sum(class_dim)
+        safe_half_nll = half_nll.masked_fill((coefficient == 0) & torch.isposinf(half_nll), 0.0)
+        product = coefficient * safe_half_nll
+        loss = 2.0 * product.sum(class_dim)
         if z_loss > 0:
             loss = loss + z_loss * lse * lse
         denominator = loss.numel()

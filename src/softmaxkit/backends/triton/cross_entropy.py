@@ -65,8 +65,10 @@ def _row_forward(
     acc_dtype = lse_ptr.dtype.element_ty
     m = tl.full([], float("-inf"), acc_dtype)
     s = tl.zeros([], acc_dtype)
-    weighted = tl.zeros([], acc_dtype)  # Σ w_c (z_c − shift) over the columns seen, for the running shift
-    weight_seen = tl.zeros([], acc_dtype)
+    # Σ w_c (z_c − shift) over the columns seen, relative to the running shift, and Σ w_c: in float64 (at fp32
+    # ``z − m`` reaches −6.8e38 and the sum more, although the smoothing term, scaled by ε/C, may fit)
+    weighted = tl.zeros([], tl.float64)
+    weight_seen = tl.zeros([], tl.float64)
     shift = tl.zeros([], acc_dtype)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -80,22 +82,24 @@ def _row_forward(
         new_m = tl.maximum(m, tl.max(z_masked, 0))
         new_shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: exp(-inf - 0) = 0
         if HAS_SMOOTHING:
-            # Σ w (z − shift) kept relative to the running shift: no Σ w z that could overflow or cancel
+            # Σ w (z − shift) kept relative to the running shift (no Σ w z that could cancel), the differences
+            # and sums formed in float64 (one fp64 subtract and add per element, smoothing only)
+            shifted = z.to(tl.float64) - new_shift.to(tl.float64)
             if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(acc_dtype)
-                block_sum = tl.sum(tl.where(mask & (w != 0.0), w * (z - new_shift), 0.0), 0)
+                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float64)
+                block_sum = tl.sum(tl.where(mask & (w != 0.0), w * shifted, 0.0), 0)
                 block_weight = tl.sum(tl.where(mask, w, 0.0), 0)
             else:
-                block_sum = tl.sum(tl.where(mask, z - new_shift, 0.0), 0)
-                block_weight = tl.sum(tl.where(mask, 1.0, 0.0), 0)
-            weighted = tl.where(weight_seen != 0.0, weighted + (shift - new_shift) * weight_seen, weighted)
+                block_sum = tl.sum(tl.where(mask, shifted, 0.0), 0)
+                block_weight = tl.sum(tl.where(mask, 1.0, 0.0), 0).to(tl.float64)
+            moved = (shift.to(tl.float64) - new_shift.to(tl.float64)) * weight_seen
+            weighted = tl.where(weight_seen != 0.0, weighted + moved, weighted)
             weighted += block_sum
             weight_seen += block_weight
         s = s * tl.exp(m - new_shift) + tl.sum(tl.exp(z_masked - new_shift), 0)
         m = new_m
         shift = new_shift
     log_s = tl.log(s)
-    lse = shift + log_s
     x_y = tl.load(x_row + safe_y).to(acc_dtype)
     if HAS_SOFTCAP:
         z_y = softcap * _tanh(x_y / softcap) * inv_t
@@ -107,14 +111,18 @@ def _row_forward(
     else:
         w_y = 1.0
         weight_total = n_cols * 1.0
-    loss = (1.0 - eps) * w_y * ((shift - z_y) + log_s)
+    # the row loss combined in float64 and rounded once: at fp32 ``m − z_y``, ``Σ w (z − m)`` and ``LSE²`` can
+    # overflow for logits near ±3e38 (or LSE > 1.8e19) although the loss, scaled by (1−ε)w_y, ε/C and λ, fits
+    wide_shift, wide_log_s = shift.to(tl.float64), log_s.to(tl.float64)
+    loss = (1.0 - eps) * w_y * ((wide_shift - z_y.to(tl.float64)) + wide_log_s)
     if HAS_SMOOTHING:
-        loss += (weight_total * log_s - weighted) * (eps / n_cols)
+        loss += (weight_total * wide_log_s - weighted) * (eps / n_cols)
     if z_loss > 0.0:
-        loss += z_loss * lse * lse
+        wide_lse = wide_shift + wide_log_s
+        loss += z_loss * wide_lse * wide_lse
     tl.store(lse_ptr + row, log_s)
     tl.store(shift_ptr + row, shift)
-    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0).to(loss_ptr.dtype.element_ty))
     return shift, log_s
 
 

@@ -142,8 +142,10 @@ def _fused_lce_fwd_kernel(
     shift = tl.zeros((BLOCK_M,), ACC_DTYPE)
     s = tl.zeros((BLOCK_M,), ACC_DTYPE)
     z_y = tl.zeros((BLOCK_M,), ACC_DTYPE)
-    weighted = tl.zeros((BLOCK_M,), ACC_DTYPE)  # Σ w (z − shift) over the columns seen, for the running shift
-    weight_seen = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    # Σ w (z − shift) over the columns seen, for the running shift, and Σ w: float64 (at fp32 ``z − m`` reaches
+    # −6.8e38 and the sum more, although the smoothing term, scaled by ε/C, may fit)
+    weighted = tl.zeros((BLOCK_M,), tl.float64)
+    weight_seen = tl.zeros((BLOCK_M,), tl.float64)
     first_tile = split.to(tl.int64) * tiles_per_split
     for tile in range(0, tiles_per_split):
         cols = (first_tile + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -158,16 +160,19 @@ def _fused_lce_fwd_kernel(
         new_m = tl.maximum(m, tl.max(z, 1))
         new_shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # nothing seen yet: exp(-inf - 0) = 0
         if HAS_SMOOTHING:
-            # Σ w (z − shift) relative to the running shift: no Σ w z that could overflow or cancel
+            # Σ w (z − shift) relative to the running shift (no Σ w z that could cancel), the differences and
+            # sums formed in float64 (one fp64 subtract and add per element, smoothing only)
+            shifted = z.to(tl.float64) - new_shift.to(tl.float64)[:, None]
             if HAS_WEIGHT:
-                w = tl.load(class_weight_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
+                w = tl.load(class_weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float64)
                 keep = col_ok[None, :] & (w[None, :] != 0.0)
-                tile_sum = tl.sum(tl.where(keep, w[None, :] * (z - new_shift[:, None]), 0.0), 1)
+                tile_sum = tl.sum(tl.where(keep, w[None, :] * shifted, 0.0), 1)
                 tile_weight = tl.sum(tl.where(col_ok, w, 0.0), 0)
             else:
-                tile_sum = tl.sum(tl.where(col_ok[None, :], z - new_shift[:, None], 0.0), 1)
-                tile_weight = tl.sum(tl.where(col_ok, 1.0, 0.0), 0)
-            weighted = tl.where(weight_seen != 0.0, weighted + (shift - new_shift) * weight_seen, weighted)
+                tile_sum = tl.sum(tl.where(col_ok[None, :], shifted, 0.0), 1)
+                tile_weight = tl.sum(tl.where(col_ok, 1.0, 0.0), 0).to(tl.float64)
+            moved = (shift.to(tl.float64) - new_shift.to(tl.float64)) * weight_seen
+            weighted = tl.where(weight_seen != 0.0, weighted + moved, weighted)
             weighted += tile_sum
             weight_seen += tile_weight
         s = s * tl.exp(m - new_shift) + tl.sum(tl.exp(z - new_shift[:, None]), 1)
@@ -344,9 +349,11 @@ def _fused_linear_cross_entropy_triton(
         splits = default_splits(num_rows, num_classes, block_m, block_n, device)
     tiles_per_split = triton.cdiv(triton.cdiv(num_classes, block_n), splits)
     smoothing = label_smoothing > 0
-    parts = torch.empty((5 if smoothing else 3, splits, num_rows), dtype=work, device=device)
+    parts = torch.empty((3, splits, num_rows), dtype=work, device=device)
     part_shift, part_log_s, part_target = parts[0], parts[1], parts[2]
-    part_smooth, part_weight = (parts[3], parts[4]) if smoothing else (part_log_s, part_log_s)
+    # Σ_{c∈s} w_c (z_c − m_s) and W_s per range in float64 (beyond fp32's range for rows near ±3e38)
+    smooth_parts = torch.empty((2, splits, num_rows), dtype=torch.float64, device=device) if smoothing else None
+    part_smooth, part_weight = (smooth_parts[0], smooth_parts[1]) if smoothing else (part_log_s, part_log_s)
     scalars = _scalars(work, label_smoothing, temperature, softcap, z_loss, part_log_s)
     if num_rows > 0:
         wrap_triton(_fused_lce_fwd_kernel)[(triton.cdiv(num_rows, block_m), splits)](
@@ -366,18 +373,22 @@ def _fused_linear_cross_entropy_triton(
     shift = torch.where(torch.isneginf(top), torch.zeros((), dtype=work, device=device), top)
     log_s = torch.logsumexp(part_log_s + (part_shift - shift), dim=0)
     z_target = part_target.sum(0)
-    loss = (1.0 - label_smoothing) * w_y * ((shift - z_target) + log_s)
+    # the row loss combined in float64 and rounded once: at fp32 ``m − z_y``, ``Σ w (z − m)`` and ``LSE²`` can
+    # overflow for logits near ±3e38 although the loss, scaled by (1−ε)w_y, ε/C and λ, fits
+    wide = torch.float64
+    wide_shift, wide_log_s = shift.to(wide), log_s.to(wide)
+    loss = (1.0 - label_smoothing) * w_y.to(wide) * ((wide_shift - z_target.to(wide)) + wide_log_s)
     if smoothing:
         # Σ_c w_c (z_c − m) = Σ_s [Σ_{c∈s} w_c (z_c − m_s) + (m_s − m) W_s]; no Σ w z that could cancel
-        moved = torch.where(part_weight != 0, (part_shift - shift) * part_weight, torch.zeros((), dtype=work,
-                                                                                                device=device))
+        moved = torch.where(part_weight != 0, (part_shift.to(wide) - wide_shift) * part_weight,
+                            torch.zeros((), dtype=wide, device=device))
         weighted = (part_smooth + moved).sum(0)
-        total = float(num_classes) if weight_total is None else weight_total[0]
-        loss = loss + (label_smoothing / num_classes) * (total * log_s - weighted)
+        total = float(num_classes) if weight_total is None else weight_total[0].to(wide)
+        loss = loss + (label_smoothing / num_classes) * (total * wide_log_s - weighted)
     if z_loss > 0:
-        lse = shift + log_s
+        lse = wide_shift + wide_log_s
         loss = loss + z_loss * lse * lse
-    loss = torch.where(valid, loss, torch.zeros((), dtype=work, device=device))
+    loss = torch.where(valid, loss, torch.zeros((), dtype=wide, device=device)).to(work)
     out = reduce_loss(loss, reduction, w_y.sum())
     return out.to(hidden.dtype), torch.stack((log_s, shift))
 
