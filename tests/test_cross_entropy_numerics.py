@@ -194,3 +194,104 @@ def test_linear_cross_entropy_is_shift_invariant(impl):
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-7)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
+# ------------------------------------------------------------------ rows mixing ±3e38 (z − m beyond fp32's range)
+# At fp32 ``z − m`` reaches −6.8e38 for a row [3e38, −3e38]: it overflows to −inf, and so does PyTorch's loss
+# (``F.cross_entropy`` gives inf for every case below, NaN for a target of zero weight on such a class), although
+# the loss (the target's weight on that class times a huge finite number) fits. PyTorch is no anchor here: the
+# exact float64 oracle (softmaxkit.reference, itself checked against mpmath in tests/test_reference.py) is, its
+# value rounded to fp32 (+inf only where the exact loss is beyond fp32's range).
+
+def _extreme_rows():
+    wide = torch.full((1, 1500), -3e38)  # 1500 classes: two of the interpreted Triton kernel's 1024-column blocks
+    wide[0, ::3] = torch.randn(500, generator=torch.Generator().manual_seed(0))
+    wide[0, 1200] = 3e38  # the running shift moves from ~1 to 3e38 in the second block
+    return {
+        "pair": (torch.tensor([[3e38, -3e38], [3e38, -3e38]]), torch.tensor([0, 1])),
+        "one_against_many": (torch.tensor([[3e38] + [-3e38] * 13]), torch.tensor([0])),
+        "three_kinds": (torch.tensor([[3e38, 0.0, -3e38, 1.0]]), torch.tensor([1])),
+        "two_blocks": (wide, torch.tensor([1200])),
+    }
+
+
+def _exact(logits, target, **options):
+    weight = options.pop("weight", None)
+    x, y = logits.double().numpy(), target.numpy()
+    w = None if weight is None else weight.double().numpy()
+    loss = softmaxkit.reference.cross_entropy(x, y, w, reduction="none", **options)
+    grad = softmaxkit.reference.cross_entropy_grad(x, y, w, reduction="none", **options)
+    return torch.from_numpy(loss).float().double(), torch.from_numpy(grad)  # the loss as rounded to fp32
+
+
+def _assert_extreme_close(loss, grad, exact_loss, exact_grad):
+    loss = loss.double()
+    assert torch.equal(torch.isposinf(loss), torch.isposinf(exact_loss)), (loss, exact_loss)
+    finite = torch.isfinite(exact_loss)
+    # one fp32 rounding of a result combined in float64 (or of two exact halves), plus the ε/C, (1 − ε) products
+    torch.testing.assert_close(loss[finite], exact_loss[finite], rtol=4e-7, atol=0)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", CE_IMPLS)
+@pytest.mark.parametrize("row", ["pair", "one_against_many", "three_kinds", "two_blocks"])
+@pytest.mark.parametrize("options", [{"label_smoothing": 0.1}, {"label_smoothing": 0.5},
+                                     {"label_smoothing": 0.2, "weighted": True}], ids=str)
+def test_label_smoothing_at_opposite_extremes(impl, row, options):
+    """Issue 14, case 5 (and 9) at ±3e38: Σ_c w_c (z_c − m) overflows fp32 although (ε/C)·Σ fits."""
+    logits, target = _extreme_rows()[row]
+    options = dict(options)
+    if options.pop("weighted", False):
+        options["weight"] = torch.linspace(0.25, 2.0, logits.shape[1])
+    loss, grad = _loss_grad(softmaxkit.cross_entropy, logits, target, impl=impl, reduction="none", **options)
+    _assert_extreme_close(loss, grad, *_exact(logits, target, **options))
+
+
+LINEAR_IMPLS = ["auto", "torch", "composite"] + (["triton", "triton_fused"] if "triton" in CE_IMPLS else [])
+
+
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("row", ["pair", "one_against_many", "two_blocks"])
+def test_linear_label_smoothing_at_opposite_extremes(impl, row):
+    """The same rows as the logits of a linear layer (h = 1, W = the row): loss and ∂W as the oracle's."""
+    logits, target = _extreme_rows()[row]
+    logits, target = logits[:1], target[:1]
+    weight = logits[0][:, None].clone().requires_grad_()
+    hidden = torch.ones(1, 1)
+    loss = softmaxkit.linear_cross_entropy(hidden, weight, target, impl=impl, reduction="sum", label_smoothing=0.1)
+    (grad_weight,) = torch.autograd.grad(loss, weight)
+    exact_loss, exact_grad = _exact(logits, target, label_smoothing=0.1)
+    _assert_extreme_close(loss.reshape(1), grad_weight.t(), exact_loss, exact_grad)
+
+
+PROBABILITY_CASES = [
+    ([3e38, -3e38], [0.9, 0.1]),
+    ([3e38, -3e38], [0.5, 0.5]),
+    ([3e38, -3e38], [1.0, 0.0]),  # PyTorch: NaN (0·(−inf)); the exact loss is 0
+    ([3e38, 0.0, -3e38], [0.7, 0.3, 0.0]),  # PyTorch: NaN; exact 9e37
+    ([-3e38, 3e38, float("-inf")], [0.25, 0.75, 0.0]),  # a masked class without target mass counts 0
+]
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize(("row", "probabilities"), PROBABILITY_CASES)
+def test_probability_targets_at_opposite_extremes(row, probabilities, label_smoothing):
+    """Issue 14 item: soft-label cross-entropy of rows mixing ±3e38 on every path that takes probability
+    targets (composite cross_entropy; chunked and composite linear CE), against the oracle (PyTorch gives
+    inf or NaN here)."""
+    logits, target = torch.tensor([row]), torch.tensor([probabilities])
+    exact_loss, exact_grad = _exact(logits, target, label_smoothing=label_smoothing)
+    for impl in ("auto", "composite"):
+        loss, grad = _loss_grad(softmaxkit.cross_entropy, logits, target, impl=impl, reduction="none",
+                                label_smoothing=label_smoothing)
+        # the masked class: ∂ℓ/∂z = A·p − a = −ε/C (0 without smoothing); the loss is inf with smoothing
+        _assert_extreme_close(loss, grad, exact_loss, exact_grad)
+    if torch.isinf(logits).any():  # a −inf logit as h = 1 times a −inf weight: ∂h is 0·(−inf) in the matmul
+        return
+    for impl in ("auto", "torch", "composite"):
+        weight = logits[0][:, None].clone().requires_grad_()
+        loss = softmaxkit.linear_cross_entropy(torch.ones(1, 1), weight, target, impl=impl, reduction="sum",
+                                               label_smoothing=label_smoothing)
+        (grad_weight,) = torch.autograd.grad(loss, weight)
+        _assert_extreme_close(loss.reshape(1), grad_weight.t(), exact_loss, exact_grad)
