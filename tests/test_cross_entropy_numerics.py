@@ -18,6 +18,7 @@ import softmaxkit
 
 #: every cross-entropy path; the Triton kernels run interpreted on CPU tensors (TRITON_INTERPRET=1, conftest)
 CE_IMPLS = ["auto", "cpu", "torch", "composite"] + (["triton"] if importlib.util.find_spec("triton") else [])
+LINEAR_IMPLS = ["auto", "torch", "composite"] + (["triton", "triton_fused"] if "triton" in CE_IMPLS else [])
 
 
 def _loss_grad(function, logits, *args, **kwargs):
@@ -93,7 +94,61 @@ def test_poly1_ignored_non_finite_row_leaves_the_batch_finite(bad):
     torch.testing.assert_close(loss, expected)
 
 
-@pytest.mark.parametrize("impl", ["auto", "torch", "composite"] + (["triton"] if "triton" in CE_IMPLS else []))
+OTHER_LOSSES = {
+    "focal": lambda x, y, **kw: softmaxkit.focal_loss(x, y, **kw),
+    "focal_smoothed": lambda x, y, **kw: softmaxkit.focal_loss(x, y, gamma=0.5, label_smoothing=0.1,
+                                                              alpha=torch.linspace(0.5, 1.5, 6), **kw),
+    "entmax_bisect_loss": lambda x, y, **kw: softmaxkit.entmax_bisect_loss(x, y, 1.3, **kw),
+    "sparsemax_loss": lambda x, y, **kw: softmaxkit.sparsemax_loss(x, y, **kw),
+    "entmax15_loss": lambda x, y, **kw: softmaxkit.entmax15_loss(x, y, **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_LOSSES))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_other_losses_ignored_non_finite_rows_give_zero(name, bad):
+    """Issue 14, case 8 beyond cross-entropy: an ignored padding row holding NaN/±inf gives loss and gradient
+    exactly 0 (focal's closed-form backward gave 0·NaN there), and the other rows are unaffected."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6)
+    logits[1] = bad
+    target = torch.tensor([2, -100, 0, 5])
+    kept = [0, 2, 3]
+    for reduction in ("none", "mean"):
+        loss, grad = _loss_grad(OTHER_LOSSES[name], logits, target, reduction=reduction)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all() and (grad[1] == 0).all()
+        expected, expected_grad = _loss_grad(OTHER_LOSSES[name], logits[kept], target[kept], reduction=reduction)
+        torch.testing.assert_close(loss[kept] if reduction == "none" else loss, expected)
+        torch.testing.assert_close(grad[kept], expected_grad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sampled_softmax_ignored_non_finite_hidden(bad):
+    """Issue 14, case 8: an ignored row's NaN/inf hidden state stays out of the loss, ∂h and ∂W."""
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 4)
+    weight = torch.randn(40, 4, requires_grad=True)
+    target = torch.tensor([1, -100, 3, 0, 6])
+    hidden[1] = bad
+    hidden.requires_grad_()
+    kept = [0, 2, 3, 4]
+    for reduction in ("mean", "none"):
+        def run(h, y, reduction=reduction):
+            return softmaxkit.sampled_softmax_loss(h, weight, y, num_sampled=8, reduction=reduction,
+                                                   generator=torch.Generator().manual_seed(3))
+        loss = run(hidden, target)
+        grad_hidden, grad_weight = torch.autograd.grad(loss.sum(), (hidden, weight))
+        assert torch.isfinite(loss).all() and torch.isfinite(grad_weight).all()
+        assert torch.isfinite(grad_hidden).all() and (grad_hidden[1] == 0).all()
+        clean = hidden.detach()[kept].requires_grad_()
+        expected = run(clean, target[kept])
+        expected_hidden, expected_weight = torch.autograd.grad(expected.sum(), (clean, weight))
+        torch.testing.assert_close(loss[kept] if reduction == "none" else loss, expected)
+        torch.testing.assert_close(grad_hidden[kept], expected_hidden)
+        torch.testing.assert_close(grad_weight, expected_weight)
+
+
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_linear_cross_entropy_ignored_non_finite_hidden(impl, bad):
     torch.manual_seed(0)
@@ -247,8 +302,6 @@ def test_label_smoothing_at_opposite_extremes(impl, row, options):
     loss, grad = _loss_grad(softmaxkit.cross_entropy, logits, target, impl=impl, reduction="none", **options)
     _assert_extreme_close(loss, grad, *_exact(logits, target, **options))
 
-
-LINEAR_IMPLS = ["auto", "torch", "composite"] + (["triton", "triton_fused"] if "triton" in CE_IMPLS else [])
 
 
 @pytest.mark.parametrize("impl", LINEAR_IMPLS)

@@ -181,9 +181,11 @@ def sampled_softmax_loss(
     generator = v.check_generator(generator, hidden.device)
 
     work = compute_dtype(hidden.dtype)
-    rows = hidden.reshape(-1, hidden.shape[-1]).to(work)
     flat_target = target.reshape(-1)
     valid = flat_target != ignore_index
+    # ignored rows read as 0: a NaN/±inf padding row gives loss and gradient exactly 0 and stays out of ∂W
+    rows = hidden.reshape(-1, hidden.shape[-1]).to(work)
+    rows = torch.where(valid[:, None], rows, torch.zeros((), dtype=work, device=rows.device))
     safe_target = torch.where(valid, flat_target, torch.zeros_like(flat_target)).long()
     sampled = sample_classes(sampler, num_sampled, num_classes, counts=counts, power=power, generator=generator,
                              device=hidden.device)
@@ -204,7 +206,10 @@ def sampled_softmax_loss(
         hits = sampled[None, :] == safe_target[:, None]
         sampled_logits = sampled_logits.masked_fill(hits, -torch.inf)
     candidates = torch.cat([true_logits[:, None], sampled_logits], dim=1)
-    loss = torch.logsumexp(candidates, dim=1) - true_logits
+    # the shifted form (m − z_y) + log Σ exp(c − m): LSE − z_y would lose an ulp of LSE to the shift
+    shift = candidates.detach().amax(dim=1)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    loss = (shift - true_logits) + torch.logsumexp(candidates - shift[:, None], dim=1)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     out = reduce_loss(loss, reduction, valid.sum())
     out = out.reshape(target.shape) if reduction == "none" else out

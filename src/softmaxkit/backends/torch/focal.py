@@ -140,6 +140,8 @@ class _FocalFunction(torch.autograd.Function):
             # g_y (e_y − p): exp and scale in place, then a scatter.
             grad = log_p.exp_().mul_(-g_y[:, None])
             grad.scatter_add_(1, target[:, None], g_y[:, None])
+        # ignored rows: exactly 0, whatever their logits hold (a NaN/±inf padding row would give 0·NaN)
+        grad.masked_fill_(~valid[:, None], 0.0)
         return grad.to(logits.dtype), None, None, None, None, None, None, None, None
 
 
