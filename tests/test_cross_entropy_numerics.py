@@ -50,6 +50,61 @@ def test_shift_invariance(impl, shift, dtype):
     del expected_loss, expected_grad
 
 
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("shift", [1e4, 1e7])
+def test_linear_cross_entropy_fp32_shift_invariance(impl, shift):
+    """Issue 14, case 2 for linear CE (26× PyTorch's error at a shift of 1e7 when formed as LSE − z_y): fp32
+    logits ``h Wᵀ + b`` with ``h = I`` (so every path computes the same logits, ``fl(W + b)``, exactly), against
+    the float64 loss of those logits; within a small constant × PyTorch's own error."""
+    torch.manual_seed(0)
+    num_rows, num_classes = 16, 50
+    base = torch.randn(num_rows, num_classes, dtype=torch.float64)
+    target = torch.randint(0, num_classes, (num_rows,))
+    weight = base.t().float().contiguous().requires_grad_()  # (C, D = N)
+    bias = torch.full((num_classes,), shift)
+    hidden = torch.eye(num_rows)
+    logits = (weight.detach().t() + bias).contiguous()  # fl(W + b): what h·Wᵀ + b is on every path
+    exact_loss, exact_grad = _loss_grad(F.cross_entropy, logits.double(), target, reduction="none")
+    peer_loss, peer_grad = _loss_grad(F.cross_entropy, logits, target, reduction="none")
+    loss = softmaxkit.linear_cross_entropy(hidden, weight, target, bias=bias, impl=impl, reduction="none")
+    (grad_weight,) = torch.autograd.grad(loss.sum(), weight)
+    eps = torch.finfo(torch.float32).eps
+    loss_budget = 4 * (peer_loss.double() - exact_loss).abs().max() + 64 * eps * exact_loss.abs().max()
+    grad_budget = 4 * (peer_grad.double() - exact_grad).abs().max() + 64 * eps
+    assert (loss.detach().double() - exact_loss).abs().max() <= loss_budget
+    assert (grad_weight.t().double() - exact_grad).abs().max() <= grad_budget
+
+
+@pytest.mark.parametrize("impl", CE_IMPLS)
+@pytest.mark.parametrize("shift", [1e4, 1e8])
+def test_shift_invariance_with_temperature_and_poly1(impl, shift):
+    """Issue 14, case 2 reaches temperature and poly1_cross_entropy: fp32 logits + c, T = 0.7, against the
+    float64 loss of the same fp32 logits; within a small constant × PyTorch's own error."""
+    torch.manual_seed(1)
+    target = torch.randint(0, 40, (12,))
+    logits = (torch.randn(12, 40, dtype=torch.float64) + shift).float()
+    eps = torch.finfo(torch.float32).eps
+
+    def peer(x, temperature=0.7, poly=False):
+        z = x / temperature
+        loss = F.cross_entropy(z, target, reduction="none")
+        return loss + (1 - torch.exp(-loss)) if poly else loss
+
+    for poly in (False, True):
+        if poly:
+            ours = lambda x: softmaxkit.poly1_cross_entropy(x, target, temperature=0.7, reduction="none")  # noqa: E731
+        else:
+            ours = lambda x: softmaxkit.cross_entropy(x, target, temperature=0.7, impl=impl,  # noqa: E731
+                                                      reduction="none")
+        exact_loss, exact_grad = _loss_grad(lambda x, poly=poly: peer(x, poly=poly), logits.double())
+        peer_loss, peer_grad = _loss_grad(lambda x, poly=poly: peer(x, poly=poly), logits)
+        loss, grad = _loss_grad(ours, logits)
+        loss_budget = 4 * (peer_loss.double() - exact_loss).abs().max() + 64 * eps * exact_loss.abs().max()
+        grad_budget = 4 * (peer_grad.double() - exact_grad).abs().max() + 64 * eps
+        assert (loss.double() - exact_loss).abs().max() <= loss_budget, poly
+        assert (grad.double() - exact_grad).abs().max() <= grad_budget, poly
+
+
 @pytest.mark.parametrize("impl", CE_IMPLS)
 @pytest.mark.parametrize("value", [0.0, 1e30, -1e30, 3e38])
 def test_constant_rows_give_log_c(impl, value):
