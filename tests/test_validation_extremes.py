@@ -32,6 +32,51 @@ def test_ignore_index_as_numpy_integer_or_0d_tensor(ignore):
         torch.testing.assert_close(module(ignore_index=ignore)(LOGITS, TARGET), module(ignore_index=plain)(LOGITS, TARGET))
 
 
+_H, _W = torch.randn(6, 3, generator=torch.Generator().manual_seed(1)), torch.randn(5, 3)
+_MULTI = (LOGITS > 0).float()
+#: every other loss and module with ``ignore_index``, as ``f(ignore_index)`` (the multi-label ones keep it
+#: negative: their targets are class probabilities)
+_IGNORING = {
+    "crammer_singer_loss": lambda i: softmaxkit.crammer_singer_loss(LOGITS, TARGET, ignore_index=i),
+    "distillation_loss": lambda i: softmaxkit.distillation_loss(LOGITS, LOGITS / 2, target=TARGET, alpha=0.5,
+                                                                ignore_index=i),
+    "entmax15_loss": lambda i: softmaxkit.entmax15_loss(LOGITS, TARGET, ignore_index=i),
+    "entmax_bisect_loss": lambda i: softmaxkit.entmax_bisect_loss(LOGITS, TARGET, ignore_index=i),
+    "linear_cross_entropy": lambda i: softmaxkit.linear_cross_entropy(_H, _W, TARGET, ignore_index=i),
+    "multi_margin_loss": lambda i: softmaxkit.multi_margin_loss(LOGITS, TARGET, ignore_index=i),
+    "multilabel_soft_margin_loss": lambda i: softmaxkit.multilabel_soft_margin_loss(LOGITS, _MULTI,
+                                                                                    ignore_index=i - 2),
+    "sampled_softmax_loss": lambda i: softmaxkit.sampled_softmax_loss(
+        _H, _W, TARGET, num_sampled=2, generator=torch.Generator().manual_seed(0), ignore_index=i),
+    "score_mse_loss": lambda i: softmaxkit.score_mse_loss(LOGITS, TARGET, ignore_index=i),
+    "softmax_mse_loss": lambda i: softmaxkit.softmax_mse_loss(LOGITS, TARGET, ignore_index=i),
+    "CrammerSingerLoss": lambda i: sknn.CrammerSingerLoss(ignore_index=i)(LOGITS, TARGET),
+    "DistillationLoss": lambda i: sknn.DistillationLoss(alpha=0.5, ignore_index=i)(LOGITS, LOGITS / 2, TARGET),
+    "Entmax15Loss": lambda i: sknn.Entmax15Loss(ignore_index=i)(LOGITS, TARGET),
+    "EntmaxBisectLoss": lambda i: sknn.EntmaxBisectLoss(ignore_index=i)(LOGITS, TARGET),
+    "LinearCrossEntropyLoss": lambda i: sknn.LinearCrossEntropyLoss(ignore_index=i)(_H, _W, TARGET),
+    "MultiMarginLoss": lambda i: sknn.MultiMarginLoss(ignore_index=i)(LOGITS, TARGET),
+    "MultilabelSoftMarginLoss": lambda i: sknn.MultilabelSoftMarginLoss(ignore_index=i - 2)(LOGITS, _MULTI),
+    "ScoreMSELoss": lambda i: sknn.ScoreMSELoss(ignore_index=i)(LOGITS, TARGET),
+    "SoftmaxMSELoss": lambda i: sknn.SoftmaxMSELoss(ignore_index=i)(LOGITS, TARGET),
+    "HierarchicalSoftmax": lambda i: _hierarchical(i),
+}
+
+
+def _hierarchical(ignore_index):
+    torch.manual_seed(0)
+    module = sknn.HierarchicalSoftmax(3, torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0]), ignore_index=ignore_index)
+    return module(_H, TARGET)
+
+
+@pytest.mark.parametrize("name", list(_IGNORING))
+def test_ignore_index_as_numpy_integer_or_0d_tensor_in_every_loss(name):
+    """Issue 14, case 12: "every loss and the nn modules" take what PyTorch takes for ``ignore_index``."""
+    expected = _IGNORING[name](1)
+    for ignore in (torch.tensor(1), np.int64(1), np.int32(1)):
+        torch.testing.assert_close(_IGNORING[name](ignore), expected)
+
+
 @pytest.mark.parametrize("ignore", [torch.tensor(1.0), torch.tensor([1]), True, 1.0, torch.tensor(True)])
 def test_ignore_index_that_is_not_an_integer_is_refused(ignore):
     with pytest.raises(TypeError, match="`ignore_index` must be an int"):
