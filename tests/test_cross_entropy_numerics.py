@@ -235,6 +235,41 @@ def test_overflow_gives_inf_not_nan(impl):
     torch.testing.assert_close(loss.double(), torch.tensor(3e38, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("impl", CE_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_plus_inf_rows_are_nan_on_every_path(impl, dtype):
+    """Issue 14, case 1 (the reported rows) on every path and dtype: PyTorch's NaN loss and NaN gradient rows
+    (the kernel once gave 87, −inf, 88.69 with finite gradients), finite rows beside them unaffected."""
+    inf = float("inf")
+    logits = torch.tensor([[1.0, inf, 0.0], [inf, 2.0, 3.0], [inf, inf, 0.0], [0.5, -1.0, 2.0]])
+    target = torch.tensor([0, 0, 2, 1])
+    expected, expected_grad = _loss_grad(F.cross_entropy, logits.double(), target, reduction="none")
+    for options in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3}):
+        loss, grad = _loss_grad(softmaxkit.cross_entropy, logits.to(dtype), target, impl=impl, reduction="none",
+                                **options)
+        assert torch.isnan(loss[:3]).all() and torch.isnan(grad[:3]).any(dim=1).all()
+        assert torch.isfinite(loss[3]) and torch.isfinite(grad[3]).all()
+        assert torch.isnan(softmaxkit.cross_entropy(logits.to(dtype), target, impl=impl, **options))
+        if not options:
+            tol = {torch.float32: 1e-6, torch.float64: 1e-12}.get(dtype, 2e-2)
+            torch.testing.assert_close(loss[3].double(), expected[3], rtol=tol, atol=tol)
+            torch.testing.assert_close(grad[3].double(), expected_grad[3], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("impl", CE_IMPLS)
+def test_z_loss_square_fits_where_the_loss_fits(impl):
+    """Issue 14, case 9: ``λ·LSE²`` at LSE = 2e19 (LSE² = 4e38 is beyond fp32, λ·LSE² = 4e34 is not)."""
+    logits = torch.full((2, 5), 2e19)
+    target = torch.tensor([0, 3])
+    loss, grad = _loss_grad(softmaxkit.cross_entropy, logits, target, impl=impl, reduction="none", z_loss=1e-4)
+    lse = 2e19 + math.log(5)
+    torch.testing.assert_close(loss.double(), torch.full((2,), math.log(5) + 1e-4 * lse * lse, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    # ∂ℓ/∂z = (1 + 2λ LSE) p − onehot, p = 1/5
+    expected = torch.full((2, 5), (1 + 2e-4 * lse) / 5, dtype=torch.float64) - F.one_hot(target, 5)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("impl", [impl for impl in CE_IMPLS if impl != "composite"])
 @pytest.mark.parametrize("view", ["expanded", "overlapping"])
 def test_inplace_backward_refuses_overlapping_logits(impl, view):
