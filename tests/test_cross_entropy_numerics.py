@@ -396,15 +396,19 @@ def test_label_smoothing_at_opposite_extremes(impl, row, options):
 
 @pytest.mark.parametrize("impl", LINEAR_IMPLS)
 @pytest.mark.parametrize("row", ["pair", "one_against_many", "two_blocks"])
-def test_linear_label_smoothing_at_opposite_extremes(impl, row):
-    """The same rows as the logits of a linear layer (h = 1, W = the row): loss and ∂W as the oracle's."""
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linear_label_smoothing_at_opposite_extremes(impl, row, weighted):
+    """The same rows as the logits of a linear layer (h = 1, W = the row): loss and ∂W as the oracle's (class
+    weights up to 8: the fused kernel's scaled tile sums hold weights up to 2¹⁷/BLOCK_N)."""
     logits, target = _extreme_rows()[row]
     logits, target = logits[:1], target[:1]
     weight = logits[0][:, None].clone().requires_grad_()
     hidden = torch.ones(1, 1)
-    loss = softmaxkit.linear_cross_entropy(hidden, weight, target, impl=impl, reduction="sum", label_smoothing=0.1)
+    class_weight = torch.linspace(0.25, 8.0, logits.shape[1]) if weighted else None
+    loss = softmaxkit.linear_cross_entropy(hidden, weight, target, impl=impl, reduction="sum", label_smoothing=0.1,
+                                           class_weight=class_weight)
     (grad_weight,) = torch.autograd.grad(loss, weight)
-    exact_loss, exact_grad = _exact(logits, target, label_smoothing=0.1)
+    exact_loss, exact_grad = _exact(logits, target, label_smoothing=0.1, weight=class_weight)
     _assert_extreme_close(loss.reshape(1), grad_weight.t(), exact_loss, exact_grad)
 
 

@@ -405,7 +405,9 @@ def test_gpu_cuda_graph_capture_and_replay():
 _COMPILE_FOR_HOPPER = r'''
 import os
 os.environ.pop("TRITON_INTERPRET", None)
+import re, subprocess, tempfile
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from softmaxkit.backends.triton import fused_linear_cross_entropy as fused
@@ -427,12 +429,24 @@ for kernel, blocks, extra in (
             return "*bf16"
         if name == "target_ptr":
             return "*i64"
+        if name in ("part_smooth_ptr", "part_weight_ptr"):  # the label-smoothing partials are float64
+            return "*fp64"
         if name.endswith("_ptr"):
             return "*fp32"
         return "fp32" if name in ("eps", "inv_t", "softcap", "z_loss", "filter_eps") else "i64"
     source = ASTSource(kernel, {name: kind(name) for name in kernel.arg_names}, constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": blocks[3]})
     assert compiled.asm["cubin"], kernel
+    # the tiles were sized to fit the registers: ptxas must report no spills (an fp64 tile once spilled 276 B)
+    ptxas = knobs.nvidia.ptxas_blackwell.path
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "kernel.o")],
+                             capture_output=True, text=True, check=True)
+    spills = re.findall(r"(\d+) bytes spill stores", log.stdout + log.stderr)
+    assert spills and all(n == "0" for n in spills), (kernel, extra, log.stdout + log.stderr)
 print("compiled")
 '''
 

@@ -116,6 +116,11 @@ def _logits_tile(
     return z, derivative
 
 
+#: the label-smoothing tile sum's exact power-of-two scaling (see :func:`_fused_lce_fwd_kernel`)
+_SMOOTH_SCALE = tl.constexpr(2.0 ** -18)
+_SMOOTH_UNSCALE = tl.constexpr(2.0 ** 18)
+
+
 @triton.jit
 def _fused_lce_fwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, target_ptr, class_weight_ptr,
@@ -142,8 +147,8 @@ def _fused_lce_fwd_kernel(
     shift = tl.zeros((BLOCK_M,), ACC_DTYPE)
     s = tl.zeros((BLOCK_M,), ACC_DTYPE)
     z_y = tl.zeros((BLOCK_M,), ACC_DTYPE)
-    # Σ w (z − shift) over the columns seen, for the running shift, and Σ w: float64 (at fp32 ``z − m`` reaches
-    # −6.8e38 and the sum more, although the smoothing term, scaled by ε/C, may fit)
+    # Σ w (z − shift) over the columns seen, for the running shift, and Σ w: float64 across tiles (at fp32
+    # ``z − m`` reaches −6.8e38 and the sum more, although the smoothing term, scaled by ε/C, may fit)
     weighted = tl.zeros((BLOCK_M,), tl.float64)
     weight_seen = tl.zeros((BLOCK_M,), tl.float64)
     first_tile = split.to(tl.int64) * tiles_per_split
@@ -160,16 +165,19 @@ def _fused_lce_fwd_kernel(
         new_m = tl.maximum(m, tl.max(z, 1))
         new_shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # nothing seen yet: exp(-inf - 0) = 0
         if HAS_SMOOTHING:
-            # Σ w (z − shift) relative to the running shift (no Σ w z that could cancel), the differences and
-            # sums formed in float64 (one fp64 subtract and add per element, smoothing only)
-            shifted = z.to(tl.float64) - new_shift.to(tl.float64)[:, None]
+            # Σ w (z − shift) relative to the running shift (no Σ w z that could cancel). The tile's sum is
+            # taken in the compute dtype over (z − shift)·2⁻¹⁸ (power-of-two scalings are exact; at fp32
+            # |z − m| ≤ 6.8e38 scales to ≤ 2.6e33, so a tile of BLOCK_N ≤ 128 columns with class weights up
+            # to 2¹⁷/BLOCK_N cannot overflow), then unscaled and carried across tiles in float64. A float64
+            # (BLOCK_M × BLOCK_N) tile instead would spill registers (ptxas, sm_90a, bf16 128×128 tiles).
+            shifted = z * _SMOOTH_SCALE - (new_shift * _SMOOTH_SCALE)[:, None]
             if HAS_WEIGHT:
-                w = tl.load(class_weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float64)
+                w = tl.load(class_weight_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
                 keep = col_ok[None, :] & (w[None, :] != 0.0)
-                tile_sum = tl.sum(tl.where(keep, w[None, :] * shifted, 0.0), 1)
-                tile_weight = tl.sum(tl.where(col_ok, w, 0.0), 0)
+                tile_sum = tl.sum(tl.where(keep, w[None, :] * shifted, 0.0), 1).to(tl.float64) * _SMOOTH_UNSCALE
+                tile_weight = tl.sum(tl.where(col_ok, w, 0.0), 0).to(tl.float64)
             else:
-                tile_sum = tl.sum(tl.where(col_ok[None, :], shifted, 0.0), 1)
+                tile_sum = tl.sum(tl.where(col_ok[None, :], shifted, 0.0), 1).to(tl.float64) * _SMOOTH_UNSCALE
                 tile_weight = tl.sum(tl.where(col_ok, 1.0, 0.0), 0).to(tl.float64)
             moved = (shift.to(tl.float64) - new_shift.to(tl.float64)) * weight_seen
             weighted = tl.where(weight_seen != 0.0, weighted + moved, weighted)
