@@ -13,8 +13,10 @@ with ``z = softcap(x) / T``, plus ``z_y`` and ``Σ_c w_c z_c`` (label smoothing)
 program per row, writes ``g_j = s[(A + 2λ\,LSE)\,p_j − (ε/C)w_j − (1−ε)w_y δ_{jy}]\,∂z_j/∂x_j`` into a new
 buffer or over the logits (``inplace_backward``). ``s`` (the row's upstream gradient, divided by the mean's
 denominator) is computed with tensor ops on the device: no ``.item()``, so both passes are CUDA-graph
-capturable. Row offsets are int64 (``N·C > 2^31`` is fine); all arithmetic is fp32 for fp16/bf16/fp32 input
-(fp64 for fp64 input under the interpreter).
+capturable. Row offsets are int64 (``N·C > 2^31`` is fine); the elementwise arithmetic is fp32 for
+fp16/bf16/fp32 input (fp64 for fp64 input), while the label-smoothing sum is carried across blocks and the row
+loss combined in fp64 (at fp32 ``m − z_y`` and ``Σ w (z − m)`` overflow for rows mixing ±3e38 although the loss
+fits; each block's sum is taken over ``(z − m)·2⁻²⁴``, an exact scaling that cannot overflow).
 
 ``tanh`` (soft-capping) is built from ``exp`` (libdevice's is unavailable under ``TRITON_INTERPRET=1``):
 ``tanh(u) = sign(u)(1 − e^{−2|u|})/(1 + e^{−2|u|})``, with its odd Taylor series below ``|u| = 1/8`` where
