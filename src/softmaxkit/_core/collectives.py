@@ -10,6 +10,11 @@ DTensor adapter :mod:`softmaxkit.functional._dtensor`).
   whole (a replicated weight) but each rank only uses with its own rows.
 * :func:`shard_layout`: the vocab-parallel losses' agreement check (shapes, options, target) and each rank's
   class offset, one all-gather before the first collective that could otherwise deadlock.
+* :func:`sum_over`: the all-reduce sum whose backward is the identity, the conjugate of :func:`replicated_grad`.
+  Together they differentiate any loss built from per-row sums over class-sharded rows (the row statistics
+  of focal, Poly-1 and distillation losses): a per-rank partial sum goes through :func:`sum_over`; a
+  replicated statistic (the global LSE) used again in a rank-local term goes through :func:`replicated_grad`.
+  The gradient of the replicated result is then exact on every rank.
 * :func:`raise_together`: a rank whose local checks failed would otherwise leave the others waiting in the
   next collective; one tiny all-gather lets every rank raise instead.
 """
@@ -93,6 +98,46 @@ def replicated_grad(tensor: torch.Tensor, group) -> torch.Tensor:
     if not (torch.is_grad_enabled() and tensor.requires_grad):
         return tensor
     return _ReplicatedGrad.apply(tensor, group)
+
+
+class _SumOver(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group):
+        out = tensor.detach().clone().contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None
+
+
+def sum_over(tensor: torch.Tensor, group) -> torch.Tensor:
+    """``Σ_r tensor_r`` over ``group`` (a new tensor, the same on every rank). Backward is the identity: the
+    result is replicated, and each rank's gradient of a replicated loss with respect to it is already the whole
+    gradient, which is also each addend's (``∂(Σ_r x_r)/∂x_r = 1``). Exact as long as every use of the result
+    that differs between ranks goes through :func:`replicated_grad`."""
+    return _SumOver.apply(tensor, group)
+
+
+def max_over(tensor: torch.Tensor, group) -> torch.Tensor:
+    """``max_r tensor_r`` over ``group``, detached (a shift, not differentiated)."""
+    out = tensor.detach().clone().contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+def sharded_logsumexp(z: torch.Tensor, group) -> torch.Tensor:
+    """The differentiable ``(M,)`` log-sum-exp of rows ``z`` ``(M, C_local)`` whose classes are split over
+    ``group`` (a slice may be empty): two all-reduces (the row maximum, then the shifted sums). A row whose
+    maximum is not finite is shifted by 0 (its LSE is then ``-inf``, ``inf`` or NaN, as ``torch.logsumexp``)."""
+    if z.shape[1]:
+        top = z.detach().amax(dim=1)
+    else:
+        top = torch.full((z.shape[0],), -torch.inf, dtype=z.dtype, device=z.device)
+    top = max_over(top, group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top + torch.log(sum_over(torch.exp(z - top[:, None]).sum(dim=1), group))
 
 
 def fingerprint(target: torch.Tensor) -> int:

@@ -7,6 +7,7 @@ import torch
 from .. import _validation as v
 from .._core import compute_dtype
 from .._reduction import reduce_loss, safe_divide
+from ._dtensor import holds_dtensor
 from .cross_entropy import cross_entropy_core, validate_cross_entropy_args
 
 #: reductions :func:`distillation_loss` accepts (``"batchmean"`` is PyTorch's ``kl_div`` one).
@@ -67,6 +68,12 @@ def distillation_loss(
     References:
         Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015.
     """
+    if holds_dtensor(student_logits, teacher_logits, target, weight):
+        from . import _dtensor
+
+        return _dtensor.distillation_loss(student_logits, teacher_logits, temperature=temperature,
+                                          reduction=reduction, target=target, alpha=alpha, weight=weight,
+                                          ignore_index=ignore_index, label_smoothing=label_smoothing)
     student_logits = v.check_floating("student_logits", student_logits)
     teacher_logits = v.check_floating("teacher_logits", teacher_logits)
     v.check_same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)

@@ -199,6 +199,12 @@ def poly1_cross_entropy(
     References:
         Leng et al., "PolyLoss: A Polynomial Expansion Perspective of Classification Loss Functions", ICLR 2022.
     """
+    if holds_dtensor(logits, target, weight):
+        from . import _dtensor
+
+        return _dtensor.poly1_cross_entropy(logits, target, epsilon=epsilon, weight=weight, ignore_index=ignore_index,
+                                            reduction=reduction, label_smoothing=label_smoothing,
+                                            temperature=temperature)
     logits = v.check_floating("logits", logits)
     num_classes, probabilities = _check_target(logits, target)
     epsilon = v.check_in_range("epsilon", epsilon, -1.0, math.inf, high_open=True)

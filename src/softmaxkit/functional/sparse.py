@@ -122,6 +122,10 @@ def sparsemax(x: torch.Tensor, dim: int = -1, *, impl: str = "auto") -> torch.Te
     References:
         Martins & Astudillo, "From Softmax to Sparsemax", ICML 2016.
     """
+    if holds_dtensor(x):
+        from . import _dtensor
+
+        return _dtensor.sparse_map("sparsemax", sparsemax, x, dim, impl=impl)
     x = v.check_floating("x", x)
     _check_plain("x", x, "sparsemax")
     dim = v.check_dim(dim, x.dim())
@@ -152,6 +156,10 @@ def entmax15(x: torch.Tensor, dim: int = -1, *, impl: str = "auto") -> torch.Ten
     References:
         Peters, Niculae & Martins, "Sparse Sequence-to-Sequence Models", ACL 2019.
     """
+    if holds_dtensor(x):
+        from . import _dtensor
+
+        return _dtensor.sparse_map("entmax15", entmax15, x, dim, impl=impl)
     x = v.check_floating("x", x)
     _check_plain("x", x, "entmax15")
     dim = v.check_dim(dim, x.dim())
@@ -192,6 +200,10 @@ def entmax_bisect(
         Peters, Niculae & Martins, ACL 2019; Correia, Niculae & Martins, "Adaptively Sparse Transformers",
         EMNLP 2019 (the α-gradient); Blondel, Martins & Niculae, "Learning with Fenchel-Young Losses", JMLR 2020.
     """
+    if holds_dtensor(x, alpha):
+        from . import _dtensor
+
+        return _dtensor.sparse_map("entmax_bisect", entmax_bisect, x, dim, alpha=alpha, n_iter=n_iter, impl=impl)
     x = v.check_floating("x", x)
     _check_plain("x", x, "entmax_bisect")
     dim = v.check_dim(dim, x.dim())
