@@ -1,15 +1,19 @@
 r"""DTensor inputs to the losses: each placement of a 1-D device mesh mapped to the algorithm that serves it.
 
-``cross_entropy``, ``focal_loss``, ``sparsemax_loss``, ``entmax15_loss``, ``entmax_bisect_loss`` and
-``sampled_softmax_loss`` call :func:`holds_dtensor` first (a dictionary look-up while
+``cross_entropy``, ``focal_loss``, ``poly1_cross_entropy``, ``distillation_loss``, ``sparsemax_loss``,
+``entmax15_loss``, ``entmax_bisect_loss``, ``sampled_softmax_loss``, ``linear_cross_entropy`` (its own adapter,
+:mod:`._dtensor_linear`) and the maps ``sparsemax``, ``entmax15``, ``entmax_bisect`` call :func:`holds_dtensor` first (a dictionary look-up while
 ``torch.distributed.tensor`` was never imported, so plain-tensor calls pay nothing) and hand DTensor calls to
 this module, which unwraps them, runs the plain-tensor code on each rank's local piece and wraps the result:
 
 * **class dimension sharded** (``Shard(1)`` of ``(N, C)`` / ``(N, C, d1, ...)``, ``Shard(0)`` of ``(C,)``):
   for cross-entropy the vocab-parallel algorithm (:class:`~softmaxkit._core.linear.VocabParallelCrossEntropy`),
-  for ``sparsemax_loss`` / ``entmax15_loss`` the exact threshold searched across ranks
+  for ``focal_loss``, ``poly1_cross_entropy`` and ``distillation_loss`` the same row statistics (global
+  LSE, target logit, sums over classes) through :func:`~softmaxkit._core.collectives.sum_over` and
+  :func:`~softmaxkit._core.collectives.replicated_grad`, for ``sparsemax_loss`` / ``entmax15_loss`` and the
+  maps ``sparsemax`` / ``entmax15`` (``Shard(dim)``) the exact threshold searched across ranks
   (:mod:`softmaxkit._core.sparse_parallel`), over ``mesh.get_group()``; only per-row statistics cross ranks,
-  the logits are never gathered (``focal_loss`` and ``entmax_bisect_loss`` refuse this placement). Each rank's
+  the logits are never gathered (``entmax_bisect_loss`` and ``entmax_bisect`` refuse this placement). Each rank's
   class offset comes from the DTensor's own layout (``torch.chunk`` sizes, uneven and empty slices included).
   The target must be replicated (a plain tensor or a ``Replicate`` DTensor); a ``(C,)`` class weight may be
   whole (each rank reads its slice) or a ``Shard(0)`` DTensor (its local slice is used).

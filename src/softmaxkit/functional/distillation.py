@@ -41,6 +41,12 @@ def distillation_loss(
     where ``CE`` is :func:`softmaxkit.cross_entropy` at temperature 1 (with ``weight``, ``ignore_index``,
     ``label_smoothing``); ``ignore_index`` applies to that term only.
 
+    The logits may be DTensors on a 1-D device mesh (``teacher_logits`` placed like ``student_logits``, or
+    whole): class-sharded (``Shard(1)``: both LSEs and ``Σ_c π_c(log π_c − log σ_c)`` are all-reduced row
+    statistics, the gradients local given them; ``target`` replicated), on a row dimension (``Shard(0)``;
+    ``"batchmean"`` / ``"mean"`` divide by the global batch / number of distributions) or ``Replicate``
+    (``docs/distributed.md``, "DTensor and tensor parallelism").
+
     Args:
         student_logits: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; gradients flow here.
         teacher_logits: the same shape. Gradients flow to it too if it requires them: detach it (or compute

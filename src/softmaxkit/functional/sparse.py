@@ -102,6 +102,11 @@ def sparsemax(x: torch.Tensor, dim: int = -1, *, impl: str = "auto") -> torch.Te
     Unlike softmax it gives exact zeros. Its Jacobian is ``diag(s) − s sᵀ/|S|`` with ``s = 1[p > 0]``
     (``|S|`` the support size): the gradient is the upstream gradient centred on the support.
 
+    ``x`` may be a DTensor on a 1-D device mesh; the result is one with the same placement: ``Replicate`` or
+    ``Shard`` of a dimension other than ``dim`` map each rank's piece, ``Shard(dim)`` finds the exact threshold
+    across the ranks (``docs/distributed.md``). The same holds for :func:`entmax15`; :func:`entmax_bisect`
+    serves ``Replicate`` and ``Shard`` of another dimension (``Shard(dim)`` raises a ``ValueError``).
+
     Args:
         x: input of any shape and floating dtype; ``-inf`` entries get probability 0.
         dim: the dimension to normalise (negative counts from the end).
