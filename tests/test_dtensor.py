@@ -437,6 +437,40 @@ def _case_row_statistics(rank, world, mesh):
                         _close(ds.grad, s.grad, what + " student grad")
                         _close(dt.grad, t.grad, what + " teacher grad")
 
+    # class-sharded edge cases: every target ignored (0, zero gradient); a masked class; float32 (dtype kept,
+    # torch.testing's fp32 tolerance: per-rank partial sums round differently); 1-D (C,) distillation
+    full, target, class_weight, upstream = _data((6, num_classes), num_classes)
+    for function in (softmaxkit.focal_loss, softmaxkit.poly1_cross_entropy):
+        logits = _on_mesh(full, mesh, Shard(1), requires_grad=True)
+        zero = function(logits, torch.full_like(target, -100))
+        zero.full_tensor().backward()
+        assert zero.full_tensor().item() == 0.0 and torch.count_nonzero(logits.grad.full_tensor()) == 0
+        masked = full.clone()
+        masked[2, (target[2] + 1) % num_classes] = -torch.inf
+        expected, expected_grad = _reference(function, masked, target, upstream, "mean")
+        logits = _on_mesh(masked, mesh, Shard(1), requires_grad=True)
+        loss = function(logits, target)
+        _backward(loss, upstream, "mean")
+        _close(loss, expected, f"{function.__name__} masked class")
+        _close(logits.grad, expected_grad, f"{function.__name__} masked class grad")
+        expected, expected_grad = _reference(function, full.float(), target, None, "mean")
+        logits = _on_mesh(full.float(), mesh, Shard(1), requires_grad=True)
+        loss = function(logits, target)
+        _backward(loss, None, "mean")
+        assert loss.dtype == torch.float32 and logits.grad.dtype == torch.float32
+        torch.testing.assert_close(loss.full_tensor(), expected)
+        torch.testing.assert_close(logits.grad.full_tensor(), expected_grad)
+    student, teacher = full[0].clone(), full[1].clone()
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    expected = softmaxkit.distillation_loss(s, t, temperature=2.0)
+    expected.backward()
+    ds, dt = (_on_mesh(x, mesh, Shard(0), requires_grad=True) for x in (student, teacher))
+    loss = softmaxkit.distillation_loss(ds, dt, temperature=2.0)
+    loss.full_tensor().backward()
+    _close(loss, expected, "1-D distillation Shard(0)")
+    _close(ds.grad, s.grad, "1-D distillation student grad")
+    _close(dt.grad, t.grad, "1-D distillation teacher grad")
+
 
 def _case_sparse_maps(rank, world, mesh):
     """sparsemax, entmax15 and entmax_bisect of DTensors: outputs placed like the input and gradients equal
@@ -538,6 +572,10 @@ def _case_errors(rank, world, mesh):
     wrong = torch.zeros(2 * world + (1 if rank == 0 else 0), dtype=torch.long)
     for function in (softmaxkit.cross_entropy, softmaxkit.focal_loss, softmaxkit.sparsemax_loss):
         _expect_error("must have shape" if rank == 0 else "rank(s) [0]", lambda function=function: function(rows, wrong))
+    # a plain teacher of the wrong shape on one rank only (class-sharded student)
+    teacher = full if rank != 0 else full[:-1]
+    _expect_error("must have the same shape" if rank == 0 else "rank(s) [0]",
+                  lambda: softmaxkit.distillation_loss(class_sharded, teacher))
     # a plain (replicated) target that differs between the ranks of class-sharded logits
     other = target.clone()
     if rank == 1:

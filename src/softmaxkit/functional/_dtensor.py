@@ -284,54 +284,6 @@ def cross_entropy(logits, target, *, weight, ignore_index, reduction, label_smoo
     return layout.over_rows(reduction, local_loss, _out_shape(logits), _target_dim(layout, False))
 
 
-def _class_weight_kind(layout: _Layout, weight, function: str) -> bool | None:
-    """For class-sharded logits: None (no weight or a plain one), True (a Replicate DTensor: read whole), False (a
-    Shard(0) DTensor: its local slice). Placement errors are the same on every rank."""
-    if not isinstance(weight, _dtensor_type()):
-        return None
-    layout.same_mesh("weight", weight)
-    placement = weight.placements[0]
-    if placement.is_shard() and weight.dim() == 1 and placement.dim in (0, -1):
-        return False
-    if placement.is_replicate():
-        return True
-    raise ValueError(
-        f"`weight` of {function} is a DTensor with placement {placement}; with `logits` placed {layout.placement} "
-        "it must be Shard(0) (each rank its classes' weights), Replicate() or a plain (C,) tensor"
-    )
-
-
-def _class_sharded_inputs(layout: _Layout, logits, target, weight, weight_kind, ignore_index: int, function: str):
-    """The replicated target and this rank's slice of the class weights, checked (per-rank checks: call inside
-    the part every rank reports on). Returns ``(target, weight_slice, digest)``."""
-    from .._core.collectives import fingerprint
-
-    local = layout.local
-    num_classes = logits.shape[layout.class_dim]
-    local_classes, offset = local.shape[layout.class_dim], layout.offset[layout.class_dim]
-    target = v.check_tensor("target", target)
-    if isinstance(target, _dtensor_type()):
-        layout.same_mesh("target", target)
-        if not target.placements[0].is_replicate():
-            raise ValueError(
-                f"`target` of {function} is a DTensor with placement {target.placements[0]}; with `logits` placed "
-                f"{layout.placement} (class-sharded) it must be Replicate() or a plain tensor, the same on every rank"
-            )
-        target = target.to_local()
-    v.check_same_device("target", target, "logits", local)
-    v.check_class_target(target, num_classes, ignore_index)
-    if weight_kind is True:
-        weight = v.check_class_weight(weight.to_local(), num_classes, local).narrow(0, offset, local_classes)
-    elif weight_kind is False:
-        if tuple(weight.shape) != (num_classes,):
-            raise ValueError(f"`weight` must have shape ({num_classes},), one entry per class, but has shape "
-                             f"{tuple(weight.shape)}")
-        weight = v.check_class_weight(weight.to_local(), local_classes, local)
-    elif weight is not None:
-        weight = v.check_class_weight(weight, num_classes, local).narrow(0, offset, local_classes)
-    return target, weight, fingerprint(target)
-
-
 def _class_rows(layout: _Layout) -> torch.Tensor:
     """The local logits as ``(M, C_local)`` rows (class dim last), also when this rank holds no class."""
     local, class_dim = layout.local, layout.class_dim
@@ -357,7 +309,7 @@ def _vocab_parallel(layout, logits, target, weight, ignore_index, reduction, lab
             f"`inplace_backward=True` is not available for logits sharded along the class dimension (placement "
             f"{layout.placement}); pass inplace_backward=False"
         )
-    weight_kind = _class_weight_kind(layout, weight, "cross_entropy")
+    weight_kind = _class_vector_kind(layout, "weight", weight, "cross_entropy")
     error, digest, weight_local, target_local, options = None, 0, None, None, None
     try:
         v.check_tensor("target", target)
@@ -373,8 +325,10 @@ def _vocab_parallel(layout, logits, target, weight, ignore_index, reduction, lab
             softcap=v.check_softcap(softcap), chunk_size=v.check_optional_positive_int("chunk_size", chunk_size),
             num_classes=num_classes, class_offset=layout.offset[layout.class_dim],
         )
-        target_local, weight_local, digest = _class_sharded_inputs(layout, logits, target, weight, weight_kind,
-                                                                   options.ignore_index, "cross_entropy")
+        target_local, digest = _class_sharded_target(layout, logits, target, options.ignore_index, "cross_entropy",
+                                                     check_shape=False)  # _check_target_shape above
+        weight_local = _class_vector_slice(layout, "weight", weight, weight_kind, num_classes,
+                                           _weight_check(layout.local))
     except Exception as caught:  # re-raised on this rank once every rank has been told
         error = caught
     raise_together(error, layout.group, layout.local.device, digest)
@@ -396,14 +350,14 @@ def _sharded_fenchel_young(layout, logits, target, kind, weight, ignore_index, r
             f"`impl={impl!r}` cannot serve logits sharded along the class dimension (placement "
             f"{layout.placement}): they take the class-sharded PyTorch path; pass impl='auto' or 'torch'"
         )
-    weight_kind = _class_weight_kind(layout, weight, function)
+    weight_kind = _class_vector_kind(layout, "weight", weight, function)
     error, digest, weight_local, target_local = None, 0, None, None
     try:
-        v.check_class_index_target(logits, target, function)  # global shapes and dtype
         ignore_index = v.check_int("ignore_index", ignore_index)
         temperature = v.check_positive("temperature", temperature)
-        target_local, weight_local, digest = _class_sharded_inputs(layout, logits, target, weight, weight_kind,
-                                                                   ignore_index, function)
+        target_local, digest = _class_sharded_target(layout, logits, target, ignore_index, function)
+        weight_local = _class_vector_slice(layout, "weight", weight, weight_kind, logits.shape[layout.class_dim],
+                                           _weight_check(layout.local))
     except Exception as caught:  # re-raised on this rank once every rank has been told
         error = caught
     raise_together(error, layout.group, layout.local.device, digest)
@@ -639,11 +593,13 @@ def _class_vector_slice(layout: _Layout, name: str, vector, kind, num_classes: i
     return check(name, whole, num_classes).narrow(0, offset, local_classes)
 
 
-def _class_sharded_target(layout: _Layout, logits, target, ignore_index: int, function: str):
+def _class_sharded_target(layout: _Layout, logits, target, ignore_index: int, function: str,
+                          check_shape: bool = True):
     """The replicated class-index target of class-sharded logits, checked, and its digest (per-rank checks)."""
     from .._core.collectives import fingerprint
 
-    v.check_class_index_target(logits, target, function)  # global shapes and dtype
+    if check_shape:
+        v.check_class_index_target(logits, target, function)  # global shapes and dtype
     target = v.check_tensor("target", target)
     if isinstance(target, _dtensor_type()):
         layout.same_mesh("target", target)
@@ -857,8 +813,21 @@ def distillation_loss(student_logits, teacher_logits, *, temperature, reduction,
     if student_logits.dim() == 0:
         raise ValueError("`student_logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
     layout.class_dim = _class_dim(student_logits)
-    v.check_tensor("teacher_logits", teacher_logits)
-    v.check_same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)  # global shapes
+    if isinstance(teacher_logits, _dtensor_type()):
+        v.check_same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)  # global shapes
+    elif layout.dim is not None:  # a plain teacher is each rank's own: every rank reports on its check
+        from .._core.collectives import raise_together
+
+        error = None
+        try:
+            v.check_tensor("teacher_logits", teacher_logits)
+            v.check_same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
+        except Exception as caught:  # re-raised on this rank once every rank has been told
+            error = caught
+        raise_together(error, layout.group, layout.local.device)
+    else:
+        v.check_tensor("teacher_logits", teacher_logits)
+        v.check_same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)
     temperature = v.check_positive("temperature", temperature)
     reduction = v.check_reduction(reduction, DISTILLATION_REDUCTIONS)
     if target is None and alpha is not None:
