@@ -541,6 +541,7 @@ def _case_errors(rank, world, mesh):
     class_sharded = _on_mesh(full, mesh, Shard(1))
     _expect_error("placement S(1)", lambda: softmaxkit.entmax_bisect_loss(class_sharded, target))
     _expect_error("placement S(1)", lambda: softmaxkit.entmax_bisect(class_sharded, dim=1))
+    _expect_error("impl='cpu'", lambda: softmaxkit.sparsemax(class_sharded, dim=1, impl="cpu"))
     for function in (softmaxkit.focal_loss, softmaxkit.poly1_cross_entropy):
         _expect_error("class-probability targets", lambda function=function: function(
             class_sharded, torch.softmax(full, dim=1)))

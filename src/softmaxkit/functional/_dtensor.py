@@ -907,6 +907,12 @@ def sparse_map(function_name: str, local_function, x, dim, *, alpha=None, **opti
             )
         from .._core.sparse_parallel import ShardedSparseMap
 
+        impl = options.get("impl", "auto")
+        if impl not in ("auto", "torch"):
+            raise ValueError(
+                f"`impl={impl!r}` cannot serve `x` sharded along `dim` (placement {layout.placement}): it takes the "
+                "class-sharded PyTorch path; pass impl='auto' or 'torch'"
+            )
         moved = layout.local.movedim(dim, -1)
         rows = moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
         kind = SPARSEMAX if function_name == "sparsemax" else ENTMAX15
