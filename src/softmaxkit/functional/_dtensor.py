@@ -842,9 +842,8 @@ def distillation_loss(student_logits, teacher_logits, *, temperature, reduction,
     student = layout.local
     teacher = _piece(layout, "teacher_logits", teacher_logits)
     work = _work(torch.promote_types(student.dtype, teacher.dtype))
-    batch = 1 if student_logits.dim() == 1 else student_logits.shape[0]
-    distributions = max(student_logits.numel() // max(student_logits.shape[layout.class_dim], 1), 1) \
-        if student_logits.dim() > 1 else 1
+    batch = 1 if student_logits.dim() == 1 else max(student_logits.shape[0], 1)
+    distributions = max(math.prod(_out_shape(student_logits)), 1)  # an empty batch: its sum, 0
     ce = None
     if target is not None:
         ce_reduction = "mean" if reduction in ("mean", "batchmean") else reduction
