@@ -1,7 +1,7 @@
 """DTensor inputs to the losses and tensor parallelism: 2 and 4 gloo processes on 127.0.0.1.
 
-Every loss on a DTensor is compared with the single-process loss on the gathered (full) tensor, values and
-gradients in float64 (the gradients come back as DTensors with the input's placements, gathered with
+Every loss and sparse map on a DTensor is compared with the single-process function on the gathered (full)
+tensor, values and gradients in float64 (the gradients come back as DTensors with the input's placements, gathered with
 ``full_tensor()``), and with PyTorch's ``F.cross_entropy`` on DTensors (``loss_parallel()`` for class-sharded
 logits) wherever PyTorch serves the call. Placements that cannot be served raise a ``ValueError`` on every
 rank. Each world size is one spawn running every case (a spawn costs seconds of imports).
