@@ -1,7 +1,7 @@
 """DTensor inputs to the losses and tensor parallelism: 2 and 4 gloo processes on 127.0.0.1.
 
-Every loss on a DTensor is compared with the single-process loss on the gathered (full) tensor, values and
-gradients in float64 (the gradients come back as DTensors with the input's placements, gathered with
+Every loss and sparse map on a DTensor is compared with the single-process function on the gathered (full)
+tensor, values and gradients in float64 (the gradients come back as DTensors with the input's placements, gathered with
 ``full_tensor()``), and with PyTorch's ``F.cross_entropy`` on DTensors (``loss_parallel()`` for class-sharded
 logits) wherever PyTorch serves the call. Placements that cannot be served raise a ``ValueError`` on every
 rank. Each world size is one spawn running every case (a spawn costs seconds of imports).
@@ -353,6 +353,175 @@ def _case_sparse_class_sharded(rank, world, mesh):
                     _close(logits.grad, expected_grad, what + " grad")
 
 
+def _case_row_statistics(rank, world, mesh):
+    """focal_loss, poly1_cross_entropy and distillation_loss of class-sharded logits (all-reduced row
+    statistics: LSE, the target's logit, sums over classes), and of Shard(0) / Replicate logits, equal the
+    single-process losses in values and gradients (the teacher's too); uneven and empty class slices."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    num_classes = 7 if world == 2 else 5  # 4+3; 2+2+1+0 (an empty slice)
+    for shape in ((6, num_classes), (3, num_classes, 2)):
+        full, target, class_weight, upstream = _data(shape, num_classes)
+        if len(shape) == 2:
+            full[0, target[0]] += 40.0  # p_y = 1 in float64: the focal gradient stays finite for gamma < 1
+        cases = [
+            (softmaxkit.focal_loss, dict(gamma=2.0)),
+            (softmaxkit.focal_loss, dict(gamma=0.5, alpha="full", weight="sharded", label_smoothing=0.1,
+                                         temperature=0.8)),
+            (softmaxkit.focal_loss, dict(gamma=1.5, alpha="sharded", weight="full")),
+            (softmaxkit.poly1_cross_entropy, dict(epsilon=1.0)),
+            (softmaxkit.poly1_cross_entropy, dict(epsilon=-0.5, weight="sharded", label_smoothing=0.2,
+                                                  temperature=1.3)),
+        ]
+        for function, spec in cases:
+            for reduction in ("mean", "sum", "none"):
+                options = dict(spec)
+                kinds = {name: options.pop(name) for name in ("alpha", "weight") if name in options}
+                reference = {name: class_weight.flip(0) if name == "alpha" else class_weight for name in kinds}
+                expected, expected_grad = _reference(function, full, target, upstream, reduction, **reference,
+                                                     **options)
+                assert torch.isfinite(expected_grad).all()
+                for placement in (Shard(1), Shard(0), Replicate()):
+                    if placement != Shard(1) and (reduction != "mean" or len(shape) > 2):
+                        continue  # the row-sharded grids run in _case_other_losses; here one call each
+                    given = {name: (_on_mesh(reference[name], mesh, Shard(0)) if kind == "sharded" and
+                                    placement == Shard(1) else reference[name]) for name, kind in kinds.items()}
+                    logits = _on_mesh(full, mesh, placement, requires_grad=True)
+                    dtarget = _on_mesh(target, mesh, Replicate() if placement == Shard(1) else placement)
+                    loss = function(logits, dtarget, reduction=reduction, **given, **options)
+                    _backward(loss, upstream, reduction)
+                    assert logits.grad.placements == (placement,)
+                    what = f"rank {rank} {function.__name__} {placement} {shape} {spec} {reduction}"
+                    _close(loss, expected, what)
+                    _close(logits.grad, expected_grad, what + " grad")
+
+    # Poly-1 with class-probability targets on Shard(0)
+    full, target, class_weight, upstream = _data((4 * world - 1, num_classes), num_classes)
+    soft = torch.softmax(torch.randn(full.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64), 1)
+    expected, expected_grad = _reference(softmaxkit.poly1_cross_entropy, full, soft, upstream, "mean", weight=class_weight)
+    logits = _on_mesh(full, mesh, Shard(0), requires_grad=True)
+    loss = softmaxkit.poly1_cross_entropy(logits, _on_mesh(soft, mesh, Shard(0)), weight=class_weight)
+    _backward(loss, upstream, "mean")
+    _close(loss, expected, "poly1 probabilities Shard(0)")
+    _close(logits.grad, expected_grad, "poly1 probabilities Shard(0) grad")
+
+    # distillation: student and teacher class-sharded, batch-sharded or replicated; teacher placed like the
+    # student or whole (a plain tensor); with and without the hard-label term
+    for shape in ((4 * world - 1, num_classes), (3, num_classes, 2)):
+        student, target, class_weight, upstream = _data(shape, num_classes, seed=7)
+        teacher = _data(shape, num_classes, seed=8)[0]
+        if len(shape) == 2:
+            teacher[1, 2] = -torch.inf  # a class the teacher masks (pi = 0)
+        for reduction in ("batchmean", "mean", "sum", "none"):
+            for hard in (None, dict(target=target, alpha=0.3, weight=class_weight, label_smoothing=0.1)):
+                options = dict(temperature=2.5, reduction=reduction, **(hard or {}))
+                s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+                expected = softmaxkit.distillation_loss(s, t, **options)
+                _backward(expected, upstream, reduction)
+                for placement in (Shard(1), Shard(0), Replicate()):
+                    if len(shape) > 2 and placement == Shard(0) and world == 4:
+                        continue  # 3 rows on 4 ranks: covered by the 2-D shape
+                    for teacher_kind in ("dtensor", "plain"):
+                        if teacher_kind == "plain" and (reduction != "mean" or hard is not None):
+                            continue
+                        ds = _on_mesh(student, mesh, placement, requires_grad=True)
+                        dt = (_on_mesh(teacher, mesh, placement) if teacher_kind == "dtensor"
+                              else teacher.clone()).requires_grad_()
+                        given = dict(options)
+                        if hard is not None and placement == Shard(0):
+                            given["target"] = _on_mesh(target, mesh, Shard(0))
+                        loss = softmaxkit.distillation_loss(ds, dt, **given)
+                        _backward(loss, upstream, reduction)
+                        what = f"rank {rank} distillation {placement} {shape} {reduction} {hard is not None} {teacher_kind}"
+                        _close(loss, expected, what)
+                        _close(ds.grad, s.grad, what + " student grad")
+                        _close(dt.grad, t.grad, what + " teacher grad")
+
+    # class-sharded edge cases: every target ignored (0, zero gradient); a masked class; float32 (dtype kept,
+    # torch.testing's fp32 tolerance: per-rank partial sums round differently); 1-D (C,) distillation
+    full, target, class_weight, upstream = _data((6, num_classes), num_classes)
+    for function in (softmaxkit.focal_loss, softmaxkit.poly1_cross_entropy):
+        logits = _on_mesh(full, mesh, Shard(1), requires_grad=True)
+        zero = function(logits, torch.full_like(target, -100))
+        zero.full_tensor().backward()
+        assert zero.full_tensor().item() == 0.0 and torch.count_nonzero(logits.grad.full_tensor()) == 0
+        masked = full.clone()
+        masked[2, (target[2] + 1) % num_classes] = -torch.inf
+        expected, expected_grad = _reference(function, masked, target, upstream, "mean")
+        logits = _on_mesh(masked, mesh, Shard(1), requires_grad=True)
+        loss = function(logits, target)
+        _backward(loss, upstream, "mean")
+        _close(loss, expected, f"{function.__name__} masked class")
+        _close(logits.grad, expected_grad, f"{function.__name__} masked class grad")
+        expected, expected_grad = _reference(function, full.float(), target, None, "mean")
+        logits = _on_mesh(full.float(), mesh, Shard(1), requires_grad=True)
+        loss = function(logits, target)
+        _backward(loss, None, "mean")
+        assert loss.dtype == torch.float32 and logits.grad.dtype == torch.float32
+        torch.testing.assert_close(loss.full_tensor(), expected)
+        torch.testing.assert_close(logits.grad.full_tensor(), expected_grad)
+    student, teacher = full[0].clone(), full[1].clone()
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    expected = softmaxkit.distillation_loss(s, t, temperature=2.0)
+    expected.backward()
+    ds, dt = (_on_mesh(x, mesh, Shard(0), requires_grad=True) for x in (student, teacher))
+    loss = softmaxkit.distillation_loss(ds, dt, temperature=2.0)
+    loss.full_tensor().backward()
+    _close(loss, expected, "1-D distillation Shard(0)")
+    _close(ds.grad, s.grad, "1-D distillation student grad")
+    _close(dt.grad, t.grad, "1-D distillation teacher grad")
+
+
+def _case_sparse_maps(rank, world, mesh):
+    """sparsemax, entmax15 and entmax_bisect of DTensors: outputs placed like the input and gradients equal
+    the single-process ones; Shard(dim) searches the exact threshold across the ranks (uneven, empty slices)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    num_classes = 7 if world == 2 else 5
+    g = torch.Generator().manual_seed(21)
+    for spread in (0.3, 3.0):  # wide and narrow supports
+        full = torch.randn(2 * world + 1, num_classes, generator=g, dtype=torch.float64) * spread
+        full[1, 1:3] = -torch.inf
+        upstream = torch.randn(full.shape, generator=g, dtype=torch.float64)
+        alpha = 1.1 + torch.rand(full.shape[0], 1, generator=g, dtype=torch.float64)
+        calls = [
+            (softmaxkit.sparsemax, {}), (softmaxkit.entmax15, {}),
+            (softmaxkit.entmax_bisect, dict(alpha=1.7)), (softmaxkit.entmax_bisect, dict(alpha="tensor")),
+        ]
+        for function, options in calls:
+            for dim, placement in ((1, Shard(1)), (-1, Shard(0)), (1, Replicate()), (0, Shard(0))):
+                x_full = full if dim != 0 else full.t().contiguous()
+                up = upstream if dim != 0 else upstream.t().contiguous()
+                bisect = function is softmaxkit.entmax_bisect
+                if bisect and placement.is_shard() and placement.dim % 2 == dim % 2:
+                    logits = _on_mesh(x_full, mesh, placement)
+                    _expect_error(f"placement {placement}", lambda logits=logits, dim=dim, function=function: function(
+                        logits, dim=dim, alpha=1.5))
+                    continue
+                given = dict(options)
+                if options.get("alpha") == "tensor":
+                    if dim == 0:
+                        continue
+                    a = alpha.clone().requires_grad_()
+                    given["alpha"] = alpha.clone().requires_grad_()
+                    reference = dict(alpha=a)
+                else:
+                    reference = options
+                x = x_full.clone().requires_grad_()
+                expected = function(x, dim=dim, **reference)
+                (expected * up).sum().backward()
+                dx = _on_mesh(x_full, mesh, placement, requires_grad=True)
+                out = function(dx, dim=dim, **given)
+                assert isinstance(out, DTensor) and out.placements == (placement,), out
+                (out.full_tensor() * up).sum().backward()
+                assert dx.grad.placements == (placement,)
+                what = f"rank {rank} {function.__name__} {options} dim={dim} {placement} x{spread}"
+                _close(out, expected, what)
+                _close(dx.grad, x.grad, what + " grad")
+                if options.get("alpha") == "tensor":
+                    _close(given["alpha"].grad, a.grad, what + " alpha grad")
+
+
 def _expect_error(message: str, call) -> None:
     try:
         call()
@@ -370,8 +539,12 @@ def _case_errors(rank, world, mesh):
     num_classes = 6
     full, target, _, _ = _data((4, num_classes), num_classes)
     class_sharded = _on_mesh(full, mesh, Shard(1))
-    for function in (softmaxkit.focal_loss, softmaxkit.entmax_bisect_loss):
-        _expect_error("placement S(1)", lambda function=function: function(class_sharded, target))
+    _expect_error("placement S(1)", lambda: softmaxkit.entmax_bisect_loss(class_sharded, target))
+    _expect_error("placement S(1)", lambda: softmaxkit.entmax_bisect(class_sharded, dim=1))
+    _expect_error("impl='cpu'", lambda: softmaxkit.sparsemax(class_sharded, dim=1, impl="cpu"))
+    for function in (softmaxkit.focal_loss, softmaxkit.poly1_cross_entropy):
+        _expect_error("class-probability targets", lambda function=function: function(
+            class_sharded, torch.softmax(full, dim=1)))
     partial = DTensor.from_local(full, mesh, [Partial()], run_check=False)
     _expect_error("placement P(sum)", lambda: softmaxkit.cross_entropy(partial, target))
     mesh_2d = init_device_mesh("cpu", (1, world))
@@ -400,6 +573,10 @@ def _case_errors(rank, world, mesh):
     wrong = torch.zeros(2 * world + (1 if rank == 0 else 0), dtype=torch.long)
     for function in (softmaxkit.cross_entropy, softmaxkit.focal_loss, softmaxkit.sparsemax_loss):
         _expect_error("must have shape" if rank == 0 else "rank(s) [0]", lambda function=function: function(rows, wrong))
+    # a plain teacher of the wrong shape on one rank only (class-sharded student)
+    teacher = full if rank != 0 else full[:-1]
+    _expect_error("must have the same shape" if rank == 0 else "rank(s) [0]",
+                  lambda: softmaxkit.distillation_loss(class_sharded, teacher))
     # a plain (replicated) target that differs between the ranks of class-sharded logits
     other = target.clone()
     if rank == 1:
@@ -460,7 +637,7 @@ def _case_tensor_parallel(rank, world, mesh):
 
 
 CASES = [_case_cross_entropy_class_sharded, _case_cross_entropy_rows, _case_other_losses,
-         _case_sparse_class_sharded, _case_errors, _case_tensor_parallel]
+         _case_sparse_class_sharded, _case_row_statistics, _case_sparse_maps, _case_errors, _case_tensor_parallel]
 
 
 def test_two_processes():

@@ -211,11 +211,8 @@ def test_fake_meta_and_dtensor_in_subprocess(name):
     for line, dtype in zip(fake, ("float32", "bfloat16", "float64")):
         assert f"{expected_shape} torch.{dtype} (3, 5)" in line, line
     assert all("device(type='meta')" in line or "meta" in line.split()[-1] for line in meta), meta
-    if loss:  # the losses take DTensors (functional/_dtensor.py; placements tested in tests/test_dtensor.py)
-        assert "dtensor served" in lines, lines
-    else:  # the maps refuse them, saying how to convert
-        dtensor = [line for line in lines if line.startswith("dtensor TypeError")]
-        assert dtensor and "DTensor" in dtensor[0] and ".full_tensor()" in dtensor[0], lines
+    # the maps and the losses take DTensors (functional/_dtensor.py; placements tested in tests/test_dtensor.py)
+    assert "dtensor served" in lines, lines
 
 
 # ---------------------------------------------------------------------------------- opcheck

@@ -33,75 +33,11 @@ References:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from . import _validation as v
 from ._core import CrossEntropyOptions
-from ._core.collectives import GroupReduce
+from ._core.collectives import GroupReduce, shard_layout
 from ._core.linear import ChunkedLinearCrossEntropy, VocabParallelCrossEntropy
-
-
-def _layout(
-    local_classes: int,
-    target: torch.Tensor,
-    hidden_size: int,
-    chunk_size: int | None,
-    num_classes: int | None,
-    group,
-    shard_name: str,
-    options: tuple[bool, ...] = (),
-) -> tuple[int, int]:
-    """All-gather each process's shapes; check they agree; return ``(class_offset, total_classes)``.
-
-    Raises the same ``ValueError`` on every process when they disagree (everyone sees the same table).
-    """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "vocab-parallel losses need an initialised process group: call "
-            "torch.distributed.init_process_group(...) first (torchrun sets up the environment for it)"
-        )
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    flat = target.reshape(-1).long()
-    fingerprint = (flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum() if flat.numel() else 0
-    flags = sum(int(bool(flag)) << i for i, flag in enumerate(options))
-    info = torch.tensor(
-        [local_classes, flat.numel(), hidden_size, -1 if chunk_size is None else chunk_size, int(fingerprint),
-         flags],
-        dtype=torch.int64,
-        device=target.device,
-    )
-    table = [torch.empty_like(info) for _ in range(world)]
-    dist.all_gather(table, info, group=group)
-    rows = torch.stack(table).tolist()
-    sizes = [row[0] for row in rows]
-    for column, what in ((1, "rows (targets)"), (2, "hidden features"), (3, "chunk_size")):
-        values = [row[column] for row in rows]
-        if len(set(values)) > 1:
-            shown = [None if x < 0 else x for x in values] if column == 3 else values
-            raise ValueError(
-                f"every process of the group must pass the same number of {what}, but got {shown} on ranks "
-                f"0..{world - 1}"
-            )
-    if len({row[5] for row in rows}) > 1:
-        raise ValueError(
-            "every process of the group must pass the same options: class weights given on some ranks only, or "
-            "gradients needed on some ranks only (their collectives would not match)"
-        )
-    if len({row[4] for row in rows}) > 1:
-        raise ValueError(
-            "`target` differs between the processes of the group; every process must pass the same (replicated) "
-            "target for the vocab-parallel loss"
-        )
-    total = sum(sizes)
-    if num_classes is not None and num_classes != total:
-        raise ValueError(
-            f"the `{shard_name}` slices add up to {total} classes over the group's ranks ({sizes}), but "
-            f"num_classes={num_classes}"
-        )
-    if total == 0:
-        raise ValueError(f"the `{shard_name}` slices hold no classes at all on any rank ({sizes})")
-    return sum(sizes[:rank]), total
 
 
 def _check_common(target, reduction, ignore_index, label_smoothing, temperature, z_loss, softcap, num_classes):
@@ -174,7 +110,7 @@ def vocab_parallel_cross_entropy(
     chunk_size = v.check_optional_positive_int("chunk_size", chunk_size)
     weight = v.check_class_weight(weight, logits_shard.shape[1], logits_shard, name="weight")
     needs_grad = torch.is_grad_enabled() and logits_shard.requires_grad
-    offset, total = _layout(logits_shard.shape[1], target, 0, chunk_size, num_classes, group, "logits_shard",
+    offset, total = shard_layout(logits_shard.shape[1], target, 0, chunk_size, num_classes, group, "logits_shard",
                             (weight is not None, needs_grad))
     v.check_class_target(target, total, ignore_index)
     options = CrossEntropyOptions(
@@ -240,7 +176,7 @@ def vocab_parallel_linear_cross_entropy(
     accumulation_dtype = v.check_accumulation_dtype(accumulation_dtype, weight_shard.dtype)
     class_weight = v.check_class_weight(class_weight, weight_shard.shape[0], hidden, name="class_weight")
     grad_on = torch.is_grad_enabled()
-    offset, total = _layout(weight_shard.shape[0], target, hidden.shape[-1], chunk_size, num_classes, group,
+    offset, total = shard_layout(weight_shard.shape[0], target, hidden.shape[-1], chunk_size, num_classes, group,
                             "weight_shard", (class_weight is not None, grad_on and hidden.requires_grad,
                                              grad_on and (weight_shard.requires_grad or (
                                                  bias_shard is not None and bias_shard.requires_grad))))

@@ -8,6 +8,13 @@ DTensor adapter :mod:`softmaxkit.functional._dtensor`).
   a replicated result: each rank's rows get ``g`` (``"sum"``) or ``g / D`` (``"mean"``).
 * :func:`replicated_grad`: the identity whose backward all-reduces the gradient, for a tensor every rank holds
   whole (a replicated weight) but each rank only uses with its own rows.
+* :func:`shard_layout`: the vocab-parallel losses' agreement check (shapes, options, target) and each rank's
+  class offset, one all-gather before the first collective that could otherwise deadlock.
+* :func:`sum_over`: the all-reduce sum whose backward is the identity, the conjugate of :func:`replicated_grad`.
+  Together they differentiate any loss built from per-row sums over class-sharded rows (the row statistics
+  of focal, Poly-1 and distillation losses): a per-rank partial sum goes through :func:`sum_over`; a
+  replicated statistic (the global LSE) used again in a rank-local term goes through :func:`replicated_grad`.
+  The gradient of the replicated result is then exact on every rank.
 * :func:`raise_together`: a rank whose local checks failed would otherwise leave the others waiting in the
   next collective; one tiny all-gather lets every rank raise instead.
 """
@@ -93,6 +100,46 @@ def replicated_grad(tensor: torch.Tensor, group) -> torch.Tensor:
     return _ReplicatedGrad.apply(tensor, group)
 
 
+class _SumOver(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, group):
+        out = tensor.detach().clone().contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None
+
+
+def sum_over(tensor: torch.Tensor, group) -> torch.Tensor:
+    """``Σ_r tensor_r`` over ``group`` (a new tensor, the same on every rank). Backward is the identity: the
+    result is replicated, and each rank's gradient of a replicated loss with respect to it is already the whole
+    gradient, which is also each addend's (``∂(Σ_r x_r)/∂x_r = 1``). Exact as long as every use of the result
+    that differs between ranks goes through :func:`replicated_grad`."""
+    return _SumOver.apply(tensor, group)
+
+
+def max_over(tensor: torch.Tensor, group) -> torch.Tensor:
+    """``max_r tensor_r`` over ``group``, detached (a shift, not differentiated)."""
+    out = tensor.detach().clone().contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
+def sharded_logsumexp(z: torch.Tensor, group) -> torch.Tensor:
+    """The differentiable ``(M,)`` log-sum-exp of rows ``z`` ``(M, C_local)`` whose classes are split over
+    ``group`` (a slice may be empty): two all-reduces (the row maximum, then the shifted sums). A row whose
+    maximum is not finite is shifted by 0 (its LSE is then ``-inf``, ``inf`` or NaN, as ``torch.logsumexp``)."""
+    if z.shape[1]:
+        top = z.detach().amax(dim=1)
+    else:
+        top = torch.full((z.shape[0],), -torch.inf, dtype=z.dtype, device=z.device)
+    top = max_over(top, group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top + torch.log(sum_over(torch.exp(z - top[:, None]).sum(dim=1), group))
+
+
 def fingerprint(target: torch.Tensor) -> int:
     """A cheap order-sensitive digest of an integer tensor (equal targets give equal digests)."""
     flat = target.reshape(-1).long()
@@ -129,3 +176,69 @@ def raise_together(error: BaseException | None, group, device, digest: int | Non
             f"`{digest_name}` differs between the ranks of the mesh; a replicated `{digest_name}` (a plain tensor "
             "or a Replicate DTensor) must be the same on every rank"
         )
+
+
+def shard_layout(
+    local_classes: int,
+    target: torch.Tensor,
+    hidden_size: int,
+    chunk_size: int | None,
+    num_classes: int | None,
+    group,
+    shard_name: str,
+    options: tuple[bool, ...] = (),
+) -> tuple[int, int]:
+    """All-gather each process's shapes; check they agree; return ``(class_offset, total_classes)``.
+
+    ``local_classes``: this process's slice of the classes; ``hidden_size`` (0 for logits) and ``chunk_size``
+    must agree, and so must ``options`` (flags whose collectives must match: class weights given, gradients
+    needed) and the ``target`` (an order-sensitive digest). Raises the same ``ValueError`` on every process
+    when they disagree (everyone sees the same table), so a mistake fails loudly instead of deadlocking.
+    Used by :mod:`softmaxkit.distributed` and the DTensor adapter of ``linear_cross_entropy``.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "vocab-parallel losses need an initialised process group: call "
+            "torch.distributed.init_process_group(...) first (torchrun sets up the environment for it)"
+        )
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    flat = target.reshape(-1)
+    flags = sum(int(bool(flag)) << i for i, flag in enumerate(options))
+    info = torch.tensor(
+        [local_classes, flat.numel(), hidden_size, -1 if chunk_size is None else chunk_size, fingerprint(flat),
+         flags],
+        dtype=torch.int64,
+        device=target.device,
+    )
+    table = [torch.empty_like(info) for _ in range(world)]
+    dist.all_gather(table, info, group=group)
+    rows = torch.stack(table).tolist()
+    sizes = [row[0] for row in rows]
+    for column, what in ((1, "rows (targets)"), (2, "hidden features"), (3, "chunk_size")):
+        values = [row[column] for row in rows]
+        if len(set(values)) > 1:
+            shown = [None if x < 0 else x for x in values] if column == 3 else values
+            raise ValueError(
+                f"every process of the group must pass the same number of {what}, but got {shown} on ranks "
+                f"0..{world - 1}"
+            )
+    if len({row[5] for row in rows}) > 1:
+        raise ValueError(
+            "every process of the group must pass the same options: class weights given on some ranks only, or "
+            "gradients needed on some ranks only (their collectives would not match)"
+        )
+    if len({row[4] for row in rows}) > 1:
+        raise ValueError(
+            "`target` differs between the processes of the group; every process must pass the same (replicated) "
+            "target for the vocab-parallel loss"
+        )
+    total = sum(sizes)
+    if num_classes is not None and num_classes != total:
+        raise ValueError(
+            f"the `{shard_name}` slices add up to {total} classes over the group's ranks ({sizes}), but "
+            f"num_classes={num_classes}"
+        )
+    if total == 0:
+        raise ValueError(f"the `{shard_name}` slices hold no classes at all on any rank ({sizes})")
+    return sum(sizes[:rank]), total

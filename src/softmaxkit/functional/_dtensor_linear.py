@@ -5,8 +5,9 @@ unsupported one raises the same ``ValueError`` everywhere):
 
 * ``weight`` ``Shard(0)`` (classes split over the mesh) and ``hidden`` a ``Replicate`` DTensor on the same
   mesh — tensor parallelism, the explicit signal: the vocab-parallel algorithm of
-  :func:`softmaxkit.distributed.vocab_parallel_linear_cross_entropy` over ``mesh.get_group()``, the weight
-  never gathered. Each rank's slice is its ``to_local()`` rows in mesh order (uneven and empty shards
+  :func:`softmaxkit.distributed.vocab_parallel_linear_cross_entropy` (its layer-1 pieces called directly:
+  :func:`~softmaxkit._core.collectives.shard_layout`, :class:`~softmaxkit._core.linear.ChunkedLinearCrossEntropy`,
+  :class:`~softmaxkit._core.collectives.GroupReduce`) over ``mesh.get_group()``, the weight never gathered. Each rank's slice is its ``to_local()`` rows in mesh order (uneven and empty shards
   included). The loss is a ``Replicate`` DTensor; ``∂/∂weight`` comes back ``Shard(0)``, ``∂/∂hidden``
   ``Replicate``: the vocab-parallel function already sums ``∂/∂hidden`` over the group, and a
   ``Replicate`` DTensor's ``to_local()`` passes its gradient through without communication, so it is
@@ -26,9 +27,10 @@ or a DTensor on the mesh; ``target`` a plain tensor or a ``Replicate`` DTensor.
 
 from __future__ import annotations
 
-import sys
-
 import torch
+
+from .. import _validation as v
+from ._dtensor import _dtensor_type
 
 _SUPPORTED = (
     "supported: a 1-d mesh with `weight` Shard(0) and `hidden` a Replicate DTensor on the same mesh (tensor "
@@ -37,23 +39,11 @@ _SUPPORTED = (
 )
 
 
-def _dtensor_type():
-    """The DTensor class if ``torch.distributed.tensor`` is imported (no DTensor can exist otherwise)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else module.DTensor
-
-
-def has_dtensor(*tensors) -> bool:
-    """Whether any of ``tensors`` is a DTensor (without importing ``torch.distributed.tensor``)."""
-    dtensor = _dtensor_type()
-    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
-
-
 def _describe(tensor) -> str:
     return f"a DTensor with placements {tuple(tensor.placements)} on a {tensor.device_mesh.ndim}-d mesh"
 
 
-def _layout(hidden, weight, target, bias, class_weight) -> str:
+def _placements(hidden, weight, target, bias, class_weight) -> str:
     """Check the placements; return ``"tensor_parallel"``, ``"data_parallel"`` or ``"replicated"``."""
     from torch.distributed.tensor import Replicate, Shard
 
@@ -127,10 +117,9 @@ def linear_cross_entropy_dtensor(hidden, weight, target, *, bias, class_weight, 
     """:func:`~softmaxkit.linear_cross_entropy` with DTensor inputs (see the module docstring)."""
     from torch.distributed.tensor import DTensor, Replicate
 
-    from ..distributed import vocab_parallel_linear_cross_entropy
     from .linear_cross_entropy import linear_cross_entropy
 
-    layout = _layout(hidden, weight, target, bias, class_weight)
+    layout = _placements(hidden, weight, target, bias, class_weight)
     mesh = weight.device_mesh
     if layout == "data_parallel":
         if isinstance(class_weight, DTensor):
@@ -175,9 +164,48 @@ def linear_cross_entropy_dtensor(hidden, weight, target, *, bias, class_weight, 
 
             _, (offset, *_) = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
             class_weight = full[offset: offset + local_weight.shape[0]]
-    loss = vocab_parallel_linear_cross_entropy(
-        hidden.to_local(), local_weight, local_target, group=mesh.get_group(),
-        bias_shard=None if bias is None else bias.to_local(), class_weight=class_weight,
-        num_classes=weight.shape[0], **options,
-    )
+    loss = _vocab_parallel(hidden.to_local(), local_weight, local_target, mesh.get_group(),
+                           None if bias is None else bias.to_local(), class_weight, weight.shape[0], **options)
     return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+
+def _vocab_parallel(hidden, weight_shard, target, group, bias_shard, class_weight, num_classes, *,
+                    ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, temperature=1.0,
+                    softcap=None, chunk_size=None, accumulation_dtype=None) -> torch.Tensor:
+    """The vocab-parallel linear cross-entropy of this rank's weight rows (what
+    :func:`softmaxkit.distributed.vocab_parallel_linear_cross_entropy` does, from the layer-1 pieces)."""
+    from .._core import CrossEntropyOptions
+    from .._core.collectives import GroupReduce, shard_layout
+    from .._core.linear import ChunkedLinearCrossEntropy
+
+    hidden, weight_shard, bias_shard = v.check_linear_inputs(hidden, weight_shard, bias_shard, weight_name="weight")
+    target = v.check_tensor("target", target)
+    v.check_target_dtype(target)
+    reduction = v.check_reduction(reduction)
+    ignore_index = v.check_int("ignore_index", ignore_index)
+    v.check_same_device("target", target, "hidden", hidden)
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"`target` must have shape {tuple(hidden.shape[:-1])} (one class index per row of `hidden`), but has "
+            f"shape {tuple(target.shape)}"
+        )
+    chunk_size = v.check_optional_positive_int("chunk_size", chunk_size)
+    accumulation_dtype = v.check_accumulation_dtype(accumulation_dtype, weight_shard.dtype)
+    class_weight = v.check_class_weight(class_weight, weight_shard.shape[0], hidden, name="class_weight")
+    grad_on = torch.is_grad_enabled()
+    offset, total = shard_layout(weight_shard.shape[0], target, hidden.shape[-1], chunk_size, num_classes, group,
+                                 "weight", (class_weight is not None, grad_on and hidden.requires_grad,
+                                            grad_on and (weight_shard.requires_grad or (
+                                                bias_shard is not None and bias_shard.requires_grad))))
+    v.check_class_target(target, total, ignore_index)
+    options = CrossEntropyOptions(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=v.check_label_smoothing(label_smoothing),
+        temperature=v.check_positive("temperature", temperature), z_loss=v.check_non_negative("z_loss", z_loss),
+        softcap=v.check_softcap(softcap), chunk_size=chunk_size, accumulation_dtype=accumulation_dtype,
+        num_classes=total, class_offset=offset,
+    )
+    loss = ChunkedLinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, target.reshape(-1), class_weight, options,
+        GroupReduce(group), grad_on,
+    )
+    return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss

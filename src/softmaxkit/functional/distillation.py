@@ -7,6 +7,7 @@ import torch
 from .. import _validation as v
 from .._core import compute_dtype
 from .._reduction import reduce_loss, safe_divide
+from ._dtensor import holds_dtensor
 from .cross_entropy import cross_entropy_core, validate_cross_entropy_args
 
 #: reductions :func:`distillation_loss` accepts (``"batchmean"`` is PyTorch's ``kl_div`` one).
@@ -40,6 +41,12 @@ def distillation_loss(
     where ``CE`` is :func:`softmaxkit.cross_entropy` at temperature 1 (with ``weight``, ``ignore_index``,
     ``label_smoothing``); ``ignore_index`` applies to that term only.
 
+    The logits may be DTensors on a 1-D device mesh (``teacher_logits`` placed like ``student_logits``, or
+    whole): class-sharded (``Shard(1)``: both LSEs and ``Σ_c π_c(log π_c − log σ_c)`` are all-reduced row
+    statistics, the gradients local given them; ``target`` replicated), on a row dimension (``Shard(0)``;
+    ``"batchmean"`` / ``"mean"`` divide by the global batch / number of distributions) or ``Replicate``
+    (``docs/distributed.md``, "DTensor and tensor parallelism").
+
     Args:
         student_logits: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; gradients flow here.
         teacher_logits: the same shape. Gradients flow to it too if it requires them: detach it (or compute
@@ -67,6 +74,12 @@ def distillation_loss(
     References:
         Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015.
     """
+    if holds_dtensor(student_logits, teacher_logits, target, weight):
+        from . import _dtensor
+
+        return _dtensor.distillation_loss(student_logits, teacher_logits, temperature=temperature,
+                                          reduction=reduction, target=target, alpha=alpha, weight=weight,
+                                          ignore_index=ignore_index, label_smoothing=label_smoothing)
     student_logits = v.check_floating("student_logits", student_logits)
     teacher_logits = v.check_floating("teacher_logits", teacher_logits)
     v.check_same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)

@@ -72,9 +72,11 @@ def focal_loss(
     :mod:`softmaxkit.backends.torch.focal`): finite for every ``γ >= 0``, including ``γ < 1`` at ``p_y → 1``
     where autograd through ``pow`` gives NaN.
 
-    ``logits`` may be a DTensor on a 1-D device mesh sharded on a row dimension (``Shard(0)``; the mean is
-    taken over all ranks) or ``Replicate``; class-sharded logits raise a ``ValueError`` (see
-    ``docs/distributed.md``, "DTensor and tensor parallelism").
+    ``logits`` may be a DTensor on a 1-D device mesh: sharded on the class dimension (``Shard(1)``; the
+    global LSE and ``p_y`` come from all-reduced row statistics, the gradient ``g − p Σ_c g_c`` is local given
+    them; class-index targets, replicated; ``alpha``/``weight`` whole or ``Shard(0)``), on a row dimension
+    (``Shard(0)``; the mean is taken over all ranks) or ``Replicate`` (see ``docs/distributed.md``, "DTensor
+    and tensor parallelism").
 
     Args:
         logits: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``, any floating dtype (fp16/bf16 computed in fp32).
@@ -178,6 +180,10 @@ def poly1_cross_entropy(
     ``ignore_index`` is not used (it must stay negative) and ``t`` is neither checked nor renormalised. The
     gradient (by autograd) is the same formula with ``q`` in place of the one-hot target.
 
+    ``logits`` may be a DTensor on a 1-D device mesh: class-sharded (``Shard(1)``: the vocab-parallel
+    cross-entropy plus ``p_y`` from the all-reduced LSE and target logit; class-index targets, replicated), on
+    a row dimension (``Shard(0)``; the mean over all ranks) or ``Replicate`` (``docs/distributed.md``).
+
     Args:
         logits: ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``.
         target: class indices ``()``, ``(N,)`` or ``(N, d1, ..., dk)`` (int64), or class probabilities of the
@@ -199,6 +205,12 @@ def poly1_cross_entropy(
     References:
         Leng et al., "PolyLoss: A Polynomial Expansion Perspective of Classification Loss Functions", ICLR 2022.
     """
+    if holds_dtensor(logits, target, weight):
+        from . import _dtensor
+
+        return _dtensor.poly1_cross_entropy(logits, target, epsilon=epsilon, weight=weight, ignore_index=ignore_index,
+                                            reduction=reduction, label_smoothing=label_smoothing,
+                                            temperature=temperature)
     logits = v.check_floating("logits", logits)
     num_classes, probabilities = _check_target(logits, target)
     epsilon = v.check_in_range("epsilon", epsilon, -1.0, math.inf, high_open=True)

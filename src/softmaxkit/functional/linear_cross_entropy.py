@@ -9,7 +9,8 @@ import torch
 from .. import _validation as v
 from .. import backends
 from .._core import CrossEntropyOptions
-from ._dtensor_linear import has_dtensor, linear_cross_entropy_dtensor
+from ._dtensor import holds_dtensor
+from ._dtensor_linear import linear_cross_entropy_dtensor
 from .cross_entropy import check_bool, cross_entropy_core
 
 #: implementations ``linear_cross_entropy(impl=...)`` accepts (the dispatch table's row). ``"auto"`` picks the
@@ -163,7 +164,7 @@ def linear_cross_entropy(
         Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", 2025 (memory-lean linear
         cross-entropy); Hsu et al., "Liger Kernel", 2024 (fused linear cross-entropy).
     """
-    if has_dtensor(hidden, weight, target, bias, class_weight):
+    if holds_dtensor(hidden, weight, target, bias, class_weight):
         # checked on the global shapes first, so a mistake reads the same as without DTensors
         validate_linear_cross_entropy_args(
             hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, temperature,

@@ -102,6 +102,11 @@ def sparsemax(x: torch.Tensor, dim: int = -1, *, impl: str = "auto") -> torch.Te
     Unlike softmax it gives exact zeros. Its Jacobian is ``diag(s) − s sᵀ/|S|`` with ``s = 1[p > 0]``
     (``|S|`` the support size): the gradient is the upstream gradient centred on the support.
 
+    ``x`` may be a DTensor on a 1-D device mesh; the result is one with the same placement: ``Replicate`` or
+    ``Shard`` of a dimension other than ``dim`` map each rank's piece, ``Shard(dim)`` finds the exact threshold
+    across the ranks (``docs/distributed.md``). The same holds for :func:`entmax15`; :func:`entmax_bisect`
+    serves ``Replicate`` and ``Shard`` of another dimension (``Shard(dim)`` raises a ``ValueError``).
+
     Args:
         x: input of any shape and floating dtype; ``-inf`` entries get probability 0.
         dim: the dimension to normalise (negative counts from the end).
@@ -122,6 +127,10 @@ def sparsemax(x: torch.Tensor, dim: int = -1, *, impl: str = "auto") -> torch.Te
     References:
         Martins & Astudillo, "From Softmax to Sparsemax", ICML 2016.
     """
+    if holds_dtensor(x):
+        from . import _dtensor
+
+        return _dtensor.sparse_map("sparsemax", sparsemax, x, dim, impl=impl)
     x = v.check_floating("x", x)
     _check_plain("x", x, "sparsemax")
     dim = v.check_dim(dim, x.dim())
@@ -152,6 +161,10 @@ def entmax15(x: torch.Tensor, dim: int = -1, *, impl: str = "auto") -> torch.Ten
     References:
         Peters, Niculae & Martins, "Sparse Sequence-to-Sequence Models", ACL 2019.
     """
+    if holds_dtensor(x):
+        from . import _dtensor
+
+        return _dtensor.sparse_map("entmax15", entmax15, x, dim, impl=impl)
     x = v.check_floating("x", x)
     _check_plain("x", x, "entmax15")
     dim = v.check_dim(dim, x.dim())
@@ -192,6 +205,10 @@ def entmax_bisect(
         Peters, Niculae & Martins, ACL 2019; Correia, Niculae & Martins, "Adaptively Sparse Transformers",
         EMNLP 2019 (the α-gradient); Blondel, Martins & Niculae, "Learning with Fenchel-Young Losses", JMLR 2020.
     """
+    if holds_dtensor(x, alpha):
+        from . import _dtensor
+
+        return _dtensor.sparse_map("entmax_bisect", entmax_bisect, x, dim, alpha=alpha, n_iter=n_iter, impl=impl)
     x = v.check_floating("x", x)
     _check_plain("x", x, "entmax_bisect")
     dim = v.check_dim(dim, x.dim())
