@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 
 from . import _validation as v
+from . import backends
 from ._core import CrossEntropyOptions
-from ._core.linear import ChunkedLinearCrossEntropy, LocalReduce, VocabParallelCrossEntropy
+from ._core.linear import ChunkedLinearCrossEntropy, LocalReduce
 
 
 class GroupReduce(LocalReduce):
@@ -56,6 +57,19 @@ class GroupReduce(LocalReduce):
 
     def sum_hidden_grad_(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.sum_(tensor)
+
+    def gather_async(self, tensor: torch.Tensor):
+        world = dist.get_world_size(self.group)
+        out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+        # torch >= 2.10 names it all_gather_single (all_gather_into_tensor is its deprecated alias)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = gather(out, tensor.contiguous(), group=self.group, async_op=True)
+
+        def wait() -> torch.Tensor:
+            work.wait()
+            return out.view(world, *tensor.shape)
+        return wait
+
 
 
 def _layout(
@@ -198,7 +212,9 @@ def vocab_parallel_cross_entropy(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, temperature=temperature,
         z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, num_classes=total, class_offset=offset,
     )
-    return VocabParallelCrossEntropy.apply(logits_shard, target, weight, options, GroupReduce(group))
+    implementation = backends.select("vocab_parallel_cross_entropy", "auto",
+                                     backends.Request.of(logits_shard, target, weight))
+    return implementation.resolve()(logits_shard, target, weight, options, GroupReduce(group))
 
 
 def vocab_parallel_linear_cross_entropy(

@@ -81,6 +81,11 @@ class LocalReduce:
     def sum_hidden_grad_(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def gather_async(self, tensor: torch.Tensor):
+        """Start gathering every process's ``tensor`` (``(k, r)``); returns ``wait()`` -> ``(P, k, r)`` in rank
+        order. Single process: ``tensor[None]`` at once."""
+        return lambda: tensor[None]
+
 
 _ONEDNN_LINEAR: bool | None = None
 
