@@ -20,11 +20,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import softmaxkit
+from softmaxkit import backends, distributed
 from softmaxkit.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 pytestmark = pytest.mark.distributed
 
 RTOL, ATOL = 1e-12, 1e-14
+
+#: the implementations of the vocab-parallel rows that can run here (the C kernel needs a compiler or a cache)
+IMPLS = [name for name, why in backends.describe(
+    "vocab_parallel_cross_entropy", backends.Request.of(torch.zeros(2, 2, dtype=torch.float64))).items()
+    if why is None]
 
 OPTIONS = [
     dict(),
@@ -96,17 +102,20 @@ def _case_parity(rank: int, world: int, sizes: list[int]) -> None:
         chunk_size = options.pop("chunk_size", None)
         reduction = options.get("reduction", "mean")
 
-        # vocab_parallel_cross_entropy vs cross_entropy on the full logits
+        # vocab_parallel_cross_entropy vs cross_entropy on the full logits, each implementation
         logits = hidden @ weight.T + bias
         full = logits.clone().requires_grad_()
         expected = softmaxkit.cross_entropy(full, target, weight=class_weight if use_weight else None, **options)
         (expected * upstream if reduction == "none" else expected).sum().backward()
-        shard = logits[:, mine].clone().requires_grad_()
-        loss = vocab_parallel_cross_entropy(shard, target, weight=class_weight[mine] if use_weight else None,
-                                            num_classes=num_classes, chunk_size=chunk_size, **options)
-        (loss * upstream if reduction == "none" else loss).sum().backward()
-        _close(loss, expected, f"rank {rank} loss {spec}")
-        _close(shard.grad, full.grad[:, mine], f"rank {rank} logits grad {spec}")
+        for impl in IMPLS:
+            distributed._IMPL = impl
+            shard = logits[:, mine].clone().requires_grad_()
+            loss = vocab_parallel_cross_entropy(shard, target, weight=class_weight[mine] if use_weight else None,
+                                                num_classes=num_classes, chunk_size=chunk_size, **options)
+            (loss * upstream if reduction == "none" else loss).sum().backward()
+            _close(loss, expected, f"rank {rank} {impl} loss {spec}")
+            _close(shard.grad, full.grad[:, mine], f"rank {rank} {impl} logits grad {spec}")
+        distributed._IMPL = "auto"
 
         # vocab_parallel_linear_cross_entropy vs linear_cross_entropy
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
@@ -126,12 +135,40 @@ def _case_parity(rank: int, world: int, sizes: list[int]) -> None:
         _close(w2.grad, w.grad[mine], f"rank {rank} weight grad {spec}")
         _close(b2.grad, b.grad[mine], f"rank {rank} bias grad {spec}")
 
-    # every target ignored: 0 loss and zero gradients on every rank, no NaN
-    ignored = torch.full_like(target, -100)
-    shard = (hidden @ weight[mine].T).requires_grad_()
-    zero = vocab_parallel_cross_entropy(shard, ignored)
-    zero.backward()
-    assert zero.item() == 0.0 and torch.count_nonzero(shard.grad) == 0
+    for impl in IMPLS:
+        distributed._IMPL = impl
+        # every target ignored: 0 loss and zero gradients on every rank, no NaN (NaN logits on ignored rows too)
+        ignored = torch.full_like(target, -100)
+        shard = (hidden @ weight[mine].T).requires_grad_()
+        zero = vocab_parallel_cross_entropy(shard, ignored)
+        zero.backward()
+        assert zero.item() == 0.0 and torch.count_nonzero(shard.grad) == 0, impl
+        padded = (hidden @ weight[mine].T).index_fill(0, torch.tensor([1]), torch.nan).requires_grad_()
+        vocab_parallel_cross_entropy(padded, target).backward()  # row 1 is ignored
+        assert torch.count_nonzero(padded.grad[1]) == 0 and bool(torch.isfinite(padded.grad).all()), impl
+        _case_low_precision(rank, num_classes, mine, impl)
+    distributed._IMPL = "auto"
+
+
+def _case_low_precision(rank: int, num_classes: int, mine: slice, impl: str) -> None:
+    """fp32 and bf16 shards against the one-process loss of the same dtype. Both compute in fp32 and differ
+    only in the order of the class sums (split per process, then rescaled): fp32 agrees to ~1e-6 relative;
+    bf16 rounds the loss and the gradient once, so an fp32 difference of 1e-6 may flip one bf16 rounding
+    (2^-8 relative)."""
+    hidden, weight, bias, _, target, _ = _problem(num_classes)
+    logits = hidden @ weight.T + bias
+    for dtype, rtol, atol in ((torch.float32, 2e-6, 1e-7), (torch.bfloat16, 8e-3, 1e-4)):
+        for options in (dict(), dict(label_smoothing=0.1, z_loss=1e-3), dict(softcap=2.0, reduction="sum")):
+            full = logits.to(dtype).requires_grad_()
+            expected = softmaxkit.cross_entropy(full, target, **options)
+            expected.backward()
+            shard = logits[:, mine].to(dtype).requires_grad_()
+            loss = vocab_parallel_cross_entropy(shard, target, **options)
+            loss.backward()
+            what = f"rank {rank} {impl} {dtype} {options}"
+            torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol, msg=lambda m, what=what: f"{what} loss: {m}")
+            torch.testing.assert_close(shard.grad, full.grad[:, mine], rtol=rtol, atol=atol,
+                                       msg=lambda m, what=what: f"{what} grad: {m}")
 
 
 def _expect_error(message: str, call) -> None:
@@ -182,6 +219,17 @@ def test_two_processes_equal_the_single_process_loss_and_mismatches_raise_everyw
 
 def test_four_processes_with_uneven_and_empty_slices():
     _spawn("parity", [5, 0, 9, 3])
+
+
+def test_the_c_kernel_serves_plain_cpu_shards_and_torch_ops_everything():
+    from softmaxkit.backends.cpu import cross_entropy as cpu
+
+    request = backends.Request.of(torch.zeros(3, 4))
+    expected = "cpu" if cpu.available() else "torch"
+    assert backends.select("vocab_parallel_cross_entropy", "auto", request).name == expected
+    assert "torch" in IMPLS
+    meta = backends.Request.of(torch.zeros(3, 4, device="meta"))
+    assert backends.select("vocab_parallel_cross_entropy", "auto", meta).name == "torch"
 
 
 def test_without_a_process_group_the_error_says_how_to_start_one():

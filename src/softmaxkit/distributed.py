@@ -40,6 +40,11 @@ from . import backends
 from ._core import CrossEntropyOptions
 from ._core.linear import ChunkedLinearCrossEntropy, LocalReduce
 
+#: the ``vocab_parallel_cross_entropy`` implementation :func:`vocab_parallel_cross_entropy` asks the dispatch
+#: table for (``backends/__init__.py``): ``"auto"`` (the C kernel on plain CPU tensors, else chunked torch ops);
+#: tests set ``"cpu"`` or ``"torch"`` to run one of them
+_IMPL = "auto"
+
 
 class GroupReduce(LocalReduce):
     """Combine per-row statistics over the processes of ``group`` with all-reduce (in place)."""
@@ -212,7 +217,7 @@ def vocab_parallel_cross_entropy(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, temperature=temperature,
         z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, num_classes=total, class_offset=offset,
     )
-    implementation = backends.select("vocab_parallel_cross_entropy", "auto",
+    implementation = backends.select("vocab_parallel_cross_entropy", _IMPL,
                                      backends.Request.of(logits_shard, target, weight))
     return implementation.resolve()(logits_shard, target, weight, options, GroupReduce(group))
 
