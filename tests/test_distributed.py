@@ -147,7 +147,48 @@ def _case_parity(rank: int, world: int, sizes: list[int]) -> None:
         vocab_parallel_cross_entropy(padded, target).backward()  # row 1 is ignored
         assert torch.count_nonzero(padded.grad[1]) == 0 and bool(torch.isfinite(padded.grad).all()), impl
         _case_low_precision(rank, num_classes, mine, impl)
+        _case_layouts_and_threads(rank, world, impl)
     distributed._IMPL = "auto"
+
+
+def _case_layouts_and_threads(rank: int, world: int, impl: str) -> None:
+    """A row-strided view of a wider tensor and a class-strided shard give the contiguous shard's loss and
+    gradient; 2 threads (rows split between them: 96 × 800 is above the kernel's threading threshold) give
+    the 1-thread result bit for bit, as rows are independent."""
+    g = torch.Generator().manual_seed(7)
+    num_classes = 800 * world
+    logits = torch.randn(96, num_classes, generator=g, dtype=torch.float64)
+    target = torch.randint(0, num_classes, (96,), generator=g)
+    target[::5] = -100
+    mine = slice(800 * rank, 800 * (rank + 1))
+    for options in (dict(), dict(label_smoothing=0.1, reduction="sum")):
+        shard = logits[:, mine].clone().requires_grad_()
+        expected = vocab_parallel_cross_entropy(shard, target, **options)
+        expected.backward()
+        wide = logits.clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(wide[:, mine], target, **options)  # row stride C, not C_r
+        loss.backward()
+        assert torch.equal(loss, expected) and torch.equal(wide.grad[:, mine], shard.grad), (impl, options)
+        columns = logits.t().contiguous().t()[:, mine].clone(memory_format=torch.preserve_format)
+        columns.requires_grad_()
+        assert columns.stride(1) != 1
+        distributed._IMPL = "auto"  # the kernel needs unit class stride: auto takes the torch ops
+        try:
+            loss = vocab_parallel_cross_entropy(columns, target, **options)
+            loss.backward()
+        finally:
+            distributed._IMPL = impl
+        _close(loss, expected, f"rank {rank} {impl} class-strided loss {options}")
+        _close(columns.grad, shard.grad, f"rank {rank} {impl} class-strided grad {options}")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            threaded = shard.detach().clone().requires_grad_()
+            loss = vocab_parallel_cross_entropy(threaded, target, **options)
+            loss.backward()
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(loss, expected) and torch.equal(threaded.grad, shard.grad), (impl, options)
 
 
 def _case_low_precision(rank: int, num_classes: int, mine: slice, impl: str) -> None:
