@@ -278,3 +278,16 @@ def test_without_a_process_group_the_error_says_how_to_start_one():
         pytest.skip("a default process group already exists in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         vocab_parallel_cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+def test_a_reduce_that_combines_across_processes_must_define_its_gather():
+    from softmaxkit._core.linear import LocalReduce
+
+    class OnlySums(LocalReduce):
+        def sum_(self, tensor):
+            return tensor
+
+    stats = torch.ones(3, 2)
+    assert torch.equal(LocalReduce().gather_async(stats)(), stats[None])
+    with pytest.raises(NotImplementedError, match="OnlySums .* gather_async"):
+        OnlySums().gather_async(stats)

@@ -83,7 +83,16 @@ class LocalReduce:
 
     def gather_async(self, tensor: torch.Tensor):
         """Start gathering every process's ``tensor`` (``(k, r)``); returns ``wait()`` -> ``(P, k, r)`` in rank
-        order. Single process: ``tensor[None]`` at once."""
+        order. Single process: ``tensor[None]`` at once.
+
+        A subclass that combines across processes (overrides ``max_``/``sum_``) must override this too:
+        inheriting the single-process answer would silently drop the other processes' statistics.
+        """
+        if type(self).max_ is not LocalReduce.max_ or type(self).sum_ is not LocalReduce.sum_:
+            raise NotImplementedError(
+                f"{type(self).__name__} combines statistics across processes (max_/sum_) but does not define "
+                "gather_async, which the CPU vocab-parallel cross-entropy uses"
+            )
         return lambda: tensor[None]
 
 
