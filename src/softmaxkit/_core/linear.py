@@ -184,6 +184,40 @@ class _Rows:
         return RowWeights(self.valid[sl], self.local_target[sl], self.class_weight, self.w_y[sl], self.weight_total)
 
 
+def combine_row_statistics(reduce: LocalReduce, reported: torch.Tensor, sums: torch.Tensor, z_target: torch.Tensor,
+                           weighted: torch.Tensor | None, local_weight_total: float | torch.Tensor):
+    """Every process's per-row ``(m_r, s_r, z_y, Σ w (z − m_r))``, gathered in one collective and combined.
+
+    ``reported`` is each row's local shift ``m_r`` (``−∞`` where the row has no finite logit here),
+    ``sums`` ``s_r = Σ_{c∈r} exp(z_c − m_r)``, ``z_target`` the target logit (0 where another process owns it),
+    ``weighted`` ``Σ_{c∈r} w_c (z_c − m_r')`` with ``m_r'`` the shift actually used (``m_r``, or 0 where
+    ``m_r = −∞``; None without smoothing) and ``local_weight_total`` ``Σ_{c∈r} w_c``. Returns the global shift
+    ``m = max_r m_r`` (:func:`finite_max`), ``S = Σ_r s_r e^{m_r − m}``, ``z_y`` and ``Σ_c w_c (z_c − m)``
+    (float64; None without smoothing). Every process combines the same numbers in rank order, so all get the
+    same bits.
+    """
+    num_rows = reported.shape[0]
+    smoothing = weighted is not None
+    packed = torch.zeros((4 if smoothing else 3, num_rows + (1 if smoothing else 0)), dtype=torch.float64,
+                         device=reported.device)
+    packed[0, :num_rows] = reported
+    packed[1, :num_rows] = sums
+    packed[2, :num_rows] = z_target
+    if smoothing:
+        packed[3, :num_rows] = weighted
+        packed[3, num_rows] = local_weight_total
+    gathered = reduce.gather_async(packed)()
+    reported, sums, targets = gathered[:, 0, :num_rows], gathered[:, 1, :num_rows], gathered[:, 2, :num_rows]
+    shift = finite_max(reported.amax(dim=0))
+    total = (sums * torch.exp(reported - shift)).sum(dim=0)
+    weighted_sum = None
+    if smoothing:
+        # Σ w (z − m) = Σ_r [Σ w (z − m_r') + (m_r' − m) Σ_{c∈r} w_c]
+        used_shift = torch.where(torch.isinf(reported), 0.0, reported)
+        weighted_sum = (gathered[:, 3, :num_rows] + (used_shift - shift) * gathered[:, 3, num_rows:]).sum(dim=0)
+    return shift, total, targets.sum(dim=0), weighted_sum
+
+
 class _ProbabilityRows:
     """Per-row data for ``(N, C)`` class-probability targets (single process); the target is only read a row
     chunk at a time, by :meth:`coefficients`."""

@@ -32,8 +32,8 @@ import torch
 
 from ..._core import CrossEntropyOptions, compute_dtype, is_unit_upstream
 from ..._core.autograd import strict_once_differentiable
-from ..._core.linear import _Rows
-from ..._core.rows import finite_max, plus_inf_row_nan, row_coefficients, row_loss
+from ..._core.linear import _Rows, combine_row_statistics
+from ..._core.rows import plus_inf_row_nan, row_coefficients, row_loss
 from ..._reduction import reduce_loss
 from . import _build, row_workers, run_row_ranges
 from .cross_entropy import _FLAG_STATS, _FLAG_STREAM, _STREAM_MIN_BYTES, _SUFFIX, _function, new_gradient
@@ -147,24 +147,6 @@ def _gradient_coefficients(kernel: _Kernel, rows: _Rows, sl: slice, scale, local
             target_coefficient.contiguous())
 
 
-def _combine(gathered: torch.Tensor, local_weight_totals: torch.Tensor, smoothing: bool):
-    """The global row statistics from every process's ``(m_r, s_r, z_y, Σ w (z − m_r))`` (``(P, 4, r)``,
-    float64, rank order): the shift ``m``, ``S = Σ_r s_r e^{m_r − m}``, ``z_y`` and ``Σ_c w_c (z_c − m)``.
-
-    Every process combines the same numbers in the same order, so all get bitwise-equal results.
-    """
-    reported, sums, targets = gathered[:, 0], gathered[:, 1], gathered[:, 2]
-    shift = finite_max(reported.amax(dim=0))
-    total = (sums * torch.exp(reported - shift)).sum(dim=0)
-    weighted = None
-    if smoothing:
-        # Σ w (z − m) = Σ_r [Σ w (z − m_r) + (m_r − m) Σ_{c∈r} w_c]; m_r is the kernel's shift (0 on a row with
-        # no finite logit on r, whose own sum is then ±∞ or NaN anyway)
-        local_shift = torch.where(torch.isinf(reported), 0.0, reported)
-        weighted = (gathered[:, 3] + (local_shift - shift) * local_weight_totals[:, None]).sum(dim=0)
-    return shift, total, targets.sum(dim=0), weighted
-
-
 def _recompute_grad(kernel: _Kernel, rows: _Rows, scale, row_max, log_sum, grad) -> None:
     """The gradient from the global ``m`` and ``log S`` chunk by chunk: the local statistics call again (the
     same ``e``, no collectives) into a cache-sized kept buffer, then the gradient call."""
@@ -209,18 +191,11 @@ class CpuVocabParallelCrossEntropy(torch.autograd.Function):
         weighted = torch.zeros(num_rows, dtype=torch.float64) if eps > 0 else None
         everything = slice(0, num_rows)
         kernel.local_stats(everything, grad if in_place else None, row_stats, z_target, weighted, lse)
-        packed = torch.empty((4 if eps > 0 else 3, num_rows), dtype=torch.float64)
-        packed[0] = _reported_shift(row_stats)
-        packed[1] = row_stats[:, 1]
-        packed[2] = z_target
-        if eps > 0:
-            packed[3] = weighted
-            local_weight_total = (float(local_classes) if class_weight is None
-                                  else rows.class_weight.sum(dtype=torch.float64))
-            packed = torch.cat([packed, torch.full((4, 1), local_weight_total, dtype=torch.float64)], dim=1)
-        gathered = reduce.gather_async(packed)()  # the one collective of the rows
-        weight_totals = gathered[:, 3, num_rows] if eps > 0 else None
-        shift, total, z_y, weighted_sum = _combine(gathered[:, :, :num_rows], weight_totals, eps > 0)
+        local_weight_total = (float(local_classes) if class_weight is None
+                              else rows.class_weight.sum(dtype=torch.float64))
+        # the one collective of the rows
+        shift, total, z_y, weighted_sum = combine_row_statistics(
+            reduce, _reported_shift(row_stats), row_stats[:, 1], z_target, weighted, local_weight_total)
         row_max = shift.to(work)
         log_sum = total.log().to(work)
         loss = row_loss(row_max, log_sum, z_y, weighted_sum, rows.chunk(everything), options, options.num_classes)
