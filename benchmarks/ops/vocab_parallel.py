@@ -14,6 +14,8 @@ does the one-process reference row, so no row has more cores than another.
 Impls:
 
 * ``softmaxkit``: :func:`softmaxkit.distributed.vocab_parallel_cross_entropy` (``reduction="mean"``);
+* ``softmaxkit_torch``: the same with the dispatch row's ``torch`` entry (chunked torch ops: what runs
+  without a C compiler, and on CUDA);
 * ``megatron``: Megatron-core's ``tensor_parallel.vocab_parallel_cross_entropy`` (``.mean()`` of its
   per-row loss), its tensor-parallel group set up by ``parallel_state.initialize_model_parallel`` on the
   gloo group (skipped, with the reason, when ``megatron-core`` does not import);
@@ -69,10 +71,12 @@ def _megatron(world: int):
 
 def _loss_fn(impl: str, world: int):
     """``(loss_fn(shard, target), context)``: the loss, and a context manager the whole step runs in."""
-    if impl == "softmaxkit":
-        from softmaxkit.distributed import vocab_parallel_cross_entropy
+    if impl in ("softmaxkit", "softmaxkit_torch"):
+        from softmaxkit import distributed
 
-        return (lambda shard, target: vocab_parallel_cross_entropy(shard, target)), contextlib.nullcontext
+        # softmaxkit_torch: the dispatch row's torch entry (what runs without a C compiler, and on CUDA)
+        distributed._IMPL = "torch" if impl == "softmaxkit_torch" else "auto"
+        return (lambda shard, target: distributed.vocab_parallel_cross_entropy(shard, target)), contextlib.nullcontext
     if impl == "megatron":
         return _megatron(world), contextlib.nullcontext
     if impl == "loss_parallel":
@@ -186,7 +190,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
     for n, c in QUICK_SHAPES if quick else SHAPES:
         size = n * (c // WORLD) * dtype.itemsize
         bytes_by_mode = {"forward": size, "full": 2 * size}
-        for impl in ("single_process", "softmaxkit", "megatron", "loss_parallel"):
+        for impl in ("single_process", "softmaxkit", "softmaxkit_torch", "megatron", "loss_parallel"):
             def setup(mode, impl=impl, n=n, c=c):
                 if impl == "single_process":
                     return _single_process(n, c, dtype, mode)
