@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import _harness
-from .ops import OPS, load_cases
+from .ops import OPS, load_cases, op_baseline
 
 
 def measure_ceilings(device: str) -> dict:
@@ -100,6 +100,7 @@ def main(argv=None) -> int:
           f"fp32 matmul {ceilings['matmul_flops'] / 1e9:.0f} GFLOP/s")
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=max(Console().width, 150))
@@ -133,8 +134,9 @@ def main(argv=None) -> int:
                         elif flops:
                             row["roofline"] = flops / row["median_s"] / ceilings["matmul_flops"]
                     rows.append(row)
+        baseline = op_baseline(op)
         for row in rows:
-            base = next((r for r in rows if r["impl"] == "torch" and r["shape"] == row["shape"]
+            base = next((r for r in rows if r["impl"] == baseline and r["shape"] == row["shape"]
                          and r["dtype"] == row["dtype"] and r["mode"] == row["mode"]
                          and r.get("status") == "ok"), None)
             if base and row.get("status") == "ok":
@@ -142,13 +144,13 @@ def main(argv=None) -> int:
                 if row.get("peak_bytes") is not None and base.get("peak_bytes"):
                     row["ratio_peak"] = row["peak_bytes"] / base["peak_bytes"]
         table = Table(title=f"{op} on {env['device']}")
-        for column in ("shape", "dtype", "mode", "impl", "median (p20–p80)", "peak extra", "× torch time",
-                       "× torch mem", "roofline"):
+        for column in ("shape", "dtype", "mode", "impl", "median (p20–p80)", "peak extra", f"× {baseline} time",
+                       f"× {baseline} mem", "roofline"):
             table.add_column(column, justify="right" if column not in ("impl", "shape") else "left")
         for row in rows:
             if row.get("status") != "ok":
                 table.add_row(row["shape"], row["dtype"], row["mode"], row["impl"],
-                              f"{row.get('status')}: {row.get('reason', '')}", "", "", "", "")
+                              escape(f"{row.get('status')}: {row.get('reason', '')}"), "", "", "", "")
                 continue
             table.add_row(
                 row["shape"], row["dtype"], row["mode"], row["impl"],
@@ -160,7 +162,8 @@ def main(argv=None) -> int:
             )
         console.print(table)
         if args.markdown:
-            print("\n| shape | dtype | mode | impl | median ms (p20–p80) | peak extra | × torch time | × torch mem |")
+            print(f"\n| shape | dtype | mode | impl | median ms (p20–p80) | peak extra | × {baseline} time | "
+                  f"× {baseline} mem |")
             print("|---|---|---|---|---|---|---|---|")
             for row in rows:
                 if row.get("status") == "ok":

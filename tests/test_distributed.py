@@ -20,11 +20,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import softmaxkit
+from softmaxkit import backends, distributed
 from softmaxkit.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 pytestmark = pytest.mark.distributed
 
 RTOL, ATOL = 1e-12, 1e-14
+
+#: the implementations of the vocab-parallel rows that can run here (the C kernel needs a compiler or a cache)
+IMPLS = [name for name, why in backends.describe(
+    "vocab_parallel_cross_entropy", backends.Request.of(torch.zeros(2, 2, dtype=torch.float64))).items()
+    if why is None]
 
 OPTIONS = [
     dict(),
@@ -96,17 +102,20 @@ def _case_parity(rank: int, world: int, sizes: list[int]) -> None:
         chunk_size = options.pop("chunk_size", None)
         reduction = options.get("reduction", "mean")
 
-        # vocab_parallel_cross_entropy vs cross_entropy on the full logits
+        # vocab_parallel_cross_entropy vs cross_entropy on the full logits, each implementation
         logits = hidden @ weight.T + bias
         full = logits.clone().requires_grad_()
         expected = softmaxkit.cross_entropy(full, target, weight=class_weight if use_weight else None, **options)
         (expected * upstream if reduction == "none" else expected).sum().backward()
-        shard = logits[:, mine].clone().requires_grad_()
-        loss = vocab_parallel_cross_entropy(shard, target, weight=class_weight[mine] if use_weight else None,
-                                            num_classes=num_classes, chunk_size=chunk_size, **options)
-        (loss * upstream if reduction == "none" else loss).sum().backward()
-        _close(loss, expected, f"rank {rank} loss {spec}")
-        _close(shard.grad, full.grad[:, mine], f"rank {rank} logits grad {spec}")
+        for impl in IMPLS:
+            distributed._IMPL = impl
+            shard = logits[:, mine].clone().requires_grad_()
+            loss = vocab_parallel_cross_entropy(shard, target, weight=class_weight[mine] if use_weight else None,
+                                                num_classes=num_classes, chunk_size=chunk_size, **options)
+            (loss * upstream if reduction == "none" else loss).sum().backward()
+            _close(loss, expected, f"rank {rank} {impl} loss {spec}")
+            _close(shard.grad, full.grad[:, mine], f"rank {rank} {impl} logits grad {spec}")
+        distributed._IMPL = "auto"
 
         # vocab_parallel_linear_cross_entropy vs linear_cross_entropy
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
@@ -126,12 +135,81 @@ def _case_parity(rank: int, world: int, sizes: list[int]) -> None:
         _close(w2.grad, w.grad[mine], f"rank {rank} weight grad {spec}")
         _close(b2.grad, b.grad[mine], f"rank {rank} bias grad {spec}")
 
-    # every target ignored: 0 loss and zero gradients on every rank, no NaN
-    ignored = torch.full_like(target, -100)
-    shard = (hidden @ weight[mine].T).requires_grad_()
-    zero = vocab_parallel_cross_entropy(shard, ignored)
-    zero.backward()
-    assert zero.item() == 0.0 and torch.count_nonzero(shard.grad) == 0
+    for impl in IMPLS:
+        distributed._IMPL = impl
+        # every target ignored: 0 loss and zero gradients on every rank, no NaN (NaN logits on ignored rows too)
+        ignored = torch.full_like(target, -100)
+        shard = (hidden @ weight[mine].T).requires_grad_()
+        zero = vocab_parallel_cross_entropy(shard, ignored)
+        zero.backward()
+        assert zero.item() == 0.0 and torch.count_nonzero(shard.grad) == 0, impl
+        padded = (hidden @ weight[mine].T).index_fill(0, torch.tensor([1]), torch.nan).requires_grad_()
+        vocab_parallel_cross_entropy(padded, target).backward()  # row 1 is ignored
+        assert torch.count_nonzero(padded.grad[1]) == 0 and bool(torch.isfinite(padded.grad).all()), impl
+        _case_low_precision(rank, num_classes, mine, impl)
+        _case_layouts_and_threads(rank, world, impl)
+    distributed._IMPL = "auto"
+
+
+def _case_layouts_and_threads(rank: int, world: int, impl: str) -> None:
+    """A row-strided view of a wider tensor and a class-strided shard give the contiguous shard's loss and
+    gradient; 2 threads (rows split between them: 96 × 800 is above the kernel's threading threshold) give
+    the 1-thread result bit for bit, as rows are independent."""
+    g = torch.Generator().manual_seed(7)
+    num_classes = 800 * world
+    logits = torch.randn(96, num_classes, generator=g, dtype=torch.float64)
+    target = torch.randint(0, num_classes, (96,), generator=g)
+    target[::5] = -100
+    mine = slice(800 * rank, 800 * (rank + 1))
+    for options in (dict(), dict(label_smoothing=0.1, reduction="sum")):
+        shard = logits[:, mine].clone().requires_grad_()
+        expected = vocab_parallel_cross_entropy(shard, target, **options)
+        expected.backward()
+        wide = logits.clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(wide[:, mine], target, **options)  # row stride C, not C_r
+        loss.backward()
+        assert torch.equal(loss, expected) and torch.equal(wide.grad[:, mine], shard.grad), (impl, options)
+        columns = logits.t().contiguous().t()[:, mine].clone(memory_format=torch.preserve_format)
+        columns.requires_grad_()
+        assert columns.stride(1) != 1
+        distributed._IMPL = "auto"  # the kernel needs unit class stride: auto takes the torch ops
+        try:
+            loss = vocab_parallel_cross_entropy(columns, target, **options)
+            loss.backward()
+        finally:
+            distributed._IMPL = impl
+        _close(loss, expected, f"rank {rank} {impl} class-strided loss {options}")
+        _close(columns.grad, shard.grad, f"rank {rank} {impl} class-strided grad {options}")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            threaded = shard.detach().clone().requires_grad_()
+            loss = vocab_parallel_cross_entropy(threaded, target, **options)
+            loss.backward()
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(loss, expected) and torch.equal(threaded.grad, shard.grad), (impl, options)
+
+
+def _case_low_precision(rank: int, num_classes: int, mine: slice, impl: str) -> None:
+    """fp32 and bf16 shards against the one-process loss of the same dtype. Both compute in fp32 and differ
+    only in the order of the class sums (split per process, then rescaled): fp32 agrees to ~1e-6 relative;
+    bf16 rounds the loss and the gradient once, so an fp32 difference of 1e-6 may flip one bf16 rounding
+    (2^-8 relative)."""
+    hidden, weight, bias, _, target, _ = _problem(num_classes)
+    logits = hidden @ weight.T + bias
+    for dtype, rtol, atol in ((torch.float32, 2e-6, 1e-7), (torch.bfloat16, 8e-3, 1e-4)):
+        for options in (dict(), dict(label_smoothing=0.1, z_loss=1e-3), dict(softcap=2.0, reduction="sum")):
+            full = logits.to(dtype).requires_grad_()
+            expected = softmaxkit.cross_entropy(full, target, **options)
+            expected.backward()
+            shard = logits[:, mine].to(dtype).requires_grad_()
+            loss = vocab_parallel_cross_entropy(shard, target, **options)
+            loss.backward()
+            what = f"rank {rank} {impl} {dtype} {options}"
+            torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol, msg=lambda m, what=what: f"{what} loss: {m}")
+            torch.testing.assert_close(shard.grad, full.grad[:, mine], rtol=rtol, atol=atol,
+                                       msg=lambda m, what=what: f"{what} grad: {m}")
 
 
 def _expect_error(message: str, call) -> None:
@@ -184,8 +262,32 @@ def test_four_processes_with_uneven_and_empty_slices():
     _spawn("parity", [5, 0, 9, 3])
 
 
+def test_the_c_kernel_serves_plain_cpu_shards_and_torch_ops_everything():
+    from softmaxkit.backends.cpu import cross_entropy as cpu
+
+    request = backends.Request.of(torch.zeros(3, 4))
+    expected = "cpu" if cpu.available() else "torch"
+    assert backends.select("vocab_parallel_cross_entropy", "auto", request).name == expected
+    assert "torch" in IMPLS
+    meta = backends.Request.of(torch.zeros(3, 4, device="meta"))
+    assert backends.select("vocab_parallel_cross_entropy", "auto", meta).name == "torch"
+
+
 def test_without_a_process_group_the_error_says_how_to_start_one():
     if dist.is_initialized():
         pytest.skip("a default process group already exists in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         vocab_parallel_cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+def test_a_reduce_that_combines_across_processes_must_define_its_gather():
+    from softmaxkit._core.linear import LocalReduce
+
+    class OnlySums(LocalReduce):
+        def sum_(self, tensor):
+            return tensor
+
+    stats = torch.ones(3, 2)
+    assert torch.equal(LocalReduce().gather_async(stats)(), stats[None])
+    with pytest.raises(NotImplementedError, match="OnlySums .* gather_async"):
+        OnlySums().gather_async(stats)

@@ -13,8 +13,10 @@ sum ``Σ_c z_c``; every process then has the global loss
 .. math:: ℓ = (1 − ε)(\mathrm{LSE} − z_y) + \frac{ε}{C}\Big(C\,\mathrm{LSE} − \sum_c z_c\Big) + λ\,\mathrm{LSE}^2
 
 and computes its own slice of ``∂ℓ/∂z = (1 + 2λ LSE) p − a`` locally (``p = e^{z − LSE}``, ``a`` the smoothed
-one-hot restricted to its classes). That is two all-reduces per row chunk (max, then the stacked sums) in
-forward and none in backward for :func:`vocab_parallel_cross_entropy`;
+one-hot restricted to its classes). :func:`vocab_parallel_cross_entropy` gathers, instead of ``m`` itself,
+each process's own shift ``m_r`` with ``Σ e^{z − m_r}`` (and rescales by ``e^{m_r − m}``), so one all-gather
+carries everything: once per call on CPU tensors (the C kernel), once per row chunk elsewhere; none in
+backward;
 :func:`vocab_parallel_linear_cross_entropy` adds one all-reduce of ``∂ℓ/∂hidden`` (``N × D``), because
 ``hidden`` is replicated and each process only sees its classes' share of that gradient.
 
@@ -23,6 +25,9 @@ and the same options; a first, tiny all-gather checks the shapes and target agre
 ``ValueError`` on every process otherwise, so a mistake fails loudly instead of deadlocking.
 
 Works with any backend that has all-reduce MAX/SUM and all-gather: ``gloo`` (CPU) and ``nccl`` (CUDA).
+A process that dies makes the others' next collective fail at once; one that stalls, after the process group's
+timeout (``init_process_group(timeout=...)``, 30 minutes by default); either way the error names the loss and
+the collective (``docs/distributed.md``, "Failures and timeouts").
 See ``docs/distributed.md`` for ``torchrun`` and tensor-parallel usage.
 
 References:
@@ -35,9 +40,15 @@ from __future__ import annotations
 import torch
 
 from . import _validation as v
+from . import backends
 from ._core import CrossEntropyOptions
 from ._core.collectives import GroupReduce, shard_layout
-from ._core.linear import ChunkedLinearCrossEntropy, VocabParallelCrossEntropy
+from ._core.linear import ChunkedLinearCrossEntropy
+
+#: the ``vocab_parallel_cross_entropy`` implementation :func:`vocab_parallel_cross_entropy` asks the dispatch
+#: table for (``backends/__init__.py``): ``"auto"`` (the C kernel on plain CPU tensors, else chunked torch ops);
+#: tests set ``"cpu"`` or ``"torch"`` to run one of them
+_IMPL = "auto"
 
 
 def _check_common(target, reduction, ignore_index, label_smoothing, temperature, z_loss, softcap, num_classes):
@@ -84,7 +95,8 @@ def vocab_parallel_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, temperature, softcap: as
             :func:`softmaxkit.cross_entropy`; smoothing and z-loss use the global ``C`` and LSE.
         num_classes: the expected total ``C``; checked against the sum of the slices when given.
-        chunk_size: rows per chunk of the local work (None: ~4 MiB of fp32 per chunk).
+        chunk_size: rows per chunk where the work is chunked (the torch ops; the C kernel's recomputed
+            gradient); None: ~32 MiB (torch) or ~8 MiB (kernel) of fp32 per chunk over the total ``C``.
 
     Returns:
         The same value on every process: a scalar for ``"mean"``/``"sum"``, ``(N,)`` for ``"none"``.
@@ -117,7 +129,9 @@ def vocab_parallel_cross_entropy(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, temperature=temperature,
         z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, num_classes=total, class_offset=offset,
     )
-    return VocabParallelCrossEntropy.apply(logits_shard, target, weight, options, GroupReduce(group))
+    implementation = backends.select("vocab_parallel_cross_entropy", _IMPL,
+                                     backends.Request.of(logits_shard, target, weight))
+    return implementation.resolve()(logits_shard, target, weight, options, GroupReduce(group))
 
 
 def vocab_parallel_linear_cross_entropy(

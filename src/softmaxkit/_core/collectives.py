@@ -1,8 +1,10 @@
 r"""The collectives the cross-process losses share (layer 1: used by :mod:`softmaxkit.distributed` and the
 DTensor adapter :mod:`softmaxkit.functional._dtensor`).
 
-* :class:`GroupReduce`: the ``reduce`` object of the vocab-parallel chunk loops (:mod:`._core.linear`),
-  combining per-row statistics over a process group with all-reduce.
+* :class:`GroupReduce`: the ``reduce`` object of the vocab-parallel losses (:mod:`._core.linear`, the cpu and
+  torch ``vocab_parallel_cross_entropy`` backends), combining per-row statistics over a process group with
+  all-reduce or one all-gather; a failed collective (a process died or stalled past the group's timeout) is
+  re-raised by :func:`collective_failed` naming the loss, the collective and the rank.
 * :func:`global_reduce`: a loss computed on each rank's own rows, summed over the group (``"sum"``) or divided
   by the group's summed denominator (``"mean"``, PyTorch's weighted mean over all ranks), with the gradient of
   a replicated result: each rank's rows get ``g`` (``"sum"``) or ``g / D`` (``"mean"``).
@@ -28,22 +30,69 @@ from .._reduction import safe_divide
 from .linear import LocalReduce
 
 
+def collective_failed(error: Exception, what: str, group) -> Exception:
+    """``error`` of a collective, re-raised as the same type with what failed and what to check.
+
+    A process that died makes the others' next collective fail within about a second (its sockets close); a
+    process that stalls makes them fail after the process group's timeout (``init_process_group(timeout=...)``,
+    30 minutes by default): docs/distributed.md, "Failures and timeouts".
+    """
+    try:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        where = f"rank {rank} of {world}"
+    except RuntimeError:  # the group itself is broken
+        where = "this process"
+    message = (
+        f"softmaxkit vocab-parallel loss: the {what} across the process group failed on {where}: another process "
+        "died, stalled past the process group's timeout (init_process_group(timeout=...)), or called a different "
+        f"collective. The backend said: {error}"
+    )
+    try:
+        return type(error)(message)
+    except TypeError:  # an exception type that does not take one message
+        return RuntimeError(message)
+
+
 class GroupReduce(LocalReduce):
-    """Combine per-row statistics over the processes of ``group`` with all-reduce (in place)."""
+    """Combine per-row statistics over the processes of ``group`` (in place, or gathered in rank order)."""
 
     def __init__(self, group=None):
         self.group = group
 
-    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+    def _all_reduce(self, tensor: torch.Tensor, op, what: str) -> torch.Tensor:
+        try:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        except RuntimeError as error:
+            raise collective_failed(error, what, self.group) from error
         return tensor
+
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(tensor, dist.ReduceOp.MAX, "all-reduce (max) of the row statistics")
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
-        return tensor
+        return self._all_reduce(tensor, dist.ReduceOp.SUM, "all-reduce (sum) of the row statistics")
 
     def sum_hidden_grad_(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.sum_(tensor)
+        return self._all_reduce(tensor, dist.ReduceOp.SUM, "all-reduce of the hidden states' gradient")
+
+    def gather_async(self, tensor: torch.Tensor):
+        world = dist.get_world_size(self.group)
+        out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+        what = "all-gather of the row statistics"
+        # torch >= 2.10 names it all_gather_single (all_gather_into_tensor is its deprecated alias)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        try:
+            work = gather(out, tensor.contiguous(), group=self.group, async_op=True)
+        except RuntimeError as error:
+            raise collective_failed(error, what, self.group) from error
+
+        def wait() -> torch.Tensor:
+            try:
+                work.wait()
+            except RuntimeError as error:
+                raise collective_failed(error, what, self.group) from error
+            return out.view(world, *tensor.shape)
+        return wait
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -212,7 +261,11 @@ def shard_layout(
         device=target.device,
     )
     table = [torch.empty_like(info) for _ in range(world)]
-    dist.all_gather(table, info, group=group)
+    try:
+        dist.all_gather(table, info, group=group)
+    except RuntimeError as error:
+        raise collective_failed(error, "all-gather of every process's shapes and options (the call's first "
+                                "collective)", group) from error
     rows = torch.stack(table).tolist()
     sizes = [row[0] for row in rows]
     for column, what in ((1, "rows (targets)"), (2, "hidden features"), (3, "chunk_size")):

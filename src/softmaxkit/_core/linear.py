@@ -36,12 +36,13 @@ from typing import NamedTuple
 import torch
 
 from .._reduction import reduce_loss, row_scale
-from . import CrossEntropyOptions, RowWeights, compute_dtype
+from . import CrossEntropyOptions, RowWeights, compute_dtype, is_unit_upstream
 from .autograd import strict_once_differentiable
 from .rows import (
     finish_logit_grad_,
     finite_max,
     load_transformed,
+    plus_inf_row_nan,
     row_coefficients,
     row_loss,
     shifted_weighted_sum_,
@@ -80,6 +81,20 @@ class LocalReduce:
 
     def sum_hidden_grad_(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def gather_async(self, tensor: torch.Tensor):
+        """Start gathering every process's ``tensor`` (``(k, r)``); returns ``wait()`` -> ``(P, k, r)`` in rank
+        order. Single process: ``tensor[None]`` at once.
+
+        A subclass that combines across processes (overrides ``max_``/``sum_``) must override this too:
+        inheriting the single-process answer would silently drop the other processes' statistics.
+        """
+        if type(self).max_ is not LocalReduce.max_ or type(self).sum_ is not LocalReduce.sum_:
+            raise NotImplementedError(
+                f"{type(self).__name__} combines statistics across processes (max_/sum_) but does not define "
+                "gather_async, which the CPU vocab-parallel cross-entropy uses"
+            )
+        return lambda: tensor[None]
 
 
 _ONEDNN_LINEAR: bool | None = None
@@ -168,6 +183,40 @@ class _Rows:
         """The chunk's rows as :class:`~softmaxkit._core.RowWeights` (``w_y`` 0 where another process owns y
         is handled by ``owned`` at the target coefficient)."""
         return RowWeights(self.valid[sl], self.local_target[sl], self.class_weight, self.w_y[sl], self.weight_total)
+
+
+def combine_row_statistics(reduce: LocalReduce, reported: torch.Tensor, sums: torch.Tensor, z_target: torch.Tensor,
+                           weighted: torch.Tensor | None, local_weight_total: float | torch.Tensor):
+    """Every process's per-row ``(m_r, s_r, z_y, Σ w (z − m_r))``, gathered in one collective and combined.
+
+    ``reported`` is each row's local shift ``m_r`` (``−∞`` where the row has no finite logit here),
+    ``sums`` ``s_r = Σ_{c∈r} exp(z_c − m_r)``, ``z_target`` the target logit (0 where another process owns it),
+    ``weighted`` ``Σ_{c∈r} w_c (z_c − m_r')`` with ``m_r'`` the shift actually used (``m_r``, or 0 where
+    ``m_r = −∞``; None without smoothing) and ``local_weight_total`` ``Σ_{c∈r} w_c``. Returns the global shift
+    ``m = max_r m_r`` (:func:`finite_max`), ``S = Σ_r s_r e^{m_r − m}``, ``z_y`` and ``Σ_c w_c (z_c − m)``
+    (float64; None without smoothing). Every process combines the same numbers in rank order, so all get the
+    same bits.
+    """
+    num_rows = reported.shape[0]
+    smoothing = weighted is not None
+    packed = torch.zeros((4 if smoothing else 3, num_rows + (1 if smoothing else 0)), dtype=torch.float64,
+                         device=reported.device)
+    packed[0, :num_rows] = reported
+    packed[1, :num_rows] = sums
+    packed[2, :num_rows] = z_target
+    if smoothing:
+        packed[3, :num_rows] = weighted
+        packed[3, num_rows] = local_weight_total
+    gathered = reduce.gather_async(packed)()
+    reported, sums, targets = gathered[:, 0, :num_rows], gathered[:, 1, :num_rows], gathered[:, 2, :num_rows]
+    shift = finite_max(reported.amax(dim=0))
+    total = (sums * torch.exp(reported - shift)).sum(dim=0)
+    weighted_sum = None
+    if smoothing:
+        # Σ w (z − m) = Σ_r [Σ w (z − m_r') + (m_r' − m) Σ_{c∈r} w_c]
+        used_shift = torch.where(torch.isinf(reported), 0.0, reported)
+        weighted_sum = (gathered[:, 3, :num_rows] + (used_shift - shift) * gathered[:, 3, num_rows:]).sum(dim=0)
+    return shift, total, targets.sum(dim=0), weighted_sum
 
 
 class _ProbabilityRows:
@@ -646,47 +695,105 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+#: bytes of fp32 per row chunk of :class:`VocabParallelCrossEntropy` (over the total ``C``, so the same on every
+#: process): each chunk costs one collective, so chunks are larger than the one-process 4 MiB
+VOCAB_PARALLEL_CHUNK_BYTES = 32 << 20
+
+
+def vocab_parallel_chunk_rows(num_rows: int, num_classes: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return max(1, min(int(chunk_size), max(num_rows, 1)))
+    return max(1, min(max(num_rows, 1), VOCAB_PARALLEL_CHUNK_BYTES // (4 * max(num_classes, 1))))
+
+
 class VocabParallelCrossEntropy(torch.autograd.Function):
     """Cross-entropy of class-sliced logits ``(N, C_local)`` whose row statistics ``reduce`` combines.
 
-    Backward recomputes ``p`` from the stored ``m`` and ``log s`` chunk by chunk.
+    Chunked torch ops, any device: per chunk of rows the local shift ``m_r``, ``s_r = Σ exp(z − m_r)``, the
+    target logit and the smoothing sum, then one :func:`combine_row_statistics` (one all-gather). When a
+    gradient will follow and its scale is known (``"mean"``/``"sum"``) the chunk's gradient is written from
+    its ``exp(z − m_r)`` in forward and backward returns it; otherwise backward recomputes ``p`` from the
+    stored global ``m`` and ``log S`` chunk by chunk.
     """
 
     @staticmethod
     def forward(ctx, logits, target, class_weight, options: CrossEntropyOptions, reduce):
-        from .rows import chunk_rows
-
         num_rows, local_classes = logits.shape
         work = compute_dtype(logits.dtype)
+        device = logits.device
+        eps, inv_t, softcap = options.label_smoothing, options.inv_temperature, options.softcap
         rows = _Rows(target, class_weight, options, local_classes, work, reduce)
-        loss = torch.empty(num_rows, dtype=work, device=logits.device)
-        row_max = torch.empty(num_rows, dtype=work, device=logits.device)
-        log_sum = torch.empty(num_rows, dtype=work, device=logits.device)
-        step = chunk_rows(num_rows, options.num_classes, options.chunk_size)  # the same on every process
-        buffer = torch.empty((min(step, num_rows), local_classes), dtype=work, device=logits.device)
-        derivative = torch.empty_like(buffer) if options.softcap is not None else None
+        fused = ctx.needs_input_grad[0] and options.reduction != "none" and local_classes > 0
+        scale = rows.scale(options.reduction) if fused else None
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if fused else None
+        loss = torch.empty(num_rows, dtype=work, device=device)
+        row_max = torch.empty(num_rows, dtype=work, device=device)
+        log_sum = torch.empty(num_rows, dtype=work, device=device)
+        local_weight_total = (float(local_classes) if class_weight is None
+                              else rows.class_weight.sum(dtype=torch.float64))
+        step = vocab_parallel_chunk_rows(num_rows, options.num_classes, options.chunk_size)  # same everywhere
+        buffer = torch.empty((min(step, num_rows), local_classes), dtype=work, device=device)
+        derivative = torch.empty_like(buffer) if softcap is not None else None
         for start in range(0, num_rows, step):
             sl = slice(start, min(start + step, num_rows))
-            chunk = buffer[: sl.stop - start].copy_(logits[sl])
-            loss[sl], row_max[sl], log_sum[sl] = _chunk_loss_and_grad(chunk, derivative, rows, sl, None, options,
-                                                                      reduce)
-        out = reduce_loss(loss, options.reduction, rows.denominator)
-        ctx.options, ctx.rows = options, rows
-        ctx.save_for_backward(logits, row_max, log_sum)
-        return out.to(logits.dtype)
+            z = buffer[: sl.stop - start].copy_(logits[sl])
+            d = None
+            if softcap is not None:
+                d = softcap_derivative_(derivative[: z.shape[0]], z, inv_t, softcap)
+            if softcap is not None or inv_t != 1.0:
+                load_transformed(z, z, inv_t, softcap)
+            owned, local_target = rows.owned[sl], rows.local_target[sl]
+            if local_classes > 0:
+                shift_used = finite_max(z.amax(dim=1))
+                z_target = torch.where(owned, z.gather(1, local_target[:, None])[:, 0], 0.0)
+            else:  # a process may hold no classes at all (uneven slices)
+                shift_used = z.new_zeros(z.shape[0])
+                z_target = z.new_zeros(z.shape[0])
+            weighted = None
+            if eps > 0:
+                weighted = z.new_empty((z.shape[0],), dtype=wide_dtype(device))
+                shifted_weighted_sum_(weighted, z, shift_used, rows.class_weight)
+            z.sub_(shift_used[:, None]).exp_()
+            sums = z.sum(dim=1)
+            # a row with no finite logit here (s_r = 0) must not set the shift
+            reported = torch.where(sums == 0, -torch.inf, shift_used)
+            shift, total, z_y, weighted_sum = combine_row_statistics(reduce, reported, sums, z_target, weighted,
+                                                                     local_weight_total)
+            row_max[sl] = shift
+            log_sum[sl] = total.log()
+            weights = rows.chunk(sl)
+            loss[sl] = row_loss(row_max[sl], log_sum[sl], z_y, weighted_sum, weights, options, options.num_classes)
+            if fused:
+                row_coefficient, target_coefficient, smooth_coefficient = row_coefficients(
+                    scale[sl], weights, row_max[sl] + log_sum[sl], options, options.num_classes)
+                # e^{z − m_r} · e^{m_r − m} / S = p; a +∞ logit makes the row NaN, as in PyTorch
+                factor = (row_coefficient * torch.exp(reported - row_max[sl] - log_sum[sl])
+                          + plus_inf_row_nan(log_sum[sl]))
+                finish_logit_grad_(z, factor, target_coefficient * owned[:, None], smooth_coefficient,
+                                   rows.class_weight, local_target, d, inv_t, weights.valid)
+                grad[sl].copy_(z)
+        ctx.options, ctx.rows, ctx.fused = options, rows, fused
+        if fused:
+            ctx.save_for_backward(grad)
+        else:
+            ctx.save_for_backward(logits, row_max, log_sum)
+        return reduce_loss(loss, options.reduction, rows.denominator).to(logits.dtype)
 
     @staticmethod
     @strict_once_differentiable
     def backward(ctx, grad_output):
-        from .rows import chunk_rows
-
+        if ctx.fused:
+            (grad,) = ctx.saved_tensors
+            if is_unit_upstream(grad_output):
+                return grad, None, None, None, None
+            return grad * grad_output.to(grad.dtype), None, None, None, None
         logits, row_max, log_sum = ctx.saved_tensors
         options, rows = ctx.options, ctx.rows
         num_rows, local_classes = logits.shape
         grad_output = grad_output.to(row_max.dtype)
         scale = grad_output * rows.valid if options.reduction == "none" else rows.scale(options.reduction) * grad_output
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        step = chunk_rows(num_rows, options.num_classes, options.chunk_size)  # the same on every process
+        step = vocab_parallel_chunk_rows(num_rows, options.num_classes, options.chunk_size)
         buffer = torch.empty((min(step, num_rows), local_classes), dtype=row_max.dtype, device=logits.device)
         derivative = torch.empty_like(buffer) if options.softcap is not None else None
         for start in range(0, num_rows, step):

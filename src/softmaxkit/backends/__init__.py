@@ -345,6 +345,19 @@ register("hierarchical_nll", Implementation(
     "torch", "softmaxkit.backends.torch.hierarchical:torch_hierarchical_nll", always,
 ))
 
+# vocab_parallel_cross_entropy(logits_shard (N, C_r), target, class_weight, options, reduce): the rows of
+# softmaxkit.distributed's loss, the per-row statistics combined across processes by `reduce` (an autograd
+# Function each; the collectives are in the chunk loop, so they are not custom ops). C kernel on plain CPU
+# tensors, else chunked torch ops (any device, NCCL on CUDA included).
+register("vocab_parallel_cross_entropy", Implementation(
+    "cpu", "softmaxkit.backends.cpu.vocab_parallel:cpu_vocab_parallel_cross_entropy",
+    all_of(_NOT_FUNCTORCH, needs_ndim("logits", 2), _cpu_kernel),
+))
+register("vocab_parallel_cross_entropy", Implementation(
+    "torch", "softmaxkit.backends.torch.vocab_parallel:torch_vocab_parallel_cross_entropy", always,
+))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Sparse maps and their Fenchel-Young losses: sparsemax, entmax15, entmax_bisect and their *_loss.
 # Every implementation is a torch.library custom op (``torch.ops.softmaxkit.*``) behind a Python entry with

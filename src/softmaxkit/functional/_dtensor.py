@@ -7,7 +7,7 @@ r"""DTensor inputs to the losses: each placement of a 1-D device mesh mapped to 
 this module, which unwraps them, runs the plain-tensor code on each rank's local piece and wraps the result:
 
 * **class dimension sharded** (``Shard(1)`` of ``(N, C)`` / ``(N, C, d1, ...)``, ``Shard(0)`` of ``(C,)``):
-  for cross-entropy the vocab-parallel algorithm (:class:`~softmaxkit._core.linear.VocabParallelCrossEntropy`),
+  for cross-entropy the vocab-parallel algorithm (the dispatch row ``vocab_parallel_cross_entropy``),
   for ``focal_loss``, ``poly1_cross_entropy`` and ``distillation_loss`` the same row statistics (global
   LSE, target logit, sums over classes) through :func:`~softmaxkit._core.collectives.sum_over` and
   :func:`~softmaxkit._core.collectives.replicated_grad`, for ``sparsemax_loss`` / ``entmax15_loss`` and the
@@ -284,6 +284,16 @@ def cross_entropy(logits, target, *, weight, ignore_index, reduction, label_smoo
     return layout.over_rows(reduction, local_loss, _out_shape(logits), _target_dim(layout, False))
 
 
+def _vocab_parallel_rows(rows, target, weight, options, group):
+    """The vocab-parallel cross-entropy of this rank's class slice ``rows`` ``(M, C_r)``, through the dispatch
+    table's ``vocab_parallel_cross_entropy`` row (the C kernel on plain CPU tensors, else chunked torch ops)."""
+    from .. import backends
+    from .._core.collectives import GroupReduce
+
+    implementation = backends.select("vocab_parallel_cross_entropy", "auto", backends.Request.of(rows, target, weight))
+    return implementation.resolve()(rows, target, weight, options, GroupReduce(group))
+
+
 def _class_rows(layout: _Layout) -> torch.Tensor:
     """The local logits as ``(M, C_local)`` rows (class dim last), also when this rank holds no class."""
     local, class_dim = layout.local, layout.class_dim
@@ -294,8 +304,7 @@ def _class_rows(layout: _Layout) -> torch.Tensor:
 def _vocab_parallel(layout, logits, target, weight, ignore_index, reduction, label_smoothing, temperature, z_loss,
                     softcap, impl, inplace_backward, chunk_size):
     from .._core import CrossEntropyOptions
-    from .._core.collectives import GroupReduce, raise_together
-    from .._core.linear import VocabParallelCrossEntropy
+    from .._core.collectives import raise_together
     from .cross_entropy import _check_target_shape, check_bool
 
     num_classes = logits.shape[layout.class_dim]
@@ -332,8 +341,8 @@ def _vocab_parallel(layout, logits, target, weight, ignore_index, reduction, lab
     except Exception as caught:  # re-raised on this rank once every rank has been told
         error = caught
     raise_together(error, layout.group, layout.local.device, digest)
-    loss = VocabParallelCrossEntropy.apply(_class_rows(layout), target_local.reshape(-1), weight_local, options,
-                                           GroupReduce(layout.group))
+    loss = _vocab_parallel_rows(_class_rows(layout), target_local.reshape(-1), weight_local, options,
+                                layout.group)
     if reduction == "none":
         loss = loss.reshape(target_local.shape)
     return layout.wrap(loss, reduction, tuple(target_local.shape), None)
@@ -735,8 +744,6 @@ def _poly1_class_sharded(layout, logits, target, epsilon, weight, ignore_index, 
     ``ε w_y (1 − p_t)``, ``p_t = (1 − ε_s) p_y + ε_s/C`` with ``p_y = exp(z_y − LSE)`` from the all-reduced
     row statistics; the polynomial term's gradient ``ε w_y p_y (p − e_y)(1 − ε_s)`` is local given them."""
     from .._core import CrossEntropyOptions
-    from .._core.collectives import GroupReduce
-    from .._core.linear import VocabParallelCrossEntropy
     from .._reduction import reduce_loss
 
     epsilon = v.check_in_range("epsilon", epsilon, -1.0, math.inf, high_open=True)
@@ -750,8 +757,7 @@ def _poly1_class_sharded(layout, logits, target, epsilon, weight, ignore_index, 
                                   temperature=temperature, num_classes=num_classes,
                                   class_offset=layout.offset[layout.class_dim])
     flat_target = target.reshape(-1)
-    ce = VocabParallelCrossEntropy.apply(_class_rows(layout), flat_target, weight_local, options,
-                                         GroupReduce(layout.group))
+    ce = _vocab_parallel_rows(_class_rows(layout), flat_target, weight_local, options, layout.group)
     rows = _ShardedRows(layout, target, ignore_index, temperature)
     w_y = rows.row_weight(weight_local)
     p_y = torch.exp(rows.z_y - rows.lse)

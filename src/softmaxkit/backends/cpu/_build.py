@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - not POSIX: builds are still atomic, on
     fcntl = None
 
 SOURCE = Path(__file__).with_name("_cross_entropy.c")
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 class _Source(NamedTuple):

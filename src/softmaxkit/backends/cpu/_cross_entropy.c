@@ -38,6 +38,7 @@
 #define FLAG_STATS 1
 #define FLAG_GRAD 2
 #define FLAG_STREAM 4 /* write the gradient with non-temporal stores (a large, fresh buffer) */
+#define FLAG_KEEP 8   /* stats only: keep each row's e = exp(z − m) (then dz/dx) at scratch + (i − start)·stride */
 
 /* ------------------------------------------------------------------------------------------ fp32 maths */
 static inline float sk_expf(float x) {
@@ -200,6 +201,9 @@ static inline void stream_fence(void) {
         /* fused stats + gradient with a scratch row: keep e = exp(z − m) (and dz/dx) from the stats pass */  \
         ACC_T *keep_e = (flags & FLAG_STATS) && (flags & FLAG_GRAD) ? scratch : 0;                            \
         ACC_T *keep_d = keep_e && softcap > 0 ? scratch + C : 0;                                              \
+        /* FLAG_KEEP (vocab-parallel stats): one kept row per row of the call, for skce_vp_grad */            \
+        const int keep_rows = (flags & FLAG_STATS) && (flags & FLAG_KEEP) && !(flags & FLAG_GRAD);            \
+        const int64_t keep_stride = softcap > 0 ? 2 * C : C;                                                  \
         ACC_T row_total = 1, row_max = 0;                                                                     \
         const int stream = (flags & FLAG_STREAM) && (const void *)grad != (const void *)x;                      \
         for (int64_t i = start; i < stop; i++) {                                                              \
@@ -207,6 +211,10 @@ static inline void stream_fence(void) {
             const int64_t y = target[i];                                                                      \
             const int valid = y != ignore_index;                                                              \
             ACC_T row_lse;                                                                                    \
+            if (keep_rows) {                                                                                  \
+                keep_e = scratch + (i - start) * keep_stride;                                                 \
+                keep_d = softcap > 0 ? keep_e + C : 0;                                                        \
+            }                                                                                                 \
             if (flags & FLAG_STATS) {                                                                         \
                 /* pass 1: max of the raw row (transform is increasing, so max z = transform(max x)) */       \
                 for (int k = 0; k < LANES; k++) acc[k] = -INFINITY;                                           \
@@ -343,6 +351,61 @@ static inline void stream_fence(void) {
             }                                                                                                 \
         }                                                                                                     \
         if (stream) stream_fence(); /* the streamed gradient is visible before the call returns */            \
+    }                                                                                                         \
+                                                                                                              \
+    /* Vocab-parallel gradient of rows [start, stop) from the e = exp(z − m_local) (and dz/dx) a FLAG_KEEP    \
+     * stats call kept (row i at kept + (i − start)·stride), with the global statistics folded by the caller \
+     * into per-row coefficients: g_j = [factor_i·e_j − smooth_i·w_j − tc_i·δ_{j y_i}]·dz_j/dx_j, where      \
+     * factor_i = s_i(A_i + 2λ LSE_i)·exp(m_local − m)/S, y_i the local target index or −1 (another process  \
+     * owns it). Rows with scale_i = 0 (ignored rows) get an exact 0 whatever their logits held. */          \
+    void skce_vp_grad_##SUFFIX(const int64_t *target, const ACC_T *weight, int64_t start, int64_t stop,       \
+                               int64_t num_classes, double inv_t_d, double softcap_d, const ACC_T *factor,    \
+                               const ACC_T *smooth, const ACC_T *target_coefficient, const ACC_T *scale,     \
+                               const ACC_T *kept, IN_T *grad, int64_t ldg, int64_t flags) {                   \
+        const ACC_T inv_t = (ACC_T)inv_t_d, softcap = (ACC_T)softcap_d;                                       \
+        const int64_t C = num_classes, stride = softcap > 0 ? 2 * C : C;                                      \
+        const int transformed = softcap > 0 || inv_t != (ACC_T)1;                                             \
+        const int stream = (flags & FLAG_STREAM) != 0;                                                        \
+        ACC_T buf[TILE];                                                                                      \
+        for (int64_t i = start; i < stop; i++) {                                                              \
+            IN_T *out = grad + i * ldg;                                                                       \
+            const ACC_T *e = kept + (i - start) * stride, *d = softcap > 0 ? e + C : 0;                       \
+            const int64_t y = target[i];                                                                      \
+            const int zero = scale[i] == 0;                                                                   \
+            const ACC_T f = factor[i], sm = smooth ? smooth[i] : (ACC_T)0, tc = target_coefficient[i];        \
+            for (int64_t j0 = 0; j0 < C; j0 += TILE) {                                                        \
+                int64_t n = C - j0 < TILE ? C - j0 : TILE;                                                    \
+                if (zero) {                                                                                   \
+                    for (int64_t j = 0; j < n; j++) buf[j] = 0;                                               \
+                } else {                                                                                      \
+                    scale_tile_##SUFFIX(e + j0, buf, n, f);                                                   \
+                    if (sm != 0) {                                                                            \
+                        if (weight) {                                                                         \
+                            const ACC_T *w = weight + j0;                                                     \
+                            for (int64_t j = 0; j < n; j++) buf[j] -= sm * w[j];                              \
+                        } else {                                                                              \
+                            for (int64_t j = 0; j < n; j++) buf[j] -= sm;                                     \
+                        }                                                                                     \
+                    }                                                                                         \
+                    if (y >= j0 && y < j0 + n) buf[y - j0] -= tc;                                             \
+                    if (softcap > 0) {                                                                        \
+                        for (int64_t j = 0; j < n; j++) buf[j] *= d[j0 + j];                                  \
+                    } else if (transformed) {                                                                 \
+                        for (int64_t j = 0; j < n; j++) buf[j] *= inv_t;                                      \
+                    }                                                                                         \
+                }                                                                                             \
+                if (stream && sizeof(IN_T) == sizeof(ACC_T)) {                                                \
+                    stream_bytes(out + j0, buf, n * (int64_t)sizeof(IN_T));                                   \
+                } else if (stream) {                                                                          \
+                    IN_T converted[TILE];                                                                     \
+                    STORE(buf, converted, n);                                                                 \
+                    stream_bytes(out + j0, converted, n * (int64_t)sizeof(IN_T));                             \
+                } else {                                                                                      \
+                    STORE(buf, out + j0, n);                                                                  \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        if (stream) stream_fence();                                                                           \
     }
 
 /* One dtype per build (-DSKCE_F32, ...) keeps each compile to a fraction of a second; all without a flag. */
@@ -366,4 +429,4 @@ DEFINE_CE_ROWS(f64, double, double, load_f64, store_f64, exp, exp_shift_f64, tan
 #endif
 
 /* Bumped whenever the exported signature changes; checked by the loader. */
-int64_t skce_abi_version(void) { return 4; }
+int64_t skce_abi_version(void) { return 5; }
