@@ -251,7 +251,54 @@ def _case_parity_and_errors(rank: int, world: int, sizes: list[int]) -> None:
     _case_errors(rank, world, sizes)
 
 
-CASES = {"parity": _case_parity, "parity+errors": _case_parity_and_errors}
+def _case_megatron(rank: int, world: int, sizes: list[int]) -> None:
+    """Megatron-core's ``vocab_parallel_cross_entropy`` (the peer this mirrors) gives the same per-row losses and
+    gradients on the same shards, for every implementation. Megatron computes in float32 whatever the input (and
+    overwrites its input, so it gets a clone): both get float32 shards and agree to a few float32 ulps of the
+    loss (|loss| ~ 5 here: rtol 2e-6) and of the probabilities in the gradient (atol 1e-7, upstream ~1).
+
+    With label smoothing they differ, and Megatron is the one that is off: it averages ``log p`` over this rank's
+    slice only, with the slice's size (``s = ε C_r / (C_r − 1)``, ``mean_{c ∈ r} log p_c``), so its loss is not
+    the full vocabulary's smoothed loss and differs between ranks; softmaxkit's equals the single-process loss
+    (``_case_parity``). The check below pins that reading of Megatron's result."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy as megatron_loss
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    try:
+        num_classes = sum(sizes)
+        _, _, _, _, target, upstream = _problem(num_classes)
+        target, upstream = target.clamp_min(0), upstream.float()  # Megatron has no ignore_index
+        full = torch.randn(target.shape[0], num_classes, generator=torch.Generator().manual_seed(7)) * 3
+        mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        theirs_in = full[:, mine].clone().requires_grad_()
+        theirs = megatron_loss(theirs_in.clone(), target)
+        (theirs * upstream).sum().backward()
+        for impl in IMPLS:
+            distributed._IMPL = impl
+            ours_in = full[:, mine].clone().requires_grad_()
+            ours = vocab_parallel_cross_entropy(ours_in, target, reduction="none")
+            (ours * upstream).sum().backward()
+            torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=1e-7, msg=lambda m, i=impl: f"loss, {i}: {m}")
+            torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=2e-6, atol=1e-7,
+                                       msg=lambda m, i=impl: f"gradient, {i}: {m}")
+        epsilon = 0.1
+        smoothed = megatron_loss(full[:, mine].clone(), target, label_smoothing=epsilon)
+        local = sizes[rank] / (sizes[rank] - 1) * epsilon
+        log_p = torch.log_softmax(full.double(), dim=1)
+        nll = -log_p.gather(1, target[:, None])[:, 0]
+        slice_reading = (1 - local) * nll - local * log_p[:, mine].mean(dim=1)
+        torch.testing.assert_close(smoothed.double(), slice_reading, rtol=2e-6, atol=1e-6)
+        ours = vocab_parallel_cross_entropy(full[:, mine].clone(), target, reduction="none", label_smoothing=epsilon)
+        full_reading = torch.nn.functional.cross_entropy(full.double(), target, reduction="none",
+                                                         label_smoothing=epsilon)
+        torch.testing.assert_close(ours.double(), full_reading, rtol=2e-6, atol=1e-6)
+    finally:
+        distributed._IMPL = "auto"
+        parallel_state.destroy_model_parallel()
+
+
+CASES = {"parity": _case_parity, "parity+errors": _case_parity_and_errors, "megatron": _case_megatron}
 
 
 def test_two_processes_equal_the_single_process_loss_and_mismatches_raise_everywhere():
@@ -260,6 +307,11 @@ def test_two_processes_equal_the_single_process_loss_and_mismatches_raise_everyw
 
 def test_four_processes_with_uneven_and_empty_slices():
     _spawn("parity", [5, 0, 9, 3])
+
+
+def test_megatron_core_gives_the_same_losses_and_gradients():
+    pytest.importorskip("megatron.core", reason="megatron-core (a dev dependency on Linux, CPython 3.11) is absent")
+    _spawn("megatron", [6, 6])  # Megatron assumes equal slices (rank r holds [r C_r, (r + 1) C_r))
 
 
 def test_the_c_kernel_serves_plain_cpu_shards_and_torch_ops_everything():
