@@ -43,7 +43,6 @@ from . import _validation as v
 from . import backends
 from ._core import CrossEntropyOptions
 from ._core.collectives import GroupReduce, shard_layout
-from ._core.linear import ChunkedLinearCrossEntropy
 
 #: the ``vocab_parallel_cross_entropy`` implementation :func:`vocab_parallel_cross_entropy` asks the dispatch
 #: table for (``backends/__init__.py``): ``"auto"`` (the C kernel on plain CPU tensors, else chunked torch ops);
@@ -175,33 +174,10 @@ def vocab_parallel_linear_cross_entropy(
         The same value on every process: a scalar for ``"mean"``/``"sum"``, ``hidden.shape[:-1]`` for
         ``"none"``.
     """
-    hidden, weight_shard, bias_shard = v.check_linear_inputs(hidden, weight_shard, bias_shard,
-                                                              weight_name="weight_shard")
-    (target, reduction, ignore_index, label_smoothing, temperature, z_loss, softcap, num_classes) = _check_common(
-        target, reduction, ignore_index, label_smoothing, temperature, z_loss, softcap, num_classes
+    from .functional._dtensor_linear import vocab_parallel_linear
+
+    return vocab_parallel_linear(
+        hidden, weight_shard, target, group, bias_shard, class_weight, num_classes, weight_name="weight_shard",
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        temperature=temperature, softcap=softcap, chunk_size=chunk_size, accumulation_dtype=accumulation_dtype,
     )
-    v.check_same_device("target", target, "hidden", hidden)
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"`target` must have shape {tuple(hidden.shape[:-1])} (one class index per row of `hidden`), but has "
-            f"shape {tuple(target.shape)}"
-        )
-    chunk_size = v.check_optional_positive_int("chunk_size", chunk_size)
-    accumulation_dtype = v.check_accumulation_dtype(accumulation_dtype, weight_shard.dtype)
-    class_weight = v.check_class_weight(class_weight, weight_shard.shape[0], hidden, name="class_weight")
-    grad_on = torch.is_grad_enabled()
-    offset, total = shard_layout(weight_shard.shape[0], target, hidden.shape[-1], chunk_size, num_classes, group,
-                            "weight_shard", (class_weight is not None, grad_on and hidden.requires_grad,
-                                             grad_on and (weight_shard.requires_grad or (
-                                                 bias_shard is not None and bias_shard.requires_grad))))
-    v.check_class_target(target, total, ignore_index)
-    options = CrossEntropyOptions(
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, temperature=temperature,
-        z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, accumulation_dtype=accumulation_dtype,
-        num_classes=total, class_offset=offset,
-    )
-    loss = ChunkedLinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, target.reshape(-1), class_weight, options,
-        GroupReduce(group), grad_on,
-    )
-    return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss

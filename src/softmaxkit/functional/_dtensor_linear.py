@@ -164,21 +164,23 @@ def linear_cross_entropy_dtensor(hidden, weight, target, *, bias, class_weight, 
 
             _, (offset, *_) = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
             class_weight = full[offset: offset + local_weight.shape[0]]
-    loss = _vocab_parallel(hidden.to_local(), local_weight, local_target, mesh.get_group(),
+    loss = vocab_parallel_linear(hidden.to_local(), local_weight, local_target, mesh.get_group(),
                            None if bias is None else bias.to_local(), class_weight, weight.shape[0], **options)
     return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
 
 
-def _vocab_parallel(hidden, weight_shard, target, group, bias_shard, class_weight, num_classes, *,
-                    ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, temperature=1.0,
-                    softcap=None, chunk_size=None, accumulation_dtype=None) -> torch.Tensor:
-    """The vocab-parallel linear cross-entropy of this rank's weight rows (what
-    :func:`softmaxkit.distributed.vocab_parallel_linear_cross_entropy` does, from the layer-1 pieces)."""
+def vocab_parallel_linear(hidden, weight_shard, target, group, bias_shard, class_weight, num_classes, *,
+                          weight_name="weight", ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                          temperature=1.0, softcap=None, chunk_size=None, accumulation_dtype=None) -> torch.Tensor:
+    """The vocab-parallel linear cross-entropy of this rank's weight rows ``weight_shard`` over ``group``,
+    validated (the one body of :func:`softmaxkit.distributed.vocab_parallel_linear_cross_entropy` and of the
+    tensor-parallel DTensor path). ``num_classes``: the expected total (None: whatever the slices add up to);
+    ``weight_name`` names the weight in errors."""
     from .._core import CrossEntropyOptions
     from .._core.collectives import GroupReduce, shard_layout
     from .._core.linear import ChunkedLinearCrossEntropy
 
-    hidden, weight_shard, bias_shard = v.check_linear_inputs(hidden, weight_shard, bias_shard, weight_name="weight")
+    hidden, weight_shard, bias_shard = v.check_linear_inputs(hidden, weight_shard, bias_shard, weight_name=weight_name)
     target = v.check_tensor("target", target)
     v.check_target_dtype(target)
     reduction = v.check_reduction(reduction)
@@ -193,8 +195,9 @@ def _vocab_parallel(hidden, weight_shard, target, group, bias_shard, class_weigh
     accumulation_dtype = v.check_accumulation_dtype(accumulation_dtype, weight_shard.dtype)
     class_weight = v.check_class_weight(class_weight, weight_shard.shape[0], hidden, name="class_weight")
     grad_on = torch.is_grad_enabled()
+    num_classes = v.check_optional_positive_int("num_classes", num_classes)
     offset, total = shard_layout(weight_shard.shape[0], target, hidden.shape[-1], chunk_size, num_classes, group,
-                                 "weight", (class_weight is not None, grad_on and hidden.requires_grad,
+                                 weight_name, (class_weight is not None, grad_on and hidden.requires_grad,
                                             grad_on and (weight_shard.requires_grad or (
                                                 bias_shard is not None and bias_shard.requires_grad))))
     v.check_class_target(target, total, ignore_index)
