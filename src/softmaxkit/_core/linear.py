@@ -468,11 +468,15 @@ class _Accumulators:
             self.bias_grad.add_(grad_logits.sum(0, dtype=self.bias_grad.dtype))
 
 
-def _zero_ignored(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The chunk's hidden rows with the ignored ones zeroed (an ``r × D`` copy): their logits are then finite
-    (``b``, or 0 without bias) whatever the padding held, so their gradient rows, scaled by 0, are exactly 0,
-    and a NaN or ``±∞`` hidden state there cannot turn ``0·NaN`` into NaN in ``∂W = Gᵀ h``."""
-    return torch.where(valid[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+def _zero_ignored(hidden: torch.Tensor, valid: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The chunk's hidden rows with the ignored ones zeroed, written into ``out`` (an ``r × D`` buffer of the
+    loop, and a 0-d zero): their logits are then finite (``b``, or 0 without bias) whatever the padding held, so their
+    gradient rows, scaled by 0, are exactly 0, and a NaN or ``±∞`` hidden state there cannot turn ``0·NaN``
+    into NaN in ``∂W = Gᵀ h``. One buffer for the loop, not an allocation per chunk: a small allocation
+    between two chunk-sized ones splits the freed chunk's block in glibc's heap, and the next chunk then
+    takes fresh memory (a whole chunk more resident memory, measured)."""
+    buffer, zero = out
+    return torch.where(valid[:, None], hidden, zero, out=buffer[: hidden.shape[0]])
 
 
 def _chunk_buffers(
@@ -565,9 +569,11 @@ def linear_forward(
     step = chunk_rows_for(options, num_rows, hidden_size)
     buffer, derivative, low = _chunk_buffers(min(step, num_rows), local_classes, work, hidden.device,
                                              options.softcap, use_onednn(weight), weight.dtype)
+    zeroed = None if grads is None or probabilities else (
+        hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):
         sl = slice(start, min(start + step, num_rows))
-        chunk_hidden = hidden[sl] if grads is None or probabilities else _zero_ignored(hidden[sl], rows.valid[sl])
+        chunk_hidden = hidden[sl] if zeroed is None else _zero_ignored(hidden[sl], rows.valid[sl], zeroed)
         logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], chunk_hidden, weight, bias,
                                None if low is None else low[: sl.stop - start])
         chunk_scale = None if scale is None else scale[sl]
@@ -630,9 +636,11 @@ def linear_backward(
     step = chunk_rows_for(options, num_rows, hidden_size)
     buffer, derivative, low = _chunk_buffers(min(step, num_rows), weight.shape[0], work, hidden.device,
                                              options.softcap, use_onednn(weight), weight.dtype)
+    zeroed = None if probabilities else (
+        hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):
         sl = slice(start, min(start + step, num_rows))
-        chunk_hidden = hidden[sl] if probabilities else _zero_ignored(hidden[sl], rows.valid[sl])
+        chunk_hidden = hidden[sl] if zeroed is None else _zero_ignored(hidden[sl], rows.valid[sl], zeroed)
         logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], chunk_hidden, weight, bias,
                                None if low is None else low[: sl.stop - start])
         if probabilities:
