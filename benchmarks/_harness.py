@@ -104,6 +104,11 @@ def measure(fn, device: str, repeat: int, warmup: int, min_time: float):
     prepare = None
     if isinstance(fn, tuple):
         prepare, fn = fn
+    # PyTorch's custom-op dispatch imports torch._dynamo (with sympy, triton, torch.distributed, ~150 MiB of
+    # resident modules and ~1 s) on the first call of any torch.library.custom_op in a process: a one-time
+    # cost of the process, not of the op, so it is paid here, before the baseline, for every impl alike
+    import torch._dynamo
+
     if prepare is not None:
         prepare()
     gc.collect()

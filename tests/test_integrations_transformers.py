@@ -208,6 +208,62 @@ def test_every_label_ignored_gives_zero_loss_and_zero_gradient():
     assert all(torch.count_nonzero(g) == 0 for g in grads.values())
 
 
+# ------------------------------------------------------------------------------- reduction="none"
+def _own_token_losses(model, input_ids, attention_mask, labels):
+    """The model's own per-token losses: ``F.cross_entropy(reduction="none")`` on its logits, shifted."""
+    logits = model(input_ids, attention_mask=attention_mask).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="none"
+    ).reshape(labels.shape[0], -1)
+
+
+def _token_weights(shape):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(1)) + 0.5
+
+
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "Gemma2ForCausalLM", "Qwen2ForCausalLM"])
+def test_reduction_none_gives_the_models_own_per_token_losses_and_their_gradients(name):
+    model = build(name)
+    input_ids, attention_mask, labels = batch()
+    weights = _token_weights((labels.shape[0], labels.shape[1] - 1))
+    model.zero_grad(set_to_none=True)
+    own = _own_token_losses(model, input_ids, attention_mask, labels)
+    (own * weights).sum().backward()  # a per-token weighting, what per-token losses are asked for
+    own_grads = {key: p.grad.detach().clone() for key, p in model.named_parameters() if p.grad is not None}
+    patch(model, reduction="none")
+    model.zero_grad(set_to_none=True)
+    ours = model(input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=torch.tensor(57)).loss
+    assert ours.shape == (3, 11) and ours.dtype == torch.float32
+    ignored = labels[:, 1:] == -100
+    assert ignored.any() and torch.all(ours[ignored] == 0)  # exactly 0 where the next label is ignored
+    torch.testing.assert_close(ours, own, rtol=LOSS_RTOL, atol=LOSS_RTOL * own.abs().max().item())
+    (ours * weights).sum().backward()
+    grads = {key: p.grad for key, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == own_grads.keys()
+    for key, grad in own_grads.items():
+        assert relative_error(grads[key], grad) <= GRAD_RTOL, key
+    model.eval()  # the model's own path: the same per-token losses from its logits
+    with torch.no_grad():
+        evaluated = model(input_ids, attention_mask=attention_mask, labels=labels)
+    assert evaluated.logits is not None
+    torch.testing.assert_close(evaluated.loss, own.detach(), rtol=LOSS_RTOL, atol=LOSS_RTOL * own.abs().max().item())
+
+
+def test_reduction_none_with_shift_labels_keeps_their_shape_and_bf16_is_fp32():
+    model = build("LlamaForCausalLM", dtype=torch.bfloat16)
+    input_ids, attention_mask, labels = batch()
+    shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    with torch.no_grad():
+        own = _own_token_losses(model, input_ids, attention_mask, labels)
+        ours = patch(model, reduction="none")(
+            input_ids, attention_mask=attention_mask, labels=labels, shift_labels=shift_labels
+        ).loss
+    assert ours.shape == shift_labels.shape and ours.dtype == torch.float32
+    assert torch.all(ours[:, -1] == 0)
+    # bf16 logits (8 bits of mantissa) rounded differently by the fused and the model's own product
+    torch.testing.assert_close(ours[:, :-1], own, rtol=2e-2, atol=2e-2 * own.abs().max().item())
+
+
 # -------------------------------------------------------------------------------------- low precision
 def _fp64_copy(model):
     return copy.deepcopy(model).to(torch.float64)
@@ -307,6 +363,7 @@ def test_impl_and_chunk_size_pass_through(impl):
         (dict(chunk_size=0), ValueError, "chunk_size"),
         (dict(z_loss="a lot"), TypeError, "z_loss"),
         (dict(skip_logits="yes"), TypeError, "skip_logits"),
+        (dict(reduction="sum"), ValueError, "reduction"),
     ],
 )
 def test_bad_options_are_refused_at_patch_time(options, error, match):

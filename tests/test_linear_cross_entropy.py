@@ -439,8 +439,9 @@ def test_head_module_holds_the_projection_and_equals_the_function():
 
 
 def test_default_chunk_rows():
-    # D rows (the chunk's logits no larger than ∂W), within [64, 1024] rows and 256 MiB of fp32 logits
-    assert default_chunk_rows(8192, 50_000, 512) == 512
+    # 3D/4 rows (the chunk's logits ¾ of ∂W), within [64, 1024] rows and 256 MiB of fp32 logits
+    assert default_chunk_rows(8192, 50_000, 512) == 384
+    assert default_chunk_rows(8192, 32_000, 256) == 192
     assert default_chunk_rows(10, 50_000, 512) == 10
     assert default_chunk_rows(100_000, 10, 8) == 64
     assert default_chunk_rows(100_000, 32_000, 4096) == 1024
@@ -840,3 +841,34 @@ def test_hidden_size_zero_gives_the_bias_only_loss(impl):
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     assert grads[0].shape == hidden.shape and grads[1].shape == weight.shape
     torch.testing.assert_close(grads[2], expected_bias_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_nan_and_inf_hidden_rows_that_are_ignored_change_nothing(reduction, with_bias):
+    # padding rows may hold anything: their loss and gradients must be exactly those of dropping them, in the
+    # forward-built (mean) and the recomputing (none) backward, over several chunks, with and without a bias
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(10, 6, dtype=torch.float64, generator=g)
+    weight = torch.randn(13, 6, dtype=torch.float64, generator=g)
+    bias = torch.randn(13, dtype=torch.float64, generator=g) if with_bias else None
+    target = torch.randint(0, 13, (10,), generator=g)
+    target[[1, 4, 8]] = -100
+    hidden[1], hidden[4, 2], hidden[8, 0] = torch.nan, torch.inf, -torch.inf
+    keep = target != -100
+
+    def run(h, w, t):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = softmaxkit.linear_cross_entropy(h, w, t, bias=bias, reduction=reduction, chunk_size=3, impl="torch")
+        (loss.sum() if reduction == "none" else loss).backward()
+        return loss.detach(), h.grad, w.grad
+
+    loss, grad_h, grad_w = run(hidden, weight, target)
+    kept_loss, kept_h, kept_w = run(hidden[keep], weight, target[keep])
+    if reduction == "none":
+        assert torch.all(loss[~keep] == 0)
+        loss = loss[keep]
+    assert_close_f64(loss, kept_loss)
+    assert torch.all(grad_h[~keep] == 0)
+    assert_close_f64(grad_h[keep], kept_h)
+    assert_close_f64(grad_w, kept_w)

@@ -57,15 +57,16 @@ MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 64, 1024
 
 
 def default_chunk_rows(num_rows: int, num_classes: int, hidden_size: int) -> int:
-    """Rows per chunk when ``chunk_size`` is None: ``D`` rows, within ``[64, 1024]`` and 256 MiB of logits.
+    """Rows per chunk when ``chunk_size`` is None: ``3D/4`` rows, within ``[64, 1024]`` and 256 MiB of logits.
 
     Every chunk streams the whole ``(C, D)`` weight through three matmuls (and reads and writes the
     ``∂W`` accumulator), so chunks of ``r`` rows cost ``≈ 16·C·D·N/r`` bytes of memory traffic on top of
-    ``6·N·C·D`` FLOPs: ``r`` should be in the hundreds. With ``r = D`` the chunk's ``r × C`` logits take
-    no more memory than ``∂W`` (``C × D``), which the op must return anyway, so the peak stays
-    ``O(C·D + N·D)``, never ``O(N·C)``.
+    ``6·N·C·D`` FLOPs: ``r`` should be in the hundreds. With ``r = 3D/4`` the chunk's ``r × C`` logits take
+    ¾ of the memory of ``∂W`` (``C × D``), which the op must return anyway, so the peak stays
+    ``O(C·D + N·D)``, never ``O(N·C)``, and a training step's peak is ``∂W`` plus less than ``∂W`` again
+    (measured at ``D = 256``, ``C = 32000``: ``r = 192`` as fast as ``r = 256``; ``r ≤ 160`` 1.2× slower).
     """
-    rows = min(MAX_CHUNK_ROWS, hidden_size, CHUNK_BYTES // (4 * max(num_classes, 1)))
+    rows = min(MAX_CHUNK_ROWS, (3 * hidden_size) // 4, CHUNK_BYTES // (4 * max(num_classes, 1)))
     rows = max(MIN_CHUNK_ROWS, rows - rows % 16 if rows > 16 else rows)
     return max(1, min(rows, num_rows))
 
@@ -136,15 +137,22 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
-def _chunk_logits(out: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+def _chunk_logits(out: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  low: torch.Tensor | None = None):
     """The chunk's logits ``hidden @ weight.T + bias`` in the work dtype (written into ``out`` unless the
-    oneDNN path, which makes its own tensor, is used: then ``out`` is None)."""
+    oneDNN path, which makes its own tensor, is used: then ``out`` is None). A low-precision product is
+    formed in ``low`` (the chunk's buffer in the weight's dtype) and then widened into ``out``."""
     if out is None:
         return _onednn_linear(hidden, weight, bias)
-    if out.dtype == weight.dtype:
-        if bias is None:
-            return torch.mm(hidden, weight.t(), out=out)
-        return torch.addmm(bias, hidden, weight.t(), out=out)
+    if out.dtype == weight.dtype or low is not None:
+        product = out if low is None else low
+        if bias is None or bias.dtype != weight.dtype:
+            torch.mm(hidden, weight.t(), out=product)
+            if bias is not None:
+                product.add_(bias)
+        else:
+            torch.addmm(bias, hidden, weight.t(), out=product)
+        return out if low is None else out.copy_(low)
     return out.copy_(torch.nn.functional.linear(hidden, weight, bias))
 
 
@@ -366,8 +374,13 @@ def _chunk_loss_and_grad(
     scale: torch.Tensor | None,
     options: CrossEntropyOptions,
     reduce: LocalReduce,
+    finite_ignored: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss, shift ``m`` and ``log s`` of one chunk; with ``scale``, ``logits`` becomes ``∂ℓ/∂x``.
+
+    ``finite_ignored``: the ignored rows' logits are known finite (their hidden rows were zeroed and there is
+    no bias), so their gradient rows are already exactly 0 (a 0 coefficient times finite values) and the
+    pass that forces them to 0 is skipped.
 
     ``logits`` holds the chunk's raw logits ``x`` in the work dtype and is consumed. Uses
     ``p = exp(z − m) / s`` so the exponentials are computed once for both the loss and ``p``; the per-row
@@ -414,7 +427,7 @@ def _chunk_loss_and_grad(
         # exp(z − m) · coefficient / Σ exp(z − m) = coefficient · p
         target_coefficient = target_coefficient * owned[:, None]
         finish_logit_grad_(z, row_coefficient / sum_exp, target_coefficient, smooth_coefficient,
-                           rows.class_weight, local_target, d, inv_t, weights.valid)
+                           rows.class_weight, local_target, d, inv_t, None if finite_ignored else weights.valid)
     return loss, row_max, log_sum
 
 
@@ -427,8 +440,10 @@ def _chunk_grad_from_stats(
     log_sum: torch.Tensor,
     scale: torch.Tensor,
     options: CrossEntropyOptions,
+    finite_ignored: bool = False,
 ) -> None:
-    """Turn the chunk's raw logits into ``∂ℓ/∂x`` in place, given the stored ``m`` and ``log s``."""
+    """Turn the chunk's raw logits into ``∂ℓ/∂x`` in place, given the stored ``m`` and ``log s``
+    (``finite_ignored`` as for :func:`_chunk_loss_and_grad`)."""
     inv_t, softcap = options.inv_temperature, options.softcap
     if logits.shape[1] == 0:
         return
@@ -442,7 +457,7 @@ def _chunk_grad_from_stats(
     )
     target_coefficient = target_coefficient * rows.owned[sl, None]
     finish_logit_grad_(logits, row_coefficient / log_sum.exp(), target_coefficient, smooth_coefficient,
-                       rows.class_weight, rows.local_target[sl], d, inv_t, weights.valid)
+                       rows.class_weight, rows.local_target[sl], d, inv_t, None if finite_ignored else weights.valid)
 
 
 class _Accumulators:
@@ -452,11 +467,8 @@ class _Accumulators:
         need_hidden, need_weight, need_bias = needs
         self.weight = weight
         self.accumulation_dtype = accumulation_dtype
-        # oneDNN computes G @ W as a linear layer with weight Wᵀ, which it wants contiguous: one (D, C) copy
-        self.weight_t = (
-            weight.t().contiguous() if need_hidden and accumulation_dtype == weight.dtype and use_onednn(weight)
-            else None
-        )
+        # ∂h = G W is one torch.mm per chunk: oneDNN's linear would want Wᵀ contiguous, a (D, C) copy as large
+        # as ∂W held through the whole loop, for no measured gain (docs/benchmarks.md, run I)
         self.hidden = (
             torch.empty(hidden.shape, dtype=accumulation_dtype, device=hidden.device) if need_hidden else None
         )
@@ -472,21 +484,28 @@ class _Accumulators:
         return self.hidden is not None or self.weight_grad is not None or self.bias_grad is not None
 
     def add_chunk(self, grad_logits: torch.Tensor, hidden: torch.Tensor, sl: slice,
-                  valid: torch.Tensor | None = None) -> None:
+                  valid: torch.Tensor | None = None, low: torch.Tensor | None = None) -> None:
         """Fold one chunk's ``G = ∂ℓ/∂x`` (``r × C``, work dtype) into the three gradients.
 
         ``valid`` (the chunk's non-ignored rows) zeroes the ignored rows of ``hidden`` in ``Gᵀ h``: their
         ``G`` rows are 0, and a NaN or ``±∞`` hidden state there must not turn ``0·NaN`` into NaN in ``∂W``.
+        ``low`` (a chunk buffer in the weight's dtype, free by now) receives ``G`` rounded to that dtype for
+        the low-precision matmuls, so no chunk-sized temporary is allocated for it.
         """
         weight = self.weight
         if valid is not None and self.weight_grad is not None:
             hidden = torch.where(valid[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
         acc = self.accumulation_dtype
-        low = grad_logits if grad_logits.dtype == weight.dtype else grad_logits.to(weight.dtype)
+        if grad_logits.dtype == weight.dtype:
+            low = grad_logits
+        elif self.hidden is None and (self.weight_grad is None or acc != weight.dtype):
+            low = None  # only the accumulation dtype's G is read below
+        elif low is not None:
+            low = low[: grad_logits.shape[0]].copy_(grad_logits)
+        else:
+            low = grad_logits.to(weight.dtype)
         if self.hidden is not None:
-            if self.weight_t is not None:
-                self.hidden[sl] = _onednn_linear(low, self.weight_t, None)
-            elif acc == weight.dtype:
+            if acc == weight.dtype:
                 torch.mm(low, weight, out=self.hidden[sl])
             else:
                 self.hidden[sl].copy_(torch.mm(low, weight))
@@ -501,13 +520,30 @@ class _Accumulators:
             self.bias_grad.add_(grad_logits.sum(0, dtype=self.bias_grad.dtype))
 
 
+def _zero_ignored(hidden: torch.Tensor, valid: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The chunk's hidden rows with the ignored ones zeroed, written into ``out`` (an ``r × D`` buffer of the
+    loop, and a 0-d zero): their logits are then finite (``b``, or 0 without bias) whatever the padding held, so their
+    gradient rows, scaled by 0, are exactly 0, and a NaN or ``±∞`` hidden state there cannot turn ``0·NaN``
+    into NaN in ``∂W = Gᵀ h``. One buffer for the loop, not an allocation per chunk: a small allocation
+    between two chunk-sized ones splits the freed chunk's block in glibc's heap, and the next chunk then
+    takes fresh memory (a whole chunk more resident memory, measured)."""
+    buffer, zero = out
+    return torch.where(valid[:, None], hidden, zero, out=buffer[: hidden.shape[0]])
+
+
 def _chunk_buffers(
-    rows: int, classes: int, work_dtype, device, softcap, onednn: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The chunk's logits buffer (None where oneDNN allocates the logits itself) and soft-cap derivative."""
+    rows: int, classes: int, work_dtype, device, softcap, onednn: bool, weight_dtype=None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The chunk's logits buffer (None where oneDNN allocates the logits itself), soft-cap derivative, and
+    for a low-precision weight one buffer in its dtype (the product before widening, then ``G`` rounded
+    for ``G W``: one buffer for both instead of two chunk-sized temporaries per chunk)."""
     logits = None if onednn else torch.empty((rows, classes), dtype=work_dtype, device=device)
     derivative = torch.empty((rows, classes), dtype=work_dtype, device=device) if softcap is not None else None
-    return logits, derivative
+    low = (
+        torch.empty((rows, classes), dtype=weight_dtype, device=device)
+        if weight_dtype is not None and weight_dtype != work_dtype and not onednn else None
+    )
+    return logits, derivative, low
 
 
 def chunk_rows_for(options: CrossEntropyOptions, num_rows: int, hidden_size: int) -> int:
@@ -583,11 +619,15 @@ def linear_forward(
     row_max = torch.empty(num_rows, dtype=work, device=hidden.device)
     log_sum = torch.empty(num_rows, dtype=work, device=hidden.device)
     step = chunk_rows_for(options, num_rows, hidden_size)
-    buffer, derivative = _chunk_buffers(min(step, num_rows), local_classes, work, hidden.device,
-                                        options.softcap, use_onednn(weight))
+    buffer, derivative, low = _chunk_buffers(min(step, num_rows), local_classes, work, hidden.device,
+                                             options.softcap, use_onednn(weight), weight.dtype)
+    zeroed = None if grads is None or probabilities else (
+        hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):
         sl = slice(start, min(start + step, num_rows))
-        logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], hidden[sl], weight, bias)
+        chunk_hidden = hidden[sl] if zeroed is None else _zero_ignored(hidden[sl], rows.valid[sl], zeroed)
+        logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], chunk_hidden, weight, bias,
+                               None if low is None else low[: sl.stop - start])
         chunk_scale = None if scale is None else scale[sl]
         if probabilities:
             loss[sl], row_max[sl], log_sum[sl] = _chunk_loss_and_grad_probabilities(
@@ -596,15 +636,14 @@ def linear_forward(
             )
         else:
             loss[sl], row_max[sl], log_sum[sl] = _chunk_loss_and_grad(
-                logits, derivative, rows, sl, chunk_scale, options, reduce
+                logits, derivative, rows, sl, chunk_scale, options, reduce, grads is not None and bias is None
             )
         if grads is not None:
-            grads.add_chunk(logits, hidden[sl], sl, None if probabilities else rows.valid[sl])
+            grads.add_chunk(logits, chunk_hidden, sl, None, low)
         del logits  # free this chunk's logits before the next chunk allocates its own (oneDNN path)
-    del buffer, derivative
+    del buffer, derivative, low
     if grads is None:
         return LinearForward(loss, row_max, log_sum, rows.denominator, None, None, None, None)
-    grads.weight_t = None
     if grads.hidden is not None:
         reduce.sum_hidden_grad_(grads.hidden)
     return LinearForward(loss, row_max, log_sum, rows.denominator, grads.hidden, grads.weight_grad,
@@ -641,20 +680,29 @@ def linear_backward(
         scale = grad_output * rows.valid
     else:
         scale = rows.scale(options.reduction) * grad_output
+    if not probabilities:
+        # the ignored rows' logits are recomputed from zeroed hidden rows below (finite); their stored
+        # statistics may come from whatever the padding held (NaN): shift them by 0 and divide by 1 instead
+        zero = torch.zeros((), dtype=work, device=row_max.device)
+        row_max, log_sum = torch.where(rows.valid, row_max, zero), torch.where(rows.valid, log_sum, zero)
     step = chunk_rows_for(options, num_rows, hidden_size)
-    buffer, derivative = _chunk_buffers(min(step, num_rows), weight.shape[0], work, hidden.device,
-                                        options.softcap, use_onednn(weight))
+    buffer, derivative, low = _chunk_buffers(min(step, num_rows), weight.shape[0], work, hidden.device,
+                                             options.softcap, use_onednn(weight), weight.dtype)
+    zeroed = None if probabilities else (
+        hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):
         sl = slice(start, min(start + step, num_rows))
-        logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], hidden[sl], weight, bias)
+        chunk_hidden = hidden[sl] if zeroed is None else _zero_ignored(hidden[sl], rows.valid[sl], zeroed)
+        logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], chunk_hidden, weight, bias,
+                               None if low is None else low[: sl.stop - start])
         if probabilities:
             _chunk_grad_from_stats_probabilities(logits, derivative, rows, sl, row_max[sl], log_sum[sl], scale[sl],
                                                  options, None if target_grad is None else target_grad[sl])
         else:
-            _chunk_grad_from_stats(logits, derivative, rows, sl, row_max[sl], log_sum[sl], scale[sl], options)
-        grads.add_chunk(logits, hidden[sl], sl, None if probabilities else rows.valid[sl])
+            _chunk_grad_from_stats(logits, derivative, rows, sl, row_max[sl], log_sum[sl], scale[sl], options,
+                                   bias is None)
+        grads.add_chunk(logits, chunk_hidden, sl, None, low)
         del logits
-    grads.weight_t = None
     if grads.hidden is not None:
         reduce.sum_hidden_grad_(grads.hidden)
     return grads.hidden, grads.weight_grad, grads.bias_grad, target_grad

@@ -117,8 +117,8 @@ def linear_cross_entropy(
         temperature: ``T > 0`` dividing the (soft-capped) logits.
         z_loss: ``λ ≥ 0``, adds ``λ·LSE(z)²`` per non-ignored row (PaLM).
         softcap: ``c > 0`` or None; ``c·tanh(x/c)`` before the temperature (Gemma 2).
-        chunk_size: rows per chunk; None picks ``D`` rows within 64–1024 and 256 MiB of fp32 logits, so a
-            chunk's logits are no larger than ``∂ℓ/∂W``
+        chunk_size: rows per chunk; None picks ``3D/4`` rows within 64–1024 and 256 MiB of fp32 logits, so
+            a chunk's logits take ¾ of the memory of ``∂ℓ/∂W``
             (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
         impl: ``"auto"`` (the chunked path, with the Triton kernels on CUDA when available; class-probability
             targets: always the chunked PyTorch path), ``"torch"`` (the chunked PyTorch path, class indices or

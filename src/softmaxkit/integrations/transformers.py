@@ -104,6 +104,7 @@ class _PatchState:
     impl: str
     chunk_size: int | None
     skip_logits: bool | None
+    reduction: str
     #: the instance attribute ``forward`` that was there before (an accelerate hook, say), else None
     previous_forward: object
     #: names of the original forward's positional parameters, to turn positional arguments into keywords
@@ -129,6 +130,7 @@ def patch(
     impl: str = "auto",
     chunk_size: int | None = None,
     skip_logits: bool | None = None,
+    reduction: str = "mean",
 ):
     r"""Make a Hugging Face causal LM compute its training loss with :func:`softmaxkit.linear_cross_entropy`.
 
@@ -157,6 +159,13 @@ def patch(
         skip_logits: None (default) fuses the loss when labels are given and the model is in training mode,
             and runs the model's own forward (logits included) in eval mode; True fuses whenever labels are
             given (``logits`` is then ``None``, also in eval mode); False never fuses.
+        reduction: ``"mean"`` (default): ``.loss`` is the model's own scalar loss. ``"none"``: ``.loss`` is
+            the fp32 per-token loss, differentiable, shaped like the labels less the last position
+            (``(batch, seq − 1)``; entry ``[b, t]`` is the loss of predicting ``labels[b, t + 1]`` from position
+            ``t``, 0 where that label is ``-100``), or like ``shift_labels`` when those are given;
+            ``num_items_in_batch`` is not applied (weight and reduce the tokens yourself, e.g.
+            ``(loss * w).sum() / w.sum()``). In eval mode (the model's own path) the same per-token loss is
+            computed from the model's logits.
 
     Returns:
         ``model`` itself, patched in place (patching a patched model replaces its options).
@@ -178,7 +187,7 @@ def patch(
     family = _family_of(target)
     head = _plain_head(target)
     decoder = _decoder_of(target)
-    _check_options(head, z_loss, label_smoothing, impl, chunk_size, skip_logits)
+    _check_options(head, z_loss, label_smoothing, impl, chunk_size, skip_logits, reduction)
     if is_patched(target):
         unpatch(target)
     previous = target.__dict__.get("forward")
@@ -189,7 +198,8 @@ def patch(
     )
     state = _PatchState(
         family=family, z_loss=float(z_loss), label_smoothing=float(label_smoothing), impl=impl,
-        chunk_size=chunk_size, skip_logits=skip_logits, previous_forward=previous, positional=positional,
+        chunk_size=chunk_size, skip_logits=skip_logits, reduction=reduction, previous_forward=previous,
+        positional=positional,
         fp32_loss={dtype: _loss_is_fp32(dtype, head.weight.device, impl)
                    for dtype in (torch.float16, torch.bfloat16)},
     )
@@ -260,7 +270,10 @@ def _patched_forward(self, *args, **kwargs):
         labels = named.get("labels", labels)
     fused = state.skip_logits if state.skip_logits is not None else self.training
     if labels is None or not fused:
-        return _own_forward(self, state, *args, **kwargs)
+        output = _own_forward(self, state, *args, **kwargs)
+        if labels is not None and state.reduction == "none":
+            output = _with_own_token_losses(self, output, labels, kwargs)
+        return output
     if args:
         duplicate = sorted(set(named) & set(kwargs))
         if duplicate:
@@ -301,6 +314,31 @@ def _patched_forward(self, *args, **kwargs):
     return output if return_dict else output.to_tuple()
 
 
+def _with_own_token_losses(model, output, labels, kwargs):
+    """The model's own output with ``.loss`` replaced by its per-token losses (``reduction="none"``, eval)."""
+    logits = output.logits if hasattr(output, "logits") else output[1]
+    ignore_index = kwargs.get("ignore_index", -100)
+    shift_labels = kwargs.get("shift_labels")
+    shifted = shift_labels is None
+    if shifted:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(logits.device)
+    if logits.shape[:-1] != shift_labels.shape:
+        raise ValueError(
+            f"reduction='none' needs the logits of every labelled position ({tuple(shift_labels.shape)}), but "
+            f"the model returned logits of shape {tuple(logits.shape)} (logits_to_keep?)"
+        )
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=ignore_index,
+        reduction="none",
+    ).reshape(shift_labels.shape)
+    loss = loss[..., :-1] if shifted else loss
+    if isinstance(output, tuple):
+        return (loss, *output[1:])
+    output["loss"] = loss
+    return output
+
+
 def _own_forward(model, state, *args, **kwargs):
     """The forward :func:`patch` replaced (called as a function: ``torch.compile`` traces it inline)."""
     if state.previous_forward is not None:
@@ -311,7 +349,8 @@ def _own_forward(model, state, *args, **kwargs):
 def _causal_lm_loss(model, state, hidden, labels, *, shift_labels, num_items_in_batch, ignore_index):
     """``ForCausalLMLoss`` of ``cap(hidden Wᵀ + b)/T`` without the logits, in fp32 for fp16/bf16 models."""
     head = _plain_head(model)
-    if shift_labels is None:
+    labels_shifted = shift_labels is None
+    if labels_shifted:
         # tokens < n predict n; the last position has no next token
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     rows = hidden.reshape(-1, hidden.shape[-1])
@@ -322,6 +361,10 @@ def _causal_lm_loss(model, state, hidden, labels, *, shift_labels, num_items_in_
             f"of hidden size {rows.shape[1]}), but holds {target.shape[0]} (labels of shape "
             f"{tuple(labels.shape)})"
         )
+    shape = target.shape
+    keep = _counted_rows(target, ignore_index)
+    if keep is not None:
+        rows, target = rows.index_select(0, keep), target.index_select(0, keep)
     softcap, temperature = _FAMILIES[state.family](model)
     # The loss is computed and returned in fp32, as the model's own (which upcasts the logits). Where the fused
     # op returns its loss in the inputs' low-precision dtype, it runs under autocast to that same dtype: the
@@ -335,15 +378,37 @@ def _causal_lm_loss(model, state, hidden, labels, *, shift_labels, num_items_in_
                         enabled=low_precision):
         loss = linear_cross_entropy(
             rows.to(dtype), head.weight.to(dtype), target, bias=bias, ignore_index=ignore_index,
-            reduction="mean" if num_items_in_batch is None else "sum",
+            reduction=state.reduction if state.reduction == "none" or num_items_in_batch is None else "sum",
             label_smoothing=state.label_smoothing, z_loss=state.z_loss, softcap=softcap,
             temperature=temperature, chunk_size=state.chunk_size, impl=state.impl,
         )
+    if state.reduction == "none":
+        if keep is not None:
+            loss = loss.new_zeros(shape).index_copy(0, keep, loss)
+        loss = loss.reshape(shift_labels.shape)
+        return loss[..., :-1] if labels_shifted else loss
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     return loss
+
+
+def _counted_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """The indices of the rows whose label is counted, when dropping the others before the loss pays off.
+
+    A causal-LM batch ignores the padding, the prompt and the last position (often a quarter of the rows or
+    more); the loss of an ignored row is exactly 0 with a zero gradient, so computing only the counted rows
+    gives the same loss and gradients and saves their share of the three head-sized matmuls. Counting them
+    is a host read, free on CPU: there it is done in eager mode; on accelerators (where it would wait for
+    the device) and while ``torch.compile`` traces (a data-dependent shape) every row is kept (None).
+    """
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    keep = (target != ignore_index).nonzero().squeeze(1)
+    if keep.numel() == 0 or keep.numel() == target.numel():
+        return None
+    return keep
 
 
 def _slice_logits_to_keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
@@ -443,8 +508,12 @@ def _loss_is_fp32(dtype: torch.dtype, device: torch.device, impl: str) -> bool:
     return loss.dtype == torch.float32
 
 
-def _check_options(head, z_loss, label_smoothing, impl, chunk_size, skip_logits) -> None:
+def _check_options(head, z_loss, label_smoothing, impl, chunk_size, skip_logits, reduction) -> None:
     """Validate the options with the loss's own checks, on one tiny row on the head's device."""
+    if not isinstance(reduction, str) or reduction not in ("mean", "none"):
+        raise ValueError(
+            f"`reduction` must be 'mean' (the model's own loss) or 'none' (per-token losses), but got {reduction!r}"
+        )
     if skip_logits is not None and not isinstance(skip_logits, bool):
         raise TypeError(f"`skip_logits` must be None or a bool, but got {type(skip_logits).__name__}")
     for name, value in (("z_loss", z_loss), ("label_smoothing", label_smoothing)):
