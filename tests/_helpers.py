@@ -38,3 +38,14 @@ def assert_within_budget(fast, peer, oracle, tol: float) -> None:
     budget = np.abs(peer - oracle) + tol
     excess = np.abs(fast - oracle) - budget
     assert np.all(excess <= 0), f"error budget exceeded by up to {excess.max():.3g} (tol {tol})"
+
+
+def expect_error(message: str, call) -> None:
+    """``call()`` raises a ``ValueError`` whose message contains ``message`` (for code that must raise the same
+    error on every rank of a process group, where ``pytest.raises`` in one worker would not say which rank)."""
+    try:
+        call()
+    except ValueError as error:
+        assert message in str(error), f"expected {message!r} in {error}"
+    else:
+        raise AssertionError(f"no ValueError raised, expected {message!r}")

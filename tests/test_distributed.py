@@ -23,6 +23,8 @@ import softmaxkit
 from softmaxkit import backends, distributed
 from softmaxkit.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
+from ._helpers import expect_error
+
 pytestmark = pytest.mark.distributed
 
 RTOL, ATOL = 1e-12, 1e-14
@@ -212,37 +214,28 @@ def _case_low_precision(rank: int, num_classes: int, mine: slice, impl: str) -> 
                                        msg=lambda m, what=what: f"{what} grad: {m}")
 
 
-def _expect_error(message: str, call) -> None:
-    try:
-        call()
-    except ValueError as error:
-        assert message in str(error), f"expected {message!r} in {error}"
-    else:
-        raise AssertionError(f"no ValueError raised, expected {message!r}")
-
-
 def _case_errors(rank: int, world: int, sizes: list[int]) -> None:
     """Mismatches between ranks raise the same ValueError on every rank instead of deadlocking."""
     num_classes = sum(sizes)
     mine = _split(sizes, rank)
     hidden, weight, _, _, target, _ = _problem(num_classes)
     logits = hidden @ weight.T
-    _expect_error("add up to", lambda: vocab_parallel_cross_entropy(logits[:, mine], target,
+    expect_error("add up to", lambda: vocab_parallel_cross_entropy(logits[:, mine], target,
                                                                      num_classes=num_classes + 1))
     rows = 7 if rank == 0 else 6
-    _expect_error("same number of rows", lambda: vocab_parallel_cross_entropy(logits[:rows, mine], target[:rows]))
+    expect_error("same number of rows", lambda: vocab_parallel_cross_entropy(logits[:rows, mine], target[:rows]))
     other = target.clone()
     if rank == 1:
         other[0] = (other[0] + 1) % num_classes
-    _expect_error("`target` differs", lambda: vocab_parallel_cross_entropy(logits[:, mine], other))
-    _expect_error("same number of hidden features", lambda: vocab_parallel_linear_cross_entropy(
+    expect_error("`target` differs", lambda: vocab_parallel_cross_entropy(logits[:, mine], other))
+    expect_error("same number of hidden features", lambda: vocab_parallel_linear_cross_entropy(
         hidden[:, : 4 - rank], weight[mine, : 4 - rank], target))
-    _expect_error("same number of chunk_size", lambda: vocab_parallel_linear_cross_entropy(
+    expect_error("same number of chunk_size", lambda: vocab_parallel_linear_cross_entropy(
         hidden, weight[mine], target, chunk_size=2 + rank))
     bad = target.clone()
     bad[0] = num_classes
-    _expect_error(f"class indices in [0, {num_classes})", lambda: vocab_parallel_cross_entropy(logits[:, mine], bad))
-    _expect_error("`hidden` has 4 features", lambda: vocab_parallel_linear_cross_entropy(hidden, weight[mine, :3],
+    expect_error(f"class indices in [0, {num_classes})", lambda: vocab_parallel_cross_entropy(logits[:, mine], bad))
+    expect_error("`hidden` has 4 features", lambda: vocab_parallel_linear_cross_entropy(hidden, weight[mine, :3],
                                                                                           target))
 
 

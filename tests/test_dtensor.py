@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 import softmaxkit
 
+from ._helpers import expect_error
+
 pytestmark = pytest.mark.distributed
 
 RTOL, ATOL = 1e-12, 1e-14
@@ -495,7 +497,7 @@ def _case_sparse_maps(rank, world, mesh):
                 bisect = function is softmaxkit.entmax_bisect
                 if bisect and placement.is_shard() and placement.dim % 2 == dim % 2:
                     logits = _on_mesh(x_full, mesh, placement)
-                    _expect_error(f"placement {placement}", lambda logits=logits, dim=dim, function=function: function(
+                    expect_error(f"placement {placement}", lambda logits=logits, dim=dim, function=function: function(
                         logits, dim=dim, alpha=1.5))
                     continue
                 given = dict(options)
@@ -522,15 +524,6 @@ def _case_sparse_maps(rank, world, mesh):
                     _close(given["alpha"].grad, a.grad, what + " alpha grad")
 
 
-def _expect_error(message: str, call) -> None:
-    try:
-        call()
-    except ValueError as error:
-        assert message in str(error), f"expected {message!r} in {error}"
-    else:
-        raise AssertionError(f"no ValueError raised, expected {message!r}")
-
-
 def _case_errors(rank, world, mesh):
     """Placements that cannot be served, and one rank's bad data, raise a ValueError on every rank."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -539,49 +532,49 @@ def _case_errors(rank, world, mesh):
     num_classes = 6
     full, target, _, _ = _data((4, num_classes), num_classes)
     class_sharded = _on_mesh(full, mesh, Shard(1))
-    _expect_error("placement S(1)", lambda: softmaxkit.entmax_bisect_loss(class_sharded, target))
-    _expect_error("placement S(1)", lambda: softmaxkit.entmax_bisect(class_sharded, dim=1))
-    _expect_error("impl='cpu'", lambda: softmaxkit.sparsemax(class_sharded, dim=1, impl="cpu"))
+    expect_error("placement S(1)", lambda: softmaxkit.entmax_bisect_loss(class_sharded, target))
+    expect_error("placement S(1)", lambda: softmaxkit.entmax_bisect(class_sharded, dim=1))
+    expect_error("impl='cpu'", lambda: softmaxkit.sparsemax(class_sharded, dim=1, impl="cpu"))
     for function in (softmaxkit.focal_loss, softmaxkit.poly1_cross_entropy):
-        _expect_error("class-probability targets", lambda function=function: function(
+        expect_error("class-probability targets", lambda function=function: function(
             class_sharded, torch.softmax(full, dim=1)))
     partial = DTensor.from_local(full, mesh, [Partial()], run_check=False)
-    _expect_error("placement P(sum)", lambda: softmaxkit.cross_entropy(partial, target))
+    expect_error("placement P(sum)", lambda: softmaxkit.cross_entropy(partial, target))
     mesh_2d = init_device_mesh("cpu", (1, world))
     on_2d = DTensor.from_local(full, mesh_2d, [Shard(0), Shard(1)], run_check=False)
-    _expect_error("2-D device mesh", lambda: softmaxkit.cross_entropy(on_2d, target))
-    _expect_error("feature dimension", lambda: softmaxkit.sampled_softmax_loss(
+    expect_error("2-D device mesh", lambda: softmaxkit.cross_entropy(on_2d, target))
+    expect_error("feature dimension", lambda: softmaxkit.sampled_softmax_loss(
         _on_mesh(torch.randn(4, 4, dtype=torch.float64), mesh, Shard(1)), torch.randn(9, 4, dtype=torch.float64),
         target.clamp(min=0), num_sampled=3))
-    _expect_error("class-probability targets", lambda: softmaxkit.cross_entropy(
+    expect_error("class-probability targets", lambda: softmaxkit.cross_entropy(
         class_sharded, torch.softmax(full, dim=1)))
     # one rank's target out of range: that rank says so, the others raise instead of waiting
     bad = target.clone()
     if rank == world - 1:
         bad[0] = num_classes
     message = f"class indices in [0, {num_classes})" if rank == world - 1 else f"rank(s) [{world - 1}]"
-    _expect_error(message, lambda: softmaxkit.cross_entropy(class_sharded, bad))
-    _expect_error(message, lambda: softmaxkit.sparsemax_loss(class_sharded, bad))
+    expect_error(message, lambda: softmaxkit.cross_entropy(class_sharded, bad))
+    expect_error(message, lambda: softmaxkit.sparsemax_loss(class_sharded, bad))
     rows = _on_mesh(torch.randn(2 * world, num_classes, dtype=torch.float64), mesh, Shard(0))
     local_bad = torch.zeros(2, dtype=torch.long)
     if rank == 0:
         local_bad[1] = 99
     bad_rows = DTensor.from_local(local_bad, mesh, [Shard(0)], run_check=False)
     message = f"class indices in [0, {num_classes})" if rank == 0 else "rank(s) [0]"
-    _expect_error(message, lambda: softmaxkit.cross_entropy(rows, bad_rows))
+    expect_error(message, lambda: softmaxkit.cross_entropy(rows, bad_rows))
     # a plain target of the wrong shape on one rank only (batch-sharded logits)
     wrong = torch.zeros(2 * world + (1 if rank == 0 else 0), dtype=torch.long)
     for function in (softmaxkit.cross_entropy, softmaxkit.focal_loss, softmaxkit.sparsemax_loss):
-        _expect_error("must have shape" if rank == 0 else "rank(s) [0]", lambda function=function: function(rows, wrong))
+        expect_error("must have shape" if rank == 0 else "rank(s) [0]", lambda function=function: function(rows, wrong))
     # a plain teacher of the wrong shape on one rank only (class-sharded student)
     teacher = full if rank != 0 else full[:-1]
-    _expect_error("must have the same shape" if rank == 0 else "rank(s) [0]",
+    expect_error("must have the same shape" if rank == 0 else "rank(s) [0]",
                   lambda: softmaxkit.distillation_loss(class_sharded, teacher))
     # a plain (replicated) target that differs between the ranks of class-sharded logits
     other = target.clone()
     if rank == 1:
         other[0] = (other[0] + 1) % num_classes
-    _expect_error("`target` differs", lambda: softmaxkit.cross_entropy(class_sharded, other))
+    expect_error("`target` differs", lambda: softmaxkit.cross_entropy(class_sharded, other))
     # the mesh still works after the errors (no rank is left behind in a collective)
     _close(softmaxkit.cross_entropy(class_sharded, target), softmaxkit.cross_entropy(full, target), "after errors")
 

@@ -34,6 +34,8 @@ import torch.multiprocessing as mp
 import softmaxkit
 from softmaxkit.nn import LinearCrossEntropyHead
 
+from ._helpers import expect_error
+
 pytestmark = pytest.mark.distributed
 # torch._dynamo, DTensor and FSDP are imported above, once, not in every forked worker (seconds per process)
 
@@ -196,15 +198,6 @@ def _case_replicated(rank: int, world: int, mesh) -> None:
         _close(leaf.grad.to_local(), grad, f"replicated {name} grad")
 
 
-def _expect_error(message: str, call) -> None:
-    try:
-        call()
-    except ValueError as error:
-        assert message in str(error), f"expected {message!r} in {error}"
-    else:
-        raise AssertionError(f"no ValueError raised, expected {message!r}")
-
-
 def _case_errors(rank: int, world: int, mesh) -> None:
     """Placements that cannot be served raise a ValueError naming them, the same on every rank."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -216,28 +209,28 @@ def _case_errors(rank: int, world: int, mesh) -> None:
     replicated = distribute_tensor(hidden, mesh, [Replicate()])
     by_column = distribute_tensor(weight, mesh, [Shard(1)])
     by_row = distribute_tensor(weight, mesh, [Shard(0)])
-    _expect_error("`weight` is a DTensor with placements (Shard(dim=1),)", lambda: lce(replicated, by_column, target))
-    _expect_error("`weight` is a DTensor with placements (Shard(dim=1),)", lambda: lce(hidden, by_column, target))
-    _expect_error("`hidden` is a DTensor with placements (Shard(dim=0),)",
+    expect_error("`weight` is a DTensor with placements (Shard(dim=1),)", lambda: lce(replicated, by_column, target))
+    expect_error("`weight` is a DTensor with placements (Shard(dim=1),)", lambda: lce(hidden, by_column, target))
+    expect_error("`hidden` is a DTensor with placements (Shard(dim=0),)",
                   lambda: lce(distribute_tensor(hidden, mesh, [Shard(0)]), by_row, target))
-    _expect_error("but `weight` is a plain tensor", lambda: lce(replicated, weight, target))
-    _expect_error("`bias` is a plain tensor", lambda: lce(replicated, by_row, target, bias=bias))
-    _expect_error("`bias` is a DTensor with placements (Replicate(),)",
+    expect_error("but `weight` is a plain tensor", lambda: lce(replicated, weight, target))
+    expect_error("`bias` is a plain tensor", lambda: lce(replicated, by_row, target, bias=bias))
+    expect_error("`bias` is a DTensor with placements (Replicate(),)",
                   lambda: lce(hidden, by_row, target, bias=distribute_tensor(bias, mesh, [Replicate()])))
-    _expect_error("class-probability targets", lambda: lce(replicated, by_row, torch.softmax(hidden @ weight.T, -1)))
-    _expect_error("`impl='composite'`", lambda: lce(replicated, by_row, target, impl="composite"))
-    _expect_error("`target` is a DTensor", lambda: lce(hidden, by_row, distribute_tensor(target, mesh, [Replicate()])))
+    expect_error("class-probability targets", lambda: lce(replicated, by_row, torch.softmax(hidden @ weight.T, -1)))
+    expect_error("`impl='composite'`", lambda: lce(replicated, by_row, target, impl="composite"))
+    expect_error("`target` is a DTensor", lambda: lce(hidden, by_row, distribute_tensor(target, mesh, [Replicate()])))
     reversed_mesh = DeviceMesh("cpu", list(range(world))[::-1])
-    _expect_error("on mesh", lambda: lce(distribute_tensor(hidden, reversed_mesh, [Replicate()]), by_row, target))
-    _expect_error("ranks in increasing order", lambda: lce(distribute_tensor(hidden, reversed_mesh, [Replicate()]),
+    expect_error("on mesh", lambda: lce(distribute_tensor(hidden, reversed_mesh, [Replicate()]), by_row, target))
+    expect_error("ranks in increasing order", lambda: lce(distribute_tensor(hidden, reversed_mesh, [Replicate()]),
                                                            distribute_tensor(weight, reversed_mesh, [Shard(0)]),
                                                            target))
     if world == 4:
         grid = init_device_mesh("cpu", (2, 2))
-        _expect_error("on a 2-d mesh", lambda: lce(hidden, distribute_tensor(weight, grid, [Shard(0), Replicate()]),
+        expect_error("on a 2-d mesh", lambda: lce(hidden, distribute_tensor(weight, grid, [Shard(0), Replicate()]),
                                                    target))
     # the shape checks read the global shapes, as without DTensors
-    _expect_error("`hidden` has 3 features", lambda: lce(hidden[:, :3], by_row, target))
+    expect_error("`hidden` has 3 features", lambda: lce(hidden[:, :3], by_row, target))
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2

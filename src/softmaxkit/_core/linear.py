@@ -193,6 +193,15 @@ class _Rows:
         return RowWeights(self.valid[sl], self.local_target[sl], self.class_weight, self.w_y[sl], self.weight_total)
 
 
+def saved_gradient_times(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """The gradient a fused forward wrote for a unit upstream gradient, times the actual ``grad_output``: the
+    saved buffer itself for the usual ``loss.backward()`` (no full-size multiply), else a new product (the
+    buffer may be read again under ``retain_graph``)."""
+    if is_unit_upstream(grad_output):
+        return grad
+    return grad * grad_output.to(grad.dtype)
+
+
 def combine_row_statistics(reduce: LocalReduce, reported: torch.Tensor, sums: torch.Tensor, z_target: torch.Tensor,
                            weighted: torch.Tensor | None, local_weight_total: float | torch.Tensor):
     """Every process's per-row ``(m_r, s_r, z_y, Σ w (z − m_r))``, gathered in one collective and combined.
@@ -831,10 +840,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     @strict_once_differentiable
     def backward(ctx, grad_output):
         if ctx.fused:
-            (grad,) = ctx.saved_tensors
-            if is_unit_upstream(grad_output):
-                return grad, None, None, None, None
-            return grad * grad_output.to(grad.dtype), None, None, None, None
+            return saved_gradient_times(ctx.saved_tensors[0], grad_output), None, None, None, None
         logits, row_max, log_sum = ctx.saved_tensors
         options, rows = ctx.options, ctx.rows
         num_rows, local_classes = logits.shape

@@ -30,9 +30,9 @@ import ctypes
 
 import torch
 
-from ..._core import CrossEntropyOptions, compute_dtype, is_unit_upstream
+from ..._core import CrossEntropyOptions, compute_dtype
 from ..._core.autograd import strict_once_differentiable
-from ..._core.linear import _Rows, combine_row_statistics
+from ..._core.linear import _Rows, combine_row_statistics, saved_gradient_times
 from ..._core.rows import plus_inf_row_nan, row_coefficients, row_loss
 from ..._reduction import reduce_loss
 from . import _build, row_workers, run_row_ranges
@@ -217,10 +217,7 @@ class CpuVocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         options, rows = ctx.options, ctx.rows
         if ctx.fused:
-            (grad,) = ctx.saved_tensors
-            if is_unit_upstream(grad_output):
-                return grad, None, None, None, None
-            return grad * grad_output.to(grad.dtype), None, None, None, None
+            return saved_gradient_times(ctx.saved_tensors[0], grad_output), None, None, None, None
         logits, row_max, log_sum = ctx.saved_tensors
         num_rows, local_classes = logits.shape
         grad = new_gradient((num_rows, local_classes), logits.dtype)
