@@ -312,7 +312,9 @@ def _chunk_loss_and_grad_probabilities(
     # (z − m)/2 from exact halves first: at fp32 z − m reaches −6.8e38 (a row [3e38, −3e38]) and would
     # overflow to −inf, although a_c (z_c − m), summed, fits; the halves never overflow
     z.mul_(0.5).sub_((0.5 * row_max)[:, None])
-    if bool(torch.isinf(row_min).any()):
+    # reading the flag is free on CPU; on other devices it would synchronise the host inside the op (and break
+    # CUDA-graph capture), so there the masked form always runs (an r × C temporary, no sync)
+    if z.device.type != "cpu" or bool(torch.isinf(row_min).any()):
         # a −inf logit (a masked class): a_c (z_c − m) must count 0 where a_c = 0, not NaN (0·−inf)
         product = a * z
         product.masked_fill_(a == 0, 0.0)
