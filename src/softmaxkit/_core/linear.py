@@ -132,6 +132,37 @@ def use_onednn(weight: torch.Tensor) -> bool:
     )
 
 
+#: above this many bytes of chunk logits, glibc serves every new tensor by a fresh mmap (its dynamic mmap
+#: threshold stops at 32 MiB), so oneDNN's linear, which allocates its output, pays a page fault per 4 KiB on
+#: every chunk; MKL's ``torch.mm`` writes into the loop's buffer instead
+_FRESH_PAGES_BYTES = 32 << 20
+_MKL_NATIVE: bool | None = None
+
+
+def _mkl_native() -> bool:
+    """Whether ``torch.mm``'s fp32 GEMM is MKL on an Intel CPU (MKL's own fast kernels; on other x86 CPUs
+    oneDNN's GEMM was ~2× faster, docs/benchmarks.md). Read once from ``/proc/cpuinfo`` (False elsewhere)."""
+    global _MKL_NATIVE
+    if _MKL_NATIVE is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+                intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in info)
+        except OSError:
+            intel = False
+        _MKL_NATIVE = intel and torch.backends.mkl.is_available()
+    return _MKL_NATIVE
+
+
+def onednn_for_chunks(weight: torch.Tensor, rows: int) -> bool:
+    """Whether the chunk loop computes ``rows``-row chunks of logits with oneDNN's linear (:func:`use_onednn`)
+    rather than ``torch.mm`` into one reused buffer: on an Intel CPU with MKL, chunks beyond
+    ``_FRESH_PAGES_BYTES`` go to ``torch.mm`` (measured, 8192×1024×50257 fp32, 768-row chunks: 264–271 ms
+    against 304–311 ms per chunk; below 32 MiB oneDNN is level or faster: docs/benchmarks.md, run J)."""
+    if not use_onednn(weight):
+        return False
+    return not (_mkl_native() and rows * weight.shape[0] * weight.element_size() > _FRESH_PAGES_BYTES)
+
+
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` by oneDNN (a new tensor)."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
@@ -631,7 +662,8 @@ def linear_forward(
     log_sum = torch.empty(num_rows, dtype=work, device=hidden.device)
     step = chunk_rows_for(options, num_rows, hidden_size)
     buffer, derivative, low = _chunk_buffers(min(step, num_rows), local_classes, work, hidden.device,
-                                             options.softcap, use_onednn(weight), weight.dtype)
+                                             options.softcap, onednn_for_chunks(weight, min(step, num_rows)),
+                                             weight.dtype)
     zeroed = None if grads is None or probabilities else (
         hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):
@@ -698,7 +730,8 @@ def linear_backward(
         row_max, log_sum = torch.where(rows.valid, row_max, zero), torch.where(rows.valid, log_sum, zero)
     step = chunk_rows_for(options, num_rows, hidden_size)
     buffer, derivative, low = _chunk_buffers(min(step, num_rows), weight.shape[0], work, hidden.device,
-                                             options.softcap, use_onednn(weight), weight.dtype)
+                                             options.softcap, onednn_for_chunks(weight, min(step, num_rows)),
+                                             weight.dtype)
     zeroed = None if probabilities else (
         hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):
