@@ -136,6 +136,22 @@ def test_compiled_fused_gradient_is_scaled_by_the_upstream_gradient(upstream):
     torch.testing.assert_close(compiled[1][0], eager[1][0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("upstream", [1.0, 3.0])
+def test_compiled_linear_cross_entropy_scales_its_saved_gradients_by_the_upstream_gradient(upstream):
+    # the forward builds ∂h and ∂W; the compiled backward scales those donated buffers in place
+    hidden, target = torch.randn(N, C), torch.randint(0, 7, (N,))
+
+    def function(h, w):
+        return softmaxkit.linear_cross_entropy(h, w, target) * upstream
+
+    dynamo.reset()
+    eager = _value_and_grad(function, hidden, _PROJECTION)
+    compiled = _value_and_grad(torch.compile(function, fullgraph=True), hidden, _PROJECTION)
+    torch.testing.assert_close(compiled[0], eager[0])
+    for traced, expected in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(traced, expected)
+
+
 def test_compiled_backward_without_donated_buffers_keeps_a_retained_graph_right():
     # donation off: the saved gradient may be read by a second backward, so it must not be scaled in place
     result = _run("""
@@ -152,6 +168,14 @@ def test_compiled_backward_without_donated_buffers_keeps_a_retained_graph_right(
         expected = 3 * torch.func.grad(lambda x: torch.nn.functional.cross_entropy(x, t))(x)
         torch.testing.assert_close(first, expected)
         torch.testing.assert_close(x.grad, expected)
+        w = torch.randn(50, 8, requires_grad=True)
+        h = torch.randn(16, 8)
+        loss = torch.compile(lambda w: softmaxkit.linear_cross_entropy(h, w, t), fullgraph=True)(w)
+        (loss * 3).backward(retain_graph=True)
+        first = w.grad.clone()
+        w.grad = None
+        (loss * 3).backward()
+        torch.testing.assert_close(w.grad, first)
         print("ok")
     """, env={"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -26,24 +26,39 @@ def test_cross_entropy_cpu(reduction, fuse):
     logits, target, weight = _ce_inputs()
     scalars = (SCALARS[0], reduction, *SCALARS[2:])
     op = torch.ops.softmaxkit.cross_entropy_cpu
+    args = (logits, target, weight, *scalars, False, fuse)
     if not (fuse and reduction != "none"):
-        torch.library.opcheck(op.default, (logits, target, weight, *scalars, False, fuse))
+        torch.library.opcheck(op.default, args)
         return
-    # With a fused gradient, the compiled backward scales the saved gradient output in place (it is donated to
-    # the backward; see cpu_cross_entropy). That is only sound because no caller returns that output, so
-    # opcheck's AOT test, which returns every output, does not apply; the AOT check below returns the loss only,
-    # as cpu_cross_entropy does, with dynamic shapes and a non-unit upstream gradient.
-    torch.library.opcheck(op.default, (logits, target, weight, *scalars, False, fuse),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    _opcheck_fused(op, args)
+
+
+def _opcheck_fused(op, args):
+    """opcheck of an op whose forward also returns the gradients for a unit upstream gradient.
+
+    Its compiled backward scales those saved outputs in place (they are donated to the backward:
+    ``_core.autograd.saved_gradient_times``). That is only sound because no caller returns them, so opcheck's
+    AOT test, which returns every output, does not apply; the AOT check here returns the loss only, as the
+    callers do, with dynamic shapes and a non-unit upstream gradient, and compares every gradient exactly.
+    """
     from functorch.compile import aot_function, nop
 
-    def loss_only(x, t, w):
-        return op(x, t, w, *scalars, False, True)[0] * 2.5
+    torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_autograd_registration",
+                                                        "test_faketensor"))
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    tensors = [args[i] for i in positions]
+    leaves = [t for t in tensors if t.requires_grad]
 
-    compiled = aot_function(loss_only, nop, dynamic=True)
-    compiled(logits, target, weight).backward()
-    expected = torch.autograd.grad(loss_only(logits, target, weight), logits)[0]
-    torch.testing.assert_close(logits.grad, expected, rtol=0, atol=0)
+    def loss_only(*given):
+        full = list(args)
+        for i, tensor in zip(positions, given):
+            full[i] = tensor
+        return op(*full)[0] * 2.5
+
+    expected = torch.autograd.grad(loss_only(*tensors), leaves)
+    actual = torch.autograd.grad(aot_function(loss_only, nop, dynamic=True)(*tensors), leaves)
+    for got, wanted in zip(actual, expected):
+        torch.testing.assert_close(got, wanted, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
@@ -70,7 +85,7 @@ def test_backward_ops():
     torch.library.opcheck(torch.ops.softmaxkit.cross_entropy_cpu_backward_.default,
                           (grad_output, plain.clone(), target, weight, lse, stats, *SCALARS))
     for upstream in (grad_output, torch.tensor(1.0, dtype=torch.float64)):
-        torch.library.opcheck(torch.ops.softmaxkit.cross_entropy_cpu_scale_.default, (plain.clone(), upstream))
+        torch.library.opcheck(torch.ops.softmaxkit.scale_saved_gradient_.default, (plain.clone(), upstream))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -84,7 +99,10 @@ def test_linear_cross_entropy(reduction, probabilities):
         [0, 3, -100, 6, 2])
     needs = (True, True, True, probabilities)
     args = (hidden, weight, bias, target, None, -100, reduction, 0.1, 1.5, 1e-3, 4.0, 2, None, *needs)
-    torch.library.opcheck(torch.ops.softmaxkit.linear_cross_entropy.default, args)
+    if reduction == "none":
+        torch.library.opcheck(torch.ops.softmaxkit.linear_cross_entropy.default, args)
+    else:  # the forward builds the gradients (see _opcheck_fused)
+        _opcheck_fused(torch.ops.softmaxkit.linear_cross_entropy, args)
     with torch.no_grad():
         _, row_max, log_sum, *_ = torch.ops.softmaxkit.linear_cross_entropy(*args)
     torch.library.opcheck(torch.ops.softmaxkit.linear_cross_entropy_backward.default,

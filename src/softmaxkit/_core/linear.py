@@ -36,8 +36,8 @@ from typing import NamedTuple
 import torch
 
 from .._reduction import reduce_loss, row_scale
-from . import CrossEntropyOptions, RowWeights, compute_dtype, is_unit_upstream
-from .autograd import strict_once_differentiable
+from . import CrossEntropyOptions, RowWeights, compute_dtype
+from .autograd import saved_gradient_times, strict_once_differentiable
 from .rows import (
     finish_logit_grad_,
     finite_max,
@@ -222,15 +222,6 @@ class _Rows:
         """The chunk's rows as :class:`~softmaxkit._core.RowWeights` (``w_y`` 0 where another process owns y
         is handled by ``owned`` at the target coefficient)."""
         return RowWeights(self.valid[sl], self.local_target[sl], self.class_weight, self.w_y[sl], self.weight_total)
-
-
-def saved_gradient_times(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """The gradient a fused forward wrote for a unit upstream gradient, times the actual ``grad_output``: the
-    saved buffer itself for the usual ``loss.backward()`` (no full-size multiply), else a new product (the
-    buffer may be read again under ``retain_graph``)."""
-    if is_unit_upstream(grad_output):
-        return grad
-    return grad * grad_output.to(grad.dtype)
 
 
 def combine_row_statistics(reduce: LocalReduce, reported: torch.Tensor, sums: torch.Tensor, z_target: torch.Tensor,

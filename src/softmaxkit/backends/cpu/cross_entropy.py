@@ -23,8 +23,8 @@ import sys
 
 import torch
 
-from ..._core import CrossEntropyOptions, compute_dtype, constant_result, is_unit_upstream, row_weights
-from ..._core.autograd import refuse_double_backward
+from ..._core import CrossEntropyOptions, compute_dtype, constant_result, row_weights
+from ..._core.autograd import refuse_double_backward, saved_gradient_times
 from ..._core.rows import backward_rows, forward_rows, row_loss
 from ..._reduction import reduce_loss, row_scale
 from . import _build, row_workers, run_row_ranges
@@ -349,39 +349,6 @@ def _(*args):
     return None
 
 
-@torch.library.custom_op("softmaxkit::cross_entropy_cpu_scale_", mutates_args=("grad",), device_types="cpu")
-def _cross_entropy_cpu_scale_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
-    """Scale the gradient written in forward by the upstream gradient, in place; nothing to do when it is 1.
-
-    The compiled backward of a fused forward calls this on the saved gradient, which AOT autograd donates to
-    the backward (no one else holds it; ``retain_graph`` is refused with donated buffers), so Inductor runs it
-    on that buffer: no new gradient-sized allocation and, for the usual unit upstream gradient, no multiply.
-    The value is read here, at run time, from CPU memory (no device sync; never traced).
-    """
-    scale = grad_output.tolist()
-    if scale != 1.0:
-        grad.mul_(scale)
-
-
-@_cross_entropy_cpu_scale_.register_fake
-def _(grad, grad_output):
-    return None
-
-
-def _traced_with_donated_buffers(grad_output: torch.Tensor) -> bool:
-    """Whether this backward is being traced by AOT autograd with saved buffers donated to it.
-
-    Only then may the saved gradient be scaled in place: a donated buffer belongs to this one backward
-    (PyTorch refuses ``retain_graph=True`` for it). With donation turned off
-    (``torch._functorch.config.donated_buffer = False``) a retained graph would see the buffer scaled twice,
-    so the backward multiplies out of place instead.
-    """
-    if not (torch.compiler.is_compiling() or type(grad_output) is not torch.Tensor):
-        return False
-    functorch_config = sys.modules.get("torch._functorch.config")
-    return bool(getattr(functorch_config, "donated_buffer", False))
-
-
 def _setup_context(ctx, inputs, output):
     logits, target, weight, *scalars = inputs
     ctx.scalars = tuple(scalars[:7])
@@ -400,16 +367,8 @@ def _backward(ctx, grad_output, *unused):
     refuse_double_backward()
     if grad_output is None:  # the loss itself got no gradient (only statistics outputs were used)
         return (None,) * 12
-    if ctx.fused:
-        (grad,) = ctx.saved_tensors
-        # the gradient was written in forward for a unit upstream gradient: scale it only if needed
-        if _traced_with_donated_buffers(grad_output):
-            torch.ops.softmaxkit.cross_entropy_cpu_scale_(grad, grad_output)
-            return (grad, *(None,) * 11)
-        if is_unit_upstream(grad_output):
-            return (grad, *(None,) * 11)
-        # eager: the saved gradient may be needed again (retain_graph=True), so multiply out of place
-        return (grad * grad_output.to(grad.dtype), *(None,) * 11)
+    if ctx.fused:  # the gradient was written in forward for a unit upstream gradient
+        return (saved_gradient_times(ctx.saved_tensors[0], grad_output), *(None,) * 11)
     logits, target, weight, lse, row_stats = ctx.saved_tensors
     if ctx.inplace:
         torch.ops.softmaxkit.cross_entropy_cpu_backward_(grad_output, logits, target, weight, lse, row_stats,
@@ -434,7 +393,7 @@ def cpu_cross_entropy(
     mode on and ``logits`` requiring a gradient. Eagerly, the fused gradient is returned as it is when the
     upstream gradient is 1 (the usual ``loss.backward()``): logits read once, gradient written once. A
     compiled backward cannot know the upstream value at trace time, so it scales the donated saved gradient
-    in place with ``softmaxkit::cross_entropy_cpu_scale_``, which does nothing for a unit upstream gradient.
+    in place (``_core.autograd.saved_gradient_times``), which does nothing for a unit upstream gradient.
     """
     fuse = torch.is_grad_enabled() and logits.requires_grad
     loss, *_ = torch.ops.softmaxkit.cross_entropy_cpu(

@@ -31,8 +31,8 @@ import ctypes
 import torch
 
 from ..._core import CrossEntropyOptions, compute_dtype
-from ..._core.autograd import strict_once_differentiable
-from ..._core.linear import _Rows, combine_row_statistics, saved_gradient_times
+from ..._core.autograd import saved_gradient_times, strict_once_differentiable
+from ..._core.linear import _Rows, combine_row_statistics
 from ..._core.rows import plus_inf_row_nan, row_coefficients, row_loss
 from ..._reduction import reduce_loss
 from . import _build, row_workers, run_row_ranges

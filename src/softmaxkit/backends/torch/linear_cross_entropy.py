@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..._core import CrossEntropyOptions, compute_dtype, is_unit_upstream
-from ..._core.autograd import refuse_double_backward
+from ..._core import CrossEntropyOptions, compute_dtype
+from ..._core.autograd import refuse_double_backward, saved_gradient_times
 from ..._core.linear import default_chunk_rows, linear_backward, linear_forward
 from ..._reduction import reduce_loss
 
@@ -157,9 +157,8 @@ def _backward(ctx, grad_output, *unused):
     if grad_output is None:  # the loss itself got no gradient (only statistics outputs were used)
         return (None,) * 17
     if ctx.precompute:
-        # the gradients were built in forward for a unit upstream gradient: scale them only if needed
-        unit = is_unit_upstream(grad_output)
-        grads = [(g if unit else g * grad_output.to(g.dtype)) if wanted else None
+        # the gradients were built in forward for a unit upstream gradient
+        grads = [saved_gradient_times(g, grad_output) if wanted else None
                  for g, wanted in zip(ctx.saved_tensors, ctx.needs)]
     else:
         hidden, weight, bias, target, class_weight, row_max, log_sum = ctx.saved_tensors
