@@ -224,6 +224,14 @@ class _Rows:
         return RowWeights(self.valid[sl], self.local_target[sl], self.class_weight, self.w_y[sl], self.weight_total)
 
 
+def upstream_scale(rows, reduction: str, grad_output: torch.Tensor) -> torch.Tensor:
+    """Each row's upstream gradient in a recomputing backward: ``g_i`` on kept rows (``"none"``), else the unit
+    scale of :meth:`_Rows.scale` times ``g`` (``rows``: :class:`_Rows` or :class:`_ProbabilityRows`)."""
+    if reduction == "none":
+        return grad_output * rows.valid
+    return rows.scale(reduction) * grad_output
+
+
 def combine_row_statistics(reduce: LocalReduce, reported: torch.Tensor, sums: torch.Tensor, z_target: torch.Tensor,
                            weighted: torch.Tensor | None, local_weight_total: float | torch.Tensor):
     """Every process's per-row ``(m_r, s_r, z_y, Σ w (z − m_r))``, gathered in one collective and combined.
@@ -710,10 +718,7 @@ def linear_backward(
     needs = (needs[0], needs[1], bias is not None and needs[2])
     grads = _Accumulators(hidden, weight, bias, needs, accumulation)
     grad_output = grad_output.to(work)
-    if options.reduction == "none":
-        scale = grad_output * rows.valid
-    else:
-        scale = rows.scale(options.reduction) * grad_output
+    scale = upstream_scale(rows, options.reduction, grad_output)
     if not probabilities:
         # the ignored rows' logits are recomputed from zeroed hidden rows below (finite); their stored
         # statistics may come from whatever the padding held (NaN): shift them by 0 and divide by 1 instead
@@ -871,7 +876,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         options, rows = ctx.options, ctx.rows
         num_rows, local_classes = logits.shape
         grad_output = grad_output.to(row_max.dtype)
-        scale = grad_output * rows.valid if options.reduction == "none" else rows.scale(options.reduction) * grad_output
+        scale = upstream_scale(rows, options.reduction, grad_output)
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         step = vocab_parallel_chunk_rows(num_rows, options.num_classes, options.chunk_size)
         buffer = torch.empty((min(step, num_rows), local_classes), dtype=row_max.dtype, device=logits.device)

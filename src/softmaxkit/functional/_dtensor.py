@@ -256,11 +256,7 @@ def cross_entropy(logits, target, *, weight, ignore_index, reduction, label_smoo
     from .cross_entropy import _check_target_shape
     from .cross_entropy import cross_entropy as local_cross_entropy
 
-    layout = _Layout("logits", logits, "cross_entropy", None)
-    if logits.dim() == 0:
-        raise ValueError("`logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
-    layout.class_dim = _class_dim(logits)
-    reduction = v.check_reduction(reduction)
+    layout, reduction = _loss_layout(logits, "cross_entropy", reduction)
     if layout.class_sharded:
         return _vocab_parallel(layout, logits, target, weight, ignore_index, reduction, label_smoothing,
                                temperature, z_loss, softcap, impl, inplace_backward, chunk_size)
@@ -390,17 +386,9 @@ def focal_loss(logits, target, *, gamma, alpha, weight, ignore_index, reduction,
     from .cross_entropy import _check_target_shape
     from .focal import focal_loss as local_focal_loss
 
-    layout = _Layout("logits", logits, "focal_loss", None)
-    if logits.dim() == 0:
-        raise ValueError("`logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
-    layout.class_dim = _class_dim(logits)
-    reduction = v.check_reduction(reduction)
+    layout, reduction = _loss_layout(logits, "focal_loss", reduction)
     if layout.class_sharded:
-        if _probability_target(logits, target):
-            raise ValueError(
-                f"class-probability targets are not served with logits sharded along the class dimension "
-                f"(placement {layout.placement}); pass class indices, or shard the rows (Shard(0)) instead"
-            )
+        _refuse_probability_target(layout, logits, target)
         return _focal_class_sharded(layout, logits, target, gamma, alpha, weight, ignore_index, reduction,
                                     label_smoothing, temperature)
     alpha_local = layout.replicated_input("alpha", alpha, whole=True)
@@ -421,6 +409,24 @@ def focal_loss(logits, target, *, gamma, alpha, weight, ignore_index, reduction,
     return layout.over_rows(reduction, local_loss, _out_shape(logits), _target_dim(layout, False))
 
 
+def _loss_layout(logits, function_name: str, reduction):
+    """The logits' :class:`_Layout` (class dimension set) and the checked ``reduction``: every loss's start."""
+    layout = _Layout("logits", logits, function_name, None)
+    if logits.dim() == 0:
+        raise ValueError("`logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
+    layout.class_dim = _class_dim(logits)
+    return layout, v.check_reduction(reduction)
+
+
+def _refuse_probability_target(layout, logits, target) -> None:
+    """Class-sharded focal and Poly-1 take class indices only (the same answer on every rank: metadata)."""
+    if _probability_target(logits, target):
+        raise ValueError(
+            f"class-probability targets are not served with logits sharded along the class dimension "
+            f"(placement {layout.placement}); pass class indices, or shard the rows (Shard(0)) instead"
+        )
+
+
 def _probability_target(logits, target) -> bool:
     """Whether ``target`` holds class probabilities (the logits' shape, floating): global metadata, the same
     answer on every rank."""
@@ -434,17 +440,9 @@ def poly1_cross_entropy(logits, target, *, epsilon, weight, ignore_index, reduct
     from .cross_entropy import _check_target_shape
     from .focal import poly1_cross_entropy as local_poly1
 
-    layout = _Layout("logits", logits, "poly1_cross_entropy", None)
-    if logits.dim() == 0:
-        raise ValueError("`logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
-    layout.class_dim = _class_dim(logits)
-    reduction = v.check_reduction(reduction)
+    layout, reduction = _loss_layout(logits, "poly1_cross_entropy", reduction)
     if layout.class_sharded:
-        if _probability_target(logits, target):
-            raise ValueError(
-                f"class-probability targets are not served with logits sharded along the class dimension "
-                f"(placement {layout.placement}); pass class indices, or shard the rows (Shard(0)) instead"
-            )
+        _refuse_probability_target(layout, logits, target)
         return _poly1_class_sharded(layout, logits, target, epsilon, weight, ignore_index, reduction,
                                     label_smoothing, temperature)
     weight_local = layout.replicated_input("weight", weight, whole=True)
@@ -467,11 +465,7 @@ def poly1_cross_entropy(logits, target, *, epsilon, weight, ignore_index, reduct
 def fenchel_young_loss(function_name: str, local_function, logits, target, *, alpha=None, weight, ignore_index,
                        reduction, **options):
     """``sparsemax_loss`` / ``entmax15_loss`` / ``entmax_bisect_loss`` of DTensor inputs (rows or Replicate)."""
-    layout = _Layout("logits", logits, function_name, None)
-    if logits.dim() == 0:
-        raise ValueError("`logits` must have at least 1 dimension (C,), (N, C) or (N, C, d1, ...), but is 0-d")
-    layout.class_dim = _class_dim(logits)
-    reduction = v.check_reduction(reduction)
+    layout, reduction = _loss_layout(logits, function_name, reduction)
     if layout.class_sharded:
         if function_name == "entmax_bisect_loss":
             raise layout.refuse(

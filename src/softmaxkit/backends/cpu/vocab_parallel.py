@@ -32,7 +32,7 @@ import torch
 
 from ..._core import CrossEntropyOptions, compute_dtype
 from ..._core.autograd import saved_gradient_times, strict_once_differentiable
-from ..._core.linear import _Rows, combine_row_statistics
+from ..._core.linear import _Rows, combine_row_statistics, upstream_scale
 from ..._core.rows import plus_inf_row_nan, row_coefficients, row_loss
 from ..._reduction import reduce_loss
 from . import _build, row_workers, run_row_ranges
@@ -224,7 +224,7 @@ class CpuVocabParallelCrossEntropy(torch.autograd.Function):
         if local_classes == 0:
             return grad, None, None, None, None
         grad_output = grad_output.to(row_max.dtype)
-        scale = grad_output * rows.valid if options.reduction == "none" else rows.scale(options.reduction) * grad_output
+        scale = upstream_scale(rows, options.reduction, grad_output)
         _recompute_grad(_Kernel(logits, rows, options), rows, scale.contiguous(), row_max, log_sum, grad)
         return grad, None, None, None, None
 
