@@ -80,3 +80,54 @@ def once_differentiable(op) -> Callable:
         return None
 
     return differentiable(op, keep_nothing, refuse)
+
+
+#: the cross-entropy options every CE backward op takes after its statistics (``CrossEntropyOptions.OP_FIELDS``)
+_CE_OPTIONS_SCHEMA = ("SymInt ignore_index, str reduction, float label_smoothing, float temperature, float z_loss, "
+                      "float? softcap, SymInt? chunk_size")
+
+
+def cross_entropy_backward_ops(define, name: str, statistics: tuple[str, ...], backward_into: Callable,
+                               new_gradient: Callable) -> tuple:
+    """Define the two backward ops of a cross-entropy forward op ``softmaxkit::<name>``, from one body.
+
+    ``<name>_backward`` writes ``∂ℓ/∂logits`` into ``new_gradient(logits)`` and returns it; ``<name>_backward_``
+    (``inplace_backward=True``) writes it over ``logits``. Both take ``(grad_output, logits, target, weight,
+    *statistics, *options)`` and call ``backward_into(grad, grad_output, logits, target, weight, *statistics,
+    options)`` with the :class:`~softmaxkit._core.CrossEntropyOptions` rebuilt from the op arguments.
+
+    The Triton backend keeps its two ops written out: ``torch.library.triton_op`` in torch 2.13 infers the
+    schema from the function's annotations and ignores ``schema=``.
+
+    Args:
+        define: ``torch.library.custom_op`` (with the backend's ``device_types`` bound); called as
+            ``define(qualname, fn, mutates_args=..., schema=...)``.
+        statistics: the names of the per-row statistics tensors the forward saved.
+    """
+    from .._core import CrossEntropyOptions
+
+    head = "Tensor grad_output, Tensor{} logits, Tensor target, Tensor? weight, " + ", ".join(
+        f"Tensor {stat}" for stat in statistics) + ", " + _CE_OPTIONS_SCHEMA
+    count = len(statistics)
+
+    def split(rest):
+        return rest[:count], CrossEntropyOptions.from_op_args(*rest[count:])
+
+    def out_of_place(grad_output, logits, target, weight, *rest):
+        stats, options = split(rest)
+        grad = new_gradient(logits)
+        backward_into(grad, grad_output, logits, target, weight, *stats, options)
+        return grad
+
+    def in_place(grad_output, logits, target, weight, *rest):
+        stats, options = split(rest)
+        backward_into(logits, grad_output, logits, target, weight, *stats, options)
+
+    backward = define(f"softmaxkit::{name}_backward", out_of_place, mutates_args=(),
+                      schema=f"({head.format('')}) -> Tensor")
+    backward_ = define(f"softmaxkit::{name}_backward_", in_place, mutates_args=("logits",),
+                       schema=f"({head.format('(a!)')}) -> ()")
+    backward.register_fake(lambda grad_output, logits, *rest: torch.empty_like(
+        logits, memory_format=torch.contiguous_format))
+    backward_.register_fake(lambda *args: None)
+    return backward, backward_

@@ -19,6 +19,7 @@ dtype. The C source is ``_cross_entropy.c``; :mod:`._build` compiles it on first
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 import torch
@@ -27,6 +28,7 @@ from ..._core import CrossEntropyOptions, compute_dtype, constant_result, row_we
 from ..._core.autograd import refuse_double_backward, saved_gradient_times
 from ..._core.rows import backward_rows, forward_rows, row_loss
 from ..._reduction import reduce_loss, row_scale
+from .._custom_op import cross_entropy_backward_ops
 from . import _build, row_workers, run_row_ranges
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
@@ -291,62 +293,10 @@ def _backward_into(grad, grad_output, logits, target, weight, lse, row_stats, op
     )
 
 
-@torch.library.custom_op("softmaxkit::cross_entropy_cpu_backward", mutates_args=(), device_types="cpu")
-def _cross_entropy_cpu_backward(
-    grad_output: torch.Tensor,
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    row_stats: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    temperature: float,
-    z_loss: float,
-    softcap: float | None,
-    chunk_size: int | None,
-) -> torch.Tensor:
-    """``∂ℓ/∂logits`` into a new buffer from the stored ``lse`` and ``row_stats``."""
-    options = CrossEntropyOptions.from_op_args(
-        ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size
-    )
-    grad = new_gradient(tuple(logits.shape), logits.dtype)
-    _backward_into(grad, grad_output, logits, target, weight, lse, row_stats, options)
-    return grad
-
-
-@_cross_entropy_cpu_backward.register_fake
-def _(grad_output, logits, *args):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("softmaxkit::cross_entropy_cpu_backward_", mutates_args=("logits",), device_types="cpu")
-def _cross_entropy_cpu_backward_(
-    grad_output: torch.Tensor,
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    row_stats: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    temperature: float,
-    z_loss: float,
-    softcap: float | None,
-    chunk_size: int | None,
-) -> None:
-    """:func:`_cross_entropy_cpu_backward` written over ``logits`` (``inplace_backward=True``)."""
-    options = CrossEntropyOptions.from_op_args(
-        ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size
-    )
-    _backward_into(logits, grad_output, logits, target, weight, lse, row_stats, options)
-
-
-@_cross_entropy_cpu_backward_.register_fake
-def _(*args):
-    return None
+_cross_entropy_backward_ops = cross_entropy_backward_ops(
+    functools.partial(torch.library.custom_op, device_types="cpu"), "cross_entropy_cpu", ("lse", "row_stats"),
+    _backward_into, lambda logits: new_gradient(tuple(logits.shape), logits.dtype),
+)
 
 
 def _setup_context(ctx, inputs, output):

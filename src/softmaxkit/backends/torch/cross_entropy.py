@@ -20,6 +20,7 @@ from ..._core import CrossEntropyOptions, compute_dtype, row_weights
 from ..._core.autograd import refuse_double_backward
 from ..._core.rows import backward_rows, chunk_rows, forward_rows
 from ..._reduction import reduce_loss, row_scale
+from .._custom_op import cross_entropy_backward_ops
 
 __all__ = ["chunk_rows", "row_weights", "torch_cross_entropy"]
 
@@ -61,61 +62,10 @@ def _backward_into(grad, grad_output, logits, target, weight, row_max, log_sum, 
     return backward_rows(scale, logits, rows, row_max, log_sum, options, grad)
 
 
-@torch.library.custom_op("softmaxkit::cross_entropy_chunked_backward", mutates_args=())
-def _cross_entropy_chunked_backward(
-    grad_output: torch.Tensor,
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    row_max: torch.Tensor,
-    log_sum: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    temperature: float,
-    z_loss: float,
-    softcap: float | None,
-    chunk_size: int | None,
-) -> torch.Tensor:
-    """``∂ℓ/∂logits`` (a new buffer) from the stored ``m`` and ``log s``."""
-    options = CrossEntropyOptions.from_op_args(
-        ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size
-    )
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    return _backward_into(grad, grad_output, logits, target, weight, row_max, log_sum, options)
-
-
-@_cross_entropy_chunked_backward.register_fake
-def _(grad_output, logits, *args):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("softmaxkit::cross_entropy_chunked_backward_", mutates_args=("logits",))
-def _cross_entropy_chunked_backward_(
-    grad_output: torch.Tensor,
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    row_max: torch.Tensor,
-    log_sum: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    temperature: float,
-    z_loss: float,
-    softcap: float | None,
-    chunk_size: int | None,
-) -> None:
-    """:func:`_cross_entropy_chunked_backward` written over ``logits`` (``inplace_backward=True``)."""
-    options = CrossEntropyOptions.from_op_args(
-        ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size
-    )
-    _backward_into(logits, grad_output, logits, target, weight, row_max, log_sum, options)
-
-
-@_cross_entropy_chunked_backward_.register_fake
-def _(*args):
-    return None
+_cross_entropy_backward_ops = cross_entropy_backward_ops(
+    torch.library.custom_op, "cross_entropy_chunked", ("row_max", "log_sum"), _backward_into,
+    lambda logits: torch.empty_like(logits, memory_format=torch.contiguous_format),
+)
 
 
 def _setup_context(ctx, inputs, output):
