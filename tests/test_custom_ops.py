@@ -88,9 +88,12 @@ def test_backward_ops():
         torch.library.opcheck(torch.ops.softmaxkit.scale_saved_gradient_.default, (plain.clone(), upstream))
 
 
+@pytest.mark.parametrize("name", ["linear_cross_entropy", "linear_cross_entropy_cpu"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("probabilities", [False, True])
-def test_linear_cross_entropy(reduction, probabilities):
+def test_linear_cross_entropy(reduction, probabilities, name):
+    """Both chunk loops' op pairs: torch passes, and the CPU kernel per chunk (torch passes for probabilities)."""
+    forward, backward = getattr(torch.ops.softmaxkit, name), getattr(torch.ops.softmaxkit, f"{name}_backward")
     torch.manual_seed(0)
     hidden = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(C, D, dtype=torch.float64, requires_grad=True)
@@ -100,12 +103,12 @@ def test_linear_cross_entropy(reduction, probabilities):
     needs = (True, True, True, probabilities)
     args = (hidden, weight, bias, target, None, -100, reduction, 0.1, 1.5, 1e-3, 4.0, 2, None, *needs)
     if reduction == "none":
-        torch.library.opcheck(torch.ops.softmaxkit.linear_cross_entropy.default, args)
+        torch.library.opcheck(forward.default, args)
     else:  # the forward builds the gradients (see _opcheck_fused)
-        _opcheck_fused(torch.ops.softmaxkit.linear_cross_entropy, args)
+        _opcheck_fused(forward, args)
     with torch.no_grad():
-        _, row_max, log_sum, *_ = torch.ops.softmaxkit.linear_cross_entropy(*args)
-    torch.library.opcheck(torch.ops.softmaxkit.linear_cross_entropy_backward.default,
+        _, row_max, log_sum, *_ = forward(*args)
+    torch.library.opcheck(backward.default,
                           (torch.ones(N if reduction == "none" else (), dtype=torch.float64), hidden.detach(),
                            weight.detach(), bias.detach(), target, None, row_max, log_sum, *args[5:13], *needs))
 

@@ -19,10 +19,15 @@ from hypothesis import strategies as st
 
 import softmaxkit
 from softmaxkit import reference as ref
+from softmaxkit.backends.cpu import cross_entropy as cpu_ce
 from softmaxkit.backends.torch.linear_cross_entropy import default_chunk_rows
 from softmaxkit.nn import LinearCrossEntropyHead, LinearCrossEntropyLoss
 
 from ._helpers import assert_close_f32, assert_close_f64, assert_within_budget, to_numpy
+
+#: the two chunk loops: each chunk's CE by the CPU C kernel ("cpu", what "auto" takes on CPU) or by torch ops
+CHUNKED = [pytest.param("cpu", marks=pytest.mark.skipif(
+    not cpu_ce.available(), reason="no C compiler for the CPU kernel")), "torch"]
 
 OPTION_GRID = [
     dict(),
@@ -69,15 +74,16 @@ def _loss_and_grads(fn, hidden, weight, bias, target, upstream=None, **options):
     return loss.detach(), grads
 
 
+@pytest.mark.parametrize("impl", CHUNKED)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("spec", OPTION_GRID, ids=lambda s: ",".join(s) or "plain")
-def test_float64_matches_oracle_values_and_all_gradients(reduction, spec):
+def test_float64_matches_oracle_values_and_all_gradients(reduction, spec, impl):
     hidden, weight, bias, target, class_weight = _problem(rows_shape=(2, 5))
     options = _options(spec, class_weight)
     upstream = torch.randn(2, 5, dtype=torch.float64) if reduction == "none" else None
     loss, grads = _loss_and_grads(
         softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream, reduction=reduction,
-        chunk_size=3, **options,
+        chunk_size=3, impl=impl, **options,
     )
     ref_options = _ref_options(options)
     expected = ref.linear_cross_entropy(to_numpy(hidden), to_numpy(weight), to_numpy(target), to_numpy(bias),
@@ -92,9 +98,10 @@ def test_float64_matches_oracle_values_and_all_gradients(reduction, spec):
         assert_close_f64(actual, wanted)
 
 
+@pytest.mark.parametrize("impl", CHUNKED)
 @pytest.mark.parametrize("spec", [dict(), OPTION_GRID[-1]], ids=["plain", "all-options"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_every_chunk_size_from_1_to_n_equals_the_naive_path(spec, reduction):
+def test_every_chunk_size_from_1_to_n_equals_the_naive_path(spec, reduction, impl):
     hidden, weight, bias, target, class_weight = _problem(rows_shape=(9,), hidden_size=3, num_classes=13)
     options = _options(spec, class_weight)
     upstream = torch.randn(9, dtype=torch.float64) if reduction == "none" else None
@@ -102,15 +109,16 @@ def test_every_chunk_size_from_1_to_n_equals_the_naive_path(spec, reduction):
                                          impl="composite", reduction=reduction, **options)
     for chunk in range(1, 10):
         loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
-                                      chunk_size=chunk, reduction=reduction, **options)
+                                      chunk_size=chunk, reduction=reduction, impl=impl, **options)
         assert_close_f64(loss, naive, rtol=1e-12)
         for actual, wanted in zip(grads, naive_grads):
             assert_close_f64(actual, wanted, rtol=1e-12)
 
 
+@pytest.mark.parametrize("impl", CHUNKED)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_equals_torch_linear_then_cross_entropy(dtype, reduction):
+def test_equals_torch_linear_then_cross_entropy(dtype, reduction, impl):
     hidden, weight, bias, target, class_weight = _problem((6,), 8, 37, dtype=dtype)
     upstream = torch.randn(6, dtype=dtype) if reduction == "none" else None
     options = dict(reduction=reduction, ignore_index=-100, label_smoothing=0.1)
@@ -121,7 +129,7 @@ def test_equals_torch_linear_then_cross_entropy(dtype, reduction):
     expected, expected_grads = _loss_and_grads(torch_path, hidden, weight, bias, target, upstream,
                                                class_weight=class_weight, **options)
     loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, upstream,
-                                  class_weight=class_weight, chunk_size=4, **options)
+                                  class_weight=class_weight, chunk_size=4, impl=impl, **options)
     check = assert_close_f64 if dtype == torch.float64 else assert_close_f32
     check(loss, expected)
     for actual, wanted in zip(grads, expected_grads):
@@ -153,15 +161,17 @@ def test_equals_torch_functional_linear_cross_entropy(chunked, reduction, with_e
         assert_close_f64(actual, wanted)
 
 
+@pytest.mark.parametrize("impl", CHUNKED)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("spec", [dict(), OPTION_GRID[3], OPTION_GRID[-1]], ids=["plain", "smooth+w", "all"])
-def test_gradcheck_float64(reduction, spec):
+def test_gradcheck_float64(reduction, spec, impl):
     hidden, weight, bias, target, class_weight = _problem((4,), 3, 6)
     options = _options(spec, class_weight)
     inputs = tuple(t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
 
     def fn(h, w, b):
-        return softmaxkit.linear_cross_entropy(h, w, target, bias=b, reduction=reduction, chunk_size=3, **options)
+        return softmaxkit.linear_cross_entropy(h, w, target, bias=b, reduction=reduction, chunk_size=3, impl=impl,
+                                               **options)
 
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -200,16 +210,16 @@ def test_no_gradient_work_under_no_grad(monkeypatch):
     assert built == [1] and torch.equal(trained.detach(), evaluated)
 
 
-def test_large_chunks_use_mm_into_the_loop_buffer_where_mkl_is_native(monkeypatch):
-    # beyond 32 MiB of chunk logits oneDNN's freshly allocated output costs page faults on every chunk
+def test_chunks_use_mm_into_the_loop_buffer_where_mkl_is_native(monkeypatch):
+    # oneDNN's freshly allocated output costs page faults (beyond 32 MiB) or heap churn (below) on every chunk
     import softmaxkit._core.linear as backend
 
     monkeypatch.setattr(backend, "use_onednn", lambda weight: True)
     weight = torch.zeros(70_000, 1)
-    for native, small, large in ((True, True, False), (False, True, True)):
+    for native, expected in ((True, False), (False, True)):
         monkeypatch.setattr(backend, "_MKL_NATIVE", native)
-        assert backend.onednn_for_chunks(weight, 64) is small  # 64 × 70000 × 4 B = 17 MiB
-        assert backend.onednn_for_chunks(weight, 128) is large  # 34 MiB
+        assert backend.onednn_for_chunks(weight, 64) is expected  # 64 × 70000 × 4 B = 17 MiB
+        assert backend.onednn_for_chunks(weight, 128) is expected  # 34 MiB
     monkeypatch.setattr(backend, "use_onednn", lambda weight: False)
     assert backend.onednn_for_chunks(weight, 64) is False
     monkeypatch.setattr(backend, "_MKL_NATIVE", None)
@@ -334,9 +344,10 @@ def test_extreme_logits_stay_finite_and_minus_inf_bias_equals_truncated_classes(
     assert torch.count_nonzero(grads[1][6:]) == 0
 
 
+@pytest.mark.parametrize("impl", CHUNKED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("spec", [dict(), OPTION_GRID[-1]], ids=["plain", "all-options"])
-def test_low_precision_within_error_budget_of_torch(dtype, spec):
+def test_low_precision_within_error_budget_of_torch(dtype, spec, impl):
     """The budget: |ours − oracle| ≤ |torch naive in the same dtype − oracle| + tol.
 
     ``tol`` is a few units of the dtype's rounding at the size of the quantity (the loss and gradients are
@@ -349,7 +360,8 @@ def test_low_precision_within_error_budget_of_torch(dtype, spec):
     exact = [t.to(dtype).double() for t in (hidden, weight, bias)]  # the oracle sees the rounded inputs
     oracle, oracle_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, *exact, target, impl="composite",
                                            **{k: (v.double() if torch.is_tensor(v) else v) for k, v in options.items()})
-    ours, ours_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, *low, target, chunk_size=7, **options)
+    ours, ours_grads = _loss_and_grads(softmaxkit.linear_cross_entropy, *low, target, chunk_size=7, impl=impl,
+                                       **options)
 
     def torch_path(h, w, y, bias, class_weight=None, label_smoothing=0.0, **extra):
         return softmaxkit.cross_entropy(torch_F.linear(h, w, bias), y, weight=class_weight,
@@ -378,6 +390,73 @@ def test_low_precision_accumulation_in_the_weights_dtype_is_selectable():
     fp32_error = (fp32_grads[1].double() - exact[1]).abs().max().item()
     assert fp32_error <= bf16_error
     assert bf16_error <= fp32_error + 32 * 2**-9 * scale
+
+
+@pytest.mark.parametrize("impl", CHUNKED)
+def test_bf16_weight_gradient_rounds_each_chunk_product_once_unless_fp32_accumulation_is_asked(impl):
+    """Default (``accumulation_dtype=None``) on CPU: each chunk's ``Gᵀ h`` is one bf16 matmul, summed in fp32
+    (``_core.linear.rounded_products``); explicit fp32 keeps the products in fp32. Normwise, the default's ∂W is
+    within twice the error of autograd's single bf16 matmul over all rows (one extra rounding per chunk, sums of
+    independent roundings), and fp32 products are never worse than it (the final rounding to bf16 only)."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(96, 32, generator=g).bfloat16()
+    weight = (torch.randn(300, 32, generator=g) * 0.3).bfloat16()
+    target = torch.randint(0, 300, (96,), generator=g)
+
+    def weight_grad(fn, h, w, **options):
+        w = w.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(fn(h, w, target, **options), [w])
+        return grad.double()
+
+    exact = weight_grad(softmaxkit.linear_cross_entropy, hidden.double(), weight.double(), impl="composite")
+    autograd = weight_grad(lambda h, w, t: torch_F.cross_entropy(torch_F.linear(h, w).float(), t), hidden, weight)
+    default = weight_grad(softmaxkit.linear_cross_entropy, hidden, weight, impl=impl, chunk_size=8)
+    wide = weight_grad(softmaxkit.linear_cross_entropy, hidden, weight, impl=impl, chunk_size=8,
+                       accumulation_dtype=torch.float32)
+
+    def error(grad):
+        return ((grad - exact).norm() / exact.norm()).item()
+
+    assert error(wide) <= error(default)
+    assert error(default) <= 2 * error(autograd) + 2**-9
+    assert error(wide) <= error(autograd) + 2**-10
+
+
+def test_cpu_kernel_keeps_bf16_chunks_in_bf16_and_fp16_takes_the_torch_passes(monkeypatch):
+    """The C kernel serves class indices with fp32/fp64 weights and bf16 with rounded products; the bf16 chunk
+    loop then holds no fp32 ``r × C`` buffer. fp16, an explicit fp32 accumulation for bf16 and probability
+    targets compute each chunk's CE in the core's torch passes inside the same op."""
+    if not cpu_ce.available(torch.bfloat16):
+        pytest.skip("no C compiler for the CPU kernel")
+    import softmaxkit._core.linear as core
+    from softmaxkit.backends.cpu.linear_cross_entropy import CpuChunkKernel
+
+    kernel = CpuChunkKernel()
+    options = core.CrossEntropyOptions(num_classes=7)
+    for dtype, expected in ((torch.float32, True), (torch.float64, True), (torch.bfloat16, True),
+                            (torch.float16, False)):
+        assert kernel.serves(torch.zeros(7, 3, dtype=dtype), options, False, core.LOCAL) is expected
+    wide = core.CrossEntropyOptions(num_classes=7, accumulation_dtype=torch.float32)
+    assert not kernel.serves(torch.zeros(7, 3, dtype=torch.bfloat16), wide, False, core.LOCAL)
+    assert not kernel.serves(torch.zeros(7, 3), options, True, core.LOCAL)
+    assert not kernel.serves(torch.zeros(7, 3), options, False, object())
+
+    allocations = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        allocations.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    monkeypatch.setattr(core.torch, "empty", empty)
+    hidden = torch.randn(40, 8).bfloat16().requires_grad_()
+    weight = torch.randn(500, 8).bfloat16().requires_grad_()
+    target = torch.randint(0, 500, (40,))
+    softmaxkit.linear_cross_entropy(hidden, weight, target, impl="cpu", chunk_size=16).backward()
+    # r × C buffers (the kernel's per-worker scratch rows, (workers, C), are not chunk-sized)
+    chunks = [(shape, dtype) for shape, dtype in allocations if len(shape) == 2 and shape == (16, 500)]
+    assert chunks == [((16, 500), torch.bfloat16)]
 
 
 @given(
@@ -451,7 +530,7 @@ def test_head_module_holds_the_projection_and_equals_the_function():
     with pytest.raises(TypeError, match="`bias` must be a bool"):
         LinearCrossEntropyHead(4, 3, bias=None)
     with pytest.raises(ValueError, match="`impl` must be one of"):
-        LinearCrossEntropyHead(4, 3, impl="cpu")
+        LinearCrossEntropyHead(4, 3, impl="cuda")
 
 
 def test_default_chunk_rows():
@@ -787,11 +866,12 @@ def test_probability_targets_routing_inputs_module_and_no_grad(monkeypatch):
     target = _soft_target((3, 4), weight.shape[0])
     copies = [t.clone() for t in (hidden, weight, bias, target, class_weight)]
     # "auto" and "torch" take the chunked loop; "composite" does not
-    import softmaxkit.backends.torch.linear_cross_entropy as op_module
+    import softmaxkit.backends._linear_ops as op_module
 
     calls = []
     original = op_module.linear_forward
-    monkeypatch.setattr(op_module, "linear_forward", lambda *args: calls.append(args[3].shape) or original(*args))
+    monkeypatch.setattr(op_module, "linear_forward",
+                        lambda *args, **kwargs: calls.append(args[3].shape) or original(*args, **kwargs))
     results = {impl: softmaxkit.linear_cross_entropy(hidden, weight, target, bias=bias, class_weight=class_weight,
                                                      label_smoothing=0.1, impl=impl)
                for impl in ("auto", "torch", "composite")}
@@ -843,7 +923,7 @@ def test_probability_targets_taken_as_given_like_cross_entropy():
         assert_close_f64(actual, wanted)
 
 
-@pytest.mark.parametrize("impl", ["auto", "torch", "composite"])
+@pytest.mark.parametrize("impl", ["auto", *CHUNKED, "composite"])
 def test_hidden_size_zero_gives_the_bias_only_loss(impl):
     """D = 0: the logits are the bias alone; every path handles it (reshape(-1, 0) would be ambiguous)."""
     hidden = torch.randn(2, 3, 0, dtype=torch.float64, requires_grad=True)
@@ -859,9 +939,10 @@ def test_hidden_size_zero_gives_the_bias_only_loss(impl):
     torch.testing.assert_close(grads[2], expected_bias_grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", CHUNKED)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_nan_and_inf_hidden_rows_that_are_ignored_change_nothing(reduction, with_bias):
+def test_nan_and_inf_hidden_rows_that_are_ignored_change_nothing(reduction, with_bias, impl):
     # padding rows may hold anything: their loss and gradients must be exactly those of dropping them, in the
     # forward-built (mean) and the recomputing (none) backward, over several chunks, with and without a bias
     g = torch.Generator().manual_seed(3)
@@ -875,7 +956,7 @@ def test_nan_and_inf_hidden_rows_that_are_ignored_change_nothing(reduction, with
 
     def run(h, w, t):
         h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        loss = softmaxkit.linear_cross_entropy(h, w, t, bias=bias, reduction=reduction, chunk_size=3, impl="torch")
+        loss = softmaxkit.linear_cross_entropy(h, w, t, bias=bias, reduction=reduction, chunk_size=3, impl=impl)
         (loss.sum() if reduction == "none" else loss).backward()
         return loss.detach(), h.grad, w.grad
 

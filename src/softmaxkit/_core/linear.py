@@ -26,12 +26,17 @@ target-shaped gradient (only when ``t`` requires a gradient).
 
 Low precision: fp16/bf16 logits are computed by a matmul in the input dtype (as ``F.linear`` does), then
 reduced and exponentiated in fp32; ``∂ℓ/∂W`` and ``∂ℓ/∂b`` are accumulated across chunks in
-``accumulation_dtype`` (fp32 by default), ``∂ℓ/∂h`` is one matmul over all classes per row.
+``accumulation_dtype`` (fp32 by default), ``∂ℓ/∂h`` is one matmul over all classes per row. On CPU a bf16
+chunk's ``Gᵀ h`` is by default a bf16 matmul added into the fp32 ``∂W`` (:func:`rounded_products`).
+
+A backend may compute each chunk's cross-entropy itself (:class:`ChunkKernel`: the CPU C kernel), on logits
+kept in the weight's dtype; the matmuls and accumulators around it are this module's.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -56,8 +61,12 @@ CHUNK_BYTES = 256 << 20
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 64, 1024
 
 
-def default_chunk_rows(num_rows: int, num_classes: int, hidden_size: int) -> int:
+def default_chunk_rows(num_rows: int, num_classes: int, hidden_size: int, element_size: int = 4) -> int:
     """Rows per chunk when ``chunk_size`` is None: ``3D/4`` rows, within ``[64, 1024]`` and 256 MiB of logits.
+
+    ``element_size``: 4 (the fp32 work buffer; fp64 keeps these rows), or 2 where the loop keeps the logits in
+    bf16 (the CPU kernel's chunks): twice the rows (``3D/2``) in the same bytes, so half as many chunks add
+    their products into ``∂W``.
 
     Every chunk streams the whole ``(C, D)`` weight through three matmuls (and reads and writes the
     ``∂W`` accumulator), so chunks of ``r`` rows cost ``≈ 16·C·D·N/r`` bytes of memory traffic on top of
@@ -66,7 +75,8 @@ def default_chunk_rows(num_rows: int, num_classes: int, hidden_size: int) -> int
     ``O(C·D + N·D)``, never ``O(N·C)``, and a training step's peak is ``∂W`` plus less than ``∂W`` again
     (measured at ``D = 256``, ``C = 32000``: ``r = 192`` as fast as ``r = 256``; ``r ≤ 160`` 1.2× slower).
     """
-    rows = min(MAX_CHUNK_ROWS, (3 * hidden_size) // 4, CHUNK_BYTES // (4 * max(num_classes, 1)))
+    rows = min(MAX_CHUNK_ROWS, (3 * hidden_size) // element_size,
+               CHUNK_BYTES // (element_size * max(num_classes, 1)))
     rows = max(MIN_CHUNK_ROWS, rows - rows % 16 if rows > 16 else rows)
     return max(1, min(rows, num_rows))
 
@@ -132,10 +142,6 @@ def use_onednn(weight: torch.Tensor) -> bool:
     )
 
 
-#: above this many bytes of chunk logits, glibc serves every new tensor by a fresh mmap (its dynamic mmap
-#: threshold stops at 32 MiB), so oneDNN's linear, which allocates its output, pays a page fault per 4 KiB on
-#: every chunk; MKL's ``torch.mm`` writes into the loop's buffer instead
-_FRESH_PAGES_BYTES = 32 << 20
 _MKL_NATIVE: bool | None = None
 
 
@@ -155,12 +161,13 @@ def _mkl_native() -> bool:
 
 def onednn_for_chunks(weight: torch.Tensor, rows: int) -> bool:
     """Whether the chunk loop computes ``rows``-row chunks of logits with oneDNN's linear (:func:`use_onednn`)
-    rather than ``torch.mm`` into one reused buffer: on an Intel CPU with MKL, chunks beyond
-    ``_FRESH_PAGES_BYTES`` go to ``torch.mm`` (measured, 8192×1024×50257 fp32, 768-row chunks: 264–271 ms
-    against 304–311 ms per chunk; below 32 MiB oneDNN is level or faster: docs/benchmarks.md, run J)."""
-    if not use_onednn(weight):
-        return False
-    return not (_mkl_native() and rows * weight.shape[0] * weight.element_size() > _FRESH_PAGES_BYTES)
+    rather than ``torch.mm`` into one reused buffer. On an Intel CPU with MKL, ``torch.mm``: oneDNN's linear
+    allocates its output afresh on every chunk, which beyond glibc's 32 MiB mmap threshold is a page fault per
+    4 KiB (8192×1024×50257 fp32, 768-row chunks: 304–311 against 264–271 ms per chunk) and below it churns the
+    heap (the hf_causal_lm step, 192-row chunks: 137–157 MiB peak against 133–137 MiB, same time:
+    docs/benchmarks.md, runs J and K). Elsewhere oneDNN's fp32 GEMM was ~2× MKL's ``sgemm`` (run H's AMD CPU).
+    ``rows`` is kept for the callers' sake (the rule may depend on the chunk's size again)."""
+    return use_onednn(weight) and not _mkl_native()
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -501,21 +508,49 @@ def _chunk_grad_from_stats(
                        rows.class_weight, rows.local_target[sl], d, inv_t, None if finite_ignored else weights.valid)
 
 
+#: rows of ``∂W`` per bf16 product tile (:meth:`_Accumulators.add_chunk`): 2048 × D bf16 stays in L2 for the
+#: fp32 add that follows (192 × 32000 × 256 chunk: 7.7 ms at 2048, 9.8 at 512, 10.2 untiled; run K)
+PRODUCT_TILE_ROWS = 2048
+
+
+def rounded_products(weight: torch.Tensor, options: CrossEntropyOptions) -> bool:
+    """Whether each chunk's ``Gᵀ h`` is one bf16 matmul (rounded to bf16 once, as ``F.linear``'s output is)
+    added into the fp32 ``∂W``, rather than an fp32 matmul of widened factors.
+
+    The default for bf16 weights on CPU (``accumulation_dtype=None``): PyTorch has no CPU bf16 × bf16 → fp32
+    matmul, and the fp32 ``addmm_`` costs 2.4× the bf16 product and its add (docs/benchmarks.md, run K). The
+    price is one bf16 rounding per chunk before the fp32 sum (normwise ``∂W`` error 1.3× that of autograd's
+    single bf16 matmul over all rows, run K). ``accumulation_dtype=torch.float32``, given explicitly, keeps
+    every product in fp32 (one rounding, at the end). fp16 keeps fp32 products: a chunk's product may pass
+    fp16's range where the fp32 sum would not.
+    """
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and options.accumulation_dtype is None
+            and weight.numel() > 0)
+
+
 class _Accumulators:
     """``∂ℓ/∂h``, ``∂ℓ/∂W`` and ``∂ℓ/∂b`` being built chunk by chunk, and the matmuls that build them."""
 
-    def __init__(self, hidden, weight, bias, needs, accumulation_dtype):
+    def __init__(self, hidden, weight, bias, needs, accumulation_dtype, rounded: bool = False):
         need_hidden, need_weight, need_bias = needs
         self.weight = weight
         self.accumulation_dtype = accumulation_dtype
+        # bf16 products of ≤ PRODUCT_TILE_ROWS rows of ∂W at a time (rounded_products), added into the fp32 ∂W
+        self.tile = (
+            torch.empty((min(PRODUCT_TILE_ROWS, weight.shape[0]), weight.shape[1]), dtype=weight.dtype,
+                        device=weight.device)
+            if rounded and need_weight and accumulation_dtype != weight.dtype else None
+        )
         # ∂h = G W is one torch.mm per chunk: oneDNN's linear would want Wᵀ contiguous, a (D, C) copy as large
         # as ∂W held through the whole loop, for no measured gain (docs/benchmarks.md, run I)
         self.hidden = (
             torch.empty(hidden.shape, dtype=accumulation_dtype, device=hidden.device) if need_hidden else None
         )
-        self.weight_grad = (
-            torch.zeros(weight.shape, dtype=accumulation_dtype, device=weight.device) if need_weight else None
-        )
+        # with bf16 products the first chunk's product is copied in, not added to zeros (one pass less); with no
+        # rows at all there is no first chunk
+        self.weight_unwritten = self.tile is not None and hidden.shape[0] > 0
+        make = torch.empty if self.weight_unwritten else torch.zeros
+        self.weight_grad = make(weight.shape, dtype=accumulation_dtype, device=weight.device) if need_weight else None
         self.bias_grad = (
             torch.zeros(weight.shape[0], dtype=accumulation_dtype, device=weight.device) if need_bias else None
         )
@@ -539,7 +574,7 @@ class _Accumulators:
         acc = self.accumulation_dtype
         if grad_logits.dtype == weight.dtype:
             low = grad_logits
-        elif self.hidden is None and (self.weight_grad is None or acc != weight.dtype):
+        elif self.hidden is None and self.tile is None and (self.weight_grad is None or acc != weight.dtype):
             low = None  # only the accumulation dtype's G is read below
         elif low is not None:
             low = low[: grad_logits.shape[0]].copy_(grad_logits)
@@ -553,6 +588,16 @@ class _Accumulators:
         if self.weight_grad is not None:
             if acc == weight.dtype:
                 self.weight_grad.addmm_(low.t(), hidden)
+            elif self.tile is not None:
+                rows = self.tile.shape[0]
+                for first in range(0, weight.shape[0], rows):
+                    last = min(first + rows, weight.shape[0])
+                    product = torch.mm(low[:, first:last].t(), hidden, out=self.tile[: last - first])
+                    if self.weight_unwritten:
+                        self.weight_grad[first:last].copy_(product)
+                    else:
+                        self.weight_grad[first:last].add_(product)
+                self.weight_unwritten = False
             else:
                 # accumulate in `acc`: both factors in that dtype so no chunk's product is rounded to low
                 factor = grad_logits if grad_logits.dtype == acc else grad_logits.to(acc)
@@ -587,10 +632,10 @@ def _chunk_buffers(
     return logits, derivative, low
 
 
-def chunk_rows_for(options: CrossEntropyOptions, num_rows: int, hidden_size: int) -> int:
+def chunk_rows_for(options: CrossEntropyOptions, num_rows: int, hidden_size: int, element_size: int = 4) -> int:
     if options.chunk_size is not None:
         return max(1, min(options.chunk_size, max(num_rows, 1)))
-    return default_chunk_rows(num_rows, options.num_classes, hidden_size)
+    return default_chunk_rows(num_rows, options.num_classes, hidden_size, element_size)
 
 
 #: the single-process reduction (the identity), shared by every call
@@ -618,6 +663,24 @@ class LinearForward(NamedTuple):
     grad_target: torch.Tensor | None
 
 
+class ChunkKernel(Protocol):
+    """A backend's cross-entropy of one chunk of logits, used by :func:`linear_forward` where it serves.
+
+    ``serves(weight, options, probabilities, reduce)``: whether it handles this call (a fact of dtypes, device
+    and options, never of values). ``bind(target, rows, options)``: once per call, returns
+    ``run(logits, sl, scale) -> (loss, m, log s)`` for the chunk ``sl`` of rows: ``logits`` (``r × C``, the
+    weight's dtype, contiguous, owned by the loop) holds the chunk's raw logits; with ``scale`` (the rows'
+    upstream gradient ``g_i``) it is overwritten by ``G = ∂ℓ/∂x`` in the same dtype, as
+    :func:`_chunk_loss_and_grad` does to its work-dtype buffer.
+    """
+
+    def serves(self, weight: torch.Tensor, options: CrossEntropyOptions, probabilities: bool,
+               reduce: LocalReduce) -> bool: ...
+
+    def bind(self, target: torch.Tensor, rows: _Rows, options: CrossEntropyOptions) -> Callable[
+        [torch.Tensor, slice, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+
+
 def _rows_for(target, class_weight, options, local_classes, work, reduce):
     if target.dim() == 2:
         return _ProbabilityRows(target, class_weight, options, work, reduce)
@@ -634,12 +697,14 @@ def linear_forward(
     needs: tuple[bool, bool, bool] = (False, False, False),
     need_target: bool = False,
     reduce: LocalReduce = LOCAL,
+    chunk_kernel: ChunkKernel | None = None,
 ) -> LinearForward:
     """The chunk loop of linear cross-entropy (module docstring) over ``hidden (N, D)``, ``weight (C_local, D)``.
 
     ``needs`` says which of ``∂h, ∂W, ∂b`` a backward will want and ``need_target`` whether ``∂t``
     (probability targets) will: with ``"mean"``/``"sum"`` they are built here for a unit upstream gradient.
-    ``options.num_classes`` must be set (the total over processes).
+    ``options.num_classes`` must be set (the total over processes). ``chunk_kernel``, where it serves the call,
+    computes each chunk's cross-entropy on logits kept in the weight's dtype (no work-dtype chunk buffer).
     """
     num_rows, hidden_size = hidden.shape
     local_classes = weight.shape[0]
@@ -650,7 +715,8 @@ def linear_forward(
     needs = (needs[0], needs[1], bias is not None and needs[2])
     need_target = probabilities and need_target
     precompute = options.reduction != "none" and (any(needs) or need_target)
-    grads = _Accumulators(hidden, weight, bias, needs, accumulation) if precompute else None
+    grads = _Accumulators(hidden, weight, bias, needs, accumulation,
+                          rounded_products(weight, options)) if precompute else None
     scale = rows.scale(options.reduction) if precompute else None
     # ∂ℓ/∂t has the target's own (N, C) shape: the one full-size tensor, and only when it is asked for
     target_grad = torch.empty_like(target, memory_format=torch.contiguous_format) if (
@@ -659,10 +725,20 @@ def linear_forward(
     loss = torch.empty(num_rows, dtype=work, device=hidden.device)
     row_max = torch.empty(num_rows, dtype=work, device=hidden.device)
     log_sum = torch.empty(num_rows, dtype=work, device=hidden.device)
-    step = chunk_rows_for(options, num_rows, hidden_size)
-    buffer, derivative, low = _chunk_buffers(min(step, num_rows), local_classes, work, hidden.device,
-                                             options.softcap, onednn_for_chunks(weight, min(step, num_rows)),
-                                             weight.dtype)
+    kernel = None
+    if chunk_kernel is not None and chunk_kernel.serves(weight, options, probabilities, reduce):
+        kernel = chunk_kernel.bind(target, rows, options)
+    narrow = kernel is not None and weight.element_size() == 2  # bf16 chunks: twice the rows in the same bytes
+    step = chunk_rows_for(options, num_rows, hidden_size, 2 if narrow else 4)
+    onednn = onednn_for_chunks(weight, min(step, num_rows))
+    if kernel is not None:
+        # the chunk's logits, and then its gradient, in the weight's dtype: the matmuls' own operand
+        buffer = None if onednn else torch.empty((min(step, num_rows), local_classes), dtype=weight.dtype,
+                                                 device=hidden.device)
+        derivative = low = None
+    else:
+        buffer, derivative, low = _chunk_buffers(min(step, num_rows), local_classes, work, hidden.device,
+                                                 options.softcap, onednn, weight.dtype)
     zeroed = None if grads is None or probabilities else (
         hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):
@@ -671,7 +747,9 @@ def linear_forward(
         logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], chunk_hidden, weight, bias,
                                None if low is None else low[: sl.stop - start])
         chunk_scale = None if scale is None else scale[sl]
-        if probabilities:
+        if kernel is not None:
+            loss[sl], row_max[sl], log_sum[sl] = kernel(logits, sl, chunk_scale)
+        elif probabilities:
             loss[sl], row_max[sl], log_sum[sl] = _chunk_loss_and_grad_probabilities(
                 logits, derivative, rows, sl, chunk_scale, options,
                 None if target_grad is None else target_grad[sl],
@@ -716,7 +794,7 @@ def linear_backward(
     num_rows, hidden_size = hidden.shape
     accumulation = options.accumulation_dtype or work
     needs = (needs[0], needs[1], bias is not None and needs[2])
-    grads = _Accumulators(hidden, weight, bias, needs, accumulation)
+    grads = _Accumulators(hidden, weight, bias, needs, accumulation, rounded_products(weight, options))
     grad_output = grad_output.to(work)
     scale = upstream_scale(rows, options.reduction, grad_output)
     if not probabilities:

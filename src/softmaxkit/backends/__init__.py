@@ -329,6 +329,11 @@ register("linear_cross_entropy", Implementation(
            _NOT_FUNCTORCH, needs_real_storage, _triton_device),
 ))
 register("linear_cross_entropy", Implementation(
+    "cpu", "softmaxkit.backends.cpu.linear_cross_entropy:cpu_linear_cross_entropy",
+    all_of(_NOT_FUNCTORCH, needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
+           _cpu_kernel),
+))
+register("linear_cross_entropy", Implementation(
     "torch", "softmaxkit.backends.torch.linear_cross_entropy:torch_linear_cross_entropy",
     all_of(_NOT_FUNCTORCH, needs_no_subclass),
 ))
@@ -411,6 +416,7 @@ del _op
 # The pure-PyTorch and CPU ops are registered with torch.library at import (cheap: no Triton, no C build), so
 # their modules are in sys.modules before any trace (``Implementation.resolve`` then traces a dict lookup).
 from .cpu import cross_entropy as _cpu_cross_entropy  # noqa: E402,F401
+from .cpu import linear_cross_entropy as _cpu_linear_cross_entropy  # noqa: E402,F401
 from .cpu import sparse as _cpu_sparse  # noqa: E402,F401
 from .torch import cross_entropy as _torch_cross_entropy  # noqa: E402,F401
 from .torch import focal as _torch_focal  # noqa: E402,F401

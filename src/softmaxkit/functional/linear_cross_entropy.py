@@ -118,11 +118,14 @@ def linear_cross_entropy(
         z_loss: ``λ ≥ 0``, adds ``λ·LSE(z)²`` per non-ignored row (PaLM).
         softcap: ``c > 0`` or None; ``c·tanh(x/c)`` before the temperature (Gemma 2).
         chunk_size: rows per chunk; None picks ``3D/4`` rows within 64–1024 and 256 MiB of fp32 logits, so
-            a chunk's logits take ¾ of the memory of ``∂ℓ/∂W``
-            (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
-        impl: ``"auto"`` (the chunked path, with the Triton kernels on CUDA when available; class-probability
-            targets: always the chunked PyTorch path), ``"torch"`` (the chunked PyTorch path, class indices or
-            probabilities), ``"triton"`` (chunked matmul +
+            a chunk's logits take ¾ of the memory of ``∂ℓ/∂W`` (``3D/2`` rows where the CPU kernel keeps bf16
+            chunks: the same bytes) (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
+        impl: ``"auto"`` (the chunked path, with the Triton kernels on CUDA when available and the C kernel
+            on CPU; class-probability targets: always the chunked PyTorch path), ``"cpu"`` (the chunked path
+            with each chunk's cross-entropy by the CPU C kernel: one visit per row, its gradient written over
+            the chunk's logits in the weights' dtype; class indices; fp16 and an explicit fp32
+            ``accumulation_dtype`` for bf16 take the torch passes inside it), ``"torch"`` (the chunked PyTorch
+            path, any device, class indices or probabilities), ``"triton"`` (chunked matmul +
             fused Triton CE, fp32 ``∂ℓ/∂W`` accumulation), ``"triton_fused"`` (cut-cross-entropy style: a
             fused matmul–log-sum-exp kernel whose logits tiles never leave the GPU's registers, not even one
             chunk; backward recomputes them tile by tile and atomically adds ``G W``, ``Gᵀ h`` into fp32
@@ -138,7 +141,10 @@ def linear_cross_entropy(
             nothing there; ``impl="composite"`` (autograd through ``F.linear``) refuses it.
         accumulation_dtype: dtype in which ``∂ℓ/∂W``, ``∂ℓ/∂b`` and ``∂ℓ/∂h`` are accumulated over chunks:
             None means fp32 for fp16/bf16 weights and the weights' dtype otherwise; pass the weights' own
-            low-precision dtype to save memory at some accuracy.
+            low-precision dtype to save memory at some accuracy. With None and bf16 weights on CPU each
+            chunk's ``Gᵀ h`` is one bf16 matmul (rounded to bf16 once, as ``F.linear``'s output is) added into
+            the fp32 ``∂W``: PyTorch has no CPU bf16 × bf16 → fp32 matmul, and fp32 products cost 2.4× as much.
+            Pass ``torch.float32`` explicitly to form those products in fp32 too (one rounding, at the end).
 
     DTensors (``torch.distributed.tensor``, a 1-d mesh): a ``weight`` sharded by classes (``Shard(0)``, what
     ``fully_shard`` and ``ColwiseParallel`` make) with ``hidden`` a ``Replicate`` DTensor on the same mesh runs

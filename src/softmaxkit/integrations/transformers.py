@@ -153,8 +153,8 @@ def patch(
         label_smoothing: ``ε ∈ [0, 1]``; 0 is the model's own loss. Use this rather than ``Trainer``'s
             ``label_smoothing_factor``, which takes the labels away from the model and so falls back to the
             logits.
-        impl: :func:`softmaxkit.linear_cross_entropy`'s ``impl`` (``"auto"``, ``"torch"``, ``"triton"``,
-            ``"triton_fused"``, ``"composite"``).
+        impl: :func:`softmaxkit.linear_cross_entropy`'s ``impl`` (``"auto"``, ``"cpu"``, ``"torch"``,
+            ``"triton"``, ``"triton_fused"``, ``"composite"``).
         chunk_size: rows per chunk, or None for :func:`softmaxkit.linear_cross_entropy`'s default.
         skip_logits: None (default) fuses the loss when labels are given and the model is in training mode,
             and runs the model's own forward (logits included) in eval mode; True fuses whenever labels are

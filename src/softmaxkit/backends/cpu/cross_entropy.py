@@ -130,6 +130,12 @@ def new_gradient(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return buffer
 
 
+def scratch_rows(workers: int, num_classes: int, softcap: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """One row of ``exp(z − m)`` (and ``dz/dx`` under softcap) per worker for the fused stats + gradient visit:
+    cache-sized, not logits-sized."""
+    return torch.empty((workers, num_classes * (2 if softcap is not None else 1)), dtype=dtype)
+
+
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -151,13 +157,15 @@ def run_rows(
     z_weighted_sum: torch.Tensor | None,
     scale: torch.Tensor | None,
     grad: torch.Tensor | None,
+    scratch: torch.Tensor | None = None,
 ) -> None:
     """Call the kernel over all rows, split into contiguous row ranges across torch's thread count.
 
     ``target`` is int64 and contiguous; ``weight``, ``lse``, ``row_stats`` (``(N, 2)``: row max ``m`` and
     ``Σ exp(z − m)``), ``z_target`` and ``scale`` are contiguous in the compute dtype, ``z_weighted_sum``
     (``Σ w (z − m)``) contiguous float64;
-    ``grad`` has unit class stride (it may be ``logits`` itself).
+    ``grad`` has unit class stride (it may be ``logits`` itself). ``scratch``: the per-worker rows the fused
+    stats + gradient visit needs (:func:`scratch_rows`), for a caller that makes many calls; else made here.
     """
     num_rows, num_classes = logits.shape
     function = _function(logits.dtype)
@@ -173,10 +181,10 @@ def run_rows(
     arguments = (*arguments[:11], flags, *arguments[12:])
     x_pointer, x_stride, stats_pointer = logits.data_ptr(), logits.stride(0), row_stats.data_ptr()
     workers = row_workers(num_rows, num_classes)
-    scratch = None
-    if flags & (_FLAG_STATS | _FLAG_GRAD) == _FLAG_STATS | _FLAG_GRAD:
-        # one row of exp(z − m) (and dz/dx under softcap) per worker: cache-sized, not logits-sized
-        scratch = torch.empty((workers, num_classes * (2 if softcap is not None else 1)), dtype=lse.dtype)
+    if flags & (_FLAG_STATS | _FLAG_GRAD) != _FLAG_STATS | _FLAG_GRAD:
+        scratch = None
+    elif scratch is None or scratch.shape[0] < workers:
+        scratch = scratch_rows(workers, num_classes, softcap, lse.dtype)
 
     def call(worker: int, start: int, stop: int) -> None:
         row = None if scratch is None else scratch[worker].data_ptr()
