@@ -210,16 +210,16 @@ def test_no_gradient_work_under_no_grad(monkeypatch):
     assert built == [1] and torch.equal(trained.detach(), evaluated)
 
 
-def test_chunks_use_mm_into_the_loop_buffer_where_mkl_is_native(monkeypatch):
-    # oneDNN's freshly allocated output costs page faults (beyond 32 MiB) or heap churn (below) on every chunk
+def test_large_chunks_use_mm_into_the_loop_buffer_where_mkl_is_native(monkeypatch):
+    # beyond 32 MiB of chunk logits oneDNN's freshly allocated output costs page faults on every chunk
     import softmaxkit._core.linear as backend
 
     monkeypatch.setattr(backend, "use_onednn", lambda weight: True)
     weight = torch.zeros(70_000, 1)
-    for native, expected in ((True, False), (False, True)):
+    for native, small, large in ((True, True, False), (False, True, True)):
         monkeypatch.setattr(backend, "_MKL_NATIVE", native)
-        assert backend.onednn_for_chunks(weight, 64) is expected  # 64 × 70000 × 4 B = 17 MiB
-        assert backend.onednn_for_chunks(weight, 128) is expected  # 34 MiB
+        assert backend.onednn_for_chunks(weight, 64) is small  # 64 × 70000 × 4 B = 17 MiB
+        assert backend.onednn_for_chunks(weight, 128) is large  # 34 MiB
     monkeypatch.setattr(backend, "use_onednn", lambda weight: False)
     assert backend.onednn_for_chunks(weight, 64) is False
     monkeypatch.setattr(backend, "_MKL_NATIVE", None)

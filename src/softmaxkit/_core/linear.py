@@ -142,6 +142,10 @@ def use_onednn(weight: torch.Tensor) -> bool:
     )
 
 
+#: above this many bytes of chunk logits, glibc serves every new tensor by a fresh mmap (its dynamic mmap
+#: threshold stops at 32 MiB), so oneDNN's linear, which allocates its output, pays a page fault per 4 KiB on
+#: every chunk; MKL's ``torch.mm`` writes into the loop's buffer instead
+_FRESH_PAGES_BYTES = 32 << 20
 _MKL_NATIVE: bool | None = None
 
 
@@ -161,13 +165,12 @@ def _mkl_native() -> bool:
 
 def onednn_for_chunks(weight: torch.Tensor, rows: int) -> bool:
     """Whether the chunk loop computes ``rows``-row chunks of logits with oneDNN's linear (:func:`use_onednn`)
-    rather than ``torch.mm`` into one reused buffer. On an Intel CPU with MKL, ``torch.mm``: oneDNN's linear
-    allocates its output afresh on every chunk, which beyond glibc's 32 MiB mmap threshold is a page fault per
-    4 KiB (8192×1024×50257 fp32, 768-row chunks: 304–311 against 264–271 ms per chunk) and below it churns the
-    heap (the hf_causal_lm step, 192-row chunks: 137–157 MiB peak against 133–137 MiB, same time:
-    docs/benchmarks.md, runs J and K). Elsewhere oneDNN's fp32 GEMM was ~2× MKL's ``sgemm`` (run H's AMD CPU).
-    ``rows`` is kept for the callers' sake (the rule may depend on the chunk's size again)."""
-    return use_onednn(weight) and not _mkl_native()
+    rather than ``torch.mm`` into one reused buffer: on an Intel CPU with MKL, chunks beyond
+    ``_FRESH_PAGES_BYTES`` go to ``torch.mm`` (measured, 8192×1024×50257 fp32, 768-row chunks: 264–271 ms
+    against 304–311 ms per chunk; below 32 MiB oneDNN is level or faster: docs/benchmarks.md, run J)."""
+    if not use_onednn(weight):
+        return False
+    return not (_mkl_native() and rows * weight.shape[0] * weight.element_size() > _FRESH_PAGES_BYTES)
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
