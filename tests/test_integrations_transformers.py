@@ -354,6 +354,23 @@ def test_impl_and_chunk_size_pass_through(impl):
     assert_same_training_signal(own, own_grads, ours, our_grads)
 
 
+def test_accumulation_dtype_reaches_the_loss_and_fp32_products_are_no_less_exact():
+    """bf16 model: the default builds the head's ∂W from bf16 chunk products (CPU); fp32 accumulation asked for
+    explicitly forms them in fp32, so its head gradient is closer (normwise) to the float64 oracle's."""
+    model = build("LlamaForCausalLM", dtype=torch.bfloat16)
+    oracle_model = _fp64_copy(model)
+    input_ids, attention_mask, labels = batch()
+    _, oracle_grads = loss_and_grads(oracle_model, input_ids, attention_mask=attention_mask, labels=labels)
+    errors = {}
+    for accumulation in (None, torch.float32):
+        patch(model, accumulation_dtype=accumulation, chunk_size=8)
+        assert model.__dict__["_softmaxkit_patch"].accumulation_dtype == accumulation
+        _, grads = loss_and_grads(model, input_ids, attention_mask=attention_mask, labels=labels)
+        got, exact = grads["lm_head.weight"].double(), oracle_grads["lm_head.weight"].double()
+        errors[accumulation] = ((got - exact).norm() / exact.norm()).item()  # normwise: the products' rounding
+    assert errors[torch.float32] < errors[None]
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
@@ -364,6 +381,8 @@ def test_impl_and_chunk_size_pass_through(impl):
         (dict(z_loss="a lot"), TypeError, "z_loss"),
         (dict(skip_logits="yes"), TypeError, "skip_logits"),
         (dict(reduction="sum"), ValueError, "reduction"),
+        (dict(accumulation_dtype=torch.int32), TypeError, "accumulation_dtype"),
+        (dict(accumulation_dtype=torch.float16), ValueError, "accumulation_dtype"),
     ],
 )
 def test_bad_options_are_refused_at_patch_time(options, error, match):

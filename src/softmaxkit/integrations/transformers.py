@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._validation import check_accumulation_dtype
 from ..functional.linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["SUPPORTED_MODELS", "is_patched", "patch", "unpatch"]
@@ -105,6 +106,7 @@ class _PatchState:
     chunk_size: int | None
     skip_logits: bool | None
     reduction: str
+    accumulation_dtype: torch.dtype | None
     #: the instance attribute ``forward`` that was there before (an accelerate hook, say), else None
     previous_forward: object
     #: names of the original forward's positional parameters, to turn positional arguments into keywords
@@ -131,6 +133,7 @@ def patch(
     chunk_size: int | None = None,
     skip_logits: bool | None = None,
     reduction: str = "mean",
+    accumulation_dtype: torch.dtype | None = None,
 ):
     r"""Make a Hugging Face causal LM compute its training loss with :func:`softmaxkit.linear_cross_entropy`.
 
@@ -166,6 +169,9 @@ def patch(
             ``num_items_in_batch`` is not applied (weight and reduce the tokens yourself, e.g.
             ``(loss * w).sum() / w.sum()``). In eval mode (the model's own path) the same per-token loss is
             computed from the model's logits.
+        accumulation_dtype: :func:`softmaxkit.linear_cross_entropy`'s ``accumulation_dtype`` (None: fp32 for
+            fp16/bf16 heads, with each chunk's ``∂W`` product a bf16 matmul on CPU; ``torch.float32`` forms
+            those products in fp32 too).
 
     Returns:
         ``model`` itself, patched in place (patching a patched model replaces its options).
@@ -188,6 +194,7 @@ def patch(
     head = _plain_head(target)
     decoder = _decoder_of(target)
     _check_options(head, z_loss, label_smoothing, impl, chunk_size, skip_logits, reduction)
+    accumulation_dtype = check_accumulation_dtype(accumulation_dtype, head.weight.dtype)
     if is_patched(target):
         unpatch(target)
     previous = target.__dict__.get("forward")
@@ -198,7 +205,8 @@ def patch(
     )
     state = _PatchState(
         family=family, z_loss=float(z_loss), label_smoothing=float(label_smoothing), impl=impl,
-        chunk_size=chunk_size, skip_logits=skip_logits, reduction=reduction, previous_forward=previous,
+        chunk_size=chunk_size, skip_logits=skip_logits, reduction=reduction,
+        accumulation_dtype=accumulation_dtype, previous_forward=previous,
         positional=positional,
         fp32_loss={dtype: _loss_is_fp32(dtype, head.weight.device, impl)
                    for dtype in (torch.float16, torch.bfloat16)},
@@ -381,6 +389,7 @@ def _causal_lm_loss(model, state, hidden, labels, *, shift_labels, num_items_in_
             reduction=state.reduction if state.reduction == "none" or num_items_in_batch is None else "sum",
             label_smoothing=state.label_smoothing, z_loss=state.z_loss, softcap=softcap,
             temperature=temperature, chunk_size=state.chunk_size, impl=state.impl,
+            accumulation_dtype=state.accumulation_dtype,
         )
     if state.reduction == "none":
         if keep is not None:
