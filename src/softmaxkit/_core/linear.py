@@ -542,17 +542,16 @@ class _Accumulators:
         self.tile = (
             torch.empty((min(PRODUCT_TILE_ROWS, weight.shape[0]), weight.shape[1]), dtype=weight.dtype,
                         device=weight.device)
-            if rounded and need_weight and accumulation_dtype != weight.dtype else None
+            if rounded and need_weight else None
         )
         # ∂h = G W is one torch.mm per chunk: oneDNN's linear would want Wᵀ contiguous, a (D, C) copy as large
         # as ∂W held through the whole loop, for no measured gain (docs/benchmarks.md, run I)
         self.hidden = (
             torch.empty(hidden.shape, dtype=accumulation_dtype, device=hidden.device) if need_hidden else None
         )
-        # with bf16 products the first chunk's product is copied in, not added to zeros (one pass less); with no
-        # rows at all there is no first chunk
-        self.weight_unwritten = self.tile is not None and hidden.shape[0] > 0
-        make = torch.empty if self.weight_unwritten else torch.zeros
+        # with bf16 products the first chunk's (sl.start == 0) is copied in, not added to zeros (one pass less);
+        # with no rows at all there is no first chunk
+        make = torch.empty if self.tile is not None and hidden.shape[0] > 0 else torch.zeros
         self.weight_grad = make(weight.shape, dtype=accumulation_dtype, device=weight.device) if need_weight else None
         self.bias_grad = (
             torch.zeros(weight.shape[0], dtype=accumulation_dtype, device=weight.device) if need_bias else None
@@ -596,11 +595,10 @@ class _Accumulators:
                 for first in range(0, weight.shape[0], rows):
                     last = min(first + rows, weight.shape[0])
                     product = torch.mm(low[:, first:last].t(), hidden, out=self.tile[: last - first])
-                    if self.weight_unwritten:
+                    if sl.start == 0:
                         self.weight_grad[first:last].copy_(product)
                     else:
                         self.weight_grad[first:last].add_(product)
-                self.weight_unwritten = False
             else:
                 # accumulate in `acc`: both factors in that dtype so no chunk's product is rounded to low
                 factor = grad_logits if grad_logits.dtype == acc else grad_logits.to(acc)
@@ -733,15 +731,12 @@ def linear_forward(
         kernel = chunk_kernel.bind(target, rows, options)
     narrow = kernel is not None and weight.element_size() == 2  # bf16 chunks: twice the rows in the same bytes
     step = chunk_rows_for(options, num_rows, hidden_size, 2 if narrow else 4)
-    onednn = onednn_for_chunks(weight, min(step, num_rows))
-    if kernel is not None:
-        # the chunk's logits, and then its gradient, in the weight's dtype: the matmuls' own operand
-        buffer = None if onednn else torch.empty((min(step, num_rows), local_classes), dtype=weight.dtype,
-                                                 device=hidden.device)
-        derivative = low = None
-    else:
-        buffer, derivative, low = _chunk_buffers(min(step, num_rows), local_classes, work, hidden.device,
-                                                 options.softcap, onednn, weight.dtype)
+    # with a kernel the chunk's logits, and then its gradient, are in the weight's dtype (the matmuls' own
+    # operand; the kernel forms dz/dx of the soft-cap itself): one buffer, no derivative, no low copy
+    buffer, derivative, low = _chunk_buffers(
+        min(step, num_rows), local_classes, work if kernel is None else weight.dtype, hidden.device,
+        options.softcap if kernel is None else None, onednn_for_chunks(weight, min(step, num_rows)),
+        weight.dtype if kernel is None else None)
     zeroed = None if grads is None or probabilities else (
         hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):

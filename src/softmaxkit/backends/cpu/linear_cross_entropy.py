@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from ..._core import CrossEntropyOptions, compute_dtype
+from ..._core import CrossEntropyOptions
 from ..._core.linear import LOCAL, LocalReduce, _Rows, rounded_products
 from ..._core.rows import row_loss
 from .._linear_ops import linear_cross_entropy_ops
 from . import row_workers
-from .cross_entropy import _FLAG_GRAD, _FLAG_STATS, available, run_rows, scratch_rows
+from .cross_entropy import _FLAG_GRAD, _FLAG_STATS, _weight_total, available, run_rows, scratch_rows
 
 __all__ = ["CpuChunkKernel", "cpu_linear_cross_entropy"]
 
@@ -40,34 +40,28 @@ class CpuChunkKernel:
         return available(weight.dtype)
 
     def bind(self, target: torch.Tensor, rows: _Rows, options: CrossEntropyOptions):
-        num_classes = options.num_classes
+        num_rows, num_classes = target.shape[0], options.num_classes
         target = target.to(torch.int64).contiguous()
         class_weight = None if rows.class_weight is None else rows.class_weight.contiguous()
-        # Σ_c w_c as the C double the kernel takes (a read of a CPU tensor inside the CPU op, never traced)
-        weight_total = float(num_classes) if class_weight is None else class_weight.sum(dtype=torch.float64).tolist()
-        eps = options.label_smoothing
-        scratch: list[torch.Tensor] = []  # one per call, made at the first chunk that needs it
+        weight_total = _weight_total(class_weight, num_classes)
+        eps, work = options.label_smoothing, rows.w_y.dtype
+        # the kernel's per-row outputs for the whole call (each chunk writes its rows), and its scratch rows
+        lse = torch.empty(num_rows, dtype=work)
+        stats = torch.empty((num_rows, 2), dtype=work)
+        z_target = torch.empty(num_rows, dtype=work)
+        weighted = torch.empty(num_rows, dtype=torch.float64) if eps > 0 else None
+        scratch = scratch_rows(row_workers(num_rows, num_classes), num_classes, options.softcap, work)
 
         def run(logits: torch.Tensor, sl: slice, scale: torch.Tensor | None):
-            count = logits.shape[0]
-            work = compute_dtype(logits.dtype)
-            lse = torch.empty(count, dtype=work)
-            stats = torch.empty((count, 2), dtype=work)
-            z_target = torch.empty(count, dtype=work)
-            weighted = torch.empty(count, dtype=torch.float64) if eps > 0 else None
-            flags = _FLAG_STATS
-            if scale is not None:
-                flags |= _FLAG_GRAD
-                if not scratch:
-                    scratch.append(scratch_rows(row_workers(count, num_classes), num_classes, options.softcap, work))
+            chunk_stats, chunk_weighted = stats[sl], None if weighted is None else weighted[sl]
+            flags = _FLAG_STATS if scale is None else _FLAG_STATS | _FLAG_GRAD
             run_rows(
                 logits, target[sl], class_weight, options.ignore_index, eps, options.inv_temperature,
-                options.z_loss, options.softcap, weight_total, flags, lse, stats, z_target, weighted,
-                None if scale is None else scale.contiguous(), logits if scale is not None else None,
-                scratch[0] if scratch else None,
+                options.z_loss, options.softcap, weight_total, flags, lse[sl], chunk_stats, z_target[sl],
+                chunk_weighted, scale, None if scale is None else logits, scratch,
             )
-            row_max, log_sum = stats[:, 0], stats[:, 1].log()
-            loss = row_loss(row_max, log_sum, z_target, weighted, rows.chunk(sl), options, num_classes)
+            row_max, log_sum = chunk_stats[:, 0], chunk_stats[:, 1].log()
+            loss = row_loss(row_max, log_sum, z_target[sl], chunk_weighted, rows.chunk(sl), options, num_classes)
             return loss, row_max, log_sum
 
         return run
