@@ -77,7 +77,7 @@ static inline float sk_tanhf(float u) {
 #include "_dtypes.h"
 
 /* out[j] = exp(in[j] − shift) over a tile (out may be in). With
- * AVX-512 the fp32 version runs 16 lanes at a time with the same Cephes polynomial as sk_expf and fewer
+ * AVX-512 (AVX2 + FMA: 8 lanes, sk_exp8) the fp32 version runs 16 lanes at a time with the same Cephes polynomial as sk_expf and fewer
  * instructions (vscalefps for 2^k, which also gives exact 0 on underflow; vrndscaleps for rounding); the
  * tail of a tile goes through sk_expf. A given element always takes the same route (tiles are cut the same
  * way in every pass), so the fused and the deferred gradient still round identically. */
@@ -99,6 +99,28 @@ static inline __m512 sk_exp16(__m512 x) {
     __m512 y = _mm512_scalef_ps(p, k);
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), y, _mm512_setzero_ps());
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+/* The same polynomial, 8 lanes, for AVX2 CPUs (GCC does not vectorise sk_expf's loop: its clamps are control
+ * flow without -fno-trapping-math, so without this every exp there was scalar). 2^k is built in the exponent
+ * bits (k is in [−126, 127] after the clamp); a NaN lane stays NaN (its r is NaN). */
+static inline __m256 sk_exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.0f);
+    __m256 xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x)); /* NaN stays NaN (it is the second operand) */
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fmadd_ps(k, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+    return _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+}
 #endif
 
 static inline void exp_shift_f32(const float *in, float *out, int64_t n, float shift) {
@@ -107,6 +129,10 @@ static inline void exp_shift_f32(const float *in, float *out, int64_t n, float s
     const __m512 s = _mm512_set1_ps(shift);
     for (; j + 16 <= n; j += 16)
         _mm512_storeu_ps(out + j, sk_exp16(_mm512_sub_ps(_mm512_loadu_ps(in + j), s)));
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 s = _mm256_set1_ps(shift);
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(out + j, sk_exp8(_mm256_sub_ps(_mm256_loadu_ps(in + j), s)));
 #endif
     for (; j < n; j++) out[j] = sk_expf(in[j] - shift);
 }
