@@ -226,14 +226,17 @@ def test_large_chunks_use_mm_into_the_loop_buffer_where_mkl_is_native(monkeypatc
     assert backend._mkl_native() in (True, False)
 
 
+@pytest.mark.parametrize("tile_classes", [4096, 50])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_onednn_and_mm_matmul_paths_agree_in_float32(monkeypatch, reduction):
-    """fp32 on CPU uses oneDNN's linear for the logits and ∂h (faster than MKL sgemm here); torch.mm is
-    the fallback. Both equal PyTorch's naive path to float32 tolerance."""
+def test_onednn_and_mm_matmul_paths_agree_in_float32(monkeypatch, reduction, tile_classes):
+    """fp32 on CPU uses oneDNN's linear for the logits (faster than MKL sgemm here), in vocabulary tiles
+    copied into the loop's buffer (50: five tiles of 211 classes, the last one ragged); torch.mm is the
+    fallback. Both equal PyTorch's naive path to float32 tolerance."""
     import softmaxkit._core.linear as backend
 
     if not backend.onednn_linear_available():
         pytest.skip("oneDNN's linear is not available on this CPU / build")
+    monkeypatch.setattr(backend, "ONEDNN_TILE_CLASSES", tile_classes)
     hidden, weight, bias, target, class_weight = _problem((37,), 16, 211, dtype=torch.float32)
     upstream = torch.randn(37) if reduction == "none" else None
     options = dict(class_weight=class_weight, label_smoothing=0.1, softcap=5.0, reduction=reduction, chunk_size=8)
@@ -248,6 +251,36 @@ def test_onednn_and_mm_matmul_paths_agree_in_float32(monkeypatch, reduction):
         assert_close_f32(loss, expected[0])
         for actual, wanted in zip(grads, expected[1]):
             assert_close_f32(actual, wanted)
+
+
+@pytest.mark.parametrize("impl", CHUNKED)
+def test_onednn_fills_the_loop_buffer_in_tiles_never_a_chunk_sized_tensor(monkeypatch, impl):
+    """oneDNN's linear allocates its output: the loop asks it for one vocabulary tile at a time, so no
+    chunk-sized tensor is made per chunk (whose freed blocks glibc may keep resident next to the next one)."""
+    import softmaxkit._core.linear as backend
+
+    if not backend.onednn_linear_available():
+        pytest.skip("oneDNN's linear is not available on this CPU / build")
+    monkeypatch.setattr(backend, "ONEDNN_TILE_CLASSES", 64)
+    made = []
+    real = backend._onednn_linear
+
+    def recording(x, weight, bias):
+        out = real(x, weight, bias)
+        made.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(backend, "_onednn_linear", recording)
+    hidden, weight, bias, target, _ = _problem((40,), 16, 211, dtype=torch.float32)
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, None,
+                                  impl=impl, chunk_size=16)
+    assert made and all(rows <= 16 and classes <= 64 for rows, classes in made)
+    assert sum(rows * classes for rows, classes in made) == 40 * 211  # each chunk's logits once, all of them
+    expected = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, None,
+                               impl="composite")
+    assert_close_f32(loss, expected[0])
+    for actual, wanted in zip(grads, expected[1]):
+        assert_close_f32(actual, wanted)
 
 
 def test_backward_twice_with_retain_graph_gives_the_same_gradients():

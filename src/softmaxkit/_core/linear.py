@@ -142,9 +142,10 @@ def use_onednn(weight: torch.Tensor) -> bool:
     )
 
 
-#: above this many bytes of chunk logits, glibc serves every new tensor by a fresh mmap (its dynamic mmap
-#: threshold stops at 32 MiB), so oneDNN's linear, which allocates its output, pays a page fault per 4 KiB on
-#: every chunk; MKL's ``torch.mm`` writes into the loop's buffer instead
+#: above this many bytes of chunk logits, on an Intel CPU with MKL, ``torch.mm`` computes the chunk (run J,
+#: measured when oneDNN's linear still made each whole chunk a fresh tensor, which glibc serves by a fresh mmap
+#: beyond its 32 MiB dynamic threshold: a page fault per 4 KiB; oneDNN now fills the buffer in tiles, which
+#: no Intel machine has re-measured since)
 _FRESH_PAGES_BYTES = 32 << 20
 _MKL_NATIVE: bool | None = None
 
@@ -164,8 +165,9 @@ def _mkl_native() -> bool:
 
 
 def onednn_for_chunks(weight: torch.Tensor, rows: int) -> bool:
-    """Whether the chunk loop computes ``rows``-row chunks of logits with oneDNN's linear (:func:`use_onednn`)
-    rather than ``torch.mm`` into one reused buffer: on an Intel CPU with MKL, chunks beyond
+    """Whether the chunk loop fills its buffer with ``rows``-row chunks of logits by oneDNN's linear
+    (:func:`use_onednn`, in tiles: :func:`_onednn_linear_into`) rather than ``torch.mm``: on an Intel CPU with
+    MKL, chunks beyond
     ``_FRESH_PAGES_BYTES`` go to ``torch.mm`` (measured, 8192×1024×50257 fp32, 768-row chunks: 264–271 ms
     against 304–311 ms per chunk; below 32 MiB oneDNN is level or faster: docs/benchmarks.md, run J)."""
     if not use_onednn(weight):
@@ -178,13 +180,38 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
-def _chunk_logits(out: torch.Tensor | None, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  low: torch.Tensor | None = None):
-    """The chunk's logits ``hidden @ weight.T + bias`` in the work dtype (written into ``out`` unless the
-    oneDNN path, which makes its own tensor, is used: then ``out`` is None). A low-precision product is
-    formed in ``low`` (the chunk's buffer in the weight's dtype) and then widened into ``out``."""
-    if out is None:
-        return _onednn_linear(hidden, weight, bias)
+#: classes per oneDNN call when it fills the chunk loop's buffer (see :func:`_onednn_linear_into`)
+ONEDNN_TILE_CLASSES = 4096
+
+
+def _onednn_linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """``out = x @ weight.T + bias`` by oneDNN, ``ONEDNN_TILE_CLASSES`` classes per call copied into ``out``.
+
+    oneDNN's linear has no output argument, so a whole chunk's product is a fresh chunk-sized tensor per chunk;
+    glibc then sometimes keeps the freed one resident while the next takes fresh pages (two chunks of resident
+    memory; docs/benchmarks.md, run L), and after the loop it stays in the heap. Filling the loop's one buffer
+    in vocabulary tiles keeps the chunk loop at one chunk plus one tile whatever the heap does, for one copy
+    of the logits (~10% of the GEMM's time, measured at 192 × 256 × 32000).
+    """
+    x = x.contiguous()
+    classes = weight.shape[0]
+    for first in range(0, classes, ONEDNN_TILE_CLASSES):
+        last = min(first + ONEDNN_TILE_CLASSES, classes)
+        tile = _onednn_linear(x, weight[first:last], None if bias is None else bias[first:last])
+        out[:, first:last].copy_(tile)
+        del tile  # freed before the next tile is allocated: one tile-sized block, reused
+    return out
+
+
+def _chunk_logits(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  low: torch.Tensor | None = None, onednn: bool = False):
+    """The chunk's logits ``hidden @ weight.T + bias`` in ``out`` (the work dtype, or the weight's for a chunk
+    kernel): by oneDNN in tiles where ``onednn`` (:func:`onednn_for_chunks`), else by ``torch.mm``. A
+    low-precision product is formed in ``low`` (the chunk's buffer in the weight's dtype) and then widened
+    into ``out``."""
+    if onednn:
+        return _onednn_linear_into(out, hidden, weight, bias)
     if out.dtype == weight.dtype or low is not None:
         product = out if low is None else low
         if bias is None or bias.dtype != weight.dtype:
@@ -620,11 +647,11 @@ def _zero_ignored(hidden: torch.Tensor, valid: torch.Tensor, out: tuple[torch.Te
 
 def _chunk_buffers(
     rows: int, classes: int, work_dtype, device, softcap, onednn: bool, weight_dtype=None
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The chunk's logits buffer (None where oneDNN allocates the logits itself), soft-cap derivative, and
-    for a low-precision weight one buffer in its dtype (the product before widening, then ``G`` rounded
-    for ``G W``: one buffer for both instead of two chunk-sized temporaries per chunk)."""
-    logits = None if onednn else torch.empty((rows, classes), dtype=work_dtype, device=device)
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The chunk's logits buffer, soft-cap derivative, and for a low-precision weight one buffer in its dtype
+    (the product before widening, then ``G`` rounded for ``G W``: one buffer for both instead of two
+    chunk-sized temporaries per chunk; not with ``onednn``, which serves fp32 weights only)."""
+    logits = torch.empty((rows, classes), dtype=work_dtype, device=device)
     derivative = torch.empty((rows, classes), dtype=work_dtype, device=device) if softcap is not None else None
     low = (
         torch.empty((rows, classes), dtype=weight_dtype, device=device)
@@ -733,17 +760,17 @@ def linear_forward(
     step = chunk_rows_for(options, num_rows, hidden_size, 2 if narrow else 4)
     # with a kernel the chunk's logits, and then its gradient, are in the weight's dtype (the matmuls' own
     # operand; the kernel forms dz/dx of the soft-cap itself): one buffer, no derivative, no low copy
+    onednn = onednn_for_chunks(weight, min(step, num_rows))
     buffer, derivative, low = _chunk_buffers(
         min(step, num_rows), local_classes, work if kernel is None else weight.dtype, hidden.device,
-        options.softcap if kernel is None else None, onednn_for_chunks(weight, min(step, num_rows)),
-        weight.dtype if kernel is None else None)
+        options.softcap if kernel is None else None, onednn, weight.dtype if kernel is None else None)
     zeroed = None if grads is None or probabilities else (
         hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):
         sl = slice(start, min(start + step, num_rows))
         chunk_hidden = hidden[sl] if zeroed is None else _zero_ignored(hidden[sl], rows.valid[sl], zeroed)
-        logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], chunk_hidden, weight, bias,
-                               None if low is None else low[: sl.stop - start])
+        logits = _chunk_logits(buffer[: sl.stop - start], chunk_hidden, weight, bias,
+                               None if low is None else low[: sl.stop - start], onednn)
         chunk_scale = None if scale is None else scale[sl]
         if kernel is not None:
             loss[sl], row_max[sl], log_sum[sl] = kernel(logits, sl, chunk_scale)
@@ -758,7 +785,6 @@ def linear_forward(
             )
         if grads is not None:
             grads.add_chunk(logits, chunk_hidden, sl, None, low)
-        del logits  # free this chunk's logits before the next chunk allocates its own (oneDNN path)
     del buffer, derivative, low
     if grads is None:
         return LinearForward(loss, row_max, log_sum, rows.denominator, None, None, None, None)
@@ -801,16 +827,16 @@ def linear_backward(
         zero = torch.zeros((), dtype=work, device=row_max.device)
         row_max, log_sum = torch.where(rows.valid, row_max, zero), torch.where(rows.valid, log_sum, zero)
     step = chunk_rows_for(options, num_rows, hidden_size)
+    onednn = onednn_for_chunks(weight, min(step, num_rows))
     buffer, derivative, low = _chunk_buffers(min(step, num_rows), weight.shape[0], work, hidden.device,
-                                             options.softcap, onednn_for_chunks(weight, min(step, num_rows)),
-                                             weight.dtype)
+                                             options.softcap, onednn, weight.dtype)
     zeroed = None if probabilities else (
         hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):
         sl = slice(start, min(start + step, num_rows))
         chunk_hidden = hidden[sl] if zeroed is None else _zero_ignored(hidden[sl], rows.valid[sl], zeroed)
-        logits = _chunk_logits(None if buffer is None else buffer[: sl.stop - start], chunk_hidden, weight, bias,
-                               None if low is None else low[: sl.stop - start])
+        logits = _chunk_logits(buffer[: sl.stop - start], chunk_hidden, weight, bias,
+                               None if low is None else low[: sl.stop - start], onednn)
         if probabilities:
             _chunk_grad_from_stats_probabilities(logits, derivative, rows, sl, row_max[sl], log_sum[sl], scale[sl],
                                                  options, None if target_grad is None else target_grad[sl])
@@ -818,7 +844,6 @@ def linear_backward(
             _chunk_grad_from_stats(logits, derivative, rows, sl, row_max[sl], log_sum[sl], scale[sl], options,
                                    bias is None)
         grads.add_chunk(logits, chunk_hidden, sl, None, low)
-        del logits
     if grads.hidden is not None:
         reduce.sum_hidden_grad_(grads.hidden)
     return grads.hidden, grads.weight_grad, grads.bias_grad, target_grad
