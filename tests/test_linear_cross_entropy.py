@@ -567,9 +567,10 @@ def test_head_module_holds_the_projection_and_equals_the_function():
 
 
 def test_default_chunk_rows():
-    # 3D/4 rows (the chunk's logits ¾ of ∂W), within [64, 1024] rows and 256 MiB of fp32 logits
-    assert default_chunk_rows(8192, 50_000, 512) == 384
-    assert default_chunk_rows(8192, 32_000, 256) == 192
+    # D/2 rows (the chunk's fp32 logits half of ∂W), within [64, 1024] rows and 256 MiB of fp32 logits
+    assert default_chunk_rows(8192, 50_000, 512) == 256
+    assert default_chunk_rows(8192, 32_000, 256) == 128
+    assert default_chunk_rows(8192, 32_000, 256, element_size=2) == 384  # bf16 kernel chunks: 3D/2
     assert default_chunk_rows(10, 50_000, 512) == 10
     assert default_chunk_rows(100_000, 10, 8) == 64
     assert default_chunk_rows(100_000, 32_000, 4096) == 1024

@@ -62,21 +62,22 @@ MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 64, 1024
 
 
 def default_chunk_rows(num_rows: int, num_classes: int, hidden_size: int, element_size: int = 4) -> int:
-    """Rows per chunk when ``chunk_size`` is None: ``3D/4`` rows, within ``[64, 1024]`` and 256 MiB of logits.
+    """Rows per chunk when ``chunk_size`` is None: ``D/2`` rows, within ``[64, 1024]`` and 256 MiB of logits.
 
     ``element_size``: 4 (the fp32 work buffer; fp64 keeps these rows), or 2 where the loop keeps the logits in
-    bf16 (the CPU kernel's chunks): twice the rows (``3D/2``) in the same bytes, so half as many chunks add
-    their products into ``∂W``.
+    bf16 (the CPU kernel's chunks): ``3D/2`` rows, so fewer chunks add their products into ``∂W``.
 
     Every chunk streams the whole ``(C, D)`` weight through three matmuls (and reads and writes the
     ``∂W`` accumulator), so chunks of ``r`` rows cost ``≈ 16·C·D·N/r`` bytes of memory traffic on top of
-    ``6·N·C·D`` FLOPs: ``r`` should be in the hundreds. With ``r = 3D/4`` the chunk's ``r × C`` logits take
-    ¾ of the memory of ``∂W`` (``C × D``), which the op must return anyway, so the peak stays
-    ``O(C·D + N·D)``, never ``O(N·C)``, and a training step's peak is ``∂W`` plus less than ``∂W`` again
-    (measured at ``D = 256``, ``C = 32000``: ``r = 192`` as fast as ``r = 256``; ``r ≤ 160`` 1.2× slower).
+    ``6·N·C·D`` FLOPs: ``r`` should be in the hundreds. With ``r = D/2`` the chunk's ``r × C`` fp32 logits
+    take half the memory of ``∂W`` (``C × D``), which the op must return anyway (bf16 chunks: ¾ of it), so the
+    peak stays ``O(C·D + N·D)``, never ``O(N·C)``, and a training step's peak is ``∂W`` plus half of it again.
+    Measured at ``D = 256``, ``C = 32000`` (docs/benchmarks.md, run L): ``r = 128`` 2% slower than ``r = 192``
+    in the hf_causal_lm fp32 step, for 7.8 MiB less peak memory (the step's peak is within 30% of the
+    model's own loss only then).
     """
-    rows = min(MAX_CHUNK_ROWS, (3 * hidden_size) // element_size,
-               CHUNK_BYTES // (element_size * max(num_classes, 1)))
+    per_hidden = 3 / 2 if element_size == 2 else 1 / 2
+    rows = min(MAX_CHUNK_ROWS, int(hidden_size * per_hidden), CHUNK_BYTES // (element_size * max(num_classes, 1)))
     rows = max(MIN_CHUNK_ROWS, rows - rows % 16 if rows > 16 else rows)
     return max(1, min(rows, num_rows))
 

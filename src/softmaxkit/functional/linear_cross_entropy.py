@@ -117,9 +117,9 @@ def linear_cross_entropy(
         temperature: ``T > 0`` dividing the (soft-capped) logits.
         z_loss: ``λ ≥ 0``, adds ``λ·LSE(z)²`` per non-ignored row (PaLM).
         softcap: ``c > 0`` or None; ``c·tanh(x/c)`` before the temperature (Gemma 2).
-        chunk_size: rows per chunk; None picks ``3D/4`` rows within 64–1024 and 256 MiB of fp32 logits, so
-            a chunk's logits take ¾ of the memory of ``∂ℓ/∂W`` (``3D/2`` rows where the CPU kernel keeps bf16
-            chunks: the same bytes) (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
+        chunk_size: rows per chunk; None picks ``D/2`` rows within 64–1024 and 256 MiB of fp32 logits, so
+            a chunk's logits take half the memory of ``∂ℓ/∂W`` (``3D/2`` rows where the CPU kernel keeps bf16
+            chunks: ¾ of it) (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
         impl: ``"auto"`` (the chunked path, with the Triton kernels on CUDA when available and the C kernel
             on CPU; class-probability targets: always the chunked PyTorch path), ``"cpu"`` (the chunked path
             with each chunk's cross-entropy by the CPU C kernel: one visit per row, its gradient written over
