@@ -211,7 +211,7 @@ def test_no_gradient_work_under_no_grad(monkeypatch):
 
 
 def test_large_chunks_use_mm_into_the_loop_buffer_where_mkl_is_native(monkeypatch):
-    # beyond 32 MiB of chunk logits oneDNN's freshly allocated output costs page faults on every chunk
+    # on an Intel CPU with MKL, beyond 32 MiB of chunk logits torch.mm computes the chunk (run J)
     import softmaxkit._core.linear as backend
 
     monkeypatch.setattr(backend, "use_onednn", lambda weight: True)

@@ -647,16 +647,16 @@ def _zero_ignored(hidden: torch.Tensor, valid: torch.Tensor, out: tuple[torch.Te
 
 
 def _chunk_buffers(
-    rows: int, classes: int, work_dtype, device, softcap, onednn: bool, weight_dtype=None
+    rows: int, classes: int, work_dtype, device, softcap, weight_dtype=None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The chunk's logits buffer, soft-cap derivative, and for a low-precision weight one buffer in its dtype
     (the product before widening, then ``G`` rounded for ``G W``: one buffer for both instead of two
-    chunk-sized temporaries per chunk; not with ``onednn``, which serves fp32 weights only)."""
+    chunk-sized temporaries per chunk)."""
     logits = torch.empty((rows, classes), dtype=work_dtype, device=device)
     derivative = torch.empty((rows, classes), dtype=work_dtype, device=device) if softcap is not None else None
     low = (
         torch.empty((rows, classes), dtype=weight_dtype, device=device)
-        if weight_dtype is not None and weight_dtype != work_dtype and not onednn else None
+        if weight_dtype is not None and weight_dtype != work_dtype else None
     )
     return logits, derivative, low
 
@@ -757,14 +757,14 @@ def linear_forward(
     kernel = None
     if chunk_kernel is not None and chunk_kernel.serves(weight, options, probabilities, reduce):
         kernel = chunk_kernel.bind(target, rows, options)
-    narrow = kernel is not None and weight.element_size() == 2  # bf16 chunks: twice the rows in the same bytes
+    narrow = kernel is not None and weight.element_size() == 2  # bf16 kernel chunks: 3D/2 rows (default_chunk_rows)
     step = chunk_rows_for(options, num_rows, hidden_size, 2 if narrow else 4)
     # with a kernel the chunk's logits, and then its gradient, are in the weight's dtype (the matmuls' own
     # operand; the kernel forms dz/dx of the soft-cap itself): one buffer, no derivative, no low copy
     onednn = onednn_for_chunks(weight, min(step, num_rows))
     buffer, derivative, low = _chunk_buffers(
         min(step, num_rows), local_classes, work if kernel is None else weight.dtype, hidden.device,
-        options.softcap if kernel is None else None, onednn, weight.dtype if kernel is None else None)
+        options.softcap if kernel is None else None, weight.dtype if kernel is None else None)
     zeroed = None if grads is None or probabilities else (
         hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):
@@ -830,7 +830,7 @@ def linear_backward(
     step = chunk_rows_for(options, num_rows, hidden_size)
     onednn = onednn_for_chunks(weight, min(step, num_rows))
     buffer, derivative, low = _chunk_buffers(min(step, num_rows), weight.shape[0], work, hidden.device,
-                                             options.softcap, onednn, weight.dtype)
+                                             options.softcap, weight.dtype)
     zeroed = None if probabilities else (
         hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
     for start in range(0, num_rows, step):
