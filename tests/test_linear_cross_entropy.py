@@ -455,6 +455,26 @@ def test_bf16_weight_gradient_rounds_each_chunk_product_once_unless_fp32_accumul
     assert error(wide) <= error(autograd) + 2**-10
 
 
+@pytest.mark.parametrize("dtype, auto", [(torch.float32, "torch"), (torch.float64, "torch"),
+                                         (torch.bfloat16, "cpu"), (torch.float16, "cpu")])
+def test_auto_takes_the_cpu_chunk_kernel_for_low_precision_only(dtype, auto):
+    """``auto`` picks the C-kernel op for bf16/fp16 and the torch passes for fp32/fp64 (level or faster there,
+    docs/benchmarks.md runs K-M); ``impl="cpu"`` still names the kernel for fp32, and both give the same loss."""
+    from softmaxkit import backends
+
+    if not cpu_ce.available(dtype if dtype != torch.float16 else torch.float32):
+        pytest.skip("no C compiler for the CPU kernel")
+    hidden, weight = torch.randn(6, 4, dtype=dtype), torch.randn(5, 4, dtype=dtype)
+    target = torch.tensor([0, 4, 2, 1, 3, 0])
+    request = backends.Request.of(hidden, weight, None, target)
+    assert backends.select("linear_cross_entropy", "auto", request).name == auto
+    assert backends.select("linear_cross_entropy", "cpu", request).name == "cpu"
+    if dtype in (torch.float32, torch.float64):
+        named = softmaxkit.linear_cross_entropy(hidden, weight, target, impl="cpu")
+        chosen = softmaxkit.linear_cross_entropy(hidden, weight, target)
+        torch.testing.assert_close(named, chosen, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
 def test_cpu_kernel_keeps_bf16_chunks_in_bf16_and_fp16_takes_the_torch_passes(monkeypatch):
     """The C kernel serves class indices with fp32/fp64 weights and bf16 with rounded products; the bf16 chunk
     loop then holds no fp32 ``r × C`` buffer. fp16, an explicit fp32 accumulation for bf16 and probability

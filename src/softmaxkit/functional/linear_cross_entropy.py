@@ -120,8 +120,9 @@ def linear_cross_entropy(
         chunk_size: rows per chunk; None picks ``D/2`` rows within 64–1024 and 256 MiB of fp32 logits, so
             a chunk's logits take half the memory of ``∂ℓ/∂W`` (``3D/2`` rows where the CPU kernel keeps bf16
             chunks: ¾ of it) (:func:`~softmaxkit.backends.torch.linear_cross_entropy.default_chunk_rows`).
-        impl: ``"auto"`` (the chunked path, with the Triton kernels on CUDA when available and the C kernel
-            on CPU; class-probability targets: always the chunked PyTorch path), ``"cpu"`` (the chunked path
+        impl: ``"auto"`` (the chunked path, with the Triton kernels on CUDA when available and, on CPU, the C
+            kernel for bf16/fp16 inputs and the torch passes for fp32/fp64, which were level or faster there;
+            class-probability targets: always the chunked PyTorch path), ``"cpu"`` (the chunked path
             with each chunk's cross-entropy by the CPU C kernel: one visit per row, its gradient written over
             the chunk's logits in the weights' dtype; class indices; fp16 and an explicit fp32
             ``accumulation_dtype`` for bf16 take the torch passes inside it), ``"torch"`` (the chunked PyTorch
