@@ -286,6 +286,16 @@ def _cpu_kernel(request: Request) -> str | None:
     return why_not(request)
 
 
+def _low_precision_or_named(request: Request) -> str | None:
+    """``auto`` takes the CPU chunk kernel for bf16/fp16 inputs only. In fp32 the loop's torch passes were
+    level or faster in the hf_causal_lm step on three CPUs (docs/benchmarks.md, runs K, L and M: the kernel's
+    worker threads contend with the OpenMP threads that still spin after each GEMM); ``impl="cpu"`` still
+    names it for any dtype it handles."""
+    if request.has(EXPLICIT) or request.dtype in (_torch.bfloat16, _torch.float16):
+        return None
+    return f"is taken by impl='auto' for bf16/fp16 only (got {request.dtype}; name impl='cpu' to use it)"
+
+
 _NOT_FUNCTORCH = needs_flag_absent(
     FUNCTORCH, "is a custom op, which torch.func transforms (grad, vmap, ...) cannot see through in this torch; "
     "the composite path serves them"
@@ -328,16 +338,6 @@ register("linear_cross_entropy", Implementation(
            needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
            _NOT_FUNCTORCH, needs_real_storage, _triton_device),
 ))
-def _low_precision_or_named(request: Request) -> str | None:
-    """``auto`` takes the CPU chunk kernel for bf16/fp16 inputs only. In fp32 the loop's torch passes were
-    level or faster in the hf_causal_lm step on three CPUs (docs/benchmarks.md, runs K, L and M: the kernel's
-    worker threads contend with the OpenMP threads that still spin after each GEMM); ``impl="cpu"`` still
-    names it for any dtype it handles."""
-    if request.has(EXPLICIT) or request.dtype in (_torch.bfloat16, _torch.float16):
-        return None
-    return f"is taken by impl='auto' for bf16/fp16 only (got {request.dtype}; name impl='cpu' to use it)"
-
-
 register("linear_cross_entropy", Implementation(
     "cpu", "softmaxkit.backends.cpu.linear_cross_entropy:cpu_linear_cross_entropy",
     all_of(_NOT_FUNCTORCH, needs_flag_absent("probabilities", "handles class-index targets, not class probabilities"),
