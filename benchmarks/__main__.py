@@ -143,14 +143,21 @@ def main(argv=None) -> int:
                 row["ratio_time"] = row["median_s"] / base["median_s"]
                 if row.get("peak_bytes") is not None and base.get("peak_bytes"):
                     row["ratio_peak"] = row["peak_bytes"] / base["peak_bytes"]
+                if row.get("peak_allocated_bytes") is not None and base.get("peak_allocated_bytes"):
+                    row["ratio_allocated"] = row["peak_allocated_bytes"] / base["peak_allocated_bytes"]
+        # on CPU, "peak extra" is the first call's RSS growth and "allocated" the tensors' peak over one warm
+        # call (the CUDA figure's meaning); on CUDA "peak extra" is already the allocator's peak
+        allocated = any(row.get("peak_allocated_bytes") is not None for row in rows)
         table = Table(title=f"{op} on {env['device']}")
         for column in ("shape", "dtype", "mode", "impl", "median (p20–p80)", "peak extra", f"× {baseline} time",
-                       f"× {baseline} mem", "roofline"):
+                       f"× {baseline} mem", *(("allocated", f"× {baseline} alloc") if allocated else ()),
+                       "roofline"):
             table.add_column(column, justify="right" if column not in ("impl", "shape") else "left")
         for row in rows:
             if row.get("status") != "ok":
                 table.add_row(row["shape"], row["dtype"], row["mode"], row["impl"],
-                              escape(f"{row.get('status')}: {row.get('reason', '')}"), "", "", "", "")
+                              escape(f"{row.get('status')}: {row.get('reason', '')}"), "", "", "", "",
+                              *(("", "") if allocated else ()))
                 continue
             table.add_row(
                 row["shape"], row["dtype"], row["mode"], row["impl"],
@@ -158,22 +165,27 @@ def main(argv=None) -> int:
                 _fmt_bytes(row.get("peak_bytes")),
                 f"{row['ratio_time']:.2f}" if "ratio_time" in row else "",
                 f"{row['ratio_peak']:.2f}" if "ratio_peak" in row else "",
+                *((_fmt_bytes(row.get("peak_allocated_bytes")),
+                   f"{row['ratio_allocated']:.2f}" if "ratio_allocated" in row else "") if allocated else ()),
                 f"{row['roofline']:.0%}" if "roofline" in row else "",
             )
         console.print(table)
         if args.markdown:
+            extra_head = f" allocated | × {baseline} alloc |" if allocated else ""
             print(f"\n| shape | dtype | mode | impl | median ms (p20–p80) | peak extra | × {baseline} time | "
-                  f"× {baseline} mem |")
-            print("|---|---|---|---|---|---|---|---|")
+                  f"× {baseline} mem |{extra_head}")
+            print("|---|---|---|---|---|---|---|---|" + ("---|---|" if allocated else ""))
             for row in rows:
                 if row.get("status") == "ok":
                     print(f"| {row['shape']} | {row['dtype']} | {row['mode']} | {row['impl']} | "
                           f"{row['median_s'] * 1e3:,.1f} ({row['p20_s'] * 1e3:,.1f}–{row['p80_s'] * 1e3:,.1f}) | "
                           f"{_fmt_bytes(row.get('peak_bytes'))} | {row.get('ratio_time', float('nan')):.2f} | "
-                          f"{row.get('ratio_peak', float('nan')):.2f} |")
+                          f"{row.get('ratio_peak', float('nan')):.2f} |"
+                          + (f" {_fmt_bytes(row.get('peak_allocated_bytes'))} | "
+                             f"{row.get('ratio_allocated', float('nan')):.2f} |" if allocated else ""))
                 else:
                     print(f"| {row['shape']} | {row['dtype']} | {row['mode']} | {row['impl']} | "
-                          f"{row.get('status')}: {row.get('reason', '')} | | | |")
+                          f"{row.get('status')}: {row.get('reason', '')} | | | |" + (" | |" if allocated else ""))
         if not args.no_csv:
             _harness.append_csv(Path(args.csv) if args.csv else _harness.RESULTS / f"{op}.csv", rows)
         all_rows.extend(rows)

@@ -155,7 +155,37 @@ def measure(fn, device: str, repeat: int, warmup: int, min_time: float):
     result = {"peak_bytes": max(peak, 0) if peak >= 0 else None, "times": times}
     if device != "cuda":
         result["first_call_s"] = first
+        result["peak_allocated_bytes"] = _allocated_peak(fn, prepare)
     return result
+
+
+def _allocated_peak(fn, prepare) -> int | None:
+    """Peak bytes held in tensors by PyTorch's CPU allocator during one warm call, over those held before it.
+
+    The CPU counterpart of CUDA's ``max_memory_allocated`` (what the GPU tables report): the running sum of
+    the profiler's allocation events. It leaves out what the process's ``malloc`` keeps after a tensor is
+    freed (glibc's heap grows and shrinks only at its top), which the RSS peak counts, and what libraries
+    allocate outside PyTorch (MKL, oneDNN scratch: alike for every impl). ``None`` when the profiler records
+    no allocation events.
+    """
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    if prepare is not None:
+        prepare()
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    if not events:
+        return None
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -239,16 +269,34 @@ def environment(device: str) -> dict:
 CSV_FIELDS = [
     "date", "commit", "device", "torch", "python", "load", "op", "impl", "shape", "dtype", "mode", "status",
     "median_s", "p20_s", "p80_s", "peak_bytes", "first_call_s", "ratio_time", "ratio_peak", "roofline",
-    "reason", "allocator",
+    "reason", "allocator", "peak_allocated_bytes", "ratio_allocated",
 ]
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to the results table at ``path``; a table written with fewer columns is widened first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as handle:
+    if path.exists():
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames != CSV_FIELDS:
+                unknown = set(reader.fieldnames or ()) - set(CSV_FIELDS)
+                if unknown:
+                    raise ValueError(f"{path} has columns this harness does not write: {sorted(unknown)}")
+                rows = [*reader, *rows]
+                partial = path.with_name(path.name + ".partial")
+                _write_csv(partial, rows, header=True, mode="w")
+                os.replace(partial, path)
+                return
+        _write_csv(path, rows, header=False, mode="a")
+    else:
+        _write_csv(path, rows, header=True, mode="w")
+
+
+def _write_csv(path: Path, rows: list[dict], header: bool, mode: str) -> None:
+    with open(path, mode, newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
+        if header:
             writer.writeheader()
         for row in rows:
             writer.writerow(row)
