@@ -165,8 +165,8 @@ def _allocated_peak(fn, prepare) -> int | None:
     The CPU counterpart of CUDA's ``max_memory_allocated`` (what the GPU tables report): the running sum of
     the profiler's allocation events. It leaves out what the process's ``malloc`` keeps after a tensor is
     freed (glibc's heap grows and shrinks only at its top), which the RSS peak counts, and what libraries
-    allocate outside PyTorch (MKL, oneDNN scratch: alike for every impl). ``None`` when the profiler records
-    no allocation events.
+    allocate outside PyTorch (MKL, oneDNN scratch: alike for every impl). 0 for a call that allocates nothing;
+    ``None`` when the profiler records no events at all.
     """
     import gc
 
@@ -177,10 +177,10 @@ def _allocated_peak(fn, prepare) -> int | None:
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    if not events:
+    recorded = list(prof.profiler.kineto_results.events())
+    if not recorded:  # the profiler saw nothing at all (not even the call's ops): no figure
         return None
+    events = sorted((e for e in recorded if e.name() == "[memory]"), key=lambda e: e.start_ns())
     held = peak = 0
     for event in events:
         held += event.nbytes()

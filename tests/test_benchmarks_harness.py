@@ -52,3 +52,8 @@ def test_append_csv_widens_a_table_written_with_fewer_columns(tmp_path):
     assert [(r["impl"], r["median_s"], r["peak_allocated_bytes"]) for r in rows] == [
         ("torch", "0.5", ""), ("softmaxkit", "0.25", "1024"), ("softmaxkit", "0.2", "")]
     assert not (tmp_path / "op.csv.partial").exists()
+
+
+def test_allocated_peak_of_a_call_that_allocates_nothing_is_zero():
+    x, out = torch.randn(64, 64), torch.empty(64, 64)
+    assert _harness._allocated_peak(lambda: torch.mm(x, x, out=out), None) == 0

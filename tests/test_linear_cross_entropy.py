@@ -229,14 +229,15 @@ def test_large_chunks_use_mm_into_the_loop_buffer_where_mkl_is_native(monkeypatc
 @pytest.mark.parametrize("tile_classes", [4096, 50])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_onednn_and_mm_matmul_paths_agree_in_float32(monkeypatch, reduction, tile_classes):
-    """fp32 on CPU uses oneDNN's linear for the logits (faster than MKL sgemm here), in vocabulary tiles
-    copied into the loop's buffer (50: five tiles of 211 classes, the last one ragged); torch.mm is the
-    fallback. Both equal PyTorch's naive path to float32 tolerance."""
+    """fp32 on CPU uses oneDNN's linear for the logits and the gradient matmuls (faster than MKL sgemm here),
+    in vocabulary tiles copied into the loop's buffer or ∂W (50: five tiles of 211 classes, the last one
+    ragged); torch.mm is the fallback. Both equal PyTorch's naive path to float32 tolerance."""
     import softmaxkit._core.linear as backend
 
     if not backend.onednn_linear_available():
         pytest.skip("oneDNN's linear is not available on this CPU / build")
     monkeypatch.setattr(backend, "ONEDNN_TILE_CLASSES", tile_classes)
+    monkeypatch.setattr(backend, "ONEDNN_GRAD_TILE_ROWS", tile_classes)  # ∂W's oneDNN tiles too (ragged at 50)
     hidden, weight, bias, target, class_weight = _problem((37,), 16, 211, dtype=torch.float32)
     upstream = torch.randn(37) if reduction == "none" else None
     options = dict(class_weight=class_weight, label_smoothing=0.1, softcap=5.0, reduction=reduction, chunk_size=8)
@@ -251,6 +252,45 @@ def test_onednn_and_mm_matmul_paths_agree_in_float32(monkeypatch, reduction, til
         assert_close_f32(loss, expected[0])
         for actual, wanted in zip(grads, expected[1]):
             assert_close_f32(actual, wanted)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_onednn_gradients_of_ignored_nan_rows_are_those_of_dropping_them(monkeypatch, reduction, with_bias):
+    """The oneDNN ∂W tiles (copied in by the first chunk, added by the rest) and ∂h over several chunks and
+    tiles: NaN/±inf padding rows change nothing, in the forward-built (mean) and recomputing (none) backward."""
+    import softmaxkit._core.linear as backend
+
+    if not backend.onednn_linear_available():
+        pytest.skip("oneDNN's linear is not available on this CPU / build")
+    monkeypatch.setattr(backend, "ONEDNN_GRAD_TILE_ROWS", 5)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(10, 6, generator=g)
+    weight = torch.randn(13, 6, generator=g)
+    bias = torch.randn(13, generator=g) if with_bias else None
+    target = torch.randint(0, 13, (10,), generator=g)
+    target[[0, 4, 8]] = -100  # row 0: the first chunk's, whose ∂W tiles are copied, not added
+    hidden[0], hidden[4, 2], hidden[8, 0] = torch.nan, torch.inf, -torch.inf
+    keep = target != -100
+    assert backend.use_onednn(weight)
+
+    def run(h, t):
+        h, w = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = softmaxkit.linear_cross_entropy(h, w, t, bias=bias, reduction=reduction, chunk_size=3)
+        (loss.sum() if reduction == "none" else loss).backward()
+        return loss.detach(), h.grad, w.grad
+
+    loss, grad_h, grad_w = run(hidden, target)
+    kept = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden[keep].double(), weight.double(),
+                           None if bias is None else bias.double(), target[keep], None, reduction=reduction,
+                           impl="composite")
+    if reduction == "none":
+        assert torch.all(loss[~keep] == 0)
+        loss = loss[keep]
+    assert_close_f32(loss, kept[0].float())
+    assert torch.all(grad_h[~keep] == 0)
+    assert_close_f32(grad_h[keep], kept[1][0].float())
+    assert_close_f32(grad_w, kept[1][1].float())
 
 
 @pytest.mark.parametrize("impl", CHUNKED)

@@ -127,8 +127,14 @@ def onednn_linear_available() -> bool:
             w = torch.linspace(-2.0, 0.5, 20).reshape(4, 5)
             b = torch.linspace(0.0, 0.3, 4)
             result = torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
-            _ONEDNN_LINEAR = bool(torch.backends.mkldnn.is_available()) and torch.allclose(
-                result, torch.addmm(b, a, w.t()), rtol=1e-5, atol=1e-6
+            # the gradient matmuls pass transposed views (_onednn_matmul): G W as (G, Wᵀ), Gᵀ h as (Gᵀ, hᵀ)
+            g = torch.linspace(-0.5, 1.5, 12).reshape(3, 4)
+            grad_hidden = _onednn_matmul(g, w.t())
+            grad_weight = _onednn_matmul(g.t(), a.t())
+            _ONEDNN_LINEAR = bool(torch.backends.mkldnn.is_available()) and all(
+                torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+                for got, expected in ((result, torch.addmm(b, a, w.t())), (grad_hidden, g @ w),
+                                      (grad_weight, g.t() @ a))
             )
         except (AttributeError, RuntimeError, NotImplementedError):  # op absent or not built for this CPU
             _ONEDNN_LINEAR = False
@@ -181,8 +187,20 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
+def _onednn_matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """``x @ weight_t.T`` by oneDNN (a new tensor), either factor a transposed view: oneDNN reads the strides
+    (no copy; measured, no reorder buffer of the weight either). The chunk loop's gradient matmuls: ``G W`` as
+    ``(G, Wᵀ)`` and ``Gᵀ h`` as ``(Gᵀ, hᵀ)``, ~2× MKL's ``sgemm`` behind ``torch.mm``/``addmm_`` for these
+    shapes on an AVX-512 Xeon (docs/benchmarks.md, run N)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight_t, None, "none", [], "")
+
+
 #: classes per oneDNN call when it fills the chunk loop's buffer (see :func:`_onednn_linear_into`)
 ONEDNN_TILE_CLASSES = 4096
+#: rows of ``∂W`` per oneDNN ``Gᵀ h`` product added into ``∂W`` (:meth:`_Accumulators.add_chunk`): the
+#: product stays in L2 for the add (128 × 256 × 32000: 7.1 ms at 2048, 7.3 at 4096, 7.9 at 8192, 10.3 by
+#: ``addmm_``; 512 × 1024 × 50257: 138, 151, 207, 248 ms; run N)
+ONEDNN_GRAD_TILE_ROWS = 2048
 
 
 def _onednn_linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -566,20 +584,23 @@ class _Accumulators:
         need_hidden, need_weight, need_bias = needs
         self.weight = weight
         self.accumulation_dtype = accumulation_dtype
+        # fp32 products by oneDNN (_onednn_matmul), each ∂W tile copied (first chunk) or added into ∂W
+        self.onednn = use_onednn(weight) and accumulation_dtype == weight.dtype
         # bf16 products of ≤ PRODUCT_TILE_ROWS rows of ∂W at a time (rounded_products), added into the fp32 ∂W
         self.tile = (
             torch.empty((min(PRODUCT_TILE_ROWS, weight.shape[0]), weight.shape[1]), dtype=weight.dtype,
                         device=weight.device)
             if rounded and need_weight else None
         )
-        # ∂h = G W is one torch.mm per chunk: oneDNN's linear would want Wᵀ contiguous, a (D, C) copy as large
-        # as ∂W held through the whole loop, for no measured gain (docs/benchmarks.md, run I)
+        # ∂h = G W is one matmul per chunk: oneDNN's on the transposed view where it serves (it reads the
+        # strides; run I had measured it on a contiguous (D, C) copy of Wᵀ, as large as ∂W, for no gain), else
+        # torch.mm
         self.hidden = (
             torch.empty(hidden.shape, dtype=accumulation_dtype, device=hidden.device) if need_hidden else None
         )
         # with bf16 products the first chunk's (sl.start == 0) is copied in, not added to zeros (one pass less);
         # with no rows at all there is no first chunk
-        make = torch.empty if self.tile is not None and hidden.shape[0] > 0 else torch.zeros
+        make = torch.empty if (self.tile is not None or self.onednn) and hidden.shape[0] > 0 else torch.zeros
         self.weight_grad = make(weight.shape, dtype=accumulation_dtype, device=weight.device) if need_weight else None
         self.bias_grad = (
             torch.zeros(weight.shape[0], dtype=accumulation_dtype, device=weight.device) if need_bias else None
@@ -611,12 +632,24 @@ class _Accumulators:
         else:
             low = grad_logits.to(weight.dtype)
         if self.hidden is not None:
-            if acc == weight.dtype:
+            if self.onednn:
+                self.hidden[sl].copy_(_onednn_matmul(low, weight.t()))
+            elif acc == weight.dtype:
                 torch.mm(low, weight, out=self.hidden[sl])
             else:
                 self.hidden[sl].copy_(torch.mm(low, weight))
         if self.weight_grad is not None:
-            if acc == weight.dtype:
+            if self.onednn:
+                hidden_t = hidden.contiguous().t()
+                for first in range(0, weight.shape[0], ONEDNN_GRAD_TILE_ROWS):
+                    last = min(first + ONEDNN_GRAD_TILE_ROWS, weight.shape[0])
+                    product = _onednn_matmul(low[:, first:last].t(), hidden_t)
+                    if sl.start == 0:
+                        self.weight_grad[first:last].copy_(product)
+                    else:
+                        self.weight_grad[first:last].add_(product)
+                    del product  # freed before the next tile's: one tile-sized block, reused
+            elif acc == weight.dtype:
                 self.weight_grad.addmm_(low.t(), hidden)
             elif self.tile is not None:
                 rows = self.tile.shape[0]
