@@ -191,7 +191,7 @@ def _onednn_matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """``x @ weight_t.T`` by oneDNN (a new tensor), either factor a transposed view: oneDNN reads the strides
     (no copy; measured, no reorder buffer of the weight either). The chunk loop's gradient matmuls: ``G W`` as
     ``(G, Wᵀ)`` and ``Gᵀ h`` as ``(Gᵀ, hᵀ)``, ~2× MKL's ``sgemm`` behind ``torch.mm``/``addmm_`` for these
-    shapes on an AVX-512 Xeon (docs/benchmarks.md, run N)."""
+    shapes on a 2-core AVX-512 AMD EPYC (docs/benchmarks.md, run N)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight_t, None, "none", [], "")
 
 
