@@ -285,18 +285,19 @@ def append_csv(path: Path, rows: list[dict]) -> None:
                     raise ValueError(f"{path} has columns this harness does not write: {sorted(unknown)}")
                 rows = [*reader, *rows]
                 partial = path.with_name(path.name + ".partial")
-                _write_csv(partial, rows, header=True, mode="w")
+                _write_csv(partial, rows, "w")
                 os.replace(partial, path)
                 return
-        _write_csv(path, rows, header=False, mode="a")
+        _write_csv(path, rows, "a")
     else:
-        _write_csv(path, rows, header=True, mode="w")
+        _write_csv(path, rows, "w")
 
 
-def _write_csv(path: Path, rows: list[dict], header: bool, mode: str) -> None:
+def _write_csv(path: Path, rows: list[dict], mode: str) -> None:
+    """Write (``"w"``, with the header) or append (``"a"``) ``rows`` in ``CSV_FIELDS`` order."""
     with open(path, mode, newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if header:
+        if mode == "w":
             writer.writeheader()
         for row in rows:
             writer.writerow(row)

@@ -598,8 +598,8 @@ class _Accumulators:
         self.hidden = (
             torch.empty(hidden.shape, dtype=accumulation_dtype, device=hidden.device) if need_hidden else None
         )
-        # with bf16 products the first chunk's (sl.start == 0) is copied in, not added to zeros (one pass less);
-        # with no rows at all there is no first chunk
+        # with ∂W built in tiles (bf16 products, or oneDNN's) the first chunk's (sl.start == 0) are copied in,
+        # not added to zeros (one pass less); with no rows at all there is no first chunk
         make = torch.empty if (self.tile is not None or self.onednn) and hidden.shape[0] > 0 else torch.zeros
         self.weight_grad = make(weight.shape, dtype=accumulation_dtype, device=weight.device) if need_weight else None
         self.bias_grad = (
@@ -639,33 +639,35 @@ class _Accumulators:
             else:
                 self.hidden[sl].copy_(torch.mm(low, weight))
         if self.weight_grad is not None:
-            if self.onednn:
-                hidden_t = hidden.contiguous().t()
-                for first in range(0, weight.shape[0], ONEDNN_GRAD_TILE_ROWS):
-                    last = min(first + ONEDNN_GRAD_TILE_ROWS, weight.shape[0])
-                    product = _onednn_matmul(low[:, first:last].t(), hidden_t)
-                    if sl.start == 0:
-                        self.weight_grad[first:last].copy_(product)
-                    else:
-                        self.weight_grad[first:last].add_(product)
-                    del product  # freed before the next tile's: one tile-sized block, reused
+            if self.onednn or self.tile is not None:
+                self._add_weight_tiles(low, hidden, first_chunk=sl.start == 0)
             elif acc == weight.dtype:
                 self.weight_grad.addmm_(low.t(), hidden)
-            elif self.tile is not None:
-                rows = self.tile.shape[0]
-                for first in range(0, weight.shape[0], rows):
-                    last = min(first + rows, weight.shape[0])
-                    product = torch.mm(low[:, first:last].t(), hidden, out=self.tile[: last - first])
-                    if sl.start == 0:
-                        self.weight_grad[first:last].copy_(product)
-                    else:
-                        self.weight_grad[first:last].add_(product)
             else:
                 # accumulate in `acc`: both factors in that dtype so no chunk's product is rounded to low
                 factor = grad_logits if grad_logits.dtype == acc else grad_logits.to(acc)
                 self.weight_grad.addmm_(factor.t(), hidden.to(acc))
         if self.bias_grad is not None:
             self.bias_grad.add_(grad_logits.sum(0, dtype=self.bias_grad.dtype))
+
+    def _add_weight_tiles(self, low: torch.Tensor, hidden: torch.Tensor, first_chunk: bool) -> None:
+        """``∂W += Gᵀ h`` one tile of classes at a time, each product copied in by the first chunk (``∂W`` was
+        made empty) or added while it is in cache: oneDNN's fp32 product (``ONEDNN_GRAD_TILE_ROWS`` rows, a
+        fresh tile freed before the next) or the bf16 ``torch.mm`` into ``self.tile``."""
+        classes = self.weight.shape[0]
+        rows = ONEDNN_GRAD_TILE_ROWS if self.onednn else self.tile.shape[0]
+        hidden_t = hidden.contiguous().t() if self.onednn else None
+        for first in range(0, classes, rows):
+            last = min(first + rows, classes)
+            if self.onednn:
+                product = _onednn_matmul(low[:, first:last].t(), hidden_t)
+            else:
+                product = torch.mm(low[:, first:last].t(), hidden, out=self.tile[: last - first])
+            if first_chunk:
+                self.weight_grad[first:last].copy_(product)
+            else:
+                self.weight_grad[first:last].add_(product)
+            del product  # a oneDNN tile is freed before the next is made: one tile-sized block, reused
 
 
 def _zero_ignored(hidden: torch.Tensor, valid: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
