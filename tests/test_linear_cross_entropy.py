@@ -315,7 +315,8 @@ def test_onednn_fills_the_loop_buffer_in_tiles_never_a_chunk_sized_tensor(monkey
     loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, None,
                                   impl=impl, chunk_size=16)
     assert made and all(rows <= 16 and classes <= 64 for rows, classes in made)
-    assert sum(rows * classes for rows, classes in made) == 40 * 211  # each chunk's logits once, all of them
+    kept = int((target != -100).sum())  # the loop visits the kept rows only (one is ignored)
+    assert sum(rows * classes for rows, classes in made) == kept * 211  # each chunk's logits once, all of them
     expected = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, None,
                                impl="composite")
     assert_close_f32(loss, expected[0])
@@ -1063,3 +1064,102 @@ def test_nan_and_inf_hidden_rows_that_are_ignored_change_nothing(reduction, with
     assert torch.all(grad_h[~keep] == 0)
     assert_close_f64(grad_h[keep], kept_h)
     assert_close_f64(grad_w, kept_w)
+
+
+def _recording_chunk_rows(monkeypatch):
+    """The rows of every chunk of logits the chunk loops form (forward and recomputing backward)."""
+    import softmaxkit._core.linear as core
+
+    seen = []
+    real = core._chunk_logits
+
+    def recording(out, hidden, *args, **kwargs):
+        seen.append(hidden.shape[0])
+        return real(out, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(core, "_chunk_logits", recording)
+    return seen
+
+
+@pytest.mark.parametrize("impl", CHUNKED)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_chunk_loop_visits_only_kept_rows_and_equals_dropping_the_ignored_ones(monkeypatch, impl, dtype,
+                                                                                   reduction):
+    # padding and prompt rows cost no matmul and no cross-entropy: the loop gathers the kept rows, and the
+    # gradients are bit for bit those of the batch without the ignored rows (same chunks, same sums), their
+    # loss and ∂h rows exactly 0, whatever they held; the reduced loss sums the rows' losses with the ignored
+    # rows' zeros among them, so only its summation order differs (a few ulps of the compute dtype)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(23, 8, generator=g).to(dtype)
+    weight = (torch.randn(37, 8, generator=g) * 0.5).to(dtype)
+    bias = torch.randn(37, generator=g).to(dtype)
+    class_weight = (torch.rand(37, generator=g) + 0.5).to(dtype)
+    target = torch.randint(0, 37, (23,), generator=g)
+    target[[0, 3, 4, 5, 11, 17, 22]] = -100  # the first and last rows too
+    hidden[0], hidden[4, 1], hidden[22, 7] = torch.nan, torch.inf, -torch.inf
+    keep = target != -100
+    options = dict(bias=bias, class_weight=class_weight, label_smoothing=0.1, z_loss=1e-3, softcap=4.0,
+                   reduction=reduction, chunk_size=4, impl=impl)
+
+    def run(h, t):
+        h, w = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = softmaxkit.linear_cross_entropy(h, w, t, **options)
+        (loss.sum() if reduction == "none" else loss).backward()
+        return loss.detach(), h.grad, w.grad
+
+    seen = _recording_chunk_rows(monkeypatch)
+    loss, grad_h, grad_w = run(hidden, target)
+    kept = int(keep.sum())
+    assert sum(seen) == kept * (2 if reduction == "none" else 1)  # "none" recomputes each chunk in backward
+    seen.clear()
+    dropped_loss, dropped_h, dropped_w = run(hidden[keep], target[keep])
+    assert sum(seen) == kept * (2 if reduction == "none" else 1)
+    if reduction == "none":
+        assert torch.all(loss[~keep] == 0)
+        loss = loss[keep]
+    if reduction == "none":
+        assert torch.equal(loss, dropped_loss)
+    else:
+        torch.testing.assert_close(loss, dropped_loss, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+    assert torch.all(grad_h[~keep] == 0)
+    assert torch.equal(grad_h[keep], dropped_h)
+    assert torch.equal(grad_w, dropped_w)
+
+
+@pytest.mark.parametrize("impl", CHUNKED)
+def test_all_or_no_rows_ignored_through_the_kept_rows_loop(monkeypatch, impl):
+    hidden, weight, bias, target, _ = _problem((9,), 4, 7, dtype=torch.float32, ignore=False)
+    seen = _recording_chunk_rows(monkeypatch)
+    for reduction in ("mean", "none"):
+        seen.clear()
+        loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias,
+                                      torch.full_like(target, -100), reduction=reduction, impl=impl, chunk_size=4)
+        assert seen == [] and torch.count_nonzero(loss) == 0
+        assert all(torch.count_nonzero(grad) == 0 for grad in grads)
+    seen.clear()
+    _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, impl=impl, chunk_size=4)
+    assert seen == [4, 4, 1]  # every row kept: the loop runs over the batch itself
+
+
+@pytest.mark.parametrize("impl", CHUNKED)
+def test_compiled_calls_skip_ignored_rows_inside_the_op(monkeypatch, impl):
+    # the op's kernel runs on real tensors under torch.compile (fullgraph): it still skips the ignored rows,
+    # which a caller could not drop in the graph without a data-dependent shape
+    hidden, weight, bias, target, _ = _problem((12,), 6, 17, dtype=torch.float32, ignore=False)
+    target[[2, 3, 9]] = -100
+
+    def loss_of(h, w):
+        return softmaxkit.linear_cross_entropy(h, w, target, bias=bias, impl=impl, chunk_size=5)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+    eager_loss, eager_grads = _loss_and_grads(lambda h, w, t, bias=None, **kw: loss_of(h, w), hidden, weight,
+                                              None, target)
+    seen = _recording_chunk_rows(monkeypatch)
+    compiled_loss, compiled_grads = _loss_and_grads(lambda h, w, t, bias=None, **kw: compiled(h, w), hidden,
+                                                    weight, None, target)
+    assert seen == [5, 4]  # 9 kept rows in chunks of 5
+    assert_close_f32(compiled_loss, eager_loss)
+    for actual, expected in zip(compiled_grads, eager_grads):
+        assert_close_f32(actual, expected)

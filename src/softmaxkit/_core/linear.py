@@ -580,8 +580,13 @@ def rounded_products(weight: torch.Tensor, options: CrossEntropyOptions) -> bool
 class _Accumulators:
     """``∂ℓ/∂h``, ``∂ℓ/∂W`` and ``∂ℓ/∂b`` being built chunk by chunk, and the matmuls that build them."""
 
-    def __init__(self, hidden, weight, bias, needs, accumulation_dtype, rounded: bool = False):
+    def __init__(self, hidden, weight, bias, needs, accumulation_dtype, rounded: bool = False,
+                 loop_rows: int | None = None):
+        """``loop_rows``: the rows the chunk loop visits when it skips the ignored ones (:func:`kept_rows`;
+        ``∂h`` is then zero-filled and each chunk's rows are copied to their places); None for all of them."""
         need_hidden, need_weight, need_bias = needs
+        scattered = loop_rows is not None
+        loop_rows = hidden.shape[0] if loop_rows is None else loop_rows
         self.weight = weight
         self.accumulation_dtype = accumulation_dtype
         # fp32 products by oneDNN (_onednn_matmul), each ∂W tile copied (first chunk) or added into ∂W
@@ -596,11 +601,12 @@ class _Accumulators:
         # strides; run I had measured it on a contiguous (D, C) copy of Wᵀ, as large as ∂W, for no gain), else
         # torch.mm
         self.hidden = (
-            torch.empty(hidden.shape, dtype=accumulation_dtype, device=hidden.device) if need_hidden else None
+            (torch.zeros if scattered else torch.empty)(hidden.shape, dtype=accumulation_dtype, device=hidden.device)
+            if need_hidden else None
         )
         # with ∂W built in tiles (bf16 products, or oneDNN's) the first chunk's (sl.start == 0) are copied in,
         # not added to zeros (one pass less); with no rows at all there is no first chunk
-        make = torch.empty if (self.tile is not None or self.onednn) and hidden.shape[0] > 0 else torch.zeros
+        make = torch.empty if (self.tile is not None or self.onednn) and loop_rows > 0 else torch.zeros
         self.weight_grad = make(weight.shape, dtype=accumulation_dtype, device=weight.device) if need_weight else None
         self.bias_grad = (
             torch.zeros(weight.shape[0], dtype=accumulation_dtype, device=weight.device) if need_bias else None
@@ -611,8 +617,12 @@ class _Accumulators:
         return self.hidden is not None or self.weight_grad is not None or self.bias_grad is not None
 
     def add_chunk(self, grad_logits: torch.Tensor, hidden: torch.Tensor, sl: slice,
-                  valid: torch.Tensor | None = None, low: torch.Tensor | None = None) -> None:
+                  valid: torch.Tensor | None = None, low: torch.Tensor | None = None,
+                  index: torch.Tensor | None = None) -> None:
         """Fold one chunk's ``G = ∂ℓ/∂x`` (``r × C``, work dtype) into the three gradients.
+
+        ``sl`` is the chunk's place in the loop's rows; ``index``, where the loop skips ignored rows, holds
+        those rows' places in the batch (``∂h`` rows go there).
 
         ``valid`` (the chunk's non-ignored rows) zeroes the ignored rows of ``hidden`` in ``Gᵀ h``: their
         ``G`` rows are 0, and a NaN or ``±∞`` hidden state there must not turn ``0·NaN`` into NaN in ``∂W``.
@@ -632,12 +642,14 @@ class _Accumulators:
         else:
             low = grad_logits.to(weight.dtype)
         if self.hidden is not None:
-            if self.onednn:
-                self.hidden[sl].copy_(_onednn_matmul(low, weight.t()))
-            elif acc == weight.dtype:
+            if index is None and not self.onednn and acc == weight.dtype:
                 torch.mm(low, weight, out=self.hidden[sl])
             else:
-                self.hidden[sl].copy_(torch.mm(low, weight))
+                product = _onednn_matmul(low, weight.t()) if self.onednn else torch.mm(low, weight)
+                if index is None:
+                    self.hidden[sl].copy_(product)
+                else:
+                    self.hidden.index_copy_(0, index, product.to(acc))
         if self.weight_grad is not None:
             if self.onednn or self.tile is not None:
                 self._add_weight_tiles(low, hidden, first_chunk=sl.start == 0)
@@ -679,6 +691,31 @@ def _zero_ignored(hidden: torch.Tensor, valid: torch.Tensor, out: tuple[torch.Te
     takes fresh memory (a whole chunk more resident memory, measured)."""
     buffer, zero = out
     return torch.where(valid[:, None], hidden, zero, out=buffer[: hidden.shape[0]])
+
+
+class _ChunkHidden:
+    """The chunk loop's hidden rows: ``hidden[sl]``; gathered into one buffer where the loop visits only the
+    kept rows (``index``, :func:`kept_rows`); with the ignored ones zeroed where ``valid`` is given
+    (:func:`_zero_ignored`: a loop building ``∂W`` over all rows)."""
+
+    def __init__(self, hidden: torch.Tensor, index: torch.Tensor | None, valid: torch.Tensor | None, chunk: int):
+        self.hidden, self.index = hidden, index
+        self.valid = None if index is not None else valid
+        self.buffer = (
+            hidden.new_empty((chunk, hidden.shape[1])) if index is not None or valid is not None else None
+        )
+        self.zero = hidden.new_zeros(()) if self.valid is not None else None
+
+    def __call__(self, sl: slice) -> torch.Tensor:
+        if self.index is not None:
+            return torch.index_select(self.hidden, 0, self.index[sl], out=self.buffer[: sl.stop - sl.start])
+        if self.valid is None:
+            return self.hidden[sl]
+        return _zero_ignored(self.hidden[sl], self.valid[sl], (self.buffer, self.zero))
+
+    def rows(self, sl: slice) -> torch.Tensor | None:
+        """The chunk's places in the batch (None: ``sl`` itself)."""
+        return None if self.index is None else self.index[sl]
 
 
 def _chunk_buffers(
@@ -745,6 +782,32 @@ class ChunkKernel(Protocol):
         [torch.Tensor, slice, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
 
 
+def kept_rows(target: torch.Tensor, options: CrossEntropyOptions, reduce: LocalReduce) -> torch.Tensor | None:
+    """The places of the non-ignored rows of a class-index ``target`` when some rows are ignored, for a chunk
+    loop that visits only those: None when every row is kept, for class-probability targets, across processes
+    (every process must run the same chunks) and off the CPU.
+
+    An ignored row's loss, gradient and ``∂h`` row are 0 whatever its logits, so its three matmuls and its
+    cross-entropy are wasted work: in a causal-LM batch the padding and prompt rows are a quarter of the
+    rows or more (hf_causal_lm: 257 of 1024; cut-cross-entropy drops them too). Reading ``target`` here is
+    a host read, so only the custom ops' kernels call the loop with ``compact=True``: they run on real CPU
+    tensors (fake, meta and traced calls take the fake kernel), where it synchronises nothing.
+    """
+    if target.dim() != 1 or reduce is not LOCAL or target.device.type != "cpu":
+        return None
+    valid = target != options.ignore_index
+    if bool(valid.all()):
+        return None
+    return valid.nonzero().squeeze(1)
+
+
+def _scattered(index: torch.Tensor | None, num_rows: int, values: torch.Tensor) -> torch.Tensor:
+    """Per-row ``values`` of the loop's rows placed at ``index`` among ``num_rows`` zeros (as is without one)."""
+    if index is None:
+        return values
+    return values.new_zeros(num_rows).index_copy_(0, index, values)
+
+
 def _rows_for(target, class_weight, options, local_classes, work, reduce):
     if target.dim() == 2:
         return _ProbabilityRows(target, class_weight, options, work, reduce)
@@ -762,6 +825,7 @@ def linear_forward(
     need_target: bool = False,
     reduce: LocalReduce = LOCAL,
     chunk_kernel: ChunkKernel | None = None,
+    compact: bool = False,
 ) -> LinearForward:
     """The chunk loop of linear cross-entropy (module docstring) over ``hidden (N, D)``, ``weight (C_local, D)``.
 
@@ -769,42 +833,48 @@ def linear_forward(
     (probability targets) will: with ``"mean"``/``"sum"`` they are built here for a unit upstream gradient.
     ``options.num_classes`` must be set (the total over processes). ``chunk_kernel``, where it serves the call,
     computes each chunk's cross-entropy on logits kept in the weight's dtype (no work-dtype chunk buffer).
+    ``compact``: the loop may visit only the non-ignored rows (:func:`kept_rows`; a custom op's kernel only).
+    The per-row outputs of ignored rows are then 0 (``m`` and ``log s`` too: no logits were formed).
     """
     num_rows, hidden_size = hidden.shape
     local_classes = weight.shape[0]
     work = compute_dtype(weight.dtype)
     accumulation = options.accumulation_dtype or work
     probabilities = target.dim() == 2
+    index = kept_rows(target, options, reduce) if compact else None
+    if index is not None:
+        target = target.index_select(0, index)  # the loop's rows: all kept (same Σ w_y, so the same mean)
+    loop_rows = target.shape[0]
     rows = _rows_for(target, class_weight, options, local_classes, work, reduce)
     needs = (needs[0], needs[1], bias is not None and needs[2])
     need_target = probabilities and need_target
     precompute = options.reduction != "none" and (any(needs) or need_target)
-    grads = _Accumulators(hidden, weight, bias, needs, accumulation,
-                          rounded_products(weight, options)) if precompute else None
+    grads = _Accumulators(hidden, weight, bias, needs, accumulation, rounded_products(weight, options),
+                          None if index is None else loop_rows) if precompute else None
     scale = rows.scale(options.reduction) if precompute else None
     # ∂ℓ/∂t has the target's own (N, C) shape: the one full-size tensor, and only when it is asked for
     target_grad = torch.empty_like(target, memory_format=torch.contiguous_format) if (
         precompute and need_target) else None
 
-    loss = torch.empty(num_rows, dtype=work, device=hidden.device)
-    row_max = torch.empty(num_rows, dtype=work, device=hidden.device)
-    log_sum = torch.empty(num_rows, dtype=work, device=hidden.device)
+    loss = torch.empty(loop_rows, dtype=work, device=hidden.device)
+    row_max = torch.empty(loop_rows, dtype=work, device=hidden.device)
+    log_sum = torch.empty(loop_rows, dtype=work, device=hidden.device)
     kernel = None
     if chunk_kernel is not None and chunk_kernel.serves(weight, options, probabilities, reduce):
         kernel = chunk_kernel.bind(target, rows, options)
     narrow = kernel is not None and weight.element_size() == 2  # bf16 kernel chunks: 3D/2 rows (default_chunk_rows)
-    step = chunk_rows_for(options, num_rows, hidden_size, 2 if narrow else 4)
+    step = chunk_rows_for(options, loop_rows, hidden_size, 2 if narrow else 4)
+    chunk = min(step, loop_rows)
     # with a kernel the chunk's logits, and then its gradient, are in the weight's dtype (the matmuls' own
     # operand; the kernel forms dz/dx of the soft-cap itself): one buffer, no derivative, no low copy
-    onednn = onednn_for_chunks(weight, min(step, num_rows))
+    onednn = onednn_for_chunks(weight, chunk)
     buffer, derivative, low = _chunk_buffers(
-        min(step, num_rows), local_classes, work if kernel is None else weight.dtype, hidden.device,
+        chunk, local_classes, work if kernel is None else weight.dtype, hidden.device,
         options.softcap if kernel is None else None, weight.dtype if kernel is None else None)
-    zeroed = None if grads is None or probabilities else (
-        hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
-    for start in range(0, num_rows, step):
-        sl = slice(start, min(start + step, num_rows))
-        chunk_hidden = hidden[sl] if zeroed is None else _zero_ignored(hidden[sl], rows.valid[sl], zeroed)
+    source = _ChunkHidden(hidden, index, None if grads is None or probabilities else rows.valid, chunk)
+    for start in range(0, loop_rows, step):
+        sl = slice(start, min(start + step, loop_rows))
+        chunk_hidden = source(sl)
         logits = _chunk_logits(buffer[: sl.stop - start], chunk_hidden, weight, bias,
                                None if low is None else low[: sl.stop - start], onednn)
         chunk_scale = None if scale is None else scale[sl]
@@ -820,8 +890,9 @@ def linear_forward(
                 logits, derivative, rows, sl, chunk_scale, options, reduce, grads is not None and bias is None
             )
         if grads is not None:
-            grads.add_chunk(logits, chunk_hidden, sl, None, low)
-    del buffer, derivative, low
+            grads.add_chunk(logits, chunk_hidden, sl, None, low, source.rows(sl))
+    del buffer, derivative, low, source
+    loss, row_max, log_sum = (_scattered(index, num_rows, values) for values in (loss, row_max, log_sum))
     if grads is None:
         return LinearForward(loss, row_max, log_sum, rows.denominator, None, None, None, None)
     if grads.hidden is not None:
@@ -843,34 +914,43 @@ def linear_backward(
     needs: tuple[bool, bool, bool],
     need_target: bool = False,
     reduce: LocalReduce = LOCAL,
+    compact: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(∂h, ∂W, ∂b, ∂t)`` by recomputing each chunk's logits (``"none"``, or a forward run without grad)."""
+    """``(∂h, ∂W, ∂b, ∂t)`` by recomputing each chunk's logits (``"none"``, or a forward run without grad);
+    ``compact`` as for :func:`linear_forward`."""
     work = row_max.dtype
     probabilities = target.dim() == 2
+    grad_output = grad_output.to(work)
+    index = kept_rows(target, options, reduce) if compact else None
+    if index is not None:  # the loop's rows: the kept ones, with their statistics and upstream gradients
+        target, row_max, log_sum = (t.index_select(0, index) for t in (target, row_max, log_sum))
+        if options.reduction == "none":
+            grad_output = grad_output.index_select(0, index)
     rows = _rows_for(target, class_weight, options, weight.shape[0], work, reduce)
     target_grad = (
         torch.empty_like(target, memory_format=torch.contiguous_format) if probabilities and need_target else None
     )
-    num_rows, hidden_size = hidden.shape
+    hidden_size = hidden.shape[1]
+    loop_rows = target.shape[0]
     accumulation = options.accumulation_dtype or work
     needs = (needs[0], needs[1], bias is not None and needs[2])
-    grads = _Accumulators(hidden, weight, bias, needs, accumulation, rounded_products(weight, options))
-    grad_output = grad_output.to(work)
+    grads = _Accumulators(hidden, weight, bias, needs, accumulation, rounded_products(weight, options),
+                          None if index is None else loop_rows)
     scale = upstream_scale(rows, options.reduction, grad_output)
-    if not probabilities:
+    if not probabilities and index is None:
         # the ignored rows' logits are recomputed from zeroed hidden rows below (finite); their stored
         # statistics may come from whatever the padding held (NaN): shift them by 0 and divide by 1 instead
         zero = torch.zeros((), dtype=work, device=row_max.device)
         row_max, log_sum = torch.where(rows.valid, row_max, zero), torch.where(rows.valid, log_sum, zero)
-    step = chunk_rows_for(options, num_rows, hidden_size)
-    onednn = onednn_for_chunks(weight, min(step, num_rows))
-    buffer, derivative, low = _chunk_buffers(min(step, num_rows), weight.shape[0], work, hidden.device,
-                                             options.softcap, weight.dtype)
-    zeroed = None if probabilities else (
-        hidden.new_empty((min(step, num_rows), hidden_size)), hidden.new_zeros(()))
-    for start in range(0, num_rows, step):
-        sl = slice(start, min(start + step, num_rows))
-        chunk_hidden = hidden[sl] if zeroed is None else _zero_ignored(hidden[sl], rows.valid[sl], zeroed)
+    step = chunk_rows_for(options, loop_rows, hidden_size)
+    chunk = min(step, loop_rows)
+    onednn = onednn_for_chunks(weight, chunk)
+    buffer, derivative, low = _chunk_buffers(chunk, weight.shape[0], work, hidden.device, options.softcap,
+                                             weight.dtype)
+    source = _ChunkHidden(hidden, index, None if probabilities else rows.valid, chunk)
+    for start in range(0, loop_rows, step):
+        sl = slice(start, min(start + step, loop_rows))
+        chunk_hidden = source(sl)
         logits = _chunk_logits(buffer[: sl.stop - start], chunk_hidden, weight, bias,
                                None if low is None else low[: sl.stop - start], onednn)
         if probabilities:
@@ -879,7 +959,7 @@ def linear_backward(
         else:
             _chunk_grad_from_stats(logits, derivative, rows, sl, row_max[sl], log_sum[sl], scale[sl], options,
                                    bias is None)
-        grads.add_chunk(logits, chunk_hidden, sl, None, low)
+        grads.add_chunk(logits, chunk_hidden, sl, None, low, source.rows(sl))
     if grads.hidden is not None:
         reduce.sum_hidden_grad_(grads.hidden)
     return grads.hidden, grads.weight_grad, grads.bias_grad, target_grad

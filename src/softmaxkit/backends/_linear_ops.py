@@ -105,7 +105,8 @@ def linear_cross_entropy_ops(name: str, chunk_kernel: ChunkKernel | None = None,
         options = _options(weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size,
                            accumulation_dtype)
         result = linear_forward(hidden, weight, bias, target, class_weight, options,
-                                (need_hidden, need_weight, need_bias), need_target, chunk_kernel=chunk_kernel)
+                                (need_hidden, need_weight, need_bias), need_target, chunk_kernel=chunk_kernel,
+                                compact=True)
         # in the compute dtype: the caller rounds it to hidden's dtype (or keeps fp32 under autocast)
         loss = reduce_loss(result.loss, reduction, result.denominator)
         grads = [_empty(hidden) if g is None else g for g in
@@ -149,7 +150,7 @@ def linear_cross_entropy_ops(name: str, chunk_kernel: ChunkKernel | None = None,
         options = _options(weight, ignore_index, reduction, label_smoothing, temperature, z_loss, softcap, chunk_size,
                            accumulation_dtype)
         grads = linear_backward(grad_output, hidden, weight, bias, target, class_weight, row_max, log_sum, options,
-                                (need_hidden, need_weight, need_bias), need_target)
+                                (need_hidden, need_weight, need_bias), need_target, compact=True)
         return tuple(_empty(hidden) if g is None else g for g in grads)
 
     def _backward_fake(grad_output, hidden, weight, bias, target, class_weight, row_max, log_sum, ignore_index,

@@ -369,10 +369,9 @@ def _causal_lm_loss(model, state, hidden, labels, *, shift_labels, num_items_in_
             f"of hidden size {rows.shape[1]}), but holds {target.shape[0]} (labels of shape "
             f"{tuple(labels.shape)})"
         )
-    shape = target.shape
-    keep = _counted_rows(target, ignore_index)
-    if keep is not None:
-        rows, target = rows.index_select(0, keep), target.index_select(0, keep)
+    # the ignored rows (padding, prompt, the last position) are not dropped here: the op's CPU kernels skip
+    # them inside (softmaxkit._core.linear.kept_rows), also under torch.compile, where a data-dependent
+    # shape here would break the graph
     softcap, temperature = _FAMILIES[state.family](model)
     # The loss is computed and returned in fp32, as the model's own (which upcasts the logits). Where the fused
     # op returns its loss in the inputs' low-precision dtype, it runs under autocast to that same dtype: the
@@ -392,8 +391,6 @@ def _causal_lm_loss(model, state, hidden, labels, *, shift_labels, num_items_in_
             accumulation_dtype=state.accumulation_dtype,
         )
     if state.reduction == "none":
-        if keep is not None:
-            loss = loss.new_zeros(shape).index_copy(0, keep, loss)
         loss = loss.reshape(shift_labels.shape)
         return loss[..., :-1] if labels_shifted else loss
     if num_items_in_batch is not None:
@@ -401,23 +398,6 @@ def _causal_lm_loss(model, state, hidden, labels, *, shift_labels, num_items_in_
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     return loss
-
-
-def _counted_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """The indices of the rows whose label is counted, when dropping the others before the loss pays off.
-
-    A causal-LM batch ignores the padding, the prompt and the last position (often a quarter of the rows or
-    more); the loss of an ignored row is exactly 0 with a zero gradient, so computing only the counted rows
-    gives the same loss and gradients and saves their share of the three head-sized matmuls. Counting them
-    is a host read, free on CPU: there it is done in eager mode; on accelerators (where it would wait for
-    the device) and while ``torch.compile`` traces (a data-dependent shape) every row is kept (None).
-    """
-    if target.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    keep = (target != ignore_index).nonzero().squeeze(1)
-    if keep.numel() == 0 or keep.numel() == target.numel():
-        return None
-    return keep
 
 
 def _slice_logits_to_keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
