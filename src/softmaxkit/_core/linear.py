@@ -789,7 +789,7 @@ def kept_rows(target: torch.Tensor, options: CrossEntropyOptions, reduce: LocalR
 
     An ignored row's loss, gradient and ``∂h`` row are 0 whatever its logits, so its three matmuls and its
     cross-entropy are wasted work: in a causal-LM batch the padding and prompt rows are a quarter of the
-    rows or more (hf_causal_lm: 257 of 1024; cut-cross-entropy drops them too). Reading ``target`` here is
+    rows or more (hf_causal_lm: 256 of 1024; cut-cross-entropy drops them too). Reading ``target`` here is
     a host read, so only the custom ops' kernels call the loop with ``compact=True``: they run on real CPU
     tensors (fake, meta and traced calls take the fake kernel), where it synchronises nothing.
     """
