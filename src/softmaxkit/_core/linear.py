@@ -617,21 +617,16 @@ class _Accumulators:
         return self.hidden is not None or self.weight_grad is not None or self.bias_grad is not None
 
     def add_chunk(self, grad_logits: torch.Tensor, hidden: torch.Tensor, sl: slice,
-                  valid: torch.Tensor | None = None, low: torch.Tensor | None = None,
-                  index: torch.Tensor | None = None) -> None:
+                  low: torch.Tensor | None = None, index: torch.Tensor | None = None) -> None:
         """Fold one chunk's ``G = ∂ℓ/∂x`` (``r × C``, work dtype) into the three gradients.
 
-        ``sl`` is the chunk's place in the loop's rows; ``index``, where the loop skips ignored rows, holds
-        those rows' places in the batch (``∂h`` rows go there).
-
-        ``valid`` (the chunk's non-ignored rows) zeroes the ignored rows of ``hidden`` in ``Gᵀ h``: their
-        ``G`` rows are 0, and a NaN or ``±∞`` hidden state there must not turn ``0·NaN`` into NaN in ``∂W``.
-        ``low`` (a chunk buffer in the weight's dtype, free by now) receives ``G`` rounded to that dtype for
-        the low-precision matmuls, so no chunk-sized temporary is allocated for it.
+        ``hidden`` is the chunk's hidden rows as the loop formed the logits from (:class:`_ChunkHidden`: any
+        ignored row among them already zeroed, so ``0·NaN`` cannot reach ``∂W``). ``sl`` is the chunk's place
+        in the loop's rows; ``index``, where the loop skips ignored rows, holds those rows' places in the batch
+        (``∂h`` rows go there). ``low`` (a chunk buffer in the weight's dtype, free by now) receives ``G``
+        rounded to that dtype for the low-precision matmuls, so no chunk-sized temporary is allocated for it.
         """
         weight = self.weight
-        if valid is not None and self.weight_grad is not None:
-            hidden = torch.where(valid[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
         acc = self.accumulation_dtype
         if grad_logits.dtype == weight.dtype:
             low = grad_logits
@@ -795,10 +790,8 @@ def kept_rows(target: torch.Tensor, options: CrossEntropyOptions, reduce: LocalR
     """
     if target.dim() != 1 or reduce is not LOCAL or target.device.type != "cpu":
         return None
-    valid = target != options.ignore_index
-    if bool(valid.all()):
-        return None
-    return valid.nonzero().squeeze(1)
+    index = (target != options.ignore_index).nonzero().squeeze(1)
+    return None if index.numel() == target.numel() else index
 
 
 def _scattered(index: torch.Tensor | None, num_rows: int, values: torch.Tensor) -> torch.Tensor:
@@ -890,7 +883,7 @@ def linear_forward(
                 logits, derivative, rows, sl, chunk_scale, options, reduce, grads is not None and bias is None
             )
         if grads is not None:
-            grads.add_chunk(logits, chunk_hidden, sl, None, low, source.rows(sl))
+            grads.add_chunk(logits, chunk_hidden, sl, low, source.rows(sl))
     del buffer, derivative, low, source
     loss, row_max, log_sum = (_scattered(index, num_rows, values) for values in (loss, row_max, log_sum))
     if grads is None:
@@ -959,7 +952,7 @@ def linear_backward(
         else:
             _chunk_grad_from_stats(logits, derivative, rows, sl, row_max[sl], log_sum[sl], scale[sl], options,
                                    bias is None)
-        grads.add_chunk(logits, chunk_hidden, sl, None, low, source.rows(sl))
+        grads.add_chunk(logits, chunk_hidden, sl, low, source.rows(sl))
     if grads.hidden is not None:
         reduce.sum_hidden_grad_(grads.hidden)
     return grads.hidden, grads.weight_grad, grads.bias_grad, target_grad
