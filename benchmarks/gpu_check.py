@@ -47,9 +47,7 @@ REAL = {
 TINY = {
     "ce": [(5, 70, "float32"), (4, 33, "bfloat16")],
     "ce_huge": (3, 257, "bfloat16"),
-    # fp32 only: under the interpreter the bf16 dot of the linear-CE kernels is not meaningful (bf16 is
-    # checked at real sizes on the GPU)
-    "lce": [(6, 8, 40, "float32"), (5, 16, 33, "float32")],
+    "lce": [(6, 8, 40, "float32"), (5, 16, 33, "bfloat16")],
     "sparse": [(4, 40, "float32"), (3, 33, "bfloat16")],
     "timing_ce": (8, 64, "float32"),
     "timing_lce": (8, 8, 64, "float32"),

@@ -53,6 +53,24 @@ def _load_params(params_ptr):
     return tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2), tl.load(params_ptr + 3)
 
 
+@triton.jit
+def _dot(a, b, ACC_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """``a @ b`` accumulated in ``ACC_DTYPE``. ``IEEE``: exact products, the operands taken in ``ACC_DTYPE``
+    (fp32/fp64 operands on GPUs, and every dtype under ``TRITON_INTERPRET=1``, whose ``tl.dot`` multiplies the
+    raw bit patterns of bf16 operands, triton-lang/triton#11584; bf16/fp16 → fp32 is exact, so this is the
+    GPU's fp32-accumulated tensor-core product up to the order of the sum). Otherwise the hardware's dot of
+    the operands as given (bf16/fp16 on tensor cores)."""
+    if IEEE:
+        return tl.dot(a.to(ACC_DTYPE), b.to(ACC_DTYPE), input_precision="ieee", out_dtype=ACC_DTYPE)
+    else:
+        return tl.dot(a, b, out_dtype=ACC_DTYPE)
+
+
+def _ieee_dot(dtype: torch.dtype) -> bool:
+    """The ``IEEE`` flag of :func:`_dot` for operands of ``dtype``."""
+    return dtype in (torch.float32, torch.float64) or _interpreting()
+
+
 #: the label-smoothing block sum's exact power-of-two scaling (see :func:`_row_forward`)
 _SMOOTH_SCALE = tl.constexpr(2.0 ** -24)
 _SMOOTH_UNSCALE = tl.constexpr(2.0 ** 24)

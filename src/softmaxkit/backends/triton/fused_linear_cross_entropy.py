@@ -50,8 +50,9 @@ in all against the chunked path's ``3·N·C·D``.
 No ``.item()`` anywhere: grid sizes depend on shapes only and every data-dependent scalar (the mean's
 denominator, ``Σ_c w_c``) is read on the device, so forward and backward can be captured in a CUDA graph.
 Offsets are int64 (``N·D``, ``C·D`` or ``N·C`` beyond ``2^31`` are fine). Under ``TRITON_INTERPRET=1``
-``tanh`` comes from ``exp`` (:func:`.cross_entropy._tanh`) and the tiles are 16-wide; the interpreter
-mis-computes bf16 ``tl.dot``, so CPU tests use fp64/fp32/fp16 operands.
+``tanh`` comes from ``exp`` (:func:`.cross_entropy._tanh`), the tiles are 16-wide, and every ``tl.dot``
+takes its operands in the accumulator's dtype (:func:`.cross_entropy._dot`: the interpreter's bf16 dot
+multiplies bit patterns), so CPU tests check fp64, fp32, fp16 and bf16 operands.
 
 Ignored rows (and rows with a zero upstream gradient) are zeroed by selection, never by multiplying by 0, and
 their hidden states read as 0 in ``Gᵀ h``: a NaN or ±inf hidden state on a padding row gives loss and
@@ -79,7 +80,7 @@ from torch.library import wrap_triton
 from ..._core import CrossEntropyOptions, compute_dtype, row_weights
 from ..._core.autograd import refuse_double_backward
 from ..._reduction import reduce_loss, row_scale
-from .cross_entropy import _define_op, _interpreting, _load_params, _or, _scalars, _tanh
+from .cross_entropy import _define_op, _dot, _ieee_dot, _interpreting, _load_params, _or, _scalars, _tanh
 
 
 @triton.jit
@@ -99,10 +100,7 @@ def _logits_tile(
                     mask=row_ok & (ks[None, :] < hidden_size), other=0.0)
         w = tl.load(weight_ptr + cols[None, :] * stride_wc + ks[:, None] * stride_wd,
                     mask=col_ok & (ks[:, None] < hidden_size), other=0.0)
-        if IEEE:
-            acc += tl.dot(h, w, input_precision="ieee", out_dtype=ACC_DTYPE)
-        else:
-            acc += tl.dot(h, w, out_dtype=ACC_DTYPE)
+        acc += _dot(h, w, ACC_DTYPE, IEEE)
     x = acc
     if HAS_BIAS:
         x += tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(ACC_DTYPE)[None, :]
@@ -265,20 +263,14 @@ def _fused_lce_bwd_kernel(
                 if NEED_HIDDEN:
                     w_tile = tl.load(weight_ptr + cols[:, None] * stride_wc + ks[None, :] * stride_wd,
                                      mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
-                    if IEEE:
-                        part = tl.dot(g_operand, w_tile, input_precision="ieee", out_dtype=ACC_DTYPE)
-                    else:
-                        part = tl.dot(g_operand, w_tile, out_dtype=ACC_DTYPE)
+                    part = _dot(g_operand, w_tile, ACC_DTYPE, IEEE)
                     tl.atomic_add(grad_hidden_ptr + rows[:, None] * hidden_size + ks[None, :], part,
                                   mask=row_ok[:, None] & k_ok[None, :])
                 if NEED_WEIGHT:
                     # inactive rows' h reads 0: a NaN/inf padding row stays out of ∂W (their G is 0)
                     h_tile = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hd,
                                      mask=active[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-                    if IEEE:
-                        part = tl.dot(tl.trans(g_operand), h_tile, input_precision="ieee", out_dtype=ACC_DTYPE)
-                    else:
-                        part = tl.dot(tl.trans(g_operand), h_tile, out_dtype=ACC_DTYPE)
+                    part = _dot(tl.trans(g_operand), h_tile, ACC_DTYPE, IEEE)
                     tl.atomic_add(grad_weight_ptr + cols[:, None] * hidden_size + ks[None, :],
                                   part.to(grad_weight_ptr.dtype.element_ty),
                                   mask=col_ok[:, None] & k_ok[None, :])
@@ -372,7 +364,7 @@ def _fused_linear_cross_entropy_triton(
             ignore_index, *scalars,
             HAS_BIAS=bias is not None, HAS_WEIGHT=class_weight is not None, HAS_SMOOTHING=smoothing,
             HAS_SOFTCAP=softcap is not None, PARAMS_IN_MEMORY=work == torch.float64,
-            IEEE=hidden.dtype in (torch.float32, torch.float64),
+            IEEE=_ieee_dot(hidden.dtype),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )
     # combine the ranges in the shifted form: m = max_s m_s, log s = log Σ_s e^{(m_s − m) + log s_s}
@@ -459,7 +451,7 @@ def _fused_linear_cross_entropy_triton_backward(
             HAS_BIAS=bias is not None, HAS_WEIGHT=class_weight is not None,
             HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=softcap is not None,
             NEED_HIDDEN=needs[0], NEED_WEIGHT=needs[1], NEED_BIAS=needs[2], HAS_FILTER=filter_eps is not None,
-            PARAMS_IN_MEMORY=work == torch.float64, IEEE=hidden.dtype in (torch.float32, torch.float64),
+            PARAMS_IN_MEMORY=work == torch.float64, IEEE=_ieee_dot(hidden.dtype),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )
     # a fresh (0,) tensor per missing gradient: a custom op's outputs may not alias each other

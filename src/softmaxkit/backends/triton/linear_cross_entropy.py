@@ -33,6 +33,8 @@ from .cross_entropy import (
     _ce_fused_inplace_kernel,
     _ce_fwd_kernel,
     _define_op,
+    _dot,
+    _ieee_dot,
     _interpreting,
     _launch_config,
     _or,
@@ -59,10 +61,7 @@ def _accumulate_at_b_kernel(
                     mask=(offs_k[None, :] < K) & (offs_m[:, None] < M), other=0.0)
         b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee", out_dtype=acc_dtype)
-        else:
-            acc += tl.dot(a, b, out_dtype=acc_dtype)
+        acc += _dot(a, b, acc_dtype, IEEE)
     pointers = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(pointers, tl.load(pointers, mask=mask, other=0.0) + acc, mask=mask)
@@ -79,7 +78,7 @@ def accumulate_at_b(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
     wrap_triton(_accumulate_at_b_kernel)[grid](
         a, b, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=blocks[0], BLOCK_N=blocks[1], BLOCK_K=blocks[2],
-        IEEE=a.dtype in (torch.float32, torch.float64), num_warps=4 if _interpreting() else 8,
+        IEEE=_ieee_dot(a.dtype), num_warps=4 if _interpreting() else 8,
     )
 
 
