@@ -288,6 +288,30 @@ def test_autocast_dtypes_follow_pytorch():
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(bf16_logits, target), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("impl", ["auto", "cpu", "torch", "composite", "triton", "triton_fused"])
+def test_autocast_linear_loss_is_computed_in_fp32_by_every_impl(impl, reduction):
+    """Under autocast the loss is F.cross_entropy's of the bf16 logits, in fp32 and not rounded to bf16 (that
+    rounding, 2^-9 relative, is what a bf16 model's logged loss would show); without autocast, the bf16 loss."""
+    if impl.startswith("triton"):
+        pytest.importorskip("triton")  # interpreted on CPU-only machines (conftest)
+    _, target = _inputs()
+    hidden, weight = torch.randn(N, D) * 2, torch.randn(C, D)
+    low_hidden, low_weight = hidden.bfloat16(), weight.bfloat16()
+    if impl == "triton_fused":  # its products are accumulated in fp32, never rounded to bf16 logits
+        logits = torch.nn.functional.linear(low_hidden.double(), low_weight.double())
+    else:
+        logits = torch.nn.functional.linear(low_hidden, low_weight).double()
+    expected = torch.nn.functional.cross_entropy(logits, target, reduction=reduction)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = softmaxkit.linear_cross_entropy(hidden, weight, target, reduction=reduction, impl=impl)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    plain = softmaxkit.linear_cross_entropy(low_hidden, low_weight, target, reduction=reduction, impl=impl)
+    assert plain.dtype == torch.bfloat16
+    torch.testing.assert_close(plain, loss.bfloat16(), rtol=0, atol=0)
+
+
 def _run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
                           env=None if env is None else {**os.environ, **env})

@@ -272,20 +272,24 @@ def _fp64_copy(model):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["LlamaForCausalLM", "Gemma2ForCausalLM", "Qwen2ForCausalLM"])
 def test_low_precision_loss_is_fp32_and_within_the_dtypes_budget(name, dtype):
+    check_low_precision_budget(name, dtype)
+
+
+def check_low_precision_budget(name, dtype, device="cpu", **options):
     """Error budget against the float64 oracle (the same low-precision weights, computed in float64).
 
     The model's own loss rounds each logit to ``dtype`` before its fp32 cross-entropy; the fused loss takes the
-    products in fp32, so its loss may be no further from the oracle than the own loss is plus fp32 rounding
-    (``1e-5`` relative). Gradients pass through the same low-precision decoder backward in both paths, whose
+    products in fp32 (or, with ``impl="triton"``, rounds them as the model's own head does), so its loss may be
+    no further from the oracle than the own loss is plus fp32 rounding (``1e-5`` relative). Gradients pass through the same low-precision decoder backward in both paths, whose
     rounding dominates their error (~1e-2 in bf16, ~1e-3 in fp16 here) and differs from one upstream gradient
     to another: over all parameters together (relative L2 error) the fused gradient may be no further from the
     oracle than the own one plus one rounding to ``dtype`` (``u = 2^-8`` bf16, ``2^-11`` fp16); per parameter
     (relative max error) no more than twice as far plus ``u``, the spread of that rounding noise between two
     upstream gradients.
     """
-    model = build(name, dtype=dtype)
+    model = build(name, dtype=dtype).to(device)
     oracle_model = _fp64_copy(model)
-    input_ids, attention_mask, labels = batch()
+    input_ids, attention_mask, labels = (t.to(device) for t in batch())
     oracle, oracle_grads = loss_and_grads(oracle_model, input_ids, attention_mask=attention_mask, labels=labels)
     own, own_grads = loss_and_grads(model, input_ids, attention_mask=attention_mask, labels=labels)
     # the loss oracle: float64 head and cross-entropy on the very hidden states the low-precision decoder gave
@@ -297,7 +301,7 @@ def test_low_precision_loss_is_fp32_and_within_the_dtypes_budget(name, dtype):
             logits = cap * torch.tanh(logits / cap)
         shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
         loss_oracle = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), shifted.reshape(-1)).item()
-    patch(model)
+    patch(model, **options)
     ours, our_grads = loss_and_grads(model, input_ids, attention_mask=attention_mask, labels=labels)
     assert own.loss.dtype == torch.float32 and ours.loss.dtype == torch.float32
     assert abs(ours.loss.item() - loss_oracle) <= abs(own.loss.item() - loss_oracle) + 1e-5 * loss_oracle
@@ -312,6 +316,29 @@ def test_low_precision_loss_is_fp32_and_within_the_dtypes_budget(name, dtype):
         our_error = relative_error(our_grads[key], reference)
         assert our_error <= 2 * own_error + unit, key
     assert abs(oracle.loss.item() - loss_oracle) < 0.05 * loss_oracle  # the oracles agree (sanity)
+
+
+@pytest.mark.parametrize("impl", ["triton", "triton_fused"])
+@pytest.mark.parametrize("name", ["Gemma2ForCausalLM", "Qwen2ForCausalLM"])
+def test_bfloat16_through_the_triton_kernels_is_within_the_budget(name, impl):
+    """The Triton paths a GPU user gets (interpreted on CPU-only machines), in bf16: soft-cap and tied head."""
+    pytest.importorskip("triton")
+    check_low_precision_budget(name, torch.bfloat16, impl=impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["auto", "triton_fused"])
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "Gemma2ForCausalLM", "Qwen2ForCausalLM"])
+def test_gpu_loss_and_every_gradient_equal_the_models_own(name, impl):
+    """On CUDA: fp32 within the parity budgets (TF32 stays off: PyTorch's default for matmuls), bf16 within the
+    dtype's budget against the float64 oracle."""
+    model = build(name).cuda()
+    input_ids, attention_mask, labels = (t.cuda() for t in batch())
+    own, own_grads = loss_and_grads(model, input_ids, attention_mask=attention_mask, labels=labels)
+    patch(model, impl=impl)
+    ours, our_grads = loss_and_grads(model, input_ids, attention_mask=attention_mask, labels=labels)
+    assert_same_training_signal(own, own_grads, ours, our_grads)
+    check_low_precision_budget(name, torch.bfloat16, device="cuda", impl=impl)
 
 
 def test_autocast_fp32_model_trains_with_an_fp32_loss():
@@ -344,8 +371,10 @@ def test_z_loss_and_label_smoothing_equal_their_definitions_on_the_models_logits
     assert abs(ours - expected) <= LOSS_RTOL * expected
 
 
-@pytest.mark.parametrize("impl", ["torch", "composite"])
+@pytest.mark.parametrize("impl", ["torch", "composite", "triton", "triton_fused"])
 def test_impl_and_chunk_size_pass_through(impl):
+    if impl.startswith("triton"):
+        pytest.importorskip("triton")  # interpreted on CPU-only machines (conftest)
     model = build("Qwen2ForCausalLM")
     input_ids, attention_mask, labels = batch()
     own, own_grads = loss_and_grads(model, input_ids, attention_mask=attention_mask, labels=labels)

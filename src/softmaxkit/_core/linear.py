@@ -977,7 +977,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
         else:
             ctx.save_for_backward(hidden, weight, bias, target, class_weight, result.row_max, result.log_sum)
-        return reduce_loss(result.loss, options.reduction, result.denominator).to(hidden.dtype)
+        return reduce_loss(result.loss, options.reduction, result.denominator)  # compute dtype: callers round
 
     @staticmethod
     @strict_once_differentiable

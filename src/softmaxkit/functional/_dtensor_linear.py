@@ -210,5 +210,5 @@ def vocab_parallel_linear(hidden, weight_shard, target, group, bias_shard, class
     loss = ChunkedLinearCrossEntropy.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, target.reshape(-1), class_weight, options,
         GroupReduce(group), grad_on,
-    )
+    ).to(hidden.dtype)
     return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss

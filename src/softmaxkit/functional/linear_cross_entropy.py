@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as v
 from .. import backends
-from .._core import CrossEntropyOptions
+from .._core import CrossEntropyOptions, compute_dtype
 from ._dtensor import holds_dtensor
 from ._dtensor_linear import linear_cross_entropy_dtensor
 from .cross_entropy import check_bool, cross_entropy_core
@@ -234,4 +234,7 @@ def composite_linear_cross_entropy(hidden, weight, bias, target, class_weight, o
         valid = (target != options.ignore_index)[:, None]
         hidden = torch.where(valid, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     logits = torch.nn.functional.linear(hidden, weight, bias)
+    # the cross-entropy of the fp32 (compute-dtype) logits returns its loss unrounded, as every linear-CE
+    # backend does; the composite takes that copy of fp16/bf16 logits itself, so this costs nothing more
+    logits = logits.to(compute_dtype(logits.dtype))
     return cross_entropy_core(logits, target, class_weight, options, target.dim() == 2, impl="composite")

@@ -390,13 +390,13 @@ def _fused_linear_cross_entropy_triton(
         loss = loss + z_loss * lse * lse
     loss = torch.where(valid, loss, torch.zeros((), dtype=wide, device=device)).to(work)
     out = reduce_loss(loss, reduction, w_y.sum())
-    return out.to(hidden.dtype), torch.stack((log_s, shift))
+    return out, torch.stack((log_s, shift))  # the loss in the compute dtype: the caller rounds it (or not)
 
 
 @_fused_linear_cross_entropy_triton.register_fake
 def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, *args):
     num_rows = hidden.shape[0]
-    loss = hidden.new_empty((num_rows,) if reduction == "none" else ())
+    loss = hidden.new_empty((num_rows,) if reduction == "none" else (), dtype=_work_dtype(weight))
     return loss, hidden.new_empty((2, num_rows), dtype=_work_dtype(weight))
 
 
@@ -524,7 +524,9 @@ def fused_linear_cross_entropy(hidden, weight, bias, target, class_weight, confi
             :func:`softmaxkit.linear_cross_entropy`; its speed-up is unmeasured (no GPU was available).
 
     Returns:
-        A scalar for ``"mean"``/``"sum"``, ``(N,)`` for ``"none"``; dtype of ``hidden``.
+        A scalar for ``"mean"``/``"sum"``, ``(N,)`` for ``"none"``, in the compute dtype (fp32 for fp16/bf16
+        inputs), as every backend returns it: :func:`softmaxkit.linear_cross_entropy` rounds it to the
+        inputs' dtype, or keeps it fp32 under autocast (``F.cross_entropy``'s rule).
     """
     if not hidden.is_cuda and not _interpreting():
         raise ValueError(

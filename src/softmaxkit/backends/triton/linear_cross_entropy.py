@@ -142,7 +142,8 @@ def _linear_forward(hidden, weight, bias, target, class_weight, config: CrossEnt
                 )
         out = reduce_loss(loss, config.reduction, denominator)
         # a fresh (0,) tensor per missing gradient: a custom op's outputs may not alias each other
-        return (out.to(hidden.dtype),
+        # the loss in the compute dtype (fp32 for fp16/bf16): the caller rounds it, or keeps it under autocast
+        return (out,
                 *(hidden.new_empty((0,)) if g is None else g for g in (grad_hidden, grad_weight, grad_bias)))
 
 
@@ -179,7 +180,7 @@ def _(hidden, weight, bias, target, class_weight, ignore_index, reduction, label
     work = compute_dtype(weight.dtype)
     acc = accumulation_dtype or work
     return (
-        hidden.new_empty(()),
+        hidden.new_empty((), dtype=work),
         hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty((0,)),
         weight.new_empty(weight.shape, dtype=acc) if need_weight else hidden.new_empty((0,)),
         weight.new_empty((weight.shape[0],), dtype=acc) if need_bias and bias is not None else hidden.new_empty((0,)),
@@ -212,6 +213,7 @@ def triton_linear_cross_entropy(hidden, weight, bias, target, class_weight, conf
     """Linear CE of ``hidden (N, D)``, ``weight (C, D)``, ``bias (C,)``/None and class indices ``(N,)``.
 
     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``"none"`` uses the chunked torch path.
+    Returns the loss in the compute dtype (fp32 for fp16/bf16 inputs), as every linear-CE backend does.
     """
     if not hidden.is_cuda and not _interpreting():
         raise ValueError(
