@@ -13,10 +13,13 @@ On one CUDA device (sized for an H100/H200: under 8 minutes) it runs, in order:
    ``torch._dynamo.explain``; values and gradients equal to eager);
 4. ``cuda_graph``: capture of forward + backward of the same ops in a CUDA graph, replayed and compared;
 5. ``timing``: forward+backward medians (``benchmarks._harness.measure``) of torch eager, torch.compile,
-   softmaxkit, Liger-Kernel and cut-cross-entropy (where installed), as CSV.
+   softmaxkit, Liger-Kernel and cut-cross-entropy (where installed), as CSV;
+6. ``hf_causal_lm``: one training step of a tiny Llama (issue 11's, and one with a 128256 × 1024 head) with
+   its own loss, ``patch(model)``, PyTorch's ``F.linear_cross_entropy``, cut-cross-entropy and Liger-Kernel:
+   medians, peak memory and their ratios to the model's own loss, as CSV.
 
 Results go to ``--out`` (default ``$OUT`` or ``benchmarks/results/gpu_check``): ``gpu_check.json`` (every
-check with its status and figures) and ``gpu_check_timings.csv``. The exit status is 0 when every check
+check with its status and figures), ``gpu_check_timings.csv`` and ``gpu_check_hf_causal_lm.csv``. The exit status is 0 when every check
 passed (skipped ones aside). ``--dry-run`` — automatic without CUDA when ``TRITON_INTERPRET=1`` — runs the
 same steps at tiny shapes on the CPU (Triton kernels under the interpreter), to keep the script working in CI;
 its timings mean nothing.
@@ -43,6 +46,9 @@ REAL = {
     "sparse": [(4096, 32000, "float32"), (2048, 128256, "bfloat16")],
     "timing_ce": (8192, 128256, "bfloat16"),
     "timing_lce": (8192, 4096, 128256, "bfloat16"),
+    # hf_causal_lm (batch, sequence, vocabulary, hidden, layers) and dtypes: issue 11's tiny Llama, and a
+    # Llama-3-sized head (128256 × 1024) under a 4 × 1024 batch
+    "hf": [((4, 256, 32000, 256, 2), ("float32", "bfloat16")), ((4, 1024, 128256, 1024, 2), ("bfloat16",))],
 }
 TINY = {
     "ce": [(5, 70, "float32"), (4, 33, "bfloat16")],
@@ -51,7 +57,11 @@ TINY = {
     "sparse": [(4, 40, "float32"), (3, 33, "bfloat16")],
     "timing_ce": (8, 64, "float32"),
     "timing_lce": (8, 8, 64, "float32"),
+    "hf": [((2, 32, 2000, 64, 1), ("float32", "bfloat16"))],
 }
+#: hf_causal_lm impls timed (softmaxkit_compiled is left out: compiling the model costs a minute of the budget,
+#: and the compile step already checks the ops under fullgraph compile); compiled peers only off the dry run
+HF_IMPLS = ("torch", "softmaxkit", "torch_chunked", "cut_cross_entropy", "liger")
 #: tolerances, by dtype: fp32 results within a few fp32 ulps of sums over C terms; bf16 results are rounded
 #: to bf16 once (relative 2^-8) after fp32 arithmetic
 TOL = {"float32": (2e-5, 1e-6), "bfloat16": (1.6e-2, 1e-5)}
@@ -445,12 +455,65 @@ def step_timing(report: Report, device: str, shapes: dict, out: Path, dry_run: b
     _harness.append_csv(path, rows)
 
 
+def step_hf_causal_lm(report: Report, device: str, shapes: dict, out: Path, dry_run: bool) -> None:
+    """One training step of a tiny Hugging Face causal LM by how its loss is computed
+    (:mod:`benchmarks.ops.hf_causal_lm`): median, peak memory, and both as ratios to the model's own loss."""
+    import gc
+
+    import torch
+
+    from . import _harness
+    from ._harness import Skip
+    from .ops import hf_causal_lm as hf
+
+    environment = _harness.environment(device)
+    repeat, warmup, min_time = (2, 1, 0.0) if dry_run else (10, 3, 1.0)
+    rows = []
+    for shape, dtypes in shapes["hf"]:
+        for dtype_name in dtypes:
+            cases = [case for case in hf.cases(device, _dtype(dtype_name), quick=dry_run, shapes=[shape])
+                     if case.impl in HF_IMPLS]
+            baseline = None
+            for case in cases:
+                name = f"hf_causal_lm {case.impl} {case.shape} {dtype_name}"
+                row = {**environment, "op": "hf_causal_lm", "impl": case.impl, "shape": case.shape,
+                       "dtype": dtype_name, "mode": "full"}
+                try:
+                    step = case.setup("full")
+                    result = _harness.summarise({"status": "ok", **_harness.measure(step, device, repeat, warmup,
+                                                                                     min_time)})
+                    row.update({k: result.get(k) for k in ("status", "median_s", "p20_s", "p80_s", "peak_bytes")})
+                    figures = {"median_ms": 1e3 * result["median_s"], "peak_mib": (result["peak_bytes"] or 0) / 2**20}
+                    if case.impl == "torch":
+                        baseline = result
+                    elif baseline is not None:
+                        figures["time_vs_own"] = result["median_s"] / baseline["median_s"]
+                        if baseline["peak_bytes"]:
+                            figures["memory_vs_own"] = (result["peak_bytes"] or 0) / baseline["peak_bytes"]
+                    report.record("hf_causal_lm", name, "ok", **figures)
+                except Skip as skip:
+                    row.update({"status": "skipped", "reason": str(skip)})
+                    report.record("hf_causal_lm", name, "skipped", reason=str(skip))
+                except Exception as error:
+                    row.update({"status": "error", "reason": f"{type(error).__name__}: {error}"[:200]})
+                    report.record("hf_causal_lm", name, "FAIL", error=row["reason"])
+                rows.append(row)
+                step = None
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    path = out / "gpu_check_hf_causal_lm.csv"
+    if path.exists():
+        path.unlink()
+    _harness.append_csv(path, rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default: $OUT, else benchmarks/results/gpu_check)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
-    parser.add_argument("--steps", default="tests,accuracy,compile,cuda_graph,timing",
+    parser.add_argument("--steps", default="tests,accuracy,compile,cuda_graph,timing,hf_causal_lm",
                         help="comma-separated subset of the steps to run")
     args = parser.parse_args(argv)
     import torch
@@ -480,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         step_cuda_graph(report, device, shapes)
     if "timing" in steps:
         step_timing(report, device, shapes, out, dry_run)
+    if "hf_causal_lm" in steps:
+        step_hf_causal_lm(report, device, shapes, out, dry_run)
     elapsed = time.perf_counter() - start
     summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dry_run": dry_run,
                "seconds": round(elapsed, 1), "failed": len(report.failed), "checks": report.checks}

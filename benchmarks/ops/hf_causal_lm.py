@@ -17,8 +17,9 @@ Impls:
   the quick set, nor is ``cut_cross_entropy``: compiling takes minutes on CPU).
 * ``torch_chunked``: the decoder's last hidden state into PyTorch's own ``F.linear_cross_entropy`` (its
   chunked path with default ``LinearCrossEntropyOptions``), labels shifted by hand.
-* ``cut_cross_entropy``: the same with cut-cross-entropy's ``linear_cross_entropy(..., impl="torch_compile",
-  shift=1)`` (compiled in setup, by one untimed step).
+* ``cut_cross_entropy``: the same with cut-cross-entropy's ``linear_cross_entropy(..., shift=1)``: its Triton
+  kernels (``impl="cce"``) on CUDA, its ``impl="torch_compile"`` on CPU (compiled in setup, by one untimed
+  step).
 * ``liger``: the same with Liger-Kernel's fused linear cross-entropy (Triton, CUDA only).
 """
 
@@ -102,15 +103,15 @@ def _torch_chunked(model):
     return _hidden_then(loss)
 
 
-def _cut_cross_entropy(model):
+def _cut_cross_entropy(model, device):
     try:
         from cut_cross_entropy import linear_cross_entropy
     except ImportError as error:
         raise Skip(f"cut-cross-entropy not installed ({error})") from error
+    impl = "cce" if device == "cuda" else "torch_compile"  # its Triton kernels need CUDA
 
     def loss(hidden, weight, labels):
-        return linear_cross_entropy(hidden, weight, labels, ignore_index=-100, shift=1,
-                                    impl="torch_compile").float()
+        return linear_cross_entropy(hidden, weight, labels, ignore_index=-100, shift=1, impl=impl).float()
 
     return _hidden_then(loss)
 
@@ -142,18 +143,20 @@ def _setup(factory, shape, dtype, device, mode, warm):
     return step
 
 
-def cases(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
+def cases(device: str, dtype: torch.dtype, quick: bool, shapes=None) -> list[Case]:
+    """The cases of every impl at ``shapes`` (default: the quick or the full set; ``(batch, sequence,
+    vocabulary, hidden, layers)`` tuples), compiled impls left out of the quick set."""
     dtype_name = str(dtype).replace("torch.", "")
     impls = {
         "torch": (_own, False),
         "softmaxkit": (lambda m: _softmaxkit(m, compiled=False), False),
         "softmaxkit_compiled": (lambda m: _softmaxkit(m, compiled=True), True),
         "torch_chunked": (_torch_chunked, False),
-        "cut_cross_entropy": (_cut_cross_entropy, True),
+        "cut_cross_entropy": (lambda m: _cut_cross_entropy(m, device), True),
         "liger": (lambda m: _liger(m, device), False),
     }
     out = []
-    for shape in QUICK_SHAPES if quick else SHAPES:
+    for shape in shapes or (QUICK_SHAPES if quick else SHAPES):
         rows, length, vocab, hidden, layers = shape
         for impl, (factory, compiled) in impls.items():
             if quick and compiled:
