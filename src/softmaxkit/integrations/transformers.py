@@ -111,9 +111,6 @@ class _PatchState:
     previous_forward: object
     #: names of the original forward's positional parameters, to turn positional arguments into keywords
     positional: tuple[str, ...]
-    #: per low-precision dtype: whether ``linear_cross_entropy`` already returns an fp32 loss for it (else
-    #: the inputs of the loss are upcast to fp32)
-    fp32_loss: dict = field(default_factory=dict)
     capturing: bool = False
     hidden: torch.Tensor | None = field(default=None, repr=False)
 
@@ -208,8 +205,6 @@ def patch(
         chunk_size=chunk_size, skip_logits=skip_logits, reduction=reduction,
         accumulation_dtype=accumulation_dtype, previous_forward=previous,
         positional=positional,
-        fp32_loss={dtype: _loss_is_fp32(dtype, head.weight.device, impl)
-                   for dtype in (torch.float16, torch.bfloat16)},
     )
     object.__setattr__(target, _STATE, state)  # a plain attribute, not a submodule or buffer
     decoder.register_forward_hook(state.capture)
@@ -373,13 +368,13 @@ def _causal_lm_loss(model, state, hidden, labels, *, shift_labels, num_items_in_
     # them inside (softmaxkit._core.linear.kept_rows), also under torch.compile, where a data-dependent
     # shape here would break the graph
     softcap, temperature = _FAMILIES[state.family](model)
-    # The loss is computed and returned in fp32, as the model's own (which upcasts the logits). Where the fused
-    # op returns its loss in the inputs' low-precision dtype, it runs under autocast to that same dtype: the
-    # product stays in low precision (no fp32 copy of the head's weight) and the op's autocast rule returns an
-    # fp32 loss, as F.cross_entropy's does. A user's own autocast region is switched off here, so the product
-    # is not recast inside the op.
+    # The loss is computed and returned in fp32, as the model's own (which upcasts the logits). linear_cross_entropy
+    # returns a low-precision loss for low-precision inputs, so for fp16/bf16 it runs under autocast to that same
+    # dtype: the product stays in low precision (no fp32 copy of the head's weight) and the op's autocast rule
+    # returns the loss computed in fp32, as F.cross_entropy's does. A user's own autocast region is switched off
+    # here, so the product is not recast inside the op.
     dtype = torch.promote_types(rows.dtype, head.weight.dtype)
-    low_precision = dtype in (torch.float16, torch.bfloat16) and not state.fp32_loss[dtype]
+    low_precision = dtype in (torch.float16, torch.bfloat16)
     bias = None if head.bias is None else head.bias.to(dtype)
     with torch.autocast(device_type=rows.device.type, dtype=dtype if low_precision else None,
                         enabled=low_precision):
@@ -482,19 +477,6 @@ def _decoder_of(model) -> torch.nn.Module:
     if not isinstance(decoder, torch.nn.Module) or decoder is model:
         raise TypeError(f"{type(model).__name__} has no decoder (model.get_decoder() / model.base_model)")
     return decoder
-
-
-def _loss_is_fp32(dtype: torch.dtype, device: torch.device, impl: str) -> bool:
-    """Whether ``linear_cross_entropy`` returns an fp32 loss for ``dtype`` inputs (one tiny call)."""
-    try:
-        with torch.no_grad():
-            loss = linear_cross_entropy(
-                torch.zeros(1, 1, dtype=dtype, device=device), torch.zeros(2, 1, dtype=dtype, device=device),
-                torch.zeros(1, dtype=torch.long, device=device), impl=impl,
-            )
-    except (RuntimeError, ValueError, TypeError, NotImplementedError):  # dtype unsupported by this impl here
-        return False
-    return loss.dtype == torch.float32
 
 
 def _check_options(head, z_loss, label_smoothing, impl, chunk_size, skip_logits, reduction) -> None:
