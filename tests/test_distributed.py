@@ -149,6 +149,7 @@ def _case_parity(rank: int, world: int, sizes: list[int]) -> None:
         vocab_parallel_cross_entropy(padded, target).backward()  # row 1 is ignored
         assert torch.count_nonzero(padded.grad[1]) == 0 and bool(torch.isfinite(padded.grad).all()), impl
         _case_low_precision(rank, num_classes, mine, impl)
+        _case_autocast(rank, num_classes, mine, impl)
         _case_layouts_and_threads(rank, world, impl)
     distributed._IMPL = "auto"
 
@@ -191,6 +192,26 @@ def _case_layouts_and_threads(rank: int, world: int, impl: str) -> None:
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(loss, expected) and torch.equal(threaded.grad, shard.grad), (impl, options)
+
+
+def _case_autocast(rank: int, num_classes: int, mine: slice, impl: str) -> None:
+    """Under autocast both vocab-parallel losses follow the one-process rules: fp32, and equal to the loss of the
+    autocast-dtype logits computed in fp32 (not a bf16 loss cast up, 2^-9 off in relative terms)."""
+    hidden, weight, bias, _, target, _ = _problem(num_classes)
+    hidden, weight, bias = hidden.float() * 3, weight.float(), bias.float()
+    for options in (dict(), dict(label_smoothing=0.1, reduction="sum"), dict(reduction="none")):
+        what = f"rank {rank} {impl} autocast {options}"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = softmaxkit.linear_cross_entropy(hidden, weight, target, bias=bias, **options)
+            loss = vocab_parallel_linear_cross_entropy(hidden, weight[mine], target, bias_shard=bias[mine], **options)
+        assert loss.dtype == expected.dtype == torch.float32, what
+        torch.testing.assert_close(loss, expected, rtol=2e-6, atol=1e-6, msg=lambda m, what=what: f"{what}: {m}")
+        logits = (hidden.bfloat16() @ weight.bfloat16().T + bias.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = softmaxkit.cross_entropy(logits, target, **options)
+            loss = vocab_parallel_cross_entropy(logits[:, mine], target, **options)
+        assert loss.dtype == expected.dtype == torch.float32, what
+        torch.testing.assert_close(loss, expected, rtol=2e-6, atol=1e-6, msg=lambda m, what=what: f"{what}: {m}")
 
 
 def _case_low_precision(rank: int, num_classes: int, mine: slice, impl: str) -> None:

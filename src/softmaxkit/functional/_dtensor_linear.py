@@ -179,6 +179,7 @@ def vocab_parallel_linear(hidden, weight_shard, target, group, bias_shard, class
     from .._core import CrossEntropyOptions
     from .._core.collectives import GroupReduce, shard_layout
     from .._core.linear import ChunkedLinearCrossEntropy
+    from .linear_cross_entropy import autocast_linear_inputs
 
     hidden, weight_shard, bias_shard = v.check_linear_inputs(hidden, weight_shard, bias_shard, weight_name=weight_name)
     target = v.check_tensor("target", target)
@@ -207,8 +208,12 @@ def vocab_parallel_linear(hidden, weight_shard, target, group, bias_shard, class
         softcap=v.check_softcap(softcap), chunk_size=chunk_size, accumulation_dtype=accumulation_dtype,
         num_classes=total, class_offset=offset,
     )
-    loss = ChunkedLinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, target.reshape(-1), class_weight, options,
-        GroupReduce(group), grad_on,
-    ).to(hidden.dtype)
+    # linear_cross_entropy's autocast rule: the matmuls in the autocast dtype, the loss computed in fp32
+    hidden, weight_shard, bias_shard, autocast = autocast_linear_inputs(hidden, weight_shard, bias_shard)
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss = ChunkedLinearCrossEntropy.apply(
+            hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, target.reshape(-1), class_weight,
+            options, GroupReduce(group), grad_on,
+        )
+    loss = loss.float() if autocast else loss.to(hidden.dtype)
     return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss

@@ -177,7 +177,7 @@ def composite_cross_entropy(
     return reduce_loss(loss, options.reduction, denominator).to(logits.dtype)
 
 
-def _autocast(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, probabilities: bool):
+def autocast_logits(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, probabilities: bool):
     """``F.cross_entropy``'s autocast rule: under autocast the loss is computed (and returned) in fp32."""
     device = logits.device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and logits.dtype in (
@@ -202,7 +202,7 @@ def cross_entropy_core(
     Composed losses (poly-1, distillation, adaptive softmax, calibration) call this, so the inputs are
     validated (and the target range checked) once.
     """
-    logits, target, weight = _autocast(logits, target, weight, probabilities)
+    logits, target, weight = autocast_logits(logits, target, weight, probabilities)
     flags = ["probabilities"] if probabilities else []
     if options.inplace_backward:
         flags.append("inplace_backward")

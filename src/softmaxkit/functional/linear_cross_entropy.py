@@ -195,7 +195,7 @@ def linear_cross_entropy(
         z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, inplace_backward=inplace_backward,
         accumulation_dtype=accumulation_dtype, num_classes=weight.shape[0],
     )
-    hidden, weight, bias, autocast = _autocast(hidden, weight, bias)
+    hidden, weight, bias, autocast = autocast_linear_inputs(hidden, weight, bias)
     flags = (["probabilities"] if probabilities else []) + (["inplace_backward"] if inplace_backward else [])
     request = backends.Request.of(hidden, weight, bias, target, class_weight, flags=tuple(flags))
     chosen = backends.select("linear_cross_entropy", impl, request)
@@ -212,7 +212,7 @@ def linear_cross_entropy(
     return loss.reshape(rows_shape) if reduction == "none" else loss
 
 
-def _autocast(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+def autocast_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """``F.linear`` then ``F.cross_entropy`` under autocast: the matmul in the autocast dtype, the loss in fp32.
 
     Returns the inputs cast to the autocast dtype and whether autocast applies.
