@@ -127,6 +127,33 @@ def test_float32_matches_torch(impl):
         assert_close_f32(_grad(ours, logits), _grad(theirs, logits), atol=1e-8)
 
 
+@pytest.mark.parametrize(("liger_options", "options"), [
+    ({}, {}),
+    ({"lse_square_scale": 1e-3}, {"z_loss": 1e-3}),
+    ({"label_smoothing": 0.1}, {"label_smoothing": 0.1}),
+    ({"reduction": "sum"}, {"reduction": "sum"}),
+    # Liger's soft-cap kernel does not run under Triton's interpreter: checked where its kernels compile
+    pytest.param({"softcap": 5.0}, {"softcap": 5.0}, marks=pytest.mark.gpu),
+], ids=str)
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_equals_liger_kernel_cross_entropy(liger_options, options, impl):
+    """Liger-Kernel's cross-entropy (its Triton kernel: on CUDA, or interpreted on CPU-only machines, conftest)
+    gives the same fp32 loss and gradient, ignored rows included. Liger writes its gradient into the logits, so
+    it gets a copy."""
+    pytest.importorskip("triton")
+    liger = pytest.importorskip("liger_kernel.transformers.functional")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logits, target = _make((37, 300), 300, dtype=torch.float32, scale=3.0)
+    logits, target = logits.detach().to(device), target.to(device)
+    leaf = logits.clone().requires_grad_()
+    expected = liger.liger_cross_entropy(leaf.clone(), target, ignore_index=-100, **liger_options)
+    (expected_grad,) = torch.autograd.grad(expected, [leaf])
+    x = logits.clone().requires_grad_()
+    loss = softmaxkit.cross_entropy(x, target, impl=impl, **options)
+    assert_close_f32(loss, expected.detach())
+    assert_close_f32(_grad(loss, x), expected_grad)
+
+
 def test_non_contiguous_logits():
     base = torch.randn(7, 12, dtype=torch.float64)
     logits = base[:, ::2].requires_grad_()  # stride 2 along classes

@@ -161,6 +161,40 @@ def test_equals_torch_functional_linear_cross_entropy(chunked, reduction, with_e
         assert_close_f64(actual, wanted)
 
 
+@pytest.mark.parametrize(("liger_options", "options"), [
+    ({}, {}),
+    ({"lse_square_scale": 1e-3}, {"z_loss": 1e-3}),
+    ({"label_smoothing": 0.1}, {"label_smoothing": 0.1}),
+    ({"reduction": "sum"}, {"reduction": "sum"}),
+    # Liger's soft-cap and class-weight kernels do not run under Triton's interpreter (a float where its code
+    # expects a tensor): checked where its kernels compile
+    pytest.param({"softcap": 5.0}, {"softcap": 5.0}, marks=pytest.mark.gpu),
+    pytest.param({"ce_weight": "random"}, {"class_weight": "random"}, marks=pytest.mark.gpu),
+], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_equals_liger_kernel_fused_linear_cross_entropy(liger_options, options, with_bias):
+    """Liger-Kernel's fused linear cross-entropy (its Triton kernels: on CUDA, or interpreted on CPU-only
+    machines, conftest) gives the same fp32 loss and gradients, ignored rows included."""
+    pytest.importorskip("triton")
+    liger = pytest.importorskip("liger_kernel.transformers.functional")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, bias, target, class_weight = _problem((37,), 24, 300, dtype=torch.float32)
+    hidden, weight, bias, target, class_weight = (t.to(device) for t in (hidden, weight, bias, target, class_weight))
+    bias = bias if with_bias else None
+    liger_options, options = dict(liger_options), dict(options)
+    if liger_options.get("ce_weight") == "random":
+        liger_options["ce_weight"], options["class_weight"] = class_weight, class_weight
+
+    def liger_op(h, w, y, bias):
+        return liger.liger_fused_linear_cross_entropy(h, w, y, bias=bias, ignore_index=-100, **liger_options)
+
+    expected, expected_grads = _loss_and_grads(liger_op, hidden, weight, bias, target)
+    loss, grads = _loss_and_grads(softmaxkit.linear_cross_entropy, hidden, weight, bias, target, **options)
+    assert_close_f32(loss, expected)
+    for actual, wanted in zip(grads, expected_grads):
+        assert_close_f32(actual, wanted)
+
+
 @pytest.mark.parametrize("impl", CHUNKED)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("spec", [dict(), OPTION_GRID[3], OPTION_GRID[-1]], ids=["plain", "smooth+w", "all"])
