@@ -312,6 +312,60 @@ def test_autocast_linear_loss_is_computed_in_fp32_by_every_impl(impl, reduction)
     torch.testing.assert_close(plain, loss.bfloat16(), rtol=0, atol=0)
 
 
+def _loss_cases():
+    from softmaxkit.functional import comparison
+
+    return {
+        "focal_loss": lambda z, y: softmaxkit.focal_loss(z, y, alpha=torch.linspace(0.5, 1.5, z.shape[1]).bfloat16().to(z)),
+        "poly1_cross_entropy": lambda z, y: softmaxkit.poly1_cross_entropy(z, y, label_smoothing=0.1),
+        "distillation_loss": lambda z, y: softmaxkit.distillation_loss(z, z.flip(0), temperature=2.0),
+        "sparsemax_loss": lambda z, y: softmaxkit.sparsemax_loss(z, y),
+        "entmax15_loss": lambda z, y: softmaxkit.entmax15_loss(z, y),
+        "entmax_bisect_loss": lambda z, y: softmaxkit.entmax_bisect_loss(z, y, alpha=1.3),
+        "multi_margin_loss": lambda z, y: comparison.multi_margin_loss(z, y),
+        "crammer_singer_loss": lambda z, y: comparison.crammer_singer_loss(z, y),
+        "softmax_mse_loss": lambda z, y: comparison.softmax_mse_loss(z, y),
+        "score_mse_loss": lambda z, y: comparison.score_mse_loss(z, y),
+        "sampled_softmax_loss": lambda z, y: softmaxkit.sampled_softmax_loss(
+            z, torch.linspace(-1, 1, 40 * z.shape[1]).reshape(40, z.shape[1]).bfloat16().to(z), y % 40, num_sampled=7,
+            generator=torch.Generator().manual_seed(0)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_loss_cases()))
+def test_autocast_losses_are_computed_and_returned_in_fp32(name):
+    """PyTorch's losses (F.cross_entropy, F.kl_div, F.mse_loss, F.multi_margin_loss) compute and return fp32
+    under autocast; so do these: the loss of bf16 logits under autocast is fp32 and equals the float64 loss of the
+    same bf16 values to fp32 rounding (a bf16 loss cast up would be up to 2^-9 off), and without autocast it is
+    bf16. The sampled softmax's product runs in bf16 under autocast, as F.linear's does."""
+    loss_of = _loss_cases()[name]
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(16, 30, generator=g) * 3).bfloat16()
+    target = torch.randint(0, 30, (16,), generator=g)
+    target[3] = -100
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = loss_of(logits, target)
+    assert loss.dtype == torch.float32
+    exact = loss_of(logits.double(), target)
+    rtol = 2.0**-8 if name == "sampled_softmax_loss" else 1e-6
+    torch.testing.assert_close(loss.double(), exact, rtol=rtol, atol=1e-7)
+    assert loss_of(logits, target).dtype == torch.bfloat16
+
+
+def test_autocast_comparison_losses_follow_their_pytorch_counterparts():
+    from softmaxkit.functional import comparison
+
+    logits, target = torch.randn(8, 5).bfloat16(), torch.randint(0, 5, (8,))
+    multi_hot = torch.nn.functional.one_hot(target, 5).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        pairs = [(comparison.multi_margin_loss(logits, target), torch.nn.functional.multi_margin_loss(logits, target)),
+                 (comparison.multilabel_soft_margin_loss(logits, multi_hot),
+                  torch.nn.functional.multilabel_soft_margin_loss(logits, multi_hot))]
+    for ours, theirs in pairs:
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs)
+
+
 def _run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
                           env=None if env is None else {**os.environ, **env})

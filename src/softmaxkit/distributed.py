@@ -41,9 +41,8 @@ import torch
 
 from . import _validation as v
 from . import backends
-from ._core import CrossEntropyOptions
+from ._core import CrossEntropyOptions, fp32_under_autocast
 from ._core.collectives import GroupReduce, shard_layout
-from .functional.cross_entropy import autocast_logits
 
 #: the ``vocab_parallel_cross_entropy`` implementation :func:`vocab_parallel_cross_entropy` asks the dispatch
 #: table for (``backends/__init__.py``): ``"auto"`` (the C kernel on plain CPU tensors, else chunked torch ops);
@@ -130,7 +129,7 @@ def vocab_parallel_cross_entropy(
         z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, num_classes=total, class_offset=offset,
     )
     # F.cross_entropy's autocast rule: fp16/bf16 logits are taken in fp32, the loss is fp32
-    logits_shard, target, weight = autocast_logits(logits_shard, target, weight, probabilities=False)
+    logits_shard, target, weight = fp32_under_autocast(logits_shard, target, weight)
     implementation = backends.select("vocab_parallel_cross_entropy", _IMPL,
                                      backends.Request.of(logits_shard, target, weight))
     return implementation.resolve()(logits_shard, target, weight, options, GroupReduce(group))

@@ -40,6 +40,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def fp32_under_autocast(*tensors):
+    """The autocast rule of PyTorch's losses (``F.cross_entropy``, ``F.kl_div``, ``F.mse_loss``,
+    ``F.multi_margin_loss``, ...): under ``torch.autocast`` on the tensors' device their fp16/bf16 tensors are
+    taken in fp32, so the loss is computed and returned in fp32. Other tensors, and None, pass through."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or first.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in _LOW_PRECISION else t
+                 for t in tensors)
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a reduction over many rows is summed in: fp64 for fp32 and lower, else the dtype itself.
 

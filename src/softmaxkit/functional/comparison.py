@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as v
+from .._core import fp32_under_autocast
 from .._reduction import reduce_loss
 from ._rows import class_rows, restore_rows
 from .softmax import compute_dtype
@@ -62,7 +63,12 @@ def _check_target(logits: torch.Tensor, target: object, function: str, *, probab
     return v.check_class_index_target(logits, target, function), False
 
 
-def _prepare(logits, target, function, weight, ignore_index, reduction, *, probabilities_allowed):
+def _prepare(logits, target, function, weight, ignore_index, reduction, *, probabilities_allowed,
+             fp32_loss=True):
+    """The checked arguments; ``fp32_loss``: PyTorch's loss rule under autocast (fp16/bf16 inputs taken in fp32),
+    which its ``multilabel_soft_margin_loss`` (a composite of element-wise ops) does not follow."""
+    if fp32_loss:
+        logits, target, weight = fp32_under_autocast(logits, target, weight)
     logits = v.check_floating("logits", logits)
     num_classes, probabilities = _check_target(logits, target, function, probabilities_allowed=probabilities_allowed)
     reduction = v.check_reduction(reduction)
@@ -353,7 +359,7 @@ def multilabel_soft_margin_loss(
     """
     logits, _, probabilities, weight, ignore_index, reduction = _prepare(
         logits, target, "multilabel_soft_margin_loss", weight, ignore_index, reduction,
-        probabilities_allowed=True,
+        probabilities_allowed=True, fp32_loss=False,
     )
     rows = _Rows(logits, target, weight, ignore_index, probabilities, need_dense=True)
     z = rows.z

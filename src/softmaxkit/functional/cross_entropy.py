@@ -6,7 +6,7 @@ import torch
 
 from .. import _validation as v
 from .. import backends
-from .._core import CrossEntropyOptions, compute_dtype
+from .._core import CrossEntropyOptions, compute_dtype, fp32_under_autocast
 from .._core.rows import plus_inf_row_nan, wide_dtype
 from .._reduction import reduce_loss, target_weight
 from ._dtensor import holds_dtensor
@@ -177,18 +177,6 @@ def composite_cross_entropy(
     return reduce_loss(loss, options.reduction, denominator).to(logits.dtype)
 
 
-def autocast_logits(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, probabilities: bool):
-    """``F.cross_entropy``'s autocast rule: under autocast the loss is computed (and returned) in fp32."""
-    device = logits.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and logits.dtype in (
-            torch.float16, torch.bfloat16):
-        logits = logits.float()
-        if probabilities:
-            target = target.float()
-        weight = None if weight is None else weight.float()
-    return logits, target, weight
-
-
 def cross_entropy_core(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -202,7 +190,7 @@ def cross_entropy_core(
     Composed losses (poly-1, distillation, adaptive softmax, calibration) call this, so the inputs are
     validated (and the target range checked) once.
     """
-    logits, target, weight = autocast_logits(logits, target, weight, probabilities)
+    logits, target, weight = fp32_under_autocast(logits, target, weight)
     flags = ["probabilities"] if probabilities else []
     if options.inplace_backward:
         flags.append("inplace_backward")

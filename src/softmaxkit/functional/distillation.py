@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as v
-from .._core import compute_dtype
+from .._core import compute_dtype, fp32_under_autocast
 from .._reduction import reduce_loss, safe_divide
 from ._dtensor import holds_dtensor
 from .cross_entropy import cross_entropy_core, validate_cross_entropy_args
@@ -80,6 +80,8 @@ def distillation_loss(
         return _dtensor.distillation_loss(student_logits, teacher_logits, temperature=temperature,
                                           reduction=reduction, target=target, alpha=alpha, weight=weight,
                                           ignore_index=ignore_index, label_smoothing=label_smoothing)
+    student_logits, teacher_logits, target, weight = fp32_under_autocast(student_logits, teacher_logits, target,
+                                                                         weight)
     student_logits = v.check_floating("student_logits", student_logits)
     teacher_logits = v.check_floating("teacher_logits", teacher_logits)
     v.check_same_shape("teacher_logits", teacher_logits, "student_logits", student_logits)

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as v
 from .. import backends
-from .._core import CrossEntropyOptions, compute_dtype
+from .._core import CrossEntropyOptions, compute_dtype, fp32_under_autocast
 from .._reduction import reduce_loss, target_weight
 from ._dtensor import holds_dtensor
 from ._rows import class_rows, restore_rows
@@ -115,6 +115,7 @@ def focal_loss(
 
         return _dtensor.focal_loss(logits, target, gamma=gamma, alpha=alpha, weight=weight, ignore_index=ignore_index,
                                    reduction=reduction, label_smoothing=label_smoothing, temperature=temperature)
+    logits, target, alpha, weight = fp32_under_autocast(logits, target, alpha, weight)
     logits = v.check_floating("logits", logits)
     num_classes, probabilities = _check_target(logits, target)
     gamma = v.check_non_negative("gamma", gamma)
@@ -211,6 +212,7 @@ def poly1_cross_entropy(
         return _dtensor.poly1_cross_entropy(logits, target, epsilon=epsilon, weight=weight, ignore_index=ignore_index,
                                             reduction=reduction, label_smoothing=label_smoothing,
                                             temperature=temperature)
+    logits, target, weight = fp32_under_autocast(logits, target, weight)
     logits = v.check_floating("logits", logits)
     num_classes, probabilities = _check_target(logits, target)
     epsilon = v.check_in_range("epsilon", epsilon, -1.0, math.inf, high_open=True)

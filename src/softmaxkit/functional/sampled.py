@@ -19,6 +19,7 @@ import math
 import torch
 
 from .. import _validation as v
+from .._core import fp32_under_autocast
 from .._reduction import reduce_loss
 from ._dtensor import holds_dtensor
 from .softmax import compute_dtype
@@ -156,6 +157,8 @@ def sampled_softmax_loss(
             remove_accidental_hits=remove_accidental_hits, generator=generator, power=power,
             subtract_log_q=subtract_log_q, ignore_index=ignore_index, reduction=reduction,
         )
+    # under autocast: fp32 inputs (the product is still recast to the autocast dtype) and an fp32 loss
+    hidden, weight, bias = fp32_under_autocast(hidden, weight, bias)
     hidden, weight, bias = v.check_linear_inputs(hidden, weight, bias)
     num_classes = weight.shape[0]
     target = v.check_tensor("target", target)

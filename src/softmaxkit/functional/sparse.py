@@ -17,7 +17,7 @@ import torch
 
 from .. import _validation as v
 from .. import backends
-from .._core import BISECT, ENTMAX15, SPARSEMAX, constant_result
+from .._core import BISECT, ENTMAX15, SPARSEMAX, constant_result, fp32_under_autocast
 from .._core import compute_dtype as work_dtype
 from ._dtensor import holds_dtensor
 from ._rows import class_rows, from_last_dim_rows, last_dim_rows, restore_rows
@@ -228,6 +228,7 @@ def _fenchel_young(
         return _dtensor.fenchel_young_loss(function, globals()[function], logits, target, weight=weight,
                                            ignore_index=ignore_index, reduction=reduction, temperature=temperature,
                                            impl=impl, **options)
+    logits, weight, alpha = fp32_under_autocast(logits, weight, alpha)
     logits = v.check_floating("logits", logits)
     _check_plain("logits", logits, function)
     num_classes = v.check_class_index_target(logits, target, function)
