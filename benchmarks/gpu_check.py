@@ -19,7 +19,9 @@ On one CUDA device (sized for an H100/H200: under 8 minutes) it runs, in order:
    medians, peak memory and their ratios to the model's own loss, as CSV.
 
 Results go to ``--out`` (default ``$OUT`` or ``benchmarks/results/gpu_check``): ``gpu_check.json`` (every
-check with its status and figures), ``gpu_check_timings.csv`` and ``gpu_check_hf_causal_lm.csv``. The exit status is 0 when every check
+check with its status and figures, rewritten after every check so a run cut short keeps them; ``"finished"``
+says whether it ran to the end), ``gpu_check_timings.csv`` and ``gpu_check_hf_causal_lm.csv`` (rows appended
+as measured). The exit status is 0 when every check
 passed (skipped ones aside). ``--dry-run`` — automatic without CUDA when ``TRITON_INTERPRET=1`` — runs the
 same steps at tiny shapes on the CPU (Triton kernels under the interpreter), to keep the script working in CI;
 its timings mean nothing.
@@ -68,12 +70,27 @@ TOL = {"float32": (2e-5, 1e-6), "bfloat16": (1.6e-2, 1e-5)}
 
 
 class Report:
-    def __init__(self) -> None:
+    """The checks so far. With ``path``, ``gpu_check.json`` is rewritten after every check (``summary`` gives
+    its other fields), so a run cut short (the device's time limit) still leaves everything it measured."""
+
+    def __init__(self, path: Path | None = None, summary: dict | None = None) -> None:
         self.checks: list[dict] = []
+        self.path, self.summary = path, dict(summary or {})
+        self.start = time.perf_counter()
+
+    def write(self, finished: bool = False) -> None:
+        if self.path is None:
+            return
+        summary = {**self.summary, "finished": finished, "seconds": round(time.perf_counter() - self.start, 1),
+                   "failed": len(self.failed), "checks": self.checks}
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(summary, indent=2))
+        os.replace(partial, self.path)
 
     def record(self, step: str, name: str, status: str, **figures) -> None:
         entry = {"step": step, "name": name, "status": status, **figures}
         self.checks.append(entry)
+        self.write()
         detail = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
         print(f"[{status:>7}] {step}: {name}" + (f" ({detail})" if detail else ""), flush=True)
 
@@ -426,7 +443,8 @@ def step_timing(report: Report, device: str, shapes: dict, out: Path, dry_run: b
     weight.requires_grad_()
     target2 = torch.randint(0, c2, (n2,), generator=generator).to(device)
     environment = _harness.environment(device)
-    rows = []
+    path = out / "gpu_check_timings.csv"
+    path.unlink(missing_ok=True)
     cases = [("cross_entropy", f"{n}x{c}", dtype, ce_impls, lambda f: f(logits, target), [logits]),
              ("linear_cross_entropy", f"{n2}x{d}x{c2}", dtype2, lce_impls,
               lambda f: f(hidden, weight, target2), [hidden, weight])]
@@ -448,11 +466,7 @@ def step_timing(report: Report, device: str, shapes: dict, out: Path, dry_run: b
             except Exception as error:
                 row.update({"status": "error", "reason": f"{type(error).__name__}: {error}"[:200]})
                 report.record("timing", f"{op} {impl}", "FAIL", error=row["reason"])
-            rows.append(row)
-    path = out / "gpu_check_timings.csv"
-    if path.exists():
-        path.unlink()
-    _harness.append_csv(path, rows)
+            _harness.append_csv(path, [row])  # as measured: a run cut short keeps its rows
 
 
 def step_hf_causal_lm(report: Report, device: str, shapes: dict, out: Path, dry_run: bool) -> None:
@@ -468,7 +482,8 @@ def step_hf_causal_lm(report: Report, device: str, shapes: dict, out: Path, dry_
 
     environment = _harness.environment(device)
     repeat, warmup, min_time = (2, 1, 0.0) if dry_run else (10, 3, 1.0)
-    rows = []
+    path = out / "gpu_check_hf_causal_lm.csv"
+    path.unlink(missing_ok=True)
     for shape, dtypes in shapes["hf"]:
         for dtype_name in dtypes:
             cases = [case for case in hf.cases(device, _dtype(dtype_name), quick=dry_run, shapes=[shape])
@@ -497,15 +512,11 @@ def step_hf_causal_lm(report: Report, device: str, shapes: dict, out: Path, dry_
                 except Exception as error:
                     row.update({"status": "error", "reason": f"{type(error).__name__}: {error}"[:200]})
                     report.record("hf_causal_lm", name, "FAIL", error=row["reason"])
-                rows.append(row)
+                _harness.append_csv(path, [row])  # as measured: a run cut short keeps its rows
                 step = None
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    path = out / "gpu_check_hf_causal_lm.csv"
-    if path.exists():
-        path.unlink()
-    _harness.append_csv(path, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,8 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results" / "gpu_check")
     out.mkdir(parents=True, exist_ok=True)
     steps = set(args.steps.split(","))
-    report = Report()
-    start = time.perf_counter()
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    report = Report(out / "gpu_check.json", {"device": device_name, "dry_run": dry_run})
+    report.write()
     print(f"gpu_check on {device}{' (dry run: tiny shapes)' if dry_run else ''}; results in {out}", flush=True)
     if "tests" in steps:
         step_tests(report, dry_run)
@@ -545,10 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         step_timing(report, device, shapes, out, dry_run)
     if "hf_causal_lm" in steps:
         step_hf_causal_lm(report, device, shapes, out, dry_run)
-    elapsed = time.perf_counter() - start
-    summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dry_run": dry_run,
-               "seconds": round(elapsed, 1), "failed": len(report.failed), "checks": report.checks}
-    (out / "gpu_check.json").write_text(json.dumps(summary, indent=2))
+    report.write(finished=True)
+    elapsed = time.perf_counter() - report.start
     print(f"{len(report.checks)} checks, {len(report.failed)} failed, {elapsed:.0f} s; see {out / 'gpu_check.json'}")
     return 1 if report.failed else 0
 
