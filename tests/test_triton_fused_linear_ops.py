@@ -221,6 +221,29 @@ def test_opcheck(reduction):
                            *scalars, None, True, True, True))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bfloat16_fake_kernels_give_the_real_dtypes(reduction):
+    """bf16 inputs: both Triton linear-CE ops return the loss in fp32 (the compute dtype; the public function
+    rounds it, or keeps it under autocast), and their fake kernels say so (``opcheck``'s fake-tensor test)."""
+    import softmaxkit.backends.triton.linear_cross_entropy  # noqa: F401  (registers the chunked op)
+
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(9, 6, generator=generator).to(DEVICE, torch.bfloat16)
+    weight = torch.randn(11, 6, generator=generator).to(DEVICE, torch.bfloat16)
+    target = torch.tensor([0, 3, -100, 6, 2, 10, 1, 1, 4], device=DEVICE)
+    scalars = (-100, reduction, 0.1, 1.0, 1e-3, None, None, None)
+    fused_args = (hidden, weight, None, target, None, *scalars, None, None)
+    loss, stats = torch.ops.softmaxkit.fused_linear_cross_entropy_triton(*fused_args)
+    assert loss.dtype == stats.dtype == torch.float32
+    torch.library.opcheck(torch.ops.softmaxkit.fused_linear_cross_entropy_triton.default, fused_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    if reduction == "mean":  # the chunked Triton op serves the scalar reductions
+        chunked_args = (hidden, weight, None, target, None, *scalars, True, True, False)
+        assert torch.ops.softmaxkit.linear_cross_entropy_triton(*chunked_args)[0].dtype == torch.float32
+        torch.library.opcheck(torch.ops.softmaxkit.linear_cross_entropy_triton.default, chunked_args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("constant", [1e30, -1e30, 3e38])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"label_smoothing": 0.3, "class_weight": "ones"}],
                          ids=str)
