@@ -409,7 +409,6 @@ def step_timing(report: Report, device: str, shapes: dict, out: Path, dry_run: b
     import softmaxkit
 
     from . import _harness
-    from ._harness import Skip
     from .ops import cross_entropy as ce_bench
     from .ops import linear_cross_entropy as lce_bench
 
@@ -448,25 +447,53 @@ def step_timing(report: Report, device: str, shapes: dict, out: Path, dry_run: b
     cases = [("cross_entropy", f"{n}x{c}", dtype, ce_impls, lambda f: f(logits, target), [logits]),
              ("linear_cross_entropy", f"{n2}x{d}x{c2}", dtype2, lce_impls,
               lambda f: f(hidden, weight, target2), [hidden, weight])]
-    repeat, warmup, min_time = (2, 1, 0.0) if dry_run else (10, 3, 1.0)
     for op, shape, dtype_name, impls, call, inputs in cases:
         for impl, make in impls.items():
             row = {**environment, "op": op, "impl": impl, "shape": shape, "dtype": dtype_name,
                    "mode": "full"}
-            try:
+
+            def make_run(make=make, call=call, inputs=inputs):
                 function = make()
-                run = _harness.timed_call(lambda function=function, call=call: call(function), inputs, "full")
-                result = _harness.summarise({"status": "ok", **_harness.measure(run, device, repeat, warmup,
-                                                                                 min_time)})
-                row.update({k: result.get(k) for k in ("status", "median_s", "p20_s", "p80_s", "peak_bytes")})
-                report.record("timing", f"{op} {impl}", "ok", median_ms=1e3 * result["median_s"])
-            except Skip as skip:
-                row.update({"status": "skipped", "reason": str(skip)})
-                report.record("timing", f"{op} {impl}", "skipped", reason=str(skip))
-            except Exception as error:
-                row.update({"status": "error", "reason": f"{type(error).__name__}: {error}"[:200]})
-                report.record("timing", f"{op} {impl}", "FAIL", error=row["reason"])
-            _harness.append_csv(path, [row])  # as measured: a run cut short keeps its rows
+                return _harness.timed_call(lambda: call(function), inputs, "full")
+
+            _measured_row(report, "timing", f"{op} {impl}", row, path, make_run, device, dry_run,
+                          lambda result: {"median_ms": 1e3 * result["median_s"]})
+
+
+def _measured_row(report: Report, step: str, name: str, row: dict, path: Path, make_run, device: str,
+                  dry_run: bool, figures_of) -> dict | None:
+    """Measure ``make_run()``'s function (``benchmarks._harness.measure``), record it in the report with
+    ``figures_of(result)`` and append ``row`` to the CSV at ``path`` as soon as it is measured (a run cut short
+    keeps its rows). Returns the result, or None when the case was skipped or failed."""
+    from . import _harness
+    from ._harness import Skip
+
+    repeat, warmup, min_time = (2, 1, 0.0) if dry_run else (10, 3, 1.0)
+    result = None
+    try:
+        measured = _harness.summarise({"status": "ok", **_harness.measure(make_run(), device, repeat, warmup,
+                                                                           min_time)})
+        row.update({k: measured.get(k) for k in ("status", "median_s", "p20_s", "p80_s", "peak_bytes")})
+        report.record(step, name, "ok", **figures_of(measured))
+        result = measured
+    except Skip as skip:
+        row.update({"status": "skipped", "reason": str(skip)})
+        report.record(step, name, "skipped", reason=str(skip))
+    except Exception as error:
+        row.update({"status": "error", "reason": f"{type(error).__name__}: {error}"[:200]})
+        report.record(step, name, "FAIL", error=row["reason"])
+    _harness.append_csv(path, [row])
+    return result
+
+
+def _step_figures(result: dict, baseline: dict | None) -> dict:
+    """A training step's median and peak memory, and both as ratios to the model's own loss (``baseline``)."""
+    figures = {"median_ms": 1e3 * result["median_s"], "peak_mib": (result["peak_bytes"] or 0) / 2**20}
+    if baseline is not None:
+        figures["time_vs_own"] = result["median_s"] / baseline["median_s"]
+        if baseline["peak_bytes"]:
+            figures["memory_vs_own"] = (result["peak_bytes"] or 0) / baseline["peak_bytes"]
+    return figures
 
 
 def step_hf_causal_lm(report: Report, device: str, shapes: dict, out: Path, dry_run: bool) -> None:
@@ -477,44 +504,25 @@ def step_hf_causal_lm(report: Report, device: str, shapes: dict, out: Path, dry_
     import torch
 
     from . import _harness
-    from ._harness import Skip
     from .ops import hf_causal_lm as hf
 
     environment = _harness.environment(device)
-    repeat, warmup, min_time = (2, 1, 0.0) if dry_run else (10, 3, 1.0)
     path = out / "gpu_check_hf_causal_lm.csv"
     path.unlink(missing_ok=True)
     for shape, dtypes in shapes["hf"]:
         for dtype_name in dtypes:
             cases = [case for case in hf.cases(device, _dtype(dtype_name), quick=dry_run, shapes=[shape])
                      if case.impl in HF_IMPLS]
-            baseline = None
+            baseline = None  # the model's own loss (the first case): every ratio's denominator
             for case in cases:
-                name = f"hf_causal_lm {case.impl} {case.shape} {dtype_name}"
                 row = {**environment, "op": "hf_causal_lm", "impl": case.impl, "shape": case.shape,
                        "dtype": dtype_name, "mode": "full"}
-                try:
-                    step = case.setup("full")
-                    result = _harness.summarise({"status": "ok", **_harness.measure(step, device, repeat, warmup,
-                                                                                     min_time)})
-                    row.update({k: result.get(k) for k in ("status", "median_s", "p20_s", "p80_s", "peak_bytes")})
-                    figures = {"median_ms": 1e3 * result["median_s"], "peak_mib": (result["peak_bytes"] or 0) / 2**20}
-                    if case.impl == "torch":
-                        baseline = result
-                    elif baseline is not None:
-                        figures["time_vs_own"] = result["median_s"] / baseline["median_s"]
-                        if baseline["peak_bytes"]:
-                            figures["memory_vs_own"] = (result["peak_bytes"] or 0) / baseline["peak_bytes"]
-                    report.record("hf_causal_lm", name, "ok", **figures)
-                except Skip as skip:
-                    row.update({"status": "skipped", "reason": str(skip)})
-                    report.record("hf_causal_lm", name, "skipped", reason=str(skip))
-                except Exception as error:
-                    row.update({"status": "error", "reason": f"{type(error).__name__}: {error}"[:200]})
-                    report.record("hf_causal_lm", name, "FAIL", error=row["reason"])
-                _harness.append_csv(path, [row])  # as measured: a run cut short keeps its rows
-                step = None
-                gc.collect()
+                result = _measured_row(report, "hf_causal_lm", f"hf_causal_lm {case.impl} {case.shape} {dtype_name}",
+                                       row, path, lambda case=case: case.setup("full"), device, dry_run,
+                                       lambda result, baseline=baseline: _step_figures(result, baseline))
+                if case.impl == "torch":
+                    baseline = result
+                gc.collect()  # the case's model and buffers go before the next one is built
                 if device == "cuda":
                     torch.cuda.empty_cache()
 
