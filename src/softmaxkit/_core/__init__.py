@@ -51,6 +51,20 @@ def fp32_under_autocast(*tensors):
                  for t in tensors)
 
 
+def autocast_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The autocast rule of the linear losses, ``F.linear`` then ``F.cross_entropy``: under autocast the matmul
+    in the autocast dtype, the loss computed and returned in fp32. Returns the inputs cast to the autocast dtype
+    and whether autocast applies (the caller then runs its backend with autocast off and keeps the fp32 loss
+    every backend returns)."""
+    device = hidden.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return hidden, weight, bias, False
+    dtype = torch.get_autocast_dtype(device)
+    if not hidden.is_floating_point() or hidden.dtype == torch.float64:
+        return hidden, weight, bias, False
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), True
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a reduction over many rows is summed in: fp64 for fp32 and lower, else the dtype itself.
 

@@ -176,10 +176,9 @@ def vocab_parallel_linear(hidden, weight_shard, target, group, bias_shard, class
     validated (the one body of :func:`softmaxkit.distributed.vocab_parallel_linear_cross_entropy` and of the
     tensor-parallel DTensor path). ``num_classes``: the expected total (None: whatever the slices add up to);
     ``weight_name`` names the weight in errors."""
-    from .._core import CrossEntropyOptions
+    from .._core import CrossEntropyOptions, autocast_linear_inputs
     from .._core.collectives import GroupReduce, shard_layout
     from .._core.linear import ChunkedLinearCrossEntropy
-    from .linear_cross_entropy import autocast_linear_inputs
 
     hidden, weight_shard, bias_shard = v.check_linear_inputs(hidden, weight_shard, bias_shard, weight_name=weight_name)
     target = v.check_tensor("target", target)

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validation as v
 from .. import backends
-from .._core import CrossEntropyOptions, compute_dtype
+from .._core import CrossEntropyOptions, autocast_linear_inputs, compute_dtype
 from ._dtensor import holds_dtensor
 from ._dtensor_linear import linear_cross_entropy_dtensor
 from .cross_entropy import check_bool, cross_entropy_core
@@ -210,20 +210,6 @@ def linear_cross_entropy(
     else:
         loss = chosen.resolve()(flat_hidden, weight, bias, flat_target, class_weight, options).to(hidden.dtype)
     return loss.reshape(rows_shape) if reduction == "none" else loss
-
-
-def autocast_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """``F.linear`` then ``F.cross_entropy`` under autocast: the matmul in the autocast dtype, the loss in fp32.
-
-    Returns the inputs cast to the autocast dtype and whether autocast applies.
-    """
-    device = hidden.device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return hidden, weight, bias, False
-    dtype = torch.get_autocast_dtype(device)
-    if not hidden.is_floating_point() or hidden.dtype == torch.float64:
-        return hidden, weight, bias, False
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), True
 
 
 def composite_linear_cross_entropy(hidden, weight, bias, target, class_weight, options: CrossEntropyOptions):
