@@ -582,11 +582,12 @@ class _Accumulators:
 
     def __init__(self, hidden, weight, bias, needs, accumulation_dtype, rounded: bool = False,
                  loop_rows: int | None = None):
-        """``loop_rows``: the rows the chunk loop visits when it skips the ignored ones (:func:`kept_rows`;
-        ``∂h`` is then zero-filled and each chunk's rows are copied to their places); None for all of them."""
+        """``loop_rows``: the rows the chunk loop visits (None: all of ``hidden``'s). Fewer means it skips the
+        ignored ones (:func:`kept_rows`): ``∂h`` is then zero-filled and each chunk's rows are copied to their
+        places."""
         need_hidden, need_weight, need_bias = needs
-        scattered = loop_rows is not None
         loop_rows = hidden.shape[0] if loop_rows is None else loop_rows
+        scattered = loop_rows < hidden.shape[0]
         self.weight = weight
         self.accumulation_dtype = accumulation_dtype
         # fp32 products by oneDNN (_onednn_matmul), each ∂W tile copied (first chunk) or added into ∂W
@@ -843,7 +844,7 @@ def linear_forward(
     need_target = probabilities and need_target
     precompute = options.reduction != "none" and (any(needs) or need_target)
     grads = _Accumulators(hidden, weight, bias, needs, accumulation, rounded_products(weight, options),
-                          None if index is None else loop_rows) if precompute else None
+                          loop_rows) if precompute else None
     scale = rows.scale(options.reduction) if precompute else None
     # ∂ℓ/∂t has the target's own (N, C) shape: the one full-size tensor, and only when it is asked for
     target_grad = torch.empty_like(target, memory_format=torch.contiguous_format) if (
@@ -928,7 +929,7 @@ def linear_backward(
     accumulation = options.accumulation_dtype or work
     needs = (needs[0], needs[1], bias is not None and needs[2])
     grads = _Accumulators(hidden, weight, bias, needs, accumulation, rounded_products(weight, options),
-                          None if index is None else loop_rows)
+                          loop_rows)
     scale = upstream_scale(rows, options.reduction, grad_output)
     if not probabilities and index is None:
         # the ignored rows' logits are recomputed from zeroed hidden rows below (finite); their stored
